@@ -1,0 +1,69 @@
+"""Terminal output: one Rich console on stderr for people, plain JSON on stdout for programs.
+
+Data (JSON, raw audio) goes to stdout and nothing else does, so `csmcli ... | other-tool` stays clean.
+"""
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from csmcli.errors import CsmError
+
+console = Console(stderr=True)
+
+_quiet = False
+_verbose = False
+
+
+def set_verbosity(quiet: bool, verbose: bool) -> None:
+    """Set the process-wide verbosity. Both at once is a usage error."""
+    global _quiet, _verbose
+    if quiet and verbose:
+        raise CsmError("--quiet and --verbose cannot be used together")
+    _quiet, _verbose = quiet, verbose
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+def _line(text: str, style: str) -> None:
+    # Text instead of a markup string: messages carry user text such as "[speaker]" that Rich would eat as markup.
+    # soft_wrap keeps a long message on one line when stderr is not a terminal (Rich would wrap at 80 columns).
+    console.print(Text(text, style=style), soft_wrap=True, highlight=False)
+
+
+def info(msg: str) -> None:
+    """Progress and results for people; hidden by --quiet."""
+    if not _quiet:
+        _line(msg, "")
+
+
+def warn(msg: str) -> None:
+    """A yellow `warning:` line; hidden by --quiet."""
+    if not _quiet:
+        _line(f"warning: {msg}", "yellow")
+
+
+def debug(msg: str) -> None:
+    """Details shown only with --verbose."""
+    if _verbose:
+        _line(msg, "dim")
+
+
+def error(msg: str) -> None:
+    """A red `error:` line; always shown, even with --quiet."""
+    _line(f"error: {msg}", "bold red")
+
+
+def print_json(obj: Any) -> None:
+    """Write `obj` as JSON to stdout (not through Rich, so pipes get exact, uncoloured text)."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
