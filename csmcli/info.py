@@ -59,14 +59,15 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def checkpoint_cache_status(repo_id: str = DEFAULT_REPO) -> dict[str, Any]:
-    """Whether `repo_id` is in the local Hugging Face cache. Reads the cache only; never downloads."""
+def checkpoint_cache_status(repo_id: str = DEFAULT_REPO, cache_dir: str | None = None) -> dict[str, Any]:
+    """Whether `repo_id` is in the local Hugging Face cache (default: HF_HUB_CACHE). Reads only; never downloads."""
     try:
         from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:
         return {"repo": repo_id, "cached": False, "path": None, "cache_dir": None, "detail": "huggingface_hub missing"}
-    config = try_to_load_from_cache(repo_id, "config.json")
-    weights = [try_to_load_from_cache(repo_id, name) for name in _WEIGHT_FILES]
+    cache_dir = cache_dir or str(constants.HF_HUB_CACHE)
+    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    weights = [try_to_load_from_cache(repo_id, name, cache_dir=cache_dir) for name in _WEIGHT_FILES]
     # A str is a cached path; None / _CACHED_NO_EXIST mean "not here" (also when the cache dir does not exist).
     cached = isinstance(config, str) and any(isinstance(w, str) for w in weights)
     if cached:
@@ -79,7 +80,7 @@ def checkpoint_cache_status(repo_id: str = DEFAULT_REPO) -> dict[str, Any]:
         "repo": repo_id,
         "cached": cached,
         "path": os.path.dirname(config) if isinstance(config, str) else None,
-        "cache_dir": str(constants.HF_HUB_CACHE),
+        "cache_dir": cache_dir,
         "detail": detail,
     }
 

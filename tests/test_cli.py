@@ -1,0 +1,200 @@
+"""The command line as a user meets it: exit codes, one-line errors, help, and a fast start without torch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from csmcli import __version__
+from csmcli.cli import (
+    BatchOpt,
+    ChunkFramesOpt,
+    CompileOpt,
+    CudaGraphsOpt,
+    DtypeOpt,
+    FirstChunkFramesOpt,
+    PresetOpt,
+    preset_overrides,
+)
+
+COMMANDS = ["say", "stream", "bench", "info"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "csmcli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"csmcli {__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_exits_0(command):
+    result = run(*filter(None, [command]), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+    if command:
+        assert "Example: csmcli " + command in result.stdout
+
+
+def test_no_arguments_shows_help_as_a_usage_error():
+    result = run()
+    assert result.returncode == 2
+    assert "Usage" in result.stdout + result.stderr
+
+
+def test_importing_the_cli_does_not_import_torch():
+    result = run_python("import csmcli.cli, sys; print('torch' in sys.modules)")
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_subcommand_help_does_not_import_torch():
+    result = run_python(
+        """
+        import sys
+        from csmcli.cli import main
+        sys.argv = ["csmcli", "info", "--help"]
+        try:
+            main()
+        except SystemExit as e:
+            print("exit", e.code, "torch" in sys.modules, file=sys.stderr)
+        """
+    )
+    assert result.stderr.strip().splitlines()[-1] == "exit 0 False"
+
+
+@pytest.mark.parametrize("command", ["say", "stream", "bench"])
+def test_unimplemented_commands_fail_with_one_line(command):
+    result = run(command)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: `csmcli {command}` is not implemented yet"]
+
+
+def test_user_error_in_a_command_is_one_line_and_exit_2():
+    result = run("info", "--preset", "no-such-preset")
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown preset 'no-such-preset'")
+
+
+def test_quiet_and_verbose_together_is_a_usage_error():
+    result = run("-q", "-v", "info")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: --quiet and --verbose cannot be used together"]
+
+
+def test_unknown_option_is_exit_2():
+    assert run("info", "--no-such-flag").returncode == 2
+
+
+# A throwaway command on the real app shows how the real entry point handles each kind of failure.
+_RAISE = """
+import sys
+from csmcli.cli import app, main
+from csmcli.errors import CsmError
+
+@app.command("boom")
+def boom() -> None:
+    raise {exc}
+
+sys.argv = ["csmcli", "boom"]
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "line"),
+    [
+        ('CsmError("the file x.wav is [not] there")', 2, "error: the file x.wav is [not] there"),
+        ('RuntimeError("kaput")', 1, "error: RuntimeError: kaput (set CSMCLI_DEBUG=1 to see the traceback)"),
+    ],
+)
+def test_errors_become_one_line(exc, code, line):
+    result = run_python(_RAISE.format(exc=exc), env={"CSMCLI_DEBUG": ""})
+    assert result.returncode == code
+    assert result.stderr.splitlines() == [line]
+
+
+@pytest.mark.parametrize(("exc", "code"), [('CsmError("bad input")', 2), ('RuntimeError("kaput")', 1)])
+def test_debug_env_shows_the_traceback(exc, code):
+    result = run_python(_RAISE.format(exc=exc), env={"CSMCLI_DEBUG": "1"})
+    assert result.returncode == code
+    assert "Traceback" in result.stderr and "boom" in result.stderr
+
+
+def test_ctrl_c_exits_130():
+    result = run_python(_RAISE.format(exc="KeyboardInterrupt"))
+    assert result.returncode == 130
+    assert "Traceback" not in result.stderr
+
+
+def test_long_errors_stay_on_one_line():
+    result = run_python(_RAISE.format(exc=f'CsmError("{"x" * 300}")'), env={"COLUMNS": "80"})
+    assert len(result.stderr.splitlines()) == 1
+
+
+def _options_app() -> typer.Typer:
+    """A command that only collects the shared preset flags, to check how they parse."""
+    app = typer.Typer()
+
+    @app.command()
+    def collect(
+        preset: PresetOpt = None,
+        first_chunk_frames: FirstChunkFramesOpt = None,
+        chunk_frames: ChunkFramesOpt = None,
+        batch: BatchOpt = None,
+        dtype: DtypeOpt = None,
+        cuda_graphs: CudaGraphsOpt = None,
+        compile: CompileOpt = None,
+    ) -> None:
+        overrides = preset_overrides(first_chunk_frames, chunk_frames, batch, dtype, cuda_graphs, compile)
+        typer.echo(repr((preset, overrides)))
+
+    return app
+
+
+def test_preset_flags_default_to_not_given():
+    result = CliRunner().invoke(_options_app(), [])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == repr(
+        (None, dict.fromkeys(["first_chunk_frames", "chunk_frames", "max_batch", "dtype", "cuda_graphs", "compile"]))
+    )
+
+
+def test_preset_flags_parse_to_override_values():
+    args = ["--preset", "8gb", "--first-chunk-frames", "1", "--chunk-frames", "8", "--batch", "3"]
+    args += ["--dtype", "float16", "--no-cuda-graphs", "--compile"]
+    result = CliRunner().invoke(_options_app(), args)
+    assert result.exit_code == 0, result.output
+    expected = {"first_chunk_frames": 1, "chunk_frames": 8, "max_batch": 3, "dtype": "float16"}
+    assert result.output.strip() == repr(("8gb", {**expected, "cuda_graphs": False, "compile": True}))
+
+
+@pytest.mark.parametrize("args", [["--batch", "0"], ["--chunk-frames", "x"], ["--dtype", "float64"]])
+def test_bad_preset_flag_values_are_usage_errors(args):
+    assert CliRunner().invoke(_options_app(), args).exit_code == 2
