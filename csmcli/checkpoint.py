@@ -1,0 +1,395 @@
+"""Checkpoint loading: HF-format directories, original Sesame checkpoints, hub ids via the HF cache, random weights.
+
+Every format ends as our own `Csm` module (`model.py`) plus a tokenizer and, where the checkpoint has one, the Mimi
+codec weights. Errors a user can fix (missing file, wrong key, gated repo) become `CsmError`s naming the file/key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from csmcli.errors import CsmError
+from csmcli.model import CSM_1B, Csm, CsmConfig, RopeScaling, TransformerConfig
+
+DEFAULT_MODEL = "sesame/csm-1b"
+LICENSE_HINT = (
+    "accept the license at https://huggingface.co/{repo} and log in with `hf auth login` (or set HF_TOKEN)"
+)
+
+
+@dataclass
+class Checkpoint:
+    """What a model source provides. `codec_weights` is a flat Mimi state dict (None: codec not included)."""
+
+    model: Csm
+    tokenizer: Any | None
+    codec_config: dict | None
+    codec_weights: dict[str, Tensor] | None
+    source: str
+    random_weights: bool = False
+
+
+# ---------------------------------------------------------------- configs
+
+
+def _rope(cfg: dict) -> tuple[float, RopeScaling | None]:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 500_000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise CsmError(f"unsupported rope_type {kind!r} in config (expected 'llama3' or 'default')")
+    scaling = RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    )
+    return theta, scaling
+
+
+def _transformer_from_hf(cfg: dict, max_seq_len: int | None = None) -> TransformerConfig:
+    theta, scaling = _rope(cfg)
+    heads = cfg["num_attention_heads"]
+    return TransformerConfig(
+        n_layers=cfg["num_hidden_layers"],
+        dim=cfg["hidden_size"],
+        n_heads=heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        intermediate_size=cfg["intermediate_size"],
+        max_seq_len=max_seq_len or cfg["max_position_embeddings"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=theta,
+        rope_scaling=scaling,
+    )
+
+
+def config_from_hf(cfg: dict) -> CsmConfig:
+    """transformers `CsmConfig` dict (config.json with `model_type: csm`) -> our config."""
+    try:
+        return CsmConfig(
+            backbone=_transformer_from_hf(cfg),
+            decoder=_transformer_from_hf(cfg["depth_decoder_config"]),
+            text_vocab_size=cfg["text_vocab_size"],
+            audio_vocab_size=cfg["vocab_size"],
+            num_codebooks=cfg["num_codebooks"],
+        )
+    except KeyError as e:
+        raise CsmError(f"config.json lacks {e.args[0]!r}") from None
+
+
+ORIGINAL_FLAVORS = {"llama-1B": CSM_1B.backbone, "llama-100M": CSM_1B.decoder}
+
+
+def _flavor(value: str | dict, max_seq_len: int) -> TransformerConfig:
+    if isinstance(value, dict):  # explicit sizes: small test checkpoints and custom fine-tunes
+        known = {f.name for f in fields(TransformerConfig)}
+        kwargs = {k: v for k, v in value.items() if k in known and k != "rope_scaling"}
+        scaling = value.get("rope_scaling", {})
+        kwargs["rope_scaling"] = None if scaling is None else RopeScaling(**scaling)
+        return TransformerConfig(**{"max_seq_len": max_seq_len, **kwargs})
+    if value not in ORIGINAL_FLAVORS:
+        raise CsmError(f"unknown flavor {value!r} in config.json (known: {', '.join(ORIGINAL_FLAVORS)})")
+    return ORIGINAL_FLAVORS[value]
+
+
+def config_from_original(cfg: dict) -> CsmConfig:
+    """Sesame's small config.json (`backbone_flavor`, `decoder_flavor`, vocab sizes) -> our config."""
+    try:
+        return CsmConfig(
+            backbone=_flavor(cfg["backbone_flavor"], CSM_1B.backbone.max_seq_len),
+            decoder=_flavor(cfg["decoder_flavor"], CSM_1B.decoder.max_seq_len),
+            text_vocab_size=cfg["text_vocab_size"],
+            audio_vocab_size=cfg["audio_vocab_size"],
+            num_codebooks=cfg["audio_num_codebooks"],
+        )
+    except KeyError as e:
+        raise CsmError(f"config.json lacks {e.args[0]!r}") from None
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+def _layer_keys(cfg: TransformerConfig, ours: str, names: dict[str, str]) -> dict[str, str]:
+    return {
+        f"{ours}.layers.{i}.{dst}": src.format(i=i)
+        for i in range(cfg.n_layers)
+        for dst, src in names.items()
+    }
+
+
+HF_LAYER = {
+    "attention_norm.weight": "layers.{i}.input_layernorm.weight",
+    "ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
+    "attention.wo.weight": "layers.{i}.self_attn.o_proj.weight",
+    "feed_forward.w2.weight": "layers.{i}.mlp.down_proj.weight",
+}
+ORIGINAL_LAYER = {
+    "attention_norm.weight": "layers.{i}.sa_norm.scale",
+    "ffn_norm.weight": "layers.{i}.mlp_norm.scale",
+    "attention.wo.weight": "layers.{i}.attn.output_proj.weight",
+    "feed_forward.w2.weight": "layers.{i}.mlp.w2.weight",
+}
+
+
+class _Source:
+    """A state dict with the file it came from, so a missing key names both."""
+
+    def __init__(self, tensors: dict[str, Tensor], origin: str):
+        self.tensors, self.origin = tensors, origin
+
+    def get(self, *keys: str) -> Tensor:
+        for key in keys:
+            if key in self.tensors:
+                return self.tensors[key]
+        raise CsmError(f"{self.origin}: missing tensor {keys[0]!r}")
+
+
+def interleaved_to_halves(w: Tensor, n_heads: int) -> Tensor:
+    """torchtune rotates interleaved pairs, transformers rotates halves: permute each head's q/k rows."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _map_stack(src: _Source, cfg: TransformerConfig, ours: str, theirs: str, original: bool) -> dict[str, Tensor]:
+    names = ORIGINAL_LAYER if original else HF_LAYER
+    out = {dst: src.get(f"{theirs}.{key}") for dst, key in _layer_keys(cfg, ours, names).items()}
+    for i in range(cfg.n_layers):
+        p = f"{theirs}.layers.{i}"
+        if original:
+            q = interleaved_to_halves(src.get(f"{p}.attn.q_proj.weight"), cfg.n_heads)
+            k = interleaved_to_halves(src.get(f"{p}.attn.k_proj.weight"), cfg.n_kv_heads)
+            v = src.get(f"{p}.attn.v_proj.weight")
+            gate, up = src.get(f"{p}.mlp.w1.weight"), src.get(f"{p}.mlp.w3.weight")
+        else:
+            q, k, v = (src.get(f"{p}.self_attn.{n}_proj.weight") for n in "qkv")
+            gate, up = src.get(f"{p}.mlp.gate_proj.weight"), src.get(f"{p}.mlp.up_proj.weight")
+        out[f"{ours}.layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, v])
+        out[f"{ours}.layers.{i}.feed_forward.w13.weight"] = torch.cat([gate, up])
+    out[f"{ours}.norm.weight"] = src.get(f"{theirs}.norm.scale" if original else f"{theirs}.norm.weight")
+    return out
+
+
+def state_dict_from_hf(src: _Source, cfg: CsmConfig) -> dict[str, Tensor]:
+    out = _map_stack(src, cfg.backbone, "backbone", "backbone_model", original=False)
+    out |= _map_stack(src, cfg.decoder, "decoder", "depth_decoder.model", original=False)
+    out["text_embeddings.weight"] = src.get("embed_text_tokens.weight")
+    # Tied in transformers: save_pretrained may keep only one of the two copies.
+    out["audio_embeddings.weight"] = src.get(
+        "backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight"
+    )
+    out["projection.weight"] = src.get("depth_decoder.model.inputs_embeds_projector.weight")
+    out["codebook0_head.weight"] = src.get("lm_head.weight")
+    out["audio_head"] = src.get("depth_decoder.codebooks_head.weight")
+    return out
+
+
+def state_dict_from_original(src: _Source, cfg: CsmConfig) -> dict[str, Tensor]:
+    out = _map_stack(src, cfg.backbone, "backbone", "backbone", original=True)
+    out |= _map_stack(src, cfg.decoder, "decoder", "decoder", original=True)
+    for key in ("text_embeddings.weight", "audio_embeddings.weight", "projection.weight", "codebook0_head.weight"):
+        out[key] = src.get(key)
+    out["audio_head"] = src.get("audio_head")
+    return out
+
+
+def build_model(cfg: CsmConfig, state_dict: dict[str, Tensor], origin: str, device, dtype) -> Csm:
+    """Build on `meta` (no init cost), then take the tensors as they are (assign=True), checking every shape."""
+    with torch.device("meta"):
+        model = Csm(cfg)
+    expected = model.state_dict()
+    for key, tensor in state_dict.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CsmError(
+                f"{origin}: tensor for {key!r} has shape {list(tensor.shape)}, expected {list(expected[key].shape)}"
+            )
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise CsmError(f"{origin}: missing tensor for {missing[0]!r}")
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    model.reset_buffers()
+    return model.eval().requires_grad_(False)
+
+
+def random_model(cfg: CsmConfig, device, dtype, seed: int = 0) -> Csm:
+    """Any config (default: full-size CSM-1B) with seeded random weights: benchmarks without a download."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = Csm(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
+    model.reset_buffers()
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_safetensors(directory: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / s for s in shards]
+    else:
+        files = [directory / "model.safetensors"]
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        if not f.exists():
+            raise CsmError(f"{f}: file not found")
+        try:
+            tensors |= load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CsmError(f"{f}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CsmError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CsmError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CsmError(f"{path}: no usable tokenizer ({e}); pass --tokenizer DIR with tokenizer.json") from None
+
+
+def _split_codec(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    prefix = "codec_model."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_hf_dir(directory: Path, device, dtype, tokenizer_path: Path | None = None) -> Checkpoint:
+    cfg_json = _read_json(directory / "config.json")
+    cfg = config_from_hf(cfg_json)
+    tensors = read_safetensors(directory)
+    origin = str(directory)
+    model = build_model(cfg, state_dict_from_hf(_Source(tensors, origin), cfg), origin, device, dtype)
+    codec_weights = _split_codec(tensors) or None
+    return Checkpoint(
+        model=model,
+        tokenizer=load_tokenizer(tokenizer_path or directory),
+        codec_config=cfg_json.get("codec_config"),
+        codec_weights=codec_weights,
+        source=origin,
+    )
+
+
+def _read_original_weights(directory: Path) -> tuple[dict[str, Tensor], str]:
+    st, pt = directory / "model.safetensors", directory / "ckpt.pt"
+    if st.exists():
+        tensors, origin = read_safetensors(directory), str(st)
+    elif pt.exists():
+        try:
+            tensors, origin = torch.load(pt, map_location="cpu", weights_only=True), str(pt)
+        except Exception as e:  # torch raises several unrelated types for a corrupt pickle
+            raise CsmError(f"{pt}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        tensors = tensors.get("model", tensors)
+    else:
+        raise CsmError(f"{directory}: neither model.safetensors nor ckpt.pt found")
+    # Some exports prefix every key with `model.`; the original key names start below it.
+    if tensors and all(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items()}
+    return tensors, origin
+
+
+def load_original_dir(directory: Path, device, dtype, tokenizer_path: Path | None = None) -> Checkpoint:
+    cfg = config_from_original(_read_json(directory / "config.json"))
+    tensors, origin = _read_original_weights(directory)
+    model = build_model(cfg, state_dict_from_original(_Source(tensors, origin), cfg), origin, device, dtype)
+    tok_dir = tokenizer_path or directory
+    tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").exists() or tokenizer_path else None
+    return Checkpoint(model=model, tokenizer=tokenizer, codec_config=None, codec_weights=None, source=origin)
+
+
+def load_directory(directory: Path, device, dtype, tokenizer_path: Path | None = None) -> Checkpoint:
+    cfg = _read_json(directory / "config.json")
+    if cfg.get("model_type") == "csm":
+        return load_hf_dir(directory, device, dtype, tokenizer_path)
+    if "backbone_flavor" in cfg:
+        return load_original_dir(directory, device, dtype, tokenizer_path)
+    raise CsmError(f"{directory / 'config.json'}: neither a transformers CSM config nor a Sesame original config")
+
+
+# ---------------------------------------------------------------- hub
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "ckpt.pt"]
+
+
+def resolve_hub(repo_id: str) -> Path:
+    """Snapshot from the HF cache (downloading only what is missing; HF_HUB_OFFLINE honoured)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise CsmError(f"{repo_id} is gated: " + LICENSE_HINT.format(repo=repo_id)) from None
+    except RepositoryNotFoundError:
+        raise CsmError(
+            f"{repo_id}: not found or not accessible (401): " + LICENSE_HINT.format(repo=repo_id)
+        ) from None
+    except LocalEntryNotFoundError:
+        raise CsmError(
+            f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached "
+            "(offline?): download it once online, or pass a local directory / --random-weights"
+        ) from None
+    except HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status in (401, 403):
+            raise CsmError(f"{repo_id}: access denied ({status}): " + LICENSE_HINT.format(repo=repo_id)) from None
+        raise CsmError(f"{repo_id}: hub request failed ({status}): {e}") from None
+
+
+def load(
+    source: str | None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    tokenizer_path: str | None = None,
+    random_weights: bool = False,
+    config: CsmConfig = CSM_1B,
+) -> Checkpoint:
+    """A local directory, a hub id (default sesame/csm-1b), or random weights of `config`."""
+    tok = Path(tokenizer_path) if tokenizer_path else None
+    if random_weights:
+        tokenizer = load_tokenizer(tok) if tok else None
+        return Checkpoint(random_model(config, device, dtype), tokenizer, None, None, "random weights", True)
+    source = source or DEFAULT_MODEL
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return load_directory(path, device, dtype, tok)
+    if path.exists():
+        return load_directory(path.parent, device, dtype, tok)
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise CsmError(f"{source}: no such directory, and not a hub id of the form owner/name")
+    return load_directory(resolve_hub(source), device, dtype, tok)

@@ -1,0 +1,121 @@
+"""Generation: a batch-ready frame stepper over static state, and `Generator.stream` for one request.
+
+The stepper keeps everything a frame needs in fixed-shape device tensors (per-slot positions, last hidden state,
+sampling settings, frame counters), so `step()` has no host sync and no shape change: the engine can capture it
+in a CUDA graph as it is. The host looks at codes once per chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from csmcli.model import Csm
+from csmcli.prompt import Prompt
+from csmcli.sampling import SamplingParams, sample
+
+FRAME_SECONDS = 0.08
+SAMPLES_PER_FRAME = 1920
+SAMPLE_RATE = 24_000
+
+
+class FrameStepper:
+    """`max_batch` independent slots sharing one frame step. Slots join by `prefill` between steps."""
+
+    def __init__(self, model: Csm, max_batch: int):
+        self.model = model
+        param = model.codebook0_head.weight
+        self.device, self.dtype = param.device, param.dtype
+        model.setup_caches(max_batch, self.dtype, self.device)
+        b, dev = max_batch, self.device
+        self.max_batch = max_batch
+        self.max_seq_len = model.cfg.backbone.max_seq_len
+        self.hidden = torch.zeros(b, model.cfg.backbone.dim, dtype=self.dtype, device=dev)  # [B, dim]
+        self.positions = torch.zeros(b, dtype=torch.long, device=dev)  # next backbone position per slot
+        self.frame_index = torch.zeros(b, dtype=torch.long, device=dev)  # per-slot RNG counter
+        self.temperature = torch.ones(b, dtype=torch.float32, device=dev)
+        self.topk = torch.full((b,), 50, dtype=torch.long, device=dev)
+        self.seed = torch.zeros(b, dtype=torch.long, device=dev)
+        self.codes = torch.zeros(b, model.cfg.num_codebooks, dtype=torch.long, device=dev)  # [B, 32] last frame
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, prompt: Prompt, params: SamplingParams) -> None:
+        """Run the prompt through the backbone into `slot`'s cache rows (variable length: outside any graph)."""
+        tokens = prompt.tokens.to(self.device)[None]  # [1, T, 33]
+        mask = prompt.mask.to(self.device)[None]
+        embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
+        positions = torch.arange(prompt.rows, device=self.device)[None]  # [1, T]
+        rows = torch.tensor([slot], device=self.device)
+        hidden = self.model.backbone(embeds, positions, rows)[:, -1]  # [1, dim]
+        self.hidden[slot] = hidden[0]
+        self.positions[slot] = prompt.rows
+        self.frame_index[slot] = 0
+        self.temperature[slot] = params.temperature
+        self.topk[slot] = params.topk
+        self.seed[slot] = params.seed & 0x7FFF_FFFF_FFFF_FFFF
+
+    def _sample(self, logits: Tensor, codebook: int) -> Tensor:
+        return sample(logits, self.temperature, self.topk, self.seed, self.frame_index, codebook)
+
+    @torch.inference_mode()
+    def step(self) -> Tensor:
+        """One frame for every slot: depth-decode the pending hidden state, then feed the frame to the backbone.
+
+        Returns the static `codes [B, 32]` buffer (overwritten by the next step)."""
+        codes = self.model.decode_frame(self.hidden, self._sample)  # [B, 32]
+        # Clamped so finished or idle slots never write past the cache; their outputs are ignored.
+        positions = self.positions.clamp(max=self.max_seq_len - 1)[:, None]  # [B, 1]
+        self.hidden.copy_(self.model.backbone(self.model.embed_frame(codes), positions)[:, -1])
+        self.positions.add_(1)
+        self.frame_index.add_(1)
+        self.codes.copy_(codes)
+        return self.codes
+
+
+def is_eos(codes: Tensor) -> Tensor:
+    """An all-zero frame ends the utterance. `codes [..., 32]` -> `[...]` bool."""
+    return (codes == 0).all(dim=-1)
+
+
+@dataclass
+class FrameChunk:
+    """Frames made since the last chunk. `codes [n, 32]` on the CPU; `stop` is set on the last chunk."""
+
+    index: int
+    codes: Tensor
+    generate_seconds: float
+    stop: str | None = None  # "eos" | "max_frames"
+
+
+StepFn = Callable[[], Tensor]
+
+
+def stream_slot(
+    stepper: FrameStepper, slot: int, max_frames: int, chunk_sizes: Iterator[int], step: StepFn | None = None
+) -> Iterator[FrameChunk]:
+    """Step until EOS or `max_frames`, yielding the slot's frames chunk by chunk (one host sync per chunk)."""
+    step = step or stepper.step
+    made, index = 0, 0
+    while made < max_frames:
+        n = min(next(chunk_sizes), max_frames - made)
+        start = time.perf_counter()
+        chunk = torch.stack([step()[slot].clone() for _ in range(n)]).cpu()  # [n, 32]: the one sync
+        seconds = time.perf_counter() - start
+        eos = is_eos(chunk).nonzero()
+        if len(eos):
+            yield FrameChunk(index, chunk[: int(eos[0])], seconds, stop="eos")
+            return
+        made += n
+        yield FrameChunk(index, chunk, seconds, stop="max_frames" if made >= max_frames else None)
+        index += 1
+
+
+def chunk_schedule(first: int, rest: int) -> Iterator[int]:
+    """Small first chunk for low first-audio latency, then larger chunks for throughput."""
+    yield max(1, first)
+    while True:
+        yield max(1, rest)

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random CSM checkpoints saved in the real formats, loaded through the real loaders."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: no test may reach the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tiny
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tokenizer")
+    tiny.save_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    return tiny.tiny_hf_model()
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(hf_model, tokenizer_dir, tmp_path_factory) -> Path:
+    return tiny.save_hf_checkpoint(hf_model, tmp_path_factory.mktemp("csm-hf"), tokenizer_dir)

@@ -1,0 +1,159 @@
+"""Our model and frame stepper against transformers' CsmForConditionalGeneration on the same random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csmcli import checkpoint
+from csmcli.errors import CsmError
+from csmcli.generate import FrameStepper, chunk_schedule, stream_slot
+from csmcli.prompt import BEGIN_OF_TEXT, END_OF_TEXT, Segment, build_prompt, frame_budget
+from csmcli.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+TEXT = "Hello there, how are you?"
+
+
+@pytest.fixture(scope="module")
+def ours(hf_checkpoint):
+    return checkpoint.load(str(hf_checkpoint))
+
+
+def hf_greedy(hf_model, input_ids, frames, **audio):
+    # An explicit mask, as CsmProcessor returns: otherwise generate() infers one from pad_token_id (128002), which
+    # is also the <|AUDIO|> placeholder, and would mask out every context audio frame.
+    out = hf_model.generate(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=frames, do_sample=False,
+        depth_decoder_do_sample=False, **audio,
+    )
+    return out[0]  # [frames, 32]
+
+
+def our_frames(ck, prompt, frames, params=GREEDY, chunk=3):
+    stepper = FrameStepper(ck.model, max_batch=1)
+    stepper.prefill(0, prompt, params)
+    chunks = list(stream_slot(stepper, 0, frames, chunk_schedule(chunk, chunk)))
+    return torch.cat([c.codes for c in chunks]), chunks
+
+
+def text_ids(tokenizer, speaker, text):
+    return [BEGIN_OF_TEXT, *tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False), END_OF_TEXT]
+
+
+def test_backbone_and_decoder_logits_match_transformers(ours, hf_model):
+    ids = torch.tensor([text_ids(ours.tokenizer, 0, TEXT)])
+    with torch.no_grad():
+        ref = hf_model(input_ids=ids, output_hidden_states=True)
+    prompt = build_prompt(ours.tokenizer, [], 0, TEXT, None)
+    model = ours.model
+    model.setup_caches(1)
+    with torch.inference_mode():
+        embeds = model.embed_rows(prompt.tokens[None], prompt.mask[None])
+        hidden = model.backbone(embeds, torch.arange(prompt.rows)[None])
+        torch.testing.assert_close(model.codebook0_head(hidden), ref.logits, rtol=1e-5, atol=1e-5)
+        # depth decoder on [h, c0, c1]: logits for codebooks 1 and 2
+        codes = torch.tensor([[7, 11]])
+        ref_dd = hf_model.depth_decoder(
+            input_ids=torch.tensor([[0, 7, 11]]), backbone_last_hidden_state=hidden[:, -1]
+        ).logits
+        x = torch.stack([hidden[:, -1], model.audio_embeddings(codes[:, 0]),
+                         model.audio_embeddings(codes[:, 1] + model.cfg.audio_vocab_size)], dim=1)
+        h = model.decoder(model.projection(x), torch.arange(3)[None])
+        ours_dd = torch.stack([h[:, i + 1] @ model.audio_head[i] for i in range(2)], dim=1)
+        torch.testing.assert_close(ours_dd, ref_dd, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_codes_equal_transformers(ours, hf_model):
+    frames = 20
+    ids = torch.tensor([text_ids(ours.tokenizer, 1, TEXT)])
+    expected = hf_greedy(hf_model, ids, frames)
+    got, chunks = our_frames(ours, build_prompt(ours.tokenizer, [], 1, TEXT, None), frames)
+    assert got.shape == (frames, 32)
+    assert torch.equal(got, expected)
+    assert chunks[-1].stop == "max_frames" and [len(c.codes) for c in chunks] == [3] * 6 + [2]
+
+
+def test_greedy_codes_with_context_audio_equal_transformers(ours, hf_model):
+    frames = 20
+    torch.manual_seed(1)
+    audio = 0.1 * torch.randn(24000 * 6 // 10)  # 0.6 s: a 7-frame context turn
+    with torch.no_grad():
+        context_codes = hf_model.codec_model.encode(audio[None, None]).audio_codes[0]  # [32, F]
+    n = context_codes.shape[1]
+    context_ids = text_ids(ours.tokenizer, 0, "Fine, thanks.") + [128002] * n + [128003]
+    ids = torch.tensor([context_ids + text_ids(ours.tokenizer, 1, TEXT)])
+    expected = hf_greedy(hf_model, ids, frames, input_values=audio[None, None],
+                         input_values_cutoffs=torch.tensor([[audio.shape[0]]]))
+    context = [Segment(speaker=0, text="Fine, thanks.", codes=context_codes)]
+    prompt = build_prompt(ours.tokenizer, context, 1, TEXT, None)
+    assert prompt.rows == ids.shape[1]
+    got, _ = our_frames(ours, prompt, frames)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_original_format_loads_same_weights_and_codes(ours, hf_model, tokenizer_dir, tmp_path, fmt):
+    import tiny
+
+    directory = tiny.save_original_checkpoint(hf_model, tmp_path / "orig", fmt)
+    orig = checkpoint.load(str(directory), tokenizer_path=str(tokenizer_dir))
+    ours_sd, orig_sd = ours.model.state_dict(), orig.model.state_dict()
+    assert ours_sd.keys() == orig_sd.keys()
+    for key in ours_sd:
+        assert torch.equal(ours_sd[key], orig_sd[key]), key
+    prompt = build_prompt(orig.tokenizer, [], 0, TEXT, None)
+    assert torch.equal(our_frames(orig, prompt, 8)[0], our_frames(ours, prompt, 8)[0])
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(ours):
+    prompt = build_prompt(ours.tokenizer, [], 0, TEXT, None)
+    a = our_frames(ours, prompt, 6, SamplingParams(0.9, 50, seed=123))[0]
+    b = our_frames(ours, prompt, 6, SamplingParams(0.9, 50, seed=123), chunk=1)[0]
+    c = our_frames(ours, prompt, 6, SamplingParams(0.9, 50, seed=124))[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_top1_sampling_equals_greedy(ours):
+    prompt = build_prompt(ours.tokenizer, [], 0, TEXT, None)
+    top1 = our_frames(ours, prompt, 5, SamplingParams(1.5, 1, seed=5))[0]
+    assert torch.equal(top1, our_frames(ours, prompt, 5)[0])
+
+
+def test_topk_restricts_support():
+    from csmcli.sampling import sample
+
+    logits = torch.randn(1, 2051).repeat(4000, 1)
+    k = 5
+    allowed = set(logits[0].topk(k).indices.tolist())
+    ones = torch.ones(4000)
+    tokens = sample(logits, ones, torch.full((4000,), k), torch.arange(4000), torch.zeros(4000, dtype=torch.long), 3)
+    drawn = set(tokens.tolist())
+    assert drawn <= allowed
+    assert len(drawn) == k  # every allowed token shows up in 4000 draws at temperature 1
+    wide = sample(logits, ones, torch.full((4000,), 2051), torch.arange(4000), torch.zeros(4000, dtype=torch.long), 3)
+    assert not set(wide.tolist()) <= allowed
+
+
+def test_eos_frame_stops_generation(ours):
+    """Zero heads give all-equal logits, where greedy argmax picks token 0 for every codebook: an EOS frame."""
+    import copy
+
+    ck = copy.deepcopy(ours)
+    with torch.no_grad():
+        ck.model.codebook0_head.weight.zero_()
+        ck.model.audio_head.zero_()
+    prompt = build_prompt(ck.tokenizer, [], 0, TEXT, None)
+    stepper = FrameStepper(ck.model, max_batch=1)
+    stepper.prefill(0, prompt, GREEDY)
+    chunks = list(stream_slot(stepper, 0, 50, chunk_schedule(4, 4)))
+    assert len(chunks) == 1 and chunks[0].stop == "eos" and chunks[0].codes.shape == (0, 32)
+
+
+def test_overlong_prompt_errors_and_budget_caps(ours):
+    with pytest.raises(CsmError, match="2048"):
+        frame_budget(2048, 10, 2048)
+    assert frame_budget(2000, 100, 2048) == 48
+    with pytest.raises(CsmError, match="empty"):
+        build_prompt(ours.tokenizer, [], 0, "   ", None)
