@@ -61,9 +61,10 @@ def test_help_exits_0(command):
         assert "Example: csmcli " + command in result.stdout
 
 
-def test_no_arguments_shows_help_as_a_usage_error():
+def test_no_arguments_shows_help():
     result = run()
-    assert result.returncode == 2
+    assert result.returncode in (0, 2)  # Click >= 8.2 treats it as a usage error (2), older Click exits 0
+    assert "Commands" in result.stdout + result.stderr
     assert "Usage" in result.stdout + result.stderr
 
 
