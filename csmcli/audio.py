@@ -1,0 +1,387 @@
+"""Audio I/O: reading reference audio, incremental file writers, stdout streaming and playback.
+
+Everything here takes or returns numpy float32 mono arrays (`[T]`, range [-1, 1]); the engine's chunk type stays
+outside. sounddevice is imported inside functions so this module imports on machines without PortAudio.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from csmcli.errors import CsmError
+
+SAMPLE_RATE = 24000
+# extension -> (libsndfile major format, subtype)
+WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+# libsndfile's sf_command codes (sndfile.h); soundfile exposes sf_command but not these names.
+_SFC_SET_UPDATE_HEADER_AUTO = 0x1061
+_NO_PLAYBACK = "audio playback unavailable: {} — use --output FILE instead"
+
+
+class OutputClosed(Exception):
+    """The reader of our stdout went away (`csmcli say - | head -c 1000`): stop quietly, exit 0.
+
+    Raised from a BrokenPipeError after the dead pipe's file descriptor has been pointed at /dev/null: the
+    interpreter flushes sys.stdout once more at exit and would otherwise print "Exception ignored ...
+    BrokenPipeError" (the recipe from the Python docs, signal module, "Note on SIGPIPE").
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+
+
+def load_audio(
+    path: str | Path,
+    target_rate: int = SAMPLE_RATE,
+    max_seconds_warn: float = 30.0,
+    on_warning: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """Read reference/context audio (wav/flac/ogg/mp3, any rate, any channels) as float32 mono `[T]` at target_rate.
+
+    Clips longer than max_seconds_warn are reported through on_warning (default: `warnings.warn`), not refused.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CsmError(f"audio file not found: {p}")
+    if not p.is_file():
+        raise CsmError(f"not an audio file: {p}")
+    try:
+        data, rate = sf.read(p, dtype="float32", always_2d=True)  # [T, C]
+    except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
+        raise CsmError(f"cannot read audio file {p}: {e}") from e
+    if data.shape[0] == 0:
+        raise CsmError(f"audio file has no samples: {p}")
+    seconds = data.shape[0] / rate
+    if seconds > max_seconds_warn:
+        msg = f"{p} is {seconds:.1f} s long; audio over {max_seconds_warn:g} s fills the context and slows generation"
+        if on_warning is None:
+            warnings.warn(msg, stacklevel=2)
+        else:
+            on_warning(msg)
+    mono = data.mean(axis=1)  # [T]
+    if rate != target_rate:
+        mono = soxr.resample(mono, rate, target_rate, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+
+
+def to_int16(pcm: np.ndarray) -> np.ndarray:
+    """float [-1, 1] -> int16 (x * 32767, rounded, clipped): the one conversion every writer uses, so that file,
+    streamed WAV and raw output hold identical samples."""
+    x = np.nan_to_num(_mono(pcm), nan=0.0)  # NaN cast to int16 is undefined: a click of random value
+    return np.rint(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def _mono(pcm: np.ndarray) -> np.ndarray:
+    x = np.asarray(pcm, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"expected mono pcm of shape [T], got {x.shape}")
+    return x
+
+
+class AudioWriter:
+    """Incremental mono writer: `write(pcm)` per chunk, `close()` (or `with`); `frames_written` counts samples."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self.frames_written = 0
+
+    def write(self, pcm: np.ndarray) -> None:
+        data = to_int16(pcm)
+        self._write(data)
+        self.frames_written += len(data)
+
+    def _write(self, data: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> AudioWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # runs on KeyboardInterrupt too: the CLI's Ctrl-C (exit 130) still finalizes the file
+
+
+class FileWriter(AudioWriter):
+    """.wav (PCM_16) / .flac / .ogg (vorbis) through libsndfile.
+
+    A WAV is valid after every write, even if the process is killed before close(): soundfile's flush() does not
+    touch the header (sizes stay 0 until close), so libsndfile is told to rewrite it after each write.
+    """
+
+    def __init__(self, path: Path, sample_rate: int, major: str, subtype: str) -> None:
+        super().__init__(sample_rate)
+        self.path = path
+        if not path.parent.is_dir():  # libsndfile only says "System error."
+            raise CsmError(f"cannot write {path}: directory {path.parent} does not exist")
+        try:
+            self._f = sf.SoundFile(path, "w", sample_rate, 1, subtype, format=major)
+        except (RuntimeError, OSError) as e:
+            raise CsmError(f"cannot write {path}: {e}") from e
+        if major == "WAV":  # soundfile wraps no such call; its private handles are guarded by the SIGKILL test
+            sf._snd.sf_command(self._f._file, _SFC_SET_UPDATE_HEADER_AUTO, sf._ffi.NULL, 1)
+
+    def _write(self, data: np.ndarray) -> None:
+        self._f.write(data)
+
+    def close(self) -> None:
+        self._f.close()  # idempotent
+
+
+class StreamWriter(AudioWriter):
+    """Streaming WAV (or raw s16le with raw=True) to a binary stream such as stdout, flushed per chunk.
+
+    A streamed WAV cannot be seeked back to, so its RIFF and data sizes are 0xFFFFFFFF ("unknown, read to EOF"),
+    the convention of ffmpeg, sox and libsndfile for piped WAV; readers take the length from the stream's end.
+    """
+
+    def __init__(self, out: IO[bytes], sample_rate: int, *, raw: bool = False, owns: bool = False) -> None:
+        super().__init__(sample_rate)
+        self._out, self._owns, self._closed = out, owns, False
+        if not raw:
+            unknown = 0xFFFFFFFF
+            fmt = (16, 1, 1, sample_rate, sample_rate * 2, 2, 16)  # fmt size, PCM, mono, rate, bytes/s, align, bits
+            self._put(struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", unknown, b"WAVE", b"fmt ", *fmt, b"data", unknown))
+
+    def _write(self, data: np.ndarray) -> None:
+        self._put(data.astype("<i2", copy=False).tobytes())
+
+    def _put(self, b: bytes) -> None:
+        try:
+            self._out.write(b)
+            self._out.flush()  # a listener on the pipe hears each chunk as soon as it exists
+        except BrokenPipeError as e:
+            self._closed = True
+            _point_at_devnull(self._out)
+            raise OutputClosed("output pipe closed by the reader") from e
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._owns:
+                self._out.close()
+            else:
+                self._out.flush()
+        except BrokenPipeError:  # nothing left to deliver; the CLI's exit is the same either way
+            _point_at_devnull(self._out)
+
+
+def _point_at_devnull(stream: IO[bytes]) -> None:
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # BytesIO & co: no interpreter-exit flush to silence
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def open_writer(path: str | Path, sample_rate: int, *, raw: bool = False, stdout: IO[Any] | None = None) -> AudioWriter:
+    """Writer chosen by path: "-" streams to stdout (WAV, or s16le with raw=True), else by extension
+    (.wav PCM_16, .flac, .ogg vorbis), or headerless s16le with raw=True whatever the extension."""
+    if str(path) == "-":
+        out = stdout if stdout is not None else sys.stdout
+        out = getattr(out, "buffer", out)  # text stdout -> its binary buffer
+        if out.isatty():
+            raise CsmError("refusing to write binary audio to a terminal; redirect or use -o FILE")
+        return StreamWriter(out, sample_rate, raw=raw)
+    p = Path(path)
+    if raw:
+        try:
+            return StreamWriter(open(p, "wb"), sample_rate, raw=True, owns=True)
+        except OSError as e:
+            raise CsmError(f"cannot write {p}: {e.strerror}") from e
+    fmt = WRITE_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise CsmError(f"unsupported output format '{p.name}': use {', '.join(WRITE_FORMATS)} or '-' for stdout")
+    return FileWriter(p, sample_rate, *fmt)
+
+
+# --------------------------------------------------------------------------------------------------------- playback
+
+
+def _sounddevice() -> Any:
+    try:
+        import sounddevice
+    except OSError as e:  # sounddevice raises OSError('PortAudio library not found') at import
+        raise CsmError(_NO_PLAYBACK.format("PortAudio not found (apt-get install libportaudio2)")) from e
+    except ImportError as e:
+        raise CsmError(_NO_PLAYBACK.format("the sounddevice package is not installed")) from e
+    return sounddevice
+
+
+def list_devices() -> list[dict[str, Any]]:
+    """Output devices as dicts: index, name, channels (max output), default (PortAudio's default output)."""
+    sd = _sounddevice()
+    default = sd.default.device[1]
+    return [
+        {"index": i, "name": d["name"], "channels": d["max_output_channels"], "default": i == default}
+        for i, d in enumerate(sd.query_devices())
+        if d["max_output_channels"] > 0
+    ]
+
+
+def resolve_device(name_or_index: str | int | None = None) -> int:
+    """PortAudio index of an output device given by index, exact name or unique name fragment (None: default)."""
+    devices = list_devices()
+    if not devices:
+        raise CsmError(_NO_PLAYBACK.format("no audio output device found"))
+    if name_or_index is None or name_or_index == "":
+        return next((d["index"] for d in devices if d["default"]), devices[0]["index"])
+    key = str(name_or_index).strip()
+    available = "; ".join(f"{d['index']}: {d['name']}" for d in devices)
+    if key.isdigit():
+        if any(d["index"] == int(key) for d in devices):
+            return int(key)
+        raise CsmError(f"unknown audio output device {key}; available: {available}")
+    matches = [d for d in devices if d["name"].lower() == key.lower()]
+    matches = matches or [d for d in devices if key.lower() in d["name"].lower()]
+    if len(matches) == 1:
+        return matches[0]["index"]
+    if matches:
+        raise CsmError(f"audio output device '{key}' is ambiguous: {'; '.join(d['name'] for d in matches)}")
+    raise CsmError(f"unknown audio output device '{key}'; available: {available}")
+
+
+class Player:
+    """Gapless playback of streamed chunks: one OutputStream whose callback drains a queue that write() fills.
+
+    sd.play() per chunk opens a new stream each time and leaves audible gaps between chunks; here the stream
+    runs for the whole utterance and plays queued chunks back to back.
+
+    Prebuffer: output stays silent until prebuffer_ms (at least the first chunk) is queued, then plays
+    continuously. When the callback finds too little audio while playing (the generator fell behind), the gap is
+    padded with zeros, counted in `underruns`, and the prebuffer refills before resuming, so one slow stretch is
+    one gap rather than a stutter. drain() marks the end: a short tail then is the end, not an underrun.
+
+    Use: `with Player(24000) as p: ...; p.write(pcm); ...; p.drain()`; leaving the block without drain() (Ctrl-C)
+    cuts playback at once. Start it before generating: the stream opens while the first chunk is computed.
+    """
+
+    def __init__(self, sample_rate: int = SAMPLE_RATE, device: str | int | None = None, prebuffer_ms: float = 0.0):
+        self.sample_rate = sample_rate
+        self.device = device
+        self.underruns = 0
+        self.frames_played = 0  # real (non-padding) samples handed to the device
+        self._prebuffer = max(1, round(sample_rate * prebuffer_ms / 1000))
+        self._chunks: deque[np.ndarray] = deque()  # float32 [n] each
+        self._head = 0  # samples of _chunks[0] already played
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._playing = False  # False while (re)filling the prebuffer
+        self._ending = False  # inside drain()
+        self._stream: Any = None
+
+    @property
+    def buffered_ms(self) -> float:
+        """Audio queued ahead of playback."""
+        return self._queued * 1000.0 / self.sample_rate
+
+    def start(self) -> Player:
+        """Open and start the output stream (idempotent): it plays silence until the prebuffer is filled."""
+        if self._stream is not None:  # a second stream would drain the same queue at twice the rate
+            return self
+        sd = _sounddevice()
+        device = resolve_device(self.device)
+        stream = None
+        try:
+            stream = sd.OutputStream(
+                samplerate=self.sample_rate, channels=1, dtype="float32", device=device, callback=self._callback
+            )
+            stream.start()
+        except sd.PortAudioError as e:
+            if stream is not None:
+                stream.close()
+            why = f"cannot open output device {device} at {self.sample_rate} Hz: {e}"
+            raise CsmError(_NO_PLAYBACK.format(why)) from e
+        self._stream = stream
+        return self
+
+    def write(self, pcm: np.ndarray) -> None:
+        """Queue a chunk; never blocks on the device."""
+        x = np.clip(np.nan_to_num(_mono(pcm), nan=0.0), -1.0, 1.0)  # a copy: the caller may reuse its buffer
+        if len(x):
+            with self._cond:
+                self._chunks.append(x)
+                self._queued += len(x)
+
+    def _callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        self._fill(outdata[:, 0])
+
+    def _fill(self, out: np.ndarray) -> None:
+        """Body of the PortAudio callback: fill `out` ([frames] float32) from the queue, zeros where there is none."""
+        n, got = len(out), 0
+        with self._cond:
+            if not self._playing and (self._queued >= self._prebuffer or (self._ending and self._queued)):
+                self._playing = True
+            if self._playing:
+                while got < n and self._chunks:
+                    chunk = self._chunks[0]
+                    take = min(n - got, len(chunk) - self._head)
+                    out[got : got + take] = chunk[self._head : self._head + take]
+                    got, self._head = got + take, self._head + take
+                    if self._head == len(chunk):
+                        self._chunks.popleft()
+                        self._head = 0
+                self._queued -= got
+                self.frames_played += got
+                if got < n and not self._ending:
+                    self.underruns += 1
+                    self._playing = False
+                if not self._queued:
+                    self._cond.notify_all()
+        out[got:] = 0
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until all queued audio has played; False if timeout (default: queued duration + 5 s) ran out."""
+        with self._cond:
+            timeout = self._queued / self.sample_rate + 5.0 if timeout is None else timeout
+            self._ending = True
+            done = self._cond.wait_for(lambda: not self._queued, timeout)
+            self._ending = False
+            if done:
+                self._playing = False  # idle until the next utterance: silence now is not an underrun
+        if done and self._stream is not None:
+            time.sleep(self._stream.latency)  # the device still holds that much audio we handed over
+        return done
+
+    def close(self) -> None:
+        """Stop the stream: the device plays out what it holds, or is cut at once if audio is still queued
+        (Ctrl-C)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                if self._queued:
+                    stream.abort()
+                else:
+                    stream.stop()
+            finally:
+                stream.close()
+        with self._cond:
+            self._chunks.clear()
+            self._queued = self._head = 0
+
+    def __enter__(self) -> Player:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
