@@ -1,4 +1,4 @@
-"""Generation: a batch-ready frame stepper over static state, and `Generator.stream` for one request.
+"""Generation: a batch-ready frame stepper over static state.
 
 The stepper keeps everything a frame needs in fixed-shape device tensors (per-slot positions, last hidden state,
 sampling settings, frame counters), so `step()` has no host sync and no shape change: the engine can capture it
@@ -7,8 +7,6 @@ in a CUDA graph as it is. The host looks at codes once per chunk.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -89,33 +87,3 @@ class FrameChunk:
     codes: Tensor
     generate_seconds: float
     stop: str | None = None  # "eos" | "max_frames"
-
-
-StepFn = Callable[[], Tensor]
-
-
-def stream_slot(
-    stepper: FrameStepper, slot: int, max_frames: int, chunk_sizes: Iterator[int], step: StepFn | None = None
-) -> Iterator[FrameChunk]:
-    """Step until EOS or `max_frames`, yielding the slot's frames chunk by chunk (one host sync per chunk)."""
-    step = step or stepper.step
-    made, index = 0, 0
-    while made < max_frames:
-        n = min(next(chunk_sizes), max_frames - made)
-        start = time.perf_counter()
-        chunk = torch.stack([step()[slot].clone() for _ in range(n)]).cpu()  # [n, 32]: the one sync
-        seconds = time.perf_counter() - start
-        eos = is_eos(chunk).nonzero()
-        if len(eos):
-            yield FrameChunk(index, chunk[: int(eos[0])], seconds, stop="eos")
-            return
-        made += n
-        yield FrameChunk(index, chunk, seconds, stop="max_frames" if made >= max_frames else None)
-        index += 1
-
-
-def chunk_schedule(first: int, rest: int) -> Iterator[int]:
-    """Small first chunk for low first-audio latency, then larger chunks for throughput."""
-    yield max(1, first)
-    while True:
-        yield max(1, rest)

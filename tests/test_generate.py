@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from csmcli import checkpoint
+from csmcli.engine import Engine
 from csmcli.errors import CsmError
-from csmcli.generate import FrameStepper, chunk_schedule, stream_slot
 from csmcli.prompt import BEGIN_OF_TEXT, END_OF_TEXT, Segment, build_prompt, frame_budget
 from csmcli.sampling import SamplingParams
 
@@ -31,9 +31,7 @@ def hf_greedy(hf_model, input_ids, frames, **audio):
 
 
 def our_frames(ck, prompt, frames, params=GREEDY, chunk=3):
-    stepper = FrameStepper(ck.model, max_batch=1)
-    stepper.prefill(0, prompt, params)
-    chunks = list(stream_slot(stepper, 0, frames, chunk_schedule(chunk, chunk)))
+    chunks = list(Engine(ck.model).stream(prompt, params, frames, chunk, chunk))
     return torch.cat([c.codes for c in chunks]), chunks
 
 
@@ -145,9 +143,7 @@ def test_eos_frame_stops_generation(ours):
         ck.model.codebook0_head.weight.zero_()
         ck.model.audio_head.zero_()
     prompt = build_prompt(ck.tokenizer, [], 0, TEXT, None)
-    stepper = FrameStepper(ck.model, max_batch=1)
-    stepper.prefill(0, prompt, GREEDY)
-    chunks = list(stream_slot(stepper, 0, 50, chunk_schedule(4, 4)))
+    chunks = list(Engine(ck.model).stream(prompt, GREEDY, 50, 4, 4))
     assert len(chunks) == 1 and chunks[0].stop == "eos" and chunks[0].codes.shape == (0, 32)
 
 
