@@ -188,7 +188,7 @@ def pulse_sink(tmp_path_factory):
         "pulseaudio",
         "-n",
         "--daemonize=no",
-        "--exit-idle-time=-1",
+        "--exit-idle-time=30",  # a test process that crashes before teardown leaks no daemon for long
         "--use-pid-file=no",
         "--disable-shm=yes",
         "--log-target=stderr",
