@@ -67,7 +67,8 @@ def torch_versions() -> dict[str, Any]:
         import torch
     except ImportError:
         return {"torch": None, "cuda_runtime": None, "cudnn": None, "cuda_available": False}
-    # is_available() counts devices without creating a context.
+    # Neither call creates a CUDA context (checked with NVML on an H100: no process, no memory until an
+    # allocation); cudnn.version() does run torch's lazy CUDA init.
     available = torch.cuda.is_available()
     return {
         "torch": torch.__version__,
