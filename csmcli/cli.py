@@ -4,6 +4,7 @@ Nothing heavy is imported at module level (torch above all), so `csmcli --help` 
 """
 
 import os
+import sys
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -22,6 +23,11 @@ class CsmGroup(TyperGroup):
             return super().invoke(ctx)
         except CsmError as e:
             _report(e, f"{e}", code=2)
+        except BrokenPipeError:
+            # The reader went away (`csmcli stream ... | head`): nothing to report. Point stdout at /dev/null so
+            # the interpreter's final flush does not raise a second time.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             # Older Click turns Ctrl-C into "Aborted!" and exit 1; the shell convention is 128 + SIGINT.
             raise typer.Exit(130) from None

@@ -154,6 +154,18 @@ def test_ctrl_c_exits_130():
     assert "Traceback" not in result.stderr
 
 
+def test_closed_stdout_pipe_is_quiet():
+    code = _RAISE.format(exc="SystemExit(0)").replace(
+        "    raise SystemExit(0)", "    while True:\n        sys.stdout.write('x' * 65536)\n        sys.stdout.flush()"
+    )
+    shell = f'{sys.executable} -c "$CODE" | head -c 10 >/dev/null; exit ${{PIPESTATUS[0]}}'
+    result = subprocess.run(
+        ["bash", "-c", shell], capture_output=True, text=True, timeout=60, env={**os.environ, "CODE": code}
+    )
+    assert result.returncode == 1
+    assert result.stderr == ""
+
+
 def test_long_errors_stay_on_one_line():
     result = run_python(_RAISE.format(exc=f'CsmError("{"x" * 300}")'), env={"COLUMNS": "80"})
     assert len(result.stderr.splitlines()) == 1
