@@ -1,0 +1,659 @@
+"""Mimi codec for CSM: our own stateful streaming decoder, plus encoding of context audio.
+
+Decoding N frames chunk by chunk inside `streaming()` gives exactly what transformers' one-shot
+`MimiModel.decode` gives for all N at once: every causal conv keeps its left context, every transposed conv keeps
+its overlap-add tail, and the decoder transformer keeps a sliding-window KV cache with positions that continue.
+Decoding chunks independently instead is what produces the clicks users report on csm-streaming.
+
+Every state buffer is preallocated by `streaming(batch_size)` and updated in place, and a chunk of fixed size
+does fixed-shape work with no host sync, so an engine can capture one `decode_chunk` in a CUDA graph.
+
+Dtypes: the decoder runs in float32. `MimiCodec.to(device, transformer_dtype=torch.bfloat16)` runs only the
+decoder transformer (and its KV cache) in bf16; the quantizer, the upsampling and the SEANet convs stay float32
+because they produce the waveform directly and bf16's 8-bit mantissa is audible there.
+
+Weights load from a flat Mimi state dict (the layout of `kyutai/mimi` files and of `codec_model.*` in CSM's HF
+checkpoint). transformers 5.23's in-memory `MimiModel` nests the halves (`decoder.decoder_seanet.layers`, ...);
+`flatten_mimi_state_dict` maps that back, and folds weight norm (`weight_g`/`weight_v` or parametrizations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from csmcli.errors import CsmError
+
+if TYPE_CHECKING:
+    from transformers import MimiConfig
+
+CSM_NUM_CODEBOOKS = 32
+_USAGE_EPS = 1e-5  # MimiEuclideanCodebook: embed = embed_sum / cluster_usage.clamp(min=eps)
+
+# (flat prefix, transformers 5.23 nested prefix). Files are flat; 5.23's MimiModel.state_dict() is nested.
+_LAYOUT = (
+    ("encoder.layers.", "encoder.encoder_seanet.layers."),
+    ("encoder_transformer.", "encoder.encoder_transformer."),
+    ("downsample.", "encoder.downsample."),
+    ("upsample.", "decoder.upsample."),
+    ("decoder_transformer.", "decoder.decoder_transformer."),
+    ("decoder.layers.", "decoder.decoder_seanet.layers."),
+)
+_TO_FLAT = tuple((nested, flat) for flat, nested in _LAYOUT)
+_DECODER_PREFIXES = ("upsample.", "decoder_transformer.", "decoder.")  # decoder half, flat or nested
+# (g, v) suffixes of weight norm: old `nn.utils.weight_norm`, then `nn.utils.parametrizations.weight_norm`
+_WEIGHT_NORM = (
+    (".weight_g", ".weight_v"),
+    (".parametrizations.weight.original0", ".parametrizations.weight.original1"),
+)
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+
+class _StreamingModule(nn.Module):
+    """A layer whose per-utterance state exists only inside `StreamingMimiDecoder.streaming()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state: Any = None
+
+    def init_state(self, batch_size: int) -> Any:
+        raise NotImplementedError
+
+    @property
+    def state(self) -> Any:
+        if self._state is None:
+            raise RuntimeError(f"{type(self).__name__} needs `with decoder.streaming(batch_size):`")
+        return self._state
+
+
+@dataclass
+class _ConvState:
+    history: Tensor  # [B, C_in, effective_kernel - 1]: last inputs, the left context of the next chunk
+
+
+@dataclass
+class _ConvTransposeState:
+    tail: Tensor  # [B, C_out, kernel - stride]: overlap-add tail (bias-free) that the next chunk completes
+
+
+@dataclass
+class _KVState:
+    k: Tensor  # [B, H_kv, window - 1, D]: the last window - 1 keys (rotated), oldest first
+    v: Tensor  # [B, H_kv, window - 1, D]
+
+
+@dataclass
+class _PositionState:
+    offset: Tensor  # [] int64: transformer position of the chunk's first step; continues across chunks
+
+
+class _CausalConv1d(_StreamingModule):
+    """Stride-1 causal conv. One-shot Mimi left-pads with zeros; streaming starts from a zero history instead."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, dilation=dilation)
+        self.context = (kernel - 1) * dilation
+
+    def init_state(self, batch_size: int) -> _ConvState:
+        w = self.conv.weight
+        return _ConvState(w.new_zeros(batch_size, self.conv.in_channels, self.context))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T]
+        history = self.state.history
+        x = torch.cat([history, x], dim=-1)  # [B, C_in, context + T]
+        history.copy_(x[..., x.shape[-1] - self.context :])
+        return self.conv(x)
+
+
+class _CausalConvTranspose1d(_StreamingModule):
+    """Transposed conv whose one-shot output is trimmed by kernel - stride on the right (Mimi, trim_right_ratio 1).
+
+    Those trimmed samples are exactly the ones the next input would still add to, so each chunk emits T * stride
+    samples and carries its last kernel - stride (without bias, which the emitting chunk adds once) forward.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        if kernel > 2 * stride:  # otherwise a tail would span more than one following chunk
+            raise ValueError(f"transposed conv needs kernel <= 2 * stride, got {kernel}, {stride}")
+        self.conv = nn.ConvTranspose1d(c_in, c_out, kernel, stride, groups=groups, bias=bias)
+        self.overlap = kernel - stride
+
+    def init_state(self, batch_size: int) -> _ConvTransposeState:
+        w = self.conv.weight
+        return _ConvTransposeState(w.new_zeros(batch_size, self.conv.out_channels, self.overlap))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T * stride]
+        conv, tail = self.conv, self.state.tail
+        y = F.conv_transpose1d(x, conv.weight, None, conv.stride, groups=conv.groups)  # [B, C_out, T*s + overlap]
+        y[..., : self.overlap] += tail
+        n = y.shape[-1] - self.overlap
+        tail.copy_(y[..., n:])
+        y = y[..., :n]
+        return y if conv.bias is None else y + conv.bias[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------- SEANet
+
+
+class _ResnetBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int, kernel: int, dilation: int, conv_shortcut: bool) -> None:
+        super().__init__()
+        # indices 1 and 3 hold the convs: checkpoint keys are `block.1.conv.*`, `block.3.conv.*`
+        self.block = nn.Sequential(
+            nn.ELU(), _CausalConv1d(dim, hidden, kernel, dilation), nn.ELU(), _CausalConv1d(hidden, dim, 1)
+        )
+        self.shortcut = _CausalConv1d(dim, dim, 1) if conv_shortcut else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.shortcut(x) + self.block(x)
+
+
+class _SeanetDecoder(nn.Module):
+    """Latents at 25 Hz -> waveform: conv, then per ratio ELU + transposed conv + resnet blocks, then ELU + conv."""
+
+    def __init__(self, c: MimiConfig) -> None:
+        super().__init__()
+        channels = 2 ** len(c.upsampling_ratios) * c.num_filters
+        layers: list[nn.Module] = [_CausalConv1d(c.hidden_size, channels, c.kernel_size)]
+        for ratio in c.upsampling_ratios:
+            layers += [nn.ELU(), _CausalConvTranspose1d(channels, channels // 2, 2 * ratio, ratio)]
+            channels //= 2
+            layers += [
+                _ResnetBlock(
+                    channels,
+                    channels // c.compress,
+                    c.residual_kernel_size,
+                    c.dilation_growth_rate**j,
+                    c.use_conv_shortcut,
+                )
+                for j in range(c.num_residual_layers)
+            ]
+        layers += [nn.ELU(), _CausalConv1d(c.num_filters, c.audio_channels, c.last_kernel_size)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, hidden, 2n] -> [B, channels, n * frame_size]
+        return self.layers(x)
+
+
+# ---------------------------------------------------------------------------------------------------- transformer
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on halves (HF layout: Kyutai's interleaved q/k were permuted when converted)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class _Attention(_StreamingModule):
+    def __init__(self, c: MimiConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        bias = c.attention_bias
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=bias)
+        self.context = c.sliding_window - 1  # a step sees itself and the window - 1 steps before it
+
+    def init_state(self, batch_size: int) -> _KVState:
+        w = self.k_proj.weight
+        shape = (batch_size, self.n_kv_heads, self.context, self.head_dim)
+        return _KVState(w.new_zeros(shape), w.new_zeros(shape))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cache = self.state
+        k = torch.cat([cache.k, k], dim=2)  # [B, H_kv, window - 1 + T, D]
+        v = torch.cat([cache.v, v], dim=2)
+        cache.k.copy_(k[:, :, t:])  # shift by copy: fixed shape, fixed address
+        cache.v.copy_(v[:, :, t:])
+        if self.n_heads != self.n_kv_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]; scale 1/sqrt(D) as Mimi
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * x
+
+
+class _MLP(nn.Module):
+    def __init__(self, c: MimiConfig) -> None:
+        super().__init__()
+        from transformers.activations import ACT2FN  # Mimi's `hidden_act` names ("gelu" = exact erf GELU)
+
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.act = ACT2FN[c.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _TransformerLayer(nn.Module):
+    def __init__(self, c: MimiConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.self_attn = _Attention(c)
+        self.self_attn_layer_scale = _LayerScale(c.hidden_size)
+        self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.mlp = _MLP(c)
+        self.mlp_layer_scale = _LayerScale(c.hidden_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
+
+
+def _rope_inv_freq(c: MimiConfig) -> Tensor:
+    # computed on the CPU in float32 like transformers does, then only moved: keeps cos/sin bit-identical
+    return 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim))
+
+
+class _Transformer(_StreamingModule):
+    """Causal sliding-window transformer, no final norm. Its dtype is that of its layers (see module docstring)."""
+
+    def __init__(self, c: MimiConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_TransformerLayer(c) for _ in range(c.num_hidden_layers))
+        self.window = c.sliding_window
+        # float32 on purpose: set_transformer_dtype casts `layers` only
+        self.register_buffer("inv_freq", _rope_inv_freq(c), persistent=False)
+
+    def init_state(self, batch_size: int) -> _PositionState:
+        return _PositionState(torch.zeros((), dtype=torch.long, device=self.inv_freq.device))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
+        t, dev, offset = x.shape[1], x.device, self.state.offset
+        pos = offset + torch.arange(t, device=dev)  # [T]
+        key_pos = offset - (self.window - 1) + torch.arange(self.window - 1 + t, device=dev)  # [window - 1 + T]
+        dist = pos[:, None] - key_pos[None, :]
+        # causal, within the window, and not an unwritten cache slot before position 0
+        mask = (dist >= 0) & (dist < self.window) & (key_pos >= 0)  # [T, window - 1 + T]
+        freqs = pos[:, None].float() * self.inv_freq  # [T, D / 2]
+        angles = torch.cat([freqs, freqs], dim=-1)  # [T, D]
+        dtype = self.layers[0].input_layernorm.weight.dtype
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        x = x.to(dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        offset += t
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------- quantizer
+
+
+class _Dequantizer(nn.Module):
+    """Split RVQ decode: sum of codebook vectors, semantic and acoustic groups each through their own projection."""
+
+    def __init__(self, c: MimiConfig) -> None:
+        super().__init__()
+        self.n_semantic, self.codebook_size = c.num_semantic_quantizers, c.codebook_size
+        # embed_sum / cluster_usage, folded at load time
+        self.register_buffer("codebooks", torch.zeros(c.num_quantizers, c.codebook_size, c.codebook_dim))
+        projected = c.vector_quantization_hidden_dimension != c.hidden_size
+        dim = c.vector_quantization_hidden_dimension
+        self.semantic_proj = nn.Linear(dim, c.hidden_size, bias=False) if projected else nn.Identity()
+        self.acoustic_proj = nn.Linear(dim, c.hidden_size, bias=False) if projected else nn.Identity()
+
+    def forward(self, codes: Tensor) -> Tensor:  # [B, K, n] int64 -> [B, hidden, n]
+        k = codes.shape[1]
+        rows = codes + torch.arange(k, device=codes.device)[:, None] * self.codebook_size  # row in the stacked table
+        vectors = F.embedding(rows, self.codebooks[:k].flatten(0, 1))  # [B, K, n, D]
+        x = self.semantic_proj(_sum_in_order(vectors[:, : self.n_semantic]))  # [B, n, hidden]
+        if k > self.n_semantic:
+            x = x + self.acoustic_proj(_sum_in_order(vectors[:, self.n_semantic :]))
+        return x.transpose(1, 2)
+
+
+def _sum_in_order(vectors: Tensor) -> Tensor:  # [B, K, n, D] -> [B, n, D]
+    # codebook by codebook like the reference RVQ, not `.sum(1)`: same rounding, so bit-exact on the CPU
+    total = vectors[:, 0]
+    for i in range(1, vectors.shape[1]):
+        total = total + vectors[:, i]
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------- decoder
+
+
+class StreamingMimiDecoder(nn.Module):
+    """Mimi codes -> 24 kHz waveform, one-shot or chunk by chunk with state carried across chunks.
+
+    Submodule names follow the flat checkpoint layout, so state dict keys are the checkpoint's (except the
+    quantizer, whose codebooks are folded at load time).
+    """
+
+    def __init__(self, config: MimiConfig) -> None:
+        super().__init__()
+        _check_supported(config)
+        self.config = config
+        self.quantizer = _Dequantizer(config)
+        self.upsample = None
+        stride = int(config.encodec_frame_rate / config.frame_rate)  # `latent_stride`, absent before 5.2x
+        if stride != 1:  # 12.5 Hz codes -> 25 Hz transformer steps
+            self.upsample = _CausalConvTranspose1d(
+                config.hidden_size, config.hidden_size, 2 * stride, stride, groups=config.upsample_groups, bias=False
+            )
+        self.decoder_transformer = _Transformer(config)
+        self.decoder = _SeanetDecoder(config)
+        self.frame_size = math.prod(config.upsampling_ratios) * stride
+
+    @classmethod
+    def from_state_dict(
+        cls, config: MimiConfig, state_dict: Mapping[str, Tensor], source: str = "state dict"
+    ) -> StreamingMimiDecoder:
+        """Build from Mimi weights in the flat or the nested layout; `source` names them in errors."""
+        state_dict = flatten_mimi_state_dict(state_dict)
+        with torch.device("meta"):  # no init work: every weight comes from the checkpoint
+            decoder = cls(config)
+        weights = {
+            key: _take(state_dict, key, ref.shape, source)
+            for key, ref in decoder.state_dict().items()
+            if not key.startswith("quantizer.")
+        }
+        weights.update(_dequantizer_weights(config, state_dict, source))
+        decoder.load_state_dict(weights, assign=True)
+        decoder.decoder_transformer.inv_freq = _rope_inv_freq(config)  # non-persistent, still on meta
+        return decoder.requires_grad_(False).eval()
+
+    def set_transformer_dtype(self, dtype: torch.dtype) -> StreamingMimiDecoder:
+        """Run the transformer (and its KV cache) in `dtype`; convs stay float32. Call outside `streaming()`.
+
+        Lossy: casting back to float32 does not restore the weights; reload them instead.
+        """
+        self.decoder_transformer.layers.to(dtype)
+        return self
+
+    def _streaming_modules(self) -> Iterator[_StreamingModule]:
+        return (m for m in self.modules() if isinstance(m, _StreamingModule))
+
+    @property
+    def is_streaming(self) -> bool:
+        return self.decoder_transformer._state is not None
+
+    @contextmanager
+    def streaming(self, batch_size: int) -> Iterator[StreamingMimiDecoder]:
+        """Allocate every layer's state for `batch_size` utterances; dropped on exit."""
+        if self.is_streaming:
+            raise RuntimeError("already streaming: use decode_chunk(), and reset() for a new utterance")
+        try:
+            for m in self._streaming_modules():
+                m._state = m.init_state(batch_size)
+            yield self
+        finally:
+            for m in self._streaming_modules():
+                m._state = None
+
+    def reset(self) -> None:
+        """Start a new utterance: zero every state in place (addresses stay, so captured CUDA graphs stay valid)."""
+        for m in self._streaming_modules():
+            for f in fields(m.state):
+                getattr(m.state, f.name).zero_()
+
+    @torch.no_grad()
+    def decode_chunk(self, codes: Tensor) -> Tensor:
+        """[B, K, n] int64 codes (K <= num_quantizers, each in [0, codebook_size)) -> [B, 1, n * frame_size]."""
+        if codes.shape[-1] == 0:
+            return torch.zeros(codes.shape[0], self.config.audio_channels, 0, device=codes.device)
+        x = self.quantizer(codes)  # [B, hidden, n]
+        if self.upsample is not None:
+            x = self.upsample(x)  # [B, hidden, 2n]
+        x = self.decoder_transformer(x.transpose(1, 2)).float().transpose(1, 2)  # [B, hidden, 2n]
+        return self.decoder(x)  # [B, 1, n * frame_size]
+
+    forward = decode_chunk
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """One-shot: [B, K, F] -> [B, 1, F * frame_size], equal to transformers' `MimiModel.decode`."""
+        with self.streaming(codes.shape[0]):
+            return self.decode_chunk(codes)
+
+
+def _check_supported(c: MimiConfig) -> None:
+    """Settings the streaming decoder is exact for; kyutai/mimi and CSM use all of them."""
+    rope_type = (c.rope_parameters or {}).get("rope_type", "default")
+    problems = [
+        f"{name}={value!r}"
+        for name, value, ok in (
+            ("use_causal_conv", c.use_causal_conv, c.use_causal_conv),
+            ("trim_right_ratio", c.trim_right_ratio, c.trim_right_ratio == 1.0),
+            ("pad_mode", c.pad_mode, c.pad_mode == "constant"),
+            ("rope_type", rope_type, rope_type == "default"),
+            ("sliding_window", c.sliding_window, isinstance(c.sliding_window, int) and c.sliding_window >= 1),
+        )
+        if not ok
+    ]
+    if problems:
+        raise CsmError(f"unsupported Mimi config for streaming decode: {', '.join(problems)}")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    for src, dst in pairs:
+        if key.startswith(src):
+            return dst + key[len(src) :]
+    return key
+
+
+def _fold_weight_norm(g: Tensor, v: Tensor) -> Tensor:
+    # weight = g * v / |v|, the norm over every dim where g has size 1 (all but weight norm's `dim`)
+    dims = [i for i, n in enumerate(g.shape) if n == 1] if g.dim() else list(range(v.dim()))
+    v = v.float()
+    return v * (g.float() / torch.linalg.vector_norm(v, dim=dims, keepdim=True))
+
+
+def flatten_mimi_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Any Mimi state dict -> the flat checkpoint layout with plain conv weights (idempotent)."""
+    renamed = {_rename(key, _TO_FLAT): tensor for key, tensor in state_dict.items()}
+    out: dict[str, Tensor] = {}
+    for key, tensor in renamed.items():
+        for g_suffix, v_suffix in _WEIGHT_NORM:
+            if key.endswith(v_suffix):
+                break
+            if key.endswith(g_suffix):
+                base = key[: -len(g_suffix)]
+                if base + v_suffix not in renamed:
+                    raise CsmError(f"weight norm of {base!r}: found {key!r} but not {base + v_suffix!r}")
+                out[base + ".weight"] = _fold_weight_norm(tensor, renamed[base + v_suffix])
+                break
+        else:
+            out[key] = tensor
+    return out
+
+
+def _take(state_dict: Mapping[str, Tensor], key: str, shape: tuple[int, ...], source: str) -> Tensor:
+    tensor = state_dict.get(key)
+    if tensor is None:
+        raise CsmError(f"{source}: missing Mimi weight {key!r}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise CsmError(f"{source}: Mimi weight {key!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+    return tensor.to(torch.float32)
+
+
+def _dequantizer_weights(c: MimiConfig, state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Checkpoint quantizer keys -> `_Dequantizer` buffers: codebooks folded, 1x1 output convs as linears."""
+    out: dict[str, Tensor] = {}
+    codebooks = []
+    n_acoustic = c.num_quantizers - c.num_semantic_quantizers
+    for group, count in (("semantic", c.num_semantic_quantizers), ("acoustic", n_acoustic)):
+        rvq = f"quantizer.{group}_residual_vector_quantizer."
+        for i in range(count):
+            prefix = f"{rvq}layers.{i}.codebook."
+            embed_sum = _take(state_dict, prefix + "embed_sum", (c.codebook_size, c.codebook_dim), source)
+            usage = _take(state_dict, prefix + "cluster_usage", (c.codebook_size,), source)
+            codebooks.append(embed_sum / usage.clamp(min=_USAGE_EPS)[:, None])  # [codebook_size, codebook_dim]
+        if c.vector_quantization_hidden_dimension != c.hidden_size:
+            shape = (c.hidden_size, c.vector_quantization_hidden_dimension, 1)
+            out[f"quantizer.{group}_proj.weight"] = _take(state_dict, rvq + "output_proj.weight", shape, source)[..., 0]
+    out["quantizer.codebooks"] = torch.stack(codebooks)  # [Q, codebook_size, codebook_dim]
+    return out
+
+
+def _mimi_config(raw: Mapping[str, Any] | MimiConfig, source: str) -> MimiConfig:
+    from transformers import MimiConfig
+
+    if isinstance(raw, MimiConfig):
+        return raw
+    if raw.get("model_type", "mimi") != "mimi":
+        raise CsmError(f"{source}: model_type is {raw.get('model_type')!r}, expected a Mimi codec ('mimi')")
+    try:
+        return MimiConfig.from_dict(dict(raw))
+    except (TypeError, ValueError) as e:
+        raise CsmError(f"{source}: invalid Mimi config: {e}") from e
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    if (index := path / "model.safetensors.index.json").is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    raise CsmError(f"{path}: no model.safetensors")
+
+
+def load_mimi_state_dict(path: str | Path) -> tuple[MimiConfig, dict[str, Tensor]]:
+    """HF-format Mimi checkpoint (a dir, or its .safetensors file, with config.json beside it) -> config, flat dict."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CsmError(f"{folder}: no config.json, not an HF-format Mimi checkpoint")
+    config = _mimi_config(json.loads(config_file.read_text()), str(config_file))
+    state_dict: dict[str, Tensor] = {}
+    for file in _weight_files(path):
+        if not file.is_file():
+            raise CsmError(f"{file}: file not found")
+        state_dict.update(load_file(file))
+    return config, flatten_mimi_state_dict(state_dict)
+
+
+def extract_codec_state_dict(
+    state_dict: Mapping[str, Tensor], codec_config: Mapping[str, Any] | MimiConfig, source: str = "CSM checkpoint"
+) -> tuple[MimiConfig, dict[str, Tensor]]:
+    """CSM HF-format state dict + its `codec_config` -> the Mimi config and its flat state dict."""
+    prefix = "codec_model."
+    codec = {key[len(prefix) :]: t for key, t in state_dict.items() if key.startswith(prefix)}
+    if not codec:
+        raise CsmError(f"{source}: no {prefix}* weights (the Mimi codec of the HF format)")
+    return _mimi_config(codec_config, f"{source} codec_config"), flatten_mimi_state_dict(codec)
+
+
+# ---------------------------------------------------------------------------------------------------- codec
+
+
+class MimiCodec:
+    """Mimi as CSM uses it: our streaming decoder, and transformers' `MimiModel` (built on first use) to encode."""
+
+    def __init__(
+        self,
+        config: MimiConfig | Mapping[str, Any],
+        state_dict: Mapping[str, Tensor],
+        source: str = "state dict",
+        num_codebooks: int = CSM_NUM_CODEBOOKS,
+    ) -> None:
+        config = _mimi_config(config, f"{source} config")
+        if not config.num_semantic_quantizers < num_codebooks <= config.num_quantizers:
+            raise CsmError(f"{source}: Mimi has {config.num_quantizers} quantizers, CSM needs {num_codebooks}")
+        self.config, self.num_codebooks, self.source = config, num_codebooks, source
+        state_dict = flatten_mimi_state_dict(state_dict)
+        self.decoder = StreamingMimiDecoder.from_state_dict(config, state_dict, source)
+        # kept for the encoder (its SEANet, transformer, downsample and the quantizer), built only if needed
+        self._encoder_weights = {k: t for k, t in state_dict.items() if not k.startswith(_DECODER_PREFIXES)}
+        self._encoder: nn.Module | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, num_codebooks: int = CSM_NUM_CODEBOOKS) -> MimiCodec:
+        config, state_dict = load_mimi_state_dict(path)
+        files = _weight_files(Path(path))
+        return cls(config, state_dict, str(files[0]) if len(files) == 1 else f"{path} (sharded)", num_codebooks)
+
+    @classmethod
+    def from_csm_state_dict(
+        cls,
+        state_dict: Mapping[str, Tensor],
+        codec_config: Mapping[str, Any] | MimiConfig,
+        source: str = "CSM checkpoint",
+        num_codebooks: int = CSM_NUM_CODEBOOKS,
+    ) -> MimiCodec:
+        config, codec = extract_codec_state_dict(state_dict, codec_config, source)
+        return cls(config, codec, f"{source} (codec_model.*)", num_codebooks)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sampling_rate
+
+    @property
+    def frame_size(self) -> int:
+        return self.decoder.frame_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.quantizer.codebooks.device
+
+    def to(self, device: torch.device | str, transformer_dtype: torch.dtype | None = None) -> MimiCodec:
+        self.decoder.to(device)  # moves only: weights stay float32 unless transformer_dtype says otherwise
+        if transformer_dtype is not None:
+            self.decoder.set_transformer_dtype(transformer_dtype)
+        if self._encoder is not None:
+            self._encoder.to(device)
+        return self
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """One-shot: [B, K, F] -> [B, 1, F * frame_size]. Stream with `decoder.streaming()` + `decode_chunk`."""
+        return self.decoder.decode(codes)
+
+    @torch.no_grad()
+    def encode(self, pcm: Tensor) -> Tensor:
+        """[B, 1, T] float at 24 kHz (one-shot, not streaming) -> [B, num_codebooks, F] int64 codes."""
+        if self._encoder is None:
+            self._encoder = self._build_encoder()
+        out = self._encoder.encode(pcm.to(self.device, torch.float32), num_quantizers=self.num_codebooks)
+        return out.audio_codes
+
+    def _build_encoder(self) -> nn.Module:
+        from transformers import MimiModel
+
+        config = copy.deepcopy(self.config)
+        with contextlib.suppress(AttributeError, ValueError):
+            config.decoder_config = None  # recent transformers can drop the decoder half, which we do not need
+        model = MimiModel(config)
+        target = {k: t for k, t in model.state_dict().items() if not k.startswith(_DECODER_PREFIXES)}
+        weights = {
+            key: _take(self._encoder_weights, _rename(key, _TO_FLAT), ref.shape, self.source)
+            for key, ref in target.items()
+            if not key.endswith(".initialized")  # an unused codebook flag, absent from some checkpoints
+        }
+        model.load_state_dict(weights, strict=False)
+        return model.requires_grad_(False).eval().to(self.device)

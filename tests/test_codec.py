@@ -1,0 +1,208 @@
+"""Our streaming Mimi decoder against transformers' one-shot `MimiModel.decode`, on tiny random Mimis.
+
+The tiny configs keep the real upsampling ratios (frame = 1920 samples) and a sliding window of 4 transformer
+steps (2 frames), so 15 frames exceed it several times. Weights that init to constants (layer scales, norms,
+biases, codebooks, weight-norm gains) are randomised so that each of them changes the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.testing import assert_close
+from transformers import MimiConfig, MimiModel
+
+from csmcli.codec import MimiCodec, StreamingMimiDecoder, flatten_mimi_state_dict
+from csmcli.errors import CsmError
+
+N_FRAMES = 15  # > 3 sliding windows; 2 and 5 do not all divide it, so a short last chunk is tested too
+TINY = dict(
+    hidden_size=32, num_filters=4, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+    num_hidden_layers=2, codebook_size=16, codebook_dim=8, vector_quantization_hidden_dimension=8,
+    upsample_groups=32, sliding_window=4, attention_bias=True,
+)  # fmt: skip
+VARIANTS = {
+    "gqa-weightnorm": {},
+    "resnet2-shortcut-noproj": dict(
+        num_residual_layers=2, use_conv_shortcut=True, codebook_dim=32, vector_quantization_hidden_dimension=32,
+        upsample_groups=16, num_key_value_heads=4,
+    ),
+}  # fmt: skip
+
+
+def random_mimi(config: MimiConfig, weight_norm: bool = False, seed: int = 0) -> MimiModel:
+    torch.manual_seed(seed)
+    model = MimiModel(config).eval()
+    if weight_norm:  # the SEANet decoder convs, so the file holds parametrizations.weight.original0/1
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) and name.startswith("decoder") and "layers" in name:
+                nn.utils.parametrizations.weight_norm(module)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("embed_sum"):
+                t.normal_()
+            elif name.endswith(("cluster_usage", ".scale", "layernorm.weight", "original0")):
+                t.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                t.normal_(0.0, 0.1)
+            elif "transformer" in name and t.dim() == 2:  # the 0.02 init leaves attention nearly uniform
+                t.normal_(0.0, t.shape[1] ** -0.5)
+    return model
+
+
+def random_codes(config: MimiConfig, batch: int, frames: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.codebook_size, (batch, config.num_quantizers, frames), generator=gen)  # [B, 32, F]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # chunk seams change float rounding only (~1e-6 of the peak); a lost state is >= 1e-3 of it
+    assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def decode_in_chunks(decoder: StreamingMimiDecoder, codes: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([decoder.decode_chunk(codes[..., i : i + chunk]) for i in range(0, codes.shape[-1], chunk)], -1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors gain nothing from intra-op threads, and on shared cores OpenMP's spin-waits made this file
+    # take ~50 s instead of ~8 s; restored afterwards so other test modules keep their setting
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def tiny(request, tmp_path_factory):
+    """(HF model, its saved dir, our codec loaded from the files, codes, reference audio)."""
+    config = MimiConfig(**{**TINY, **VARIANTS[request.param]})
+    model = random_mimi(config, weight_norm=request.param == "gqa-weightnorm")
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    codec = MimiCodec.from_pretrained(directory)
+    codes = random_codes(config, 1, N_FRAMES)
+    with torch.no_grad():
+        reference = model.decode(codes).audio_values  # [1, 1, N * 1920]
+    return model, directory, codec, codes, reference
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_chunked_decode_equals_transformers(tiny, chunk):
+    _, _, codec, codes, reference = tiny
+    assert reference.shape == (1, 1, N_FRAMES * 1920) and codec.frame_size == 1920
+    with codec.decoder.streaming(1):
+        close(decode_in_chunks(codec.decoder, codes, chunk), reference)
+
+
+def test_one_shot_decode_equals_transformers(tiny):
+    _, _, codec, codes, reference = tiny
+    close(codec.decode(codes), reference)
+
+
+def test_stateless_chunks_do_not_match(tiny):
+    # decoding each frame with a fresh state is the clicking bug; the comparison above must be able to see it
+    _, _, codec, codes, reference = tiny
+    stateless = torch.cat([codec.decode(codes[..., i : i + 1]) for i in range(N_FRAMES)], -1)
+    with pytest.raises(AssertionError):
+        close(stateless, reference)
+
+
+def test_reset_and_reentry_repeat_the_utterance(tiny):
+    _, _, codec, codes, _ = tiny
+    with codec.decoder.streaming(1):
+        first = decode_in_chunks(codec.decoder, codes, 2)
+        codec.decoder.reset()
+        second = decode_in_chunks(codec.decoder, codes, 2)
+    with codec.decoder.streaming(1):
+        third = decode_in_chunks(codec.decoder, codes, 2)
+    assert torch.equal(first, second) and torch.equal(first, third)
+    with pytest.raises(RuntimeError):
+        codec.decoder.decode_chunk(codes)  # outside streaming(): no state to use
+
+
+def test_batch_equals_each_alone(tiny):
+    model, _, codec, codes, reference = tiny
+    other = random_codes(model.config, 1, N_FRAMES, seed=7)
+    with codec.decoder.streaming(2):
+        both = decode_in_chunks(codec.decoder, torch.cat([codes, other]), 3)  # [2, 1, N * 1920]
+    close(both[:1], reference)
+    close(both[1:], codec.decode(other))
+    assert not torch.allclose(both[0], both[1])
+
+
+def test_nested_and_legacy_weight_norm_layouts_load(tiny):
+    model, directory, _, codes, reference = tiny
+    nested = model.state_dict()  # transformers 5.23 nests the halves in memory; files are flat
+    if any(k.startswith("decoder.decoder_seanet.") for k in nested):
+        assert not any(k.startswith("decoder.decoder_seanet.") for k in flatten_mimi_state_dict(nested))
+    close(StreamingMimiDecoder.from_state_dict(model.config, nested).decode(codes), reference)
+    flat = load_file(directory / "model.safetensors")
+    legacy = {  # pre-parametrization `nn.utils.weight_norm` names
+        k.replace(".parametrizations.weight.original0", ".weight_g").replace(
+            ".parametrizations.weight.original1", ".weight_v"
+        ): t
+        for k, t in flat.items()
+    }
+    close(StreamingMimiDecoder.from_state_dict(model.config, legacy).decode(codes), reference)
+
+
+def test_csm_state_dict_loads(tiny):
+    model, directory, _, codes, reference = tiny
+    csm = {"codec_model." + k: t for k, t in load_file(directory / "model.safetensors").items()}
+    csm["backbone_model.norm.weight"] = torch.ones(4)
+    codec = MimiCodec.from_csm_state_dict(csm, model.config.to_dict(), source="csm.safetensors")
+    close(codec.decode(codes), reference)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "decoder_transformer.layers.1.mlp.fc1.weight",
+        "quantizer.acoustic_residual_vector_quantizer.layers.30.codebook.embed_sum",
+    ],
+)
+def test_missing_or_misshaped_weight_names_file_and_key(tiny, key, tmp_path):
+    model, directory, _, _, _ = tiny
+    weights = load_file(directory / "model.safetensors")
+    shutil.copy(directory / "config.json", tmp_path / "config.json")
+    save_file({k: t for k, t in weights.items() if k != key}, tmp_path / "model.safetensors")
+    with pytest.raises(CsmError, match=rf"{tmp_path}/model\.safetensors: missing Mimi weight '{key}'"):
+        MimiCodec.from_pretrained(tmp_path)
+    misshaped = {**weights, key: weights[key][:-1]}
+    with pytest.raises(CsmError, match=rf"csm\.safetensors.*{key}.*shape"):
+        MimiCodec(model.config, misshaped, source="csm.safetensors")
+
+
+def test_encode_equals_transformers(tiny):
+    model, _, codec, _, _ = tiny
+    pcm = torch.randn(2, 1, 4 * 1920 + 100, generator=torch.Generator().manual_seed(3))  # [B, 1, T] at 24 kHz
+    with torch.no_grad():
+        expected = model.encode(pcm).audio_codes  # [B, 32, F]
+    codes = codec.encode(pcm)
+    assert codes.shape == (2, 32, 5) and codes.dtype == torch.long
+    assert torch.equal(codes, expected)
+
+
+def test_default_config_streams_like_transformers():
+    """The real kyutai/mimi sizes (random weights): 6 frames in chunks of 1 and 3, and one-shot."""
+    config = MimiConfig()
+    with contextlib.suppress(AttributeError, ValueError):
+        config.encoder_config = None  # transformers >= 5.2x: skip building the encoder half (seconds on 2 cores)
+    model = random_mimi(config)
+    decoder = StreamingMimiDecoder.from_state_dict(config, model.state_dict(), source="default")
+    codes = random_codes(config, 1, 6)
+    with torch.no_grad():
+        reference = model.decode(codes).audio_values
+    assert reference.shape[-1] == 6 * 1920 == 6 * math.prod(config.upsampling_ratios) * 2
+    close(decoder.decode(codes), reference)
+    for chunk in (1, 3):
+        with decoder.streaming(1):
+            close(decode_in_chunks(decoder, codes, chunk), reference)

@@ -1,0 +1,108 @@
+"""The streaming Mimi decoder on CUDA: float32 parity, bf16 transformer, and one chunk captured in a CUDA graph.
+
+Skipped without a GPU. Default Mimi sizes with random weights; 150 frames exceed the 250-step sliding window.
+`python tests/test_codec_cuda.py` also prints per-chunk timings.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from test_codec import decode_in_chunks, random_codes, random_mimi
+from transformers import MimiConfig
+
+from csmcli.codec import StreamingMimiDecoder
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+N_FRAMES = 150
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convs would differ between chunk shapes by ~1e-3
+    config = MimiConfig()
+    model = random_mimi(config).cuda()
+    decoder = StreamingMimiDecoder.from_state_dict(config, model.state_dict()).cuda()
+    codes = random_codes(config, 2, N_FRAMES).cuda()  # [2, 32, N]
+    with torch.no_grad():
+        reference = model.decode(codes).audio_values  # [2, 1, N * 1920]
+    return decoder, codes, reference
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def test_cuda_float32_chunks_equal_transformers(setup):
+    decoder, codes, reference = setup
+    for chunk in (1, 4):
+        with decoder.streaming(2):
+            assert relative_error(decode_in_chunks(decoder, codes, chunk), reference) < 1e-4
+
+
+def test_cuda_bf16_transformer_stays_close(setup):
+    decoder, codes, reference = setup
+    decoder = copy.deepcopy(decoder).set_transformer_dtype(torch.bfloat16)  # the cast is lossy: keep ours float32
+    with decoder.streaming(2):
+        error = relative_error(decode_in_chunks(decoder, codes, 1), reference)
+    print(f"bf16 transformer: max error {error:.2e} of peak")
+    assert 1e-5 < error < 5e-2
+
+
+def capture(decoder: StreamingMimiDecoder, codes_in: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture one decode_chunk on the static `codes_in`; call inside streaming(), reset() before replaying."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: cuDNN/cuBLAS pick their algorithms outside the capture
+            decoder.decode_chunk(codes_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pcm_out = decoder.decode_chunk(codes_in)
+    return graph, pcm_out
+
+
+def test_cuda_graph_replay_equals_eager(setup):
+    decoder, codes, reference = setup
+    chunk = 2
+    with decoder.streaming(2):
+        codes_in = codes[..., :chunk].clone()  # [2, 32, chunk], the graph's static input
+        graph, pcm_out = capture(decoder, codes_in)
+        decoder.reset()  # in place: the captured state buffers are the ones reset
+        pieces = []
+        for i in range(0, N_FRAMES, chunk):
+            codes_in.copy_(codes[..., i : i + chunk])
+            graph.replay()
+            pieces.append(pcm_out.clone())
+    assert relative_error(torch.cat(pieces, -1), reference) < 1e-4
+
+
+def _time_chunks(batch: int, chunk: int, transformer_dtype: torch.dtype) -> None:
+    torch.backends.cudnn.allow_tf32 = True
+    config = MimiConfig()
+    decoder = StreamingMimiDecoder.from_state_dict(config, random_mimi(config).state_dict()).cuda()
+    decoder.set_transformer_dtype(transformer_dtype)
+    codes = random_codes(config, batch, 100).cuda()
+    with decoder.streaming(batch):
+        codes_in = codes[..., :chunk].clone()
+        graph, _ = capture(decoder, codes_in)
+        for name, step in (("eager", lambda: decoder.decode_chunk(codes_in)), ("graph", graph.replay)):
+            decoder.reset()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(50):
+                step()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - start) / 50 * 1e3
+            print(f"B={batch} chunk={chunk} frames transformer={transformer_dtype}: {name} {ms:.2f} ms/chunk")
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_name())
+    for batch, chunk in ((1, 1), (1, 4), (8, 1)):
+        for dtype in (torch.float32, torch.bfloat16):
+            _time_chunks(batch, chunk, dtype)
