@@ -393,3 +393,57 @@ def load(
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise CsmError(f"{source}: no such directory, and not a hub id of the form owner/name")
     return load_directory(resolve_hub(source), device, dtype, tok)
+
+
+# ---------------------------------------------------------------- back to transformers (for --compare)
+
+
+def _hf_transformer_dict(cfg: TransformerConfig) -> dict:
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **vars(cfg.rope_scaling)}
+    return {
+        "num_hidden_layers": cfg.n_layers, "hidden_size": cfg.dim, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope,
+    }
+
+
+def hf_config(cfg: CsmConfig, codec_config: dict | None = None) -> Any:
+    """Our config as a transformers `CsmConfig` (the inverse of `config_from_hf`)."""
+    from transformers import CsmConfig as HfCsmConfig
+
+    decoder = _hf_transformer_dict(cfg.decoder) | {
+        "num_codebooks": cfg.num_codebooks, "backbone_hidden_size": cfg.backbone.dim,
+        "vocab_size": cfg.audio_vocab_size,
+    }
+    return HfCsmConfig(
+        **_hf_transformer_dict(cfg.backbone), num_codebooks=cfg.num_codebooks, vocab_size=cfg.audio_vocab_size,
+        text_vocab_size=cfg.text_vocab_size, depth_decoder_config=decoder, codec_config=codec_config,
+    )
+
+
+def hf_state_dict(model: Csm) -> dict[str, Tensor]:
+    """Our weights under transformers' names (codec excluded): the inverse of `state_dict_from_hf`."""
+    cfg, sd = model.cfg, model.state_dict()
+    out = {
+        "embed_text_tokens.weight": sd["text_embeddings.weight"],
+        "backbone_model.embed_tokens.embed_audio_tokens.weight": sd["audio_embeddings.weight"],
+        "depth_decoder.model.embed_tokens.weight": sd["audio_embeddings.weight"],
+        "depth_decoder.model.inputs_embeds_projector.weight": sd["projection.weight"],
+        "lm_head.weight": sd["codebook0_head.weight"],
+        "depth_decoder.codebooks_head.weight": sd["audio_head"],
+    }
+    for ours, theirs, tcfg in (("backbone", "backbone_model", cfg.backbone),
+                               ("decoder", "depth_decoder.model", cfg.decoder)):
+        for dst, src in _layer_keys(tcfg, ours, HF_LAYER).items():
+            out[f"{theirs}.{src}"] = sd[dst]
+        for i in range(tcfg.n_layers):
+            p, q = f"{theirs}.layers.{i}", f"{ours}.layers.{i}"
+            sizes = [tcfg.n_heads * tcfg.head_dim, tcfg.n_kv_heads * tcfg.head_dim, tcfg.n_kv_heads * tcfg.head_dim]
+            for name, w in zip("qkv", sd[f"{q}.attention.wqkv.weight"].split(sizes), strict=True):
+                out[f"{p}.self_attn.{name}_proj.weight"] = w
+            gate, up = sd[f"{q}.feed_forward.w13.weight"].split(tcfg.intermediate_size)
+            out[f"{p}.mlp.gate_proj.weight"], out[f"{p}.mlp.up_proj.weight"] = gate, up
+        out[f"{theirs}.norm.weight"] = sd[f"{ours}.norm.weight"]
+    return out

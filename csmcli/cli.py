@@ -3,6 +3,7 @@
 Nothing heavy is imported at module level (torch above all), so `csmcli --help` starts instantly.
 """
 
+import contextlib
 import os
 import sys
 from enum import StrEnum
@@ -127,38 +128,347 @@ def _global_options(
     ui.set_verbosity(quiet=quiet, verbose=verbose)
 
 
+# ---- model and generation options (say / stream / bench) ---------------------------------------------------------
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="PATH_OR_ID",
+        help="Checkpoint directory (HF format or original Sesame) or hub id. [default: sesame/csm-1b]",
+    ),
+]
+RandomWeightsOpt = Annotated[
+    bool, typer.Option("--random-weights", help="Full-size CSM-1B with random weights: no download, noise audio.")
+]
+CodecOpt = Annotated[
+    str | None, typer.Option("--codec", metavar="DIR", help="HF-format Mimi checkpoint (for original-format models).")
+]
+TokenizerOpt = Annotated[
+    str | None, typer.Option("--tokenizer", metavar="DIR", help="Llama-3 tokenizer directory, if not beside the model.")
+]
+TorchDeviceOpt = Annotated[
+    str | None, typer.Option("--torch-device", metavar="DEV", help="cpu, cuda or cuda:N. [default: cuda if present]")
+]
+TextArg = Annotated[str | None, typer.Argument(help="Text to speak; '-' reads stdin.", show_default=False)]
+TextFileOpt = Annotated[str | None, typer.Option("--file", "-f", metavar="FILE", help="Read the text from FILE.")]
+SpeakerOpt = Annotated[int, typer.Option("--speaker", "-s", min=0, help="Speaker id of the generated voice.")]
+RefAudioOpt = Annotated[
+    str | None, typer.Option("--ref-audio", metavar="FILE", help="Voice prompt audio (any rate; resampled to 24 kHz).")
+]
+RefTextOpt = Annotated[str | None, typer.Option("--ref-text", metavar="TEXT", help="The words spoken in --ref-audio.")]
+ContextOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--context", metavar="FILE", help="JSON/YAML list of earlier turns: {speaker, text, audio (optional path)}."
+    ),
+]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")]
+TopkOpt = Annotated[int, typer.Option("--topk", min=1, help="Sample among the k most likely codes.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, help="Seed; printed when chosen at random.")]
+MaxSecondsOpt = Annotated[
+    float, typer.Option("--max-seconds", min=0.08, help="Stop a sentence after this much audio (runaway guard).")
+]
+RawOpt = Annotated[bool, typer.Option("--raw", help="With -o -: headerless s16le PCM instead of a WAV stream.")]
+AudioDeviceOpt = Annotated[
+    str | None, typer.Option("--device", "-d", metavar="NAME|INDEX", help="Audio output device for playback.")
+]
+SaveCodesOpt = Annotated[
+    str | None, typer.Option("--save-codes", metavar="FILE.npy", help="Also save the codes, [frames, 32] int64.")
+]
+
+
+def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name, overrides):
+    from csmcli import gpu
+    from csmcli.pipeline import Pipeline
+    from csmcli.presets import resolve_preset
+
+    gpus = gpu.detect_gpus() if torch_device is None or torch_device.startswith("cuda") else []
+    preset, reason = resolve_preset(preset_name, gpus[0] if gpus else None, **overrides)
+    ui.debug(f"preset {preset.name}: {reason}")
+    if random_weights:
+        ui.warn("random weights: the audio is noise; use them for speed, not sound")
+    with ui.console.status("loading model", spinner="dots") if not ui.is_quiet() else contextlib.nullcontext():
+        pipeline = Pipeline.load(
+            model,
+            preset,
+            device=torch_device,
+            random_weights=random_weights,
+            codec_path=codec,
+            tokenizer_path=tokenizer,
+        )
+        pipeline.warmup()
+    return pipeline
+
+
+def _speak(live: bool, **kw: Any) -> None:
+    import sys
+
+    from csmcli import speak
+
+    text = speak.read_text(kw.pop("text"), kw.pop("text_file"), sys.stdin)
+    context = speak.load_context(kw.pop("context"), kw.pop("ref_audio"), kw.pop("ref_text"), kw["speaker"])
+    pipeline = _pipeline(
+        kw.pop("model"),
+        kw.pop("random_weights"),
+        kw.pop("codec"),
+        kw.pop("tokenizer"),
+        kw.pop("torch_device"),
+        kw.pop("preset"),
+        preset_overrides(**kw.pop("overrides")),
+    )
+    speak.run(pipeline, speak.SpeakJob(text=text, context=context, live_table=live, **kw))
+
+
 # ---- commands ------------------------------------------------------------------------------------------------------
 
 
-def _not_implemented(command: str) -> None:
-    raise CsmError(f"`csmcli {command}` is not implemented yet")
+@app.command()
+def say(
+    text: TextArg = None,
+    text_file: TextFileOpt = None,
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Audio file (.wav/.flac/.ogg), or '-' for stdout.")
+    ] = "out.wav",
+    play: Annotated[bool, typer.Option("--play", help="Also play the audio while it is generated.")] = False,
+    speaker: SpeakerOpt = 0,
+    ref_audio: RefAudioOpt = None,
+    ref_text: RefTextOpt = None,
+    context: ContextOpt = None,
+    temperature: TemperatureOpt = 0.9,
+    topk: TopkOpt = 50,
+    seed: SeedOpt = None,
+    max_seconds: MaxSecondsOpt = 90.0,
+    raw: RawOpt = False,
+    device: AudioDeviceOpt = None,
+    save_codes: SaveCodesOpt = None,
+    model: ModelOpt = None,
+    random_weights: RandomWeightsOpt = False,
+    codec: CodecOpt = None,
+    tokenizer: TokenizerOpt = None,
+    torch_device: TorchDeviceOpt = None,
+    preset: PresetOpt = None,
+    first_chunk_frames: FirstChunkFramesOpt = None,
+    chunk_frames: ChunkFramesOpt = None,
+    dtype: DtypeOpt = None,
+    cuda_graphs: CudaGraphsOpt = None,
+    compile: CompileOpt = None,
+) -> None:
+    """Speak text into an audio file (and optionally the speakers).
+
+    Long text is spoken sentence by sentence, earlier sentences kept as context so the voice stays the same.
+
+    Examples:
+      csmcli say "Hello there." -o hello.wav
+      echo "Read from stdin." | csmcli say - --play
+      csmcli say -f story.txt --ref-audio me.wav --ref-text "What I said in me.wav." -o story.flac
+    """
+    _speak(
+        False,
+        text=text,
+        text_file=text_file,
+        output=output,
+        play=play,
+        speaker=speaker,
+        ref_audio=ref_audio,
+        ref_text=ref_text,
+        context=context,
+        temperature=temperature,
+        topk=topk,
+        seed=seed,
+        max_seconds=max_seconds,
+        raw=raw,
+        audio_device=device,
+        save_codes=save_codes,
+        model=model,
+        random_weights=random_weights,
+        codec=codec,
+        tokenizer=tokenizer,
+        torch_device=torch_device,
+        preset=preset,
+        overrides=dict(
+            first_chunk_frames=first_chunk_frames,
+            chunk_frames=chunk_frames,
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+        ),
+    )
 
 
 @app.command()
-def say() -> None:
-    """Speak text into an audio file (or the speakers).
+def stream(
+    text: TextArg = None,
+    text_file: TextFileOpt = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Also save the audio (file, or '-' for stdout).")
+    ] = None,
+    play: Annotated[bool, typer.Option("--play/--no-play", help="Play through the speakers as it is made.")] = True,
+    list_devices: Annotated[bool, typer.Option("--list-devices", help="List audio output devices and exit.")] = False,
+    speaker: SpeakerOpt = 0,
+    ref_audio: RefAudioOpt = None,
+    ref_text: RefTextOpt = None,
+    context: ContextOpt = None,
+    temperature: TemperatureOpt = 0.9,
+    topk: TopkOpt = 50,
+    seed: SeedOpt = None,
+    max_seconds: MaxSecondsOpt = 90.0,
+    raw: RawOpt = False,
+    device: AudioDeviceOpt = None,
+    save_codes: SaveCodesOpt = None,
+    model: ModelOpt = None,
+    random_weights: RandomWeightsOpt = False,
+    codec: CodecOpt = None,
+    tokenizer: TokenizerOpt = None,
+    torch_device: TorchDeviceOpt = None,
+    preset: PresetOpt = None,
+    first_chunk_frames: FirstChunkFramesOpt = None,
+    chunk_frames: ChunkFramesOpt = None,
+    dtype: DtypeOpt = None,
+    cuda_graphs: CudaGraphsOpt = None,
+    compile: CompileOpt = None,
+) -> None:
+    """Speak text live: playback starts with the first chunk while the rest is generated.
 
-    Example: csmcli say "Hello there." -o hello.wav
+    A live table on stderr shows each chunk's generation and decode time, RTF, audio buffered ahead of playback
+    and underruns. Ctrl-C stops cleanly and prints the totals.
+
+    Examples:
+      csmcli stream "Hello there."
+      csmcli stream "Hello there." --no-play -o - --raw | aplay -f S16_LE -r 24000 -c 1
+      csmcli stream --list-devices
     """
-    _not_implemented("say")
+    if list_devices:
+        from csmcli import audio
+
+        for d in audio.list_devices():
+            typer.echo(f"{d['index']:>3}  {d['name']}{'  (default)' if d['default'] else ''}")
+        return
+    if not play and output is None:
+        raise CsmError("nothing to do: --no-play needs -o FILE or -o -")
+    _speak(
+        True,
+        text=text,
+        text_file=text_file,
+        output=output,
+        play=play,
+        speaker=speaker,
+        ref_audio=ref_audio,
+        ref_text=ref_text,
+        context=context,
+        temperature=temperature,
+        topk=topk,
+        seed=seed,
+        max_seconds=max_seconds,
+        raw=raw,
+        audio_device=device,
+        save_codes=save_codes,
+        model=model,
+        random_weights=random_weights,
+        codec=codec,
+        tokenizer=tokenizer,
+        torch_device=torch_device,
+        preset=preset,
+        overrides=dict(
+            first_chunk_frames=first_chunk_frames,
+            chunk_frames=chunk_frames,
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+        ),
+    )
+
+
+def _int_list(value: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise CsmError(f"{flag} takes a comma list of whole numbers, like 1,4,16; got {value!r}") from None
+    if not values or min(values) < 1:
+        raise CsmError(f"{flag} takes numbers >= 1, got {value!r}")
+    return values
 
 
 @app.command()
-def stream() -> None:
-    """Speak text as it is generated: raw PCM on stdout or live playback, first audio in a few hundred ms.
+def bench(
+    model: ModelOpt = None,
+    random_weights: RandomWeightsOpt = False,
+    tiny: Annotated[bool, typer.Option("--tiny", help="A tiny random model: tests the whole path on a CPU.")] = False,
+    batch: Annotated[str | None, typer.Option("--batch", metavar="LIST", help="Batch sizes, e.g. 1,4,16,64.")] = None,
+    chunk_frames: Annotated[
+        str | None, typer.Option("--chunk-frames", metavar="LIST", help="Chunk sizes in frames, e.g. 1,2,4.")
+    ] = None,
+    first_chunk_frames: FirstChunkFramesOpt = None,
+    frames: Annotated[int, typer.Option("--frames", min=2, help="Frames per stream (80 ms each).")] = 100,
+    prompt_rows: Annotated[int, typer.Option("--prompt-rows", min=2, help="Prompt length in rows.")] = 200,
+    reps: Annotated[int, typer.Option("--reps", min=1, help="Timed repetitions per configuration.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed repetitions first.")] = 1,
+    decode: Annotated[bool, typer.Option("--decode/--no-decode", help="Include streaming Mimi decode.")] = True,
+    compare: Annotated[
+        str | None, typer.Option("--compare", metavar="transformers", help="Also time transformers' generate.")
+    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write results to .json, .md or .csv.")] = None,
+    suggest: Annotated[bool, typer.Option("--suggest", help="Print the preset these measurements suggest.")] = False,
+    write_preset: Annotated[
+        str | None, typer.Option("--write-preset", metavar="NAME", help="With --suggest: save it as preset NAME.")
+    ] = None,
+    codec: CodecOpt = None,
+    torch_device: TorchDeviceOpt = None,
+    preset: PresetOpt = None,
+    dtype: DtypeOpt = None,
+    cuda_graphs: CudaGraphsOpt = None,
+    compile: CompileOpt = None,
+) -> None:
+    """Measure ms/frame, time to first audio, real-time factor and throughput on this machine.
 
-    Example: csmcli stream "Hello there." | aplay -f S16_LE -r 24000
+    Without --model, random weights are used when no CSM-1B checkpoint is cached (said loudly).
+    Warm-up repetitions are excluded; EOS is ignored so every stream makes --frames frames.
+
+    Examples:
+      csmcli bench --random-weights --frames 20
+      csmcli bench --batch 1,4,16,64 --chunk-frames 2,8 -o results.json
+      csmcli bench --tiny --torch-device cpu --compare transformers
     """
-    _not_implemented("stream")
+    from csmcli import bench as b
 
+    if compare not in (None, "transformers"):
+        raise CsmError(f"--compare knows only 'transformers', got {compare!r}")
+    if write_preset and not suggest:
+        raise CsmError("--write-preset needs --suggest")
+    ctx = b.prepare(
+        model=model,
+        random_weights=random_weights,
+        tiny=tiny,
+        codec=codec,
+        torch_device=torch_device,
+        preset_name=preset,
+        overrides=preset_overrides(
+            first_chunk_frames=first_chunk_frames, dtype=dtype, cuda_graphs=cuda_graphs, compile=compile
+        ),
+    )
+    settings = b.BenchSettings(
+        batches=_int_list(batch, "--batch") if batch else [1],
+        chunk_frames=_int_list(chunk_frames, "--chunk-frames") if chunk_frames else [ctx.preset.chunk_frames],
+        first_chunk_frames=ctx.preset.first_chunk_frames,
+        frames=frames,
+        prompt_rows=prompt_rows,
+        reps=reps,
+        warmup=warmup,
+        decode_audio=decode,
+        compare_transformers=compare == "transformers",
+    )
+    report = b.run_cli(ctx, settings)
+    if output:
+        from pathlib import Path
 
-@app.command()
-def bench() -> None:
-    """Measure time to first audio, real-time factor and throughput on this machine.
-
-    Example: csmcli bench --batch 8
-    """
-    _not_implemented("bench")
+        b.write_report(report, Path(output))
+        ui.info(f"wrote {output}")
+    if suggest:
+        text = b.suggest_preset(report, write_preset or "measured")
+        typer.echo(text, nl=False)
+        if write_preset:
+            ui.info(f"saved preset {b.save_preset(text, write_preset)}")
 
 
 @app.command()

@@ -88,7 +88,8 @@ class Engine:
             raise RuntimeError("warm up before submitting requests")
         self.step()
 
-    def _admit(self, waiting: deque[Request]) -> list[Request]:
+    def admit(self, waiting: deque[Request]) -> list[Request]:
+        """Prefill waiting requests into free slots (outside the graph: prompts vary in length)."""
         admitted = []
         for slot, active in enumerate(self.slots):
             if active is None and waiting:
@@ -97,6 +98,13 @@ class Engine:
                 self.slots[slot] = _Active(request)
                 admitted.append(request)
         return admitted
+
+    def release(self, request: Request) -> None:
+        self.slots = [None if a is not None and a.request is request else a for a in self.slots]
+
+    def run_chunk(self, frames: int) -> Tensor:
+        """`frames` steps for every slot, then the one host sync: codes `[frames, B, 32]` on the CPU."""
+        return torch.stack([self.step().clone() for _ in range(frames)]).cpu()
 
     def generate(
         self, requests: Iterable[Request], first_chunk_frames: int = 2, chunk_frames: int = 8
@@ -107,14 +115,14 @@ class Engine:
         """
         waiting = deque(requests)
         while True:
-            self._admit(waiting)
+            self.admit(waiting)
             active = [(slot, a) for slot, a in enumerate(self.slots) if a is not None]
             if not active:
                 return
             n = min(first_chunk_frames if a.chunks == 0 else chunk_frames for _, a in active)
             n = max(1, min(n, min(a.request.max_frames - a.made for _, a in active)))
             start = time.perf_counter()
-            frames = torch.stack([self.step().clone() for _ in range(n)]).cpu()  # [n, B, 32]: the one host sync
+            frames = self.run_chunk(n)  # [n, B, 32]
             seconds = time.perf_counter() - start
             for slot, a in active:
                 chunk = self._chunk(a, frames[:, slot], seconds)
@@ -147,4 +155,4 @@ class Engine:
             for _, chunk in self.generate([request], first_chunk_frames, chunk_frames):
                 yield chunk
         finally:  # the consumer stopped early (Ctrl-C, closed pipe): free the slot for the next request
-            self.slots = [None if a is not None and a.request is request else a for a in self.slots]
+            self.release(request)

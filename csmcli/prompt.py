@@ -88,3 +88,18 @@ def frame_budget(prompt_rows: int, max_frames: int, max_seq_len: int) -> int:
             f"prompt is {prompt_rows} rows but the model holds {max_seq_len} positions: shorten the text or context"
         )
     return min(max_frames, room)
+
+
+def synthetic_prompt(rows: int, seed: int = 0, text_vocab_size: int = 128_000) -> Prompt:
+    """A text-only prompt of exactly `rows` rows of random token ids: benchmarks and random weights need no
+    tokenizer."""
+    if rows < 2:
+        raise CsmError(f"a prompt needs at least 2 rows (begin and end of text), got {rows}")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(text_vocab_size, BEGIN_OF_TEXT), (rows,), generator=generator)
+    ids[0], ids[-1] = BEGIN_OF_TEXT, END_OF_TEXT
+    tokens = torch.zeros(rows, COLUMNS, dtype=torch.long)
+    tokens[:, -1] = ids
+    mask = torch.zeros(rows, COLUMNS, dtype=torch.bool)
+    mask[:, -1] = True
+    return Prompt(tokens, mask)

@@ -1,0 +1,514 @@
+"""`csmcli bench`: steady-state speed, first-audio latency and throughput of the engine, measured honestly.
+
+Every number comes from timings taken here: host clocks read after a device sync (the engine syncs once per
+chunk, and decode timings sync explicitly). Warm-up repetitions are run and excluded. EOS is ignored so every
+configuration produces exactly `--frames` frames per stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import statistics
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from csmcli import __version__
+from csmcli.engine import Engine, Request
+from csmcli.generate import FRAME_SECONDS
+from csmcli.model import Csm, CsmConfig, TransformerConfig
+from csmcli.prompt import synthetic_prompt
+from csmcli.sampling import SamplingParams
+
+# Small enough for CI on two CPU cores, same vocabularies and codebooks as the real model.
+TINY = CsmConfig(
+    backbone=TransformerConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128,
+                               max_seq_len=2048),
+    decoder=TransformerConfig(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64,
+                              max_seq_len=33),
+)
+
+# Vendor datasheet memory bandwidth (GB/s), to put achieved weight bandwidth in context.
+NOMINAL_BANDWIDTH_GBPS = {
+    "H200": 4800, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "A100-SXM4-80GB": 2039,
+    "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "A100 80GB PCIe": 1935, "L40S": 864, "L4": 300, "A10G": 600,
+    "RTX 4090": 1008, "RTX 3090": 936, "RTX 5090": 1792, "RTX A6000": 768, "RTX 6000 Ada": 960,
+}
+
+
+@dataclass
+class BenchSettings:
+    batches: list[int]
+    chunk_frames: list[int]
+    first_chunk_frames: int = 2
+    frames: int = 100
+    prompt_rows: int = 200
+    reps: int = 3
+    warmup: int = 1
+    decode_audio: bool = True
+    compare_transformers: bool = False
+
+
+@dataclass
+class Row:
+    """One (batch, chunk) configuration. Times in ms; rtf = generation time / audio duration (< 1: faster than
+    real time); x_realtime = audio seconds made per wall second, summed over the batch."""
+
+    batch: int
+    chunk_frames: int
+    first_chunk_frames: int
+    prompt_rows: int
+    frames: int
+    reps: int
+    prefill_ms: float
+    ms_per_frame_p50: float
+    ms_per_frame_p95: float
+    chunk_ms_p50: float
+    decode_ms_per_chunk_p50: float | None
+    rtf_codes: float
+    rtf_with_decode: float | None
+    x_realtime: float
+    first_audio_ms_p50: float
+    first_audio_ms_p95: float
+    rep_seconds_min: float
+    rep_seconds_median: float
+    rep_seconds_max: float
+    peak_vram_torch_gb: float | None
+    peak_vram_nvml_gb: float | None
+    power_w_mean: float | None
+    sm_clock_mhz_mean: float | None
+    weight_gbps: float | None
+    nominal_gbps: float | None
+    transformers_ms_per_frame: float | None = None
+    speedup_vs_transformers: float | None = None
+
+
+@dataclass
+class BenchReport:
+    header: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"header": self.header, "rows": [asdict(r) for r in self.rows]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def weight_bytes_per_frame(model: Csm) -> int:
+    """Bytes of weights one frame step must read: the backbone once, the depth decoder (+ projection) 31 times,
+    each head once. Embedding lookups touch a few rows and are left out."""
+
+    def size(module_or_param) -> int:
+        params = [module_or_param] if isinstance(module_or_param, torch.Tensor) else module_or_param.parameters()
+        return sum(p.numel() * p.element_size() for p in params)
+
+    steps = model.cfg.num_codebooks - 1
+    backbone = size(model.backbone) + size(model.codebook0_head)
+    decoder = steps * (size(model.decoder) + size(model.projection)) + size(model.audio_head)
+    return backbone + decoder
+
+
+def nominal_bandwidth(gpu_name: str | None) -> float | None:
+    if not gpu_name:
+        return None
+    matches = [(len(k), v) for k, v in NOMINAL_BANDWIDTH_GBPS.items() if k in gpu_name]
+    return max(matches)[1] if matches else None
+
+
+class NvmlSampler:
+    """Power, SM clock and memory used, sampled every `interval` s on a thread while a configuration runs."""
+
+    def __init__(self, index: int = 0, interval: float = 0.02):
+        self.samples: list[tuple[float, float, float]] = []
+        self.interval, self._stop = interval, threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception:  # no NVML / no GPU: the report says None
+            self._nvml = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        nv, h = self._nvml, self._handle
+        while not self._stop.wait(self.interval):
+            try:
+                self.samples.append((nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+                                     float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
+                                     nv.nvmlDeviceGetMemoryInfo(h).used / 2**30))
+            except Exception:
+                return
+
+    def __enter__(self) -> NvmlSampler:
+        if self._nvml is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def mean(self, i: int) -> float | None:
+        return statistics.fmean(s[i] for s in self.samples) if self.samples else None
+
+    def peak(self, i: int) -> float | None:
+        return max(s[i] for s in self.samples) if self.samples else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Rep:
+    seconds: float
+    prefill_ms: float
+    chunk_ms: list[float]
+    frame_ms: list[float]  # steady chunks only (after each stream's first)
+    decode_ms: list[float]
+    first_audio_ms: float
+
+
+def _one_rep(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk: int, rep: int) -> _Rep:
+    device = engine.device
+    params = [SamplingParams(0.9, 50, seed=1000 * rep + i) for i in range(batch)]
+    waiting = deque(Request(synthetic_prompt(settings.prompt_rows, seed=i), params[i], settings.frames)
+                    for i in range(batch))
+    chunk_ms, frame_ms, decode_ms = [], [], []
+    start = time.perf_counter()
+    engine.admit(waiting)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - start) * 1000 / batch
+    first_audio_ms, made = 0.0, 0
+    streaming = decoder.streaming(batch) if decoder is not None else None
+    if streaming is not None:
+        streaming.__enter__()
+    try:
+        while made < settings.frames:
+            n = min(settings.first_chunk_frames if made == 0 else chunk, settings.frames - made)
+            t0 = time.perf_counter()
+            codes = engine.run_chunk(n)  # [n, B, 32] on the CPU: synced
+            t1 = time.perf_counter()
+            if decoder is not None:
+                decoder.decode_chunk(codes.permute(1, 2, 0).to(device))  # [B, 32, n] -> [B, 1, n * 1920]
+                _sync(device)
+                decode_ms.append((time.perf_counter() - t1) * 1000)
+            if made == 0:
+                first_audio_ms = (time.perf_counter() - start) * 1000
+            else:
+                frame_ms.append((t1 - t0) * 1000 / n)
+            chunk_ms.append((t1 - t0) * 1000)
+            made += n
+    finally:
+        if streaming is not None:
+            streaming.__exit__(None, None, None)
+        for slot in engine.slots:
+            if slot is not None:
+                engine.release(slot.request)
+    return _Rep(time.perf_counter() - start, prefill_ms, chunk_ms, frame_ms, decode_ms, first_audio_ms)
+
+
+def measure(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk: int, gpu_name: str | None,
+            bytes_per_frame: int) -> Row:
+    """Warm-up reps (excluded), then `settings.reps` timed reps of `batch` streams of `settings.frames` frames."""
+    for w in range(settings.warmup):
+        _one_rep(engine, decoder, settings, batch, chunk, rep=-1 - w)
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    with NvmlSampler(engine.device.index or 0) as sampler:
+        reps = [_one_rep(engine, decoder, settings, batch, chunk, rep=r) for r in range(settings.reps)]
+    frame_ms = [x for r in reps for x in r.frame_ms] or [x for r in reps for x in r.chunk_ms]
+    audio_seconds = settings.frames * FRAME_SECONDS
+    gen_seconds = [sum(r.chunk_ms) / 1000 for r in reps]
+    decode_seconds = [sum(r.decode_ms) / 1000 for r in reps]
+    decode = decoder is not None
+    ms_p50 = percentile(frame_ms, 50)
+    cuda = engine.device.type == "cuda"
+    return Row(
+        batch=batch, chunk_frames=chunk, first_chunk_frames=settings.first_chunk_frames,
+        prompt_rows=settings.prompt_rows, frames=settings.frames, reps=settings.reps,
+        prefill_ms=statistics.median(r.prefill_ms for r in reps),
+        ms_per_frame_p50=ms_p50, ms_per_frame_p95=percentile(frame_ms, 95),
+        chunk_ms_p50=percentile([x for r in reps for x in r.chunk_ms], 50),
+        decode_ms_per_chunk_p50=percentile([x for r in reps for x in r.decode_ms], 50) if decode else None,
+        rtf_codes=statistics.median(gen_seconds) / audio_seconds,
+        rtf_with_decode=statistics.median(g + d for g, d in zip(gen_seconds, decode_seconds, strict=True))
+        / audio_seconds if decode else None,
+        x_realtime=batch * audio_seconds / statistics.median(r.seconds for r in reps),
+        first_audio_ms_p50=percentile([r.first_audio_ms for r in reps], 50),
+        first_audio_ms_p95=percentile([r.first_audio_ms for r in reps], 95),
+        rep_seconds_min=min(r.seconds for r in reps), rep_seconds_median=statistics.median(r.seconds for r in reps),
+        rep_seconds_max=max(r.seconds for r in reps),
+        peak_vram_torch_gb=torch.cuda.max_memory_allocated(engine.device) / 2**30 if cuda else None,
+        peak_vram_nvml_gb=sampler.peak(2), power_w_mean=sampler.mean(0), sm_clock_mhz_mean=sampler.mean(1),
+        weight_gbps=bytes_per_frame / (ms_p50 / 1000) / 1e9 if ms_p50 > 0 else None,
+        nominal_gbps=nominal_bandwidth(gpu_name),
+    )
+
+
+def transformers_ms_per_frame(model: Csm, frames: int, prompt_rows: int) -> float:
+    """transformers' CsmForConditionalGeneration.generate (static cache, greedy) on the same weights, ms/frame."""
+    from transformers import CsmForConditionalGeneration
+
+    from csmcli.checkpoint import hf_config, hf_state_dict
+
+    param = model.codebook0_head.weight
+    config = hf_config(model.cfg, codec_config={"model_type": "mimi"})
+    with torch.device("meta"):
+        hf = CsmForConditionalGeneration(config)
+    hf = hf.to_empty(device=param.device).to(param.dtype)
+    missing = set(hf.state_dict()) - set(hf_state_dict(model))
+    hf.load_state_dict(hf_state_dict(model), strict=False)
+    assert all(k.startswith("codec_model.") for k in missing), missing  # the codec is not used by generate
+    hf.eval()
+    ids = synthetic_prompt(prompt_rows).tokens[:, -1][None].to(param.device)  # [1, T] text ids
+    kwargs = dict(max_new_tokens=frames, min_new_tokens=frames, do_sample=False, depth_decoder_do_sample=False,
+                  cache_implementation="static", attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        hf.generate(input_ids=ids, **(kwargs | {"max_new_tokens": 2, "min_new_tokens": 2}))  # warm-up
+        _sync(param.device)
+        start = time.perf_counter()
+        out = hf.generate(input_ids=ids, **kwargs)
+        _sync(param.device)
+    seconds = time.perf_counter() - start
+    return seconds * 1000 / out.shape[1]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def header(device: torch.device, weights: str, preset: str, dtype: str, cuda_graphs: bool, compile: bool,
+           settings: BenchSettings) -> dict[str, Any]:
+    import transformers
+
+    from csmcli.gpu import detect_gpus
+
+    gpus = detect_gpus() if device.type == "cuda" else []
+    gpu = gpus[device.index or 0] if gpus else None
+    return {
+        "date": time.strftime("%Y-%m-%d"), "csmcli": __version__, "git_commit": git_commit(),
+        "device": str(device), "gpu": gpu.name if gpu else None,
+        "vram_gb": round(gpu.total_vram_gb, 1) if gpu else None,
+        "driver": gpu.driver_version if gpu else None, "cuda": torch.version.cuda,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "preset": preset, "dtype": dtype, "cuda_graphs": cuda_graphs, "compile": compile, "weights": weights,
+        "warmup_reps": settings.warmup, "reps": settings.reps, "frames": settings.frames,
+        "prompt_rows": settings.prompt_rows, "eos": "ignored (every stream makes --frames frames)",
+        "meaningful": device.type == "cuda",
+    }
+
+
+# ---------------------------------------------------------------- reports
+
+COLUMNS = [
+    ("batch", "B"), ("chunk_frames", "chunk"), ("ms_per_frame_p50", "ms/frame p50"),
+    ("ms_per_frame_p95", "p95"), ("first_audio_ms_p50", "1st audio ms"), ("prefill_ms", "prefill ms"),
+    ("rtf_codes", "RTF codes"), ("rtf_with_decode", "RTF +mimi"), ("x_realtime", "x realtime"),
+    ("weight_gbps", "GB/s"), ("peak_vram_torch_gb", "VRAM GB"), ("power_w_mean", "W"),
+    ("transformers_ms_per_frame", "HF ms/frame"), ("speedup_vs_transformers", "speedup"),
+]
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def to_markdown(report: BenchReport) -> str:
+    lines = ["| " + " | ".join(f"{k}: {fmt(v)}" for k, v in report.header.items()) + " |", ""]
+    lines.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
+    lines.append("|" + "---|" * len(COLUMNS))
+    for row in report.rows:
+        lines.append("| " + " | ".join(fmt(getattr(row, key)) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(report: BenchReport) -> str:
+    out = io.StringIO()
+    names = [f.name for f in Row.__dataclass_fields__.values()]
+    writer = csv.DictWriter(out, fieldnames=names)
+    writer.writeheader()
+    for row in report.rows:
+        writer.writerow(asdict(row))
+    return out.getvalue()
+
+
+def write_report(report: BenchReport, path: Path) -> None:
+    from csmcli.errors import CsmError
+
+    formats = {".json": lambda r: json.dumps(r.to_dict(), indent=2) + "\n", ".md": to_markdown, ".csv": to_csv}
+    if path.suffix not in formats:
+        raise CsmError(f"{path}: unknown report format (use .json, .md or .csv)")
+    path.write_text(formats[path.suffix](report))
+
+
+def suggest_preset(report: BenchReport, name: str) -> str:
+    """A preset from measurements: the smallest first chunk and the throughput-best chunk that keep a stream at
+    least twice faster than real time, and the largest batch whose streams all still do."""
+    rows = report.rows
+    fast = [r for r in rows if (r.rtf_with_decode or r.rtf_codes) <= 0.5] or rows
+    b1 = [r for r in fast if r.batch == min(x.batch for x in fast)]
+    chunk = max(b1, key=lambda r: (r.x_realtime, -r.chunk_frames)).chunk_frames
+    first = min(r.first_chunk_frames for r in b1)
+    batch = max(r.batch for r in fast)
+    h = report.header
+    return (
+        f"# measured by `csmcli bench --suggest` on {h.get('gpu') or h['device']}, {h['date']}\n"
+        f'name = "{name}"\ndescription = "Measured on {h.get("gpu") or h["device"]}"\n'
+        f"min_vram_gb = {max(0.0, (h.get('vram_gb') or 0) - 1):.0f}\n"
+        f'dtype = "{h["dtype"]}"\nfirst_chunk_frames = {first}\nchunk_frames = {chunk}\nmax_batch = {batch}\n'
+        f"cuda_graphs = {str(h['cuda_graphs']).lower()}\ncompile = {str(h['compile']).lower()}\n"
+    )
+
+
+def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, compile: bool, head: dict[str, Any],
+        on_row=None) -> BenchReport:
+    """Every (batch, chunk) combination, one engine per batch size (its graph is captured for that batch)."""
+    report = BenchReport(head)
+    bytes_per_frame = weight_bytes_per_frame(model)
+    hf_ms = transformers_ms_per_frame(model, min(settings.frames, 50), settings.prompt_rows) \
+        if settings.compare_transformers else None
+    for batch in settings.batches:
+        engine = Engine(model, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile)
+        engine.warmup()
+        for chunk in settings.chunk_frames:
+            row = measure(engine, decoder, settings, batch, chunk, head.get("gpu"), bytes_per_frame)
+            if hf_ms is not None:
+                row.transformers_ms_per_frame = hf_ms
+                row.speedup_vs_transformers = hf_ms / row.ms_per_frame_p50 * batch
+            report.rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        del engine
+        if model.codebook0_head.weight.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
+
+
+# ---------------------------------------------------------------- CLI glue
+
+
+@dataclass
+class BenchContext:
+    model: Csm
+    decoder: Any
+    preset: Any
+    weights: str
+    device: torch.device
+
+
+def prepare(*, model: str | None, random_weights: bool, tiny: bool, codec: str | None, torch_device: str | None,
+            preset_name: str | None, overrides: dict[str, Any]) -> BenchContext:
+    """Pick the weights (real, or random when asked or when nothing is cached), preset, device and codec."""
+    from csmcli import gpu, ui
+    from csmcli.info import checkpoint_cache_status
+    from csmcli.pipeline import Pipeline
+    from csmcli.presets import resolve_preset
+
+    if tiny:
+        torch_device = torch_device or "cpu"
+        random_weights = True
+    elif model is None and not random_weights and not checkpoint_cache_status().get("cached"):
+        ui.warn("no CSM-1B checkpoint in the Hugging Face cache: benchmarking RANDOM WEIGHTS (speed only; "
+                "pass --model to use a checkpoint)")
+        random_weights = True
+    gpus = gpu.detect_gpus() if torch_device is None or torch_device.startswith("cuda") else []
+    preset, reason = resolve_preset(preset_name, gpus[0] if gpus else None, **overrides)
+    ui.debug(f"preset {preset.name}: {reason}")
+    tiny_sizes = {"config": TINY, "codec_config": tiny_mimi_config()} if tiny else {}
+    pipeline = Pipeline.load(model, preset, device=torch_device, random_weights=random_weights, codec_path=codec,
+                             **tiny_sizes)
+    decoder = pipeline.codec.decoder if pipeline.codec is not None else None
+    weights = ("random weights (tiny config)" if tiny else "random weights") if random_weights else "real weights"
+    return BenchContext(pipeline.model, decoder, preset, weights, pipeline.device)
+
+
+def tiny_mimi_config():
+    from transformers import MimiConfig
+
+    return MimiConfig(hidden_size=32, num_filters=4, upsampling_ratios=[8, 6, 5, 4], codebook_dim=16,
+                      vector_quantization_hidden_dimension=16, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, head_dim=8, intermediate_size=64, sliding_window=16, upsample_groups=32)
+
+
+def render_table(report: BenchReport):
+    from rich.table import Table
+
+    h = report.header
+    title = (f"csmcli bench: {h.get('gpu') or h['device']}, {h['weights']}, {h['dtype']}, "
+             f"graphs {'on' if h['cuda_graphs'] else 'off'}, torch {h['torch']}, {h['date']}")
+    table = Table(title=title, caption=None if h["meaningful"] else "CPU run: these numbers are not meaningful")
+    for _, name in COLUMNS:
+        table.add_column(name, justify="right")
+    for row in report.rows:
+        table.add_row(*[fmt(getattr(row, key)) for key, _ in COLUMNS])
+    return table
+
+
+def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
+    from rich.live import Live
+
+    from csmcli import ui
+
+    cuda_graphs = ctx.preset.cuda_graphs and ctx.device.type == "cuda"
+    head = header(ctx.device, ctx.weights, ctx.preset.name, str(ctx.model.codebook0_head.weight.dtype).split(".")[-1],
+                  cuda_graphs, ctx.preset.compile, settings)
+    if not settings.decode_audio:
+        ctx.decoder = None
+    if not head["meaningful"]:
+        ui.warn("no GPU: these numbers only check that the benchmark runs; they are not meaningful")
+    report = BenchReport(head)
+    live = Live(render_table(report), console=ui.console, refresh_per_second=4) if not ui.is_quiet() else None
+
+    def on_row(row: Row) -> None:
+        report.rows.append(row)
+        if live is not None:
+            live.update(render_table(report))
+
+    with live if live is not None else contextlib.nullcontext():
+        full = run(ctx.model, ctx.decoder, settings, cuda_graphs=cuda_graphs, compile=ctx.preset.compile, head=head,
+                   on_row=on_row)
+    return full
+
+
+def save_preset(text: str, name: str) -> Path:
+    """Write a measured preset next to the shipped ones, validated by the same loader `--preset` uses."""
+    from csmcli.errors import CsmError
+    from csmcli.presets import load_preset_file, load_presets, presets_dir
+
+    if name in load_presets():
+        path = presets_dir() / f"{name}.toml"
+        if "measured by `csmcli bench --suggest`" not in path.read_text():
+            raise CsmError(f"preset {name!r} ships with csmcli: choose another --write-preset NAME")
+    path = presets_dir() / f"{name}.toml"
+    path.write_text(text)
+    load_preset_file(path)
+    return path

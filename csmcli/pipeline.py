@@ -1,0 +1,182 @@
+"""Text in, audio chunks out: the one generation path `say`, `stream`, `bench` and `serve` share.
+
+`Pipeline.load` turns a model source + preset into a ready engine and codec on the chosen device;
+`Pipeline.speak` yields `AudioChunk`s (codes + PCM) as they are made, sentence by sentence for long text, with
+the earlier sentences carried as context so the voice stays the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from csmcli.checkpoint import Checkpoint, load
+from csmcli.codec import MimiCodec
+from csmcli.engine import Engine
+from csmcli.errors import CsmError
+from csmcli.generate import FRAME_SECONDS, SAMPLE_RATE
+from csmcli.presets import Preset
+from csmcli.prompt import Prompt, Segment, build_prompt, frame_budget
+from csmcli.sampling import SamplingParams
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+Warn = Callable[[str], None]
+
+
+@dataclass
+class AudioChunk:
+    """`codes [n, 32]` and their audio `pcm [n * 1920]` float32 at `sample_rate`; timings in seconds."""
+
+    index: int
+    sentence: int
+    codes: Tensor
+    pcm: np.ndarray | None
+    sample_rate: int
+    generate_seconds: float
+    decode_seconds: float
+    stop: str | None  # on a sentence's last chunk: "eos" | "max_frames" | "cancelled"
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CsmError(f"--device {requested}: CUDA is not available here (use --device cpu)")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def random_codec(device: torch.device, config=None) -> MimiCodec:
+    """Mimi with random weights (default config unless given): lets random-weight runs make real-size audio."""
+    from transformers import MimiConfig, MimiModel
+
+    torch.manual_seed(0)
+    mimi = MimiModel(config or MimiConfig())
+    return MimiCodec(mimi.config, mimi.state_dict(), "random weights").to(device)
+
+
+def load_codec(ck: Checkpoint, codec_path: str | None, device: torch.device, random_config=None) -> MimiCodec | None:
+    """`--codec DIR` first, then the checkpoint's own `codec_model.*`, then random Mimi for random weights."""
+    if codec_path:
+        return MimiCodec.from_pretrained(codec_path).to(device)
+    if ck.codec_weights:
+        return MimiCodec(ck.codec_config or {}, ck.codec_weights, f"{ck.source} (codec_model.*)").to(device)
+    if ck.random_weights:
+        return random_codec(device, random_config)
+    return None
+
+
+def split_sentences(text: str, max_chars: int = 400) -> list[str]:
+    """Sentences, merged while short, so each generation is a natural unit and long text never hits the limit."""
+    pieces = [p.strip() for p in re.split(r"(?<=[.!?;:])\s+|\n{2,}", text.strip()) if p.strip()]
+    merged: list[str] = []
+    for piece in pieces:
+        if merged and len(merged[-1]) + len(piece) < 80:
+            merged[-1] = f"{merged[-1]} {piece}"
+        else:
+            merged.append(piece)
+    out = []
+    for sentence in merged:  # a very long "sentence" (no punctuation) is cut at word boundaries
+        while len(sentence) > max_chars:
+            cut = sentence.rfind(" ", 0, max_chars)
+            cut = cut if cut > 0 else max_chars
+            out.append(sentence[:cut].strip())
+            sentence = sentence[cut:].strip()
+        out.append(sentence)
+    return out
+
+
+class Pipeline:
+    def __init__(self, checkpoint: Checkpoint, codec: MimiCodec | None, preset: Preset, device: torch.device):
+        self.checkpoint, self.codec, self.preset, self.device = checkpoint, codec, preset, device
+        self.model = checkpoint.model
+        self.engine = Engine(self.model, max_batch=1, cuda_graphs=preset.cuda_graphs, compile=preset.compile)
+
+    @classmethod
+    def load(cls, source: str | None, preset: Preset, *, device: str | None = None, random_weights: bool = False,
+             codec_path: str | None = None, tokenizer_path: str | None = None, config=None,
+             codec_config=None) -> Pipeline:
+        """`config` / `codec_config` choose the sizes of random weights (default: the real CSM-1B and Mimi)."""
+        dev = pick_device(device)
+        dtype = DTYPES[preset.dtype] if dev.type == "cuda" else torch.float32
+        kwargs = {"config": config} if config is not None else {}
+        ck = load(source, device=dev, dtype=dtype, tokenizer_path=tokenizer_path, random_weights=random_weights,
+                  **kwargs)
+        return cls(ck, load_codec(ck, codec_path, dev, codec_config), preset, dev)
+
+    @property
+    def tokenizer(self):
+        if self.checkpoint.tokenizer is None:
+            raise CsmError("this checkpoint has no tokenizer: pass --tokenizer DIR (a Llama-3 tokenizer.json)")
+        return self.checkpoint.tokenizer
+
+    def encode(self, audio: Tensor) -> Tensor:
+        """24 kHz mono `[T]` -> codes `[32, F]` for a context turn."""
+        if self.codec is None:
+            raise CsmError("context audio needs the Mimi codec: pass --codec DIR (an HF-format Mimi checkpoint)")
+        return self.codec.encode(audio.to(self.device, torch.float32)[None, None])[0].cpu()
+
+    def prompt(self, context: list[Segment], speaker: int, text: str) -> Prompt:
+        return build_prompt(self.tokenizer, context, speaker, text, self.encode)
+
+    def warmup(self) -> None:
+        self.engine.warmup()
+
+    def speak(
+        self, text: str, speaker: int, params: SamplingParams, *, context: list[Segment] | None = None,
+        max_seconds: float = 90.0, decode: bool = True, warn: Warn | None = None, max_context_turns: int = 3,
+    ) -> Iterator[AudioChunk]:
+        """Long text is spoken sentence by sentence; earlier sentences (text + their codes) become context, newest
+        first, as many as fit, so one voice carries through. Audio stays continuous across sentences because the
+        Mimi streaming state is kept."""
+        warn = warn or (lambda _msg: None)
+        user_context, carried = list(context or []), []
+        sentences = split_sentences(text)
+        max_seq = self.model.cfg.backbone.max_seq_len
+        streaming = self.codec.decoder.streaming(1) if decode and self.codec is not None else None
+        index = 0
+        with streaming if streaming is not None else contextlib.nullcontext():
+            for number, sentence in enumerate(sentences):
+                wanted = max(1, round(max_seconds / FRAME_SECONDS))
+                prompt, carried = self._fitting_prompt(user_context, carried[-max_context_turns:], speaker, sentence,
+                                                       wanted)
+                frames = frame_budget(prompt.rows, wanted, max_seq)
+                if frames < wanted:
+                    warn(f"sentence {number + 1}: only {frames * FRAME_SECONDS:.1f} s fit after a {prompt.rows}-row "
+                         f"prompt (limit {max_seq} positions); audio may be cut short")
+                made = []
+                sentence_params = SamplingParams(params.temperature, params.topk, params.seed + number)
+                for chunk in self.engine.stream(prompt, sentence_params, frames, self.preset.first_chunk_frames,
+                                                self.preset.chunk_frames):
+                    made.append(chunk.codes)
+                    pcm, decode_seconds = self._decode(chunk.codes) if streaming is not None else (None, 0.0)
+                    yield AudioChunk(index, number, chunk.codes, pcm, SAMPLE_RATE, chunk.generate_seconds,
+                                     decode_seconds, chunk.stop)
+                    index += 1
+                    if chunk.stop == "max_frames" and frames == wanted:
+                        warn(f"sentence {number + 1} hit the {max_seconds:g} s limit without ending (no EOS): "
+                             "raise --max-seconds if it was cut short")
+                codes = torch.cat(made) if made else torch.zeros(0, 32, dtype=torch.long)
+                carried = [*carried, Segment(speaker, sentence, codes=codes.T)]
+
+    def _fitting_prompt(self, user: list[Segment], carried: list[Segment], speaker: int, text: str, frames: int):
+        """Drop the oldest carried sentences until the prompt leaves room for `frames`. The user's own context
+        turns are never dropped: if those do not fit, the frame budget shrinks with a warning instead."""
+        while True:
+            prompt = self.prompt(user + carried, speaker, text)
+            if not carried or prompt.rows + frames <= self.model.cfg.backbone.max_seq_len:
+                return prompt, carried
+            carried = carried[1:]
+
+    def _decode(self, codes: Tensor) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        pcm = self.codec.decoder.decode_chunk(codes.T[None].to(self.device))  # [1, 1, n * 1920]
+        pcm = pcm[0, 0].float().cpu().numpy()
+        return pcm, time.perf_counter() - start

@@ -1,0 +1,200 @@
+"""What `say` and `stream` do with the pipeline's chunks: route audio to a file, stdout or the speakers, show
+per-chunk timings, and stop cleanly (Ctrl-C leaves a valid file and still prints the totals)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.live import Live
+from rich.table import Table
+
+from csmcli import audio, ui
+from csmcli.errors import CsmError
+from csmcli.generate import FRAME_SECONDS, SAMPLE_RATE
+from csmcli.pipeline import AudioChunk, Pipeline
+from csmcli.prompt import Segment
+from csmcli.sampling import SamplingParams
+
+
+@dataclass
+class SpeakJob:
+    text: str
+    speaker: int = 0
+    temperature: float = 0.9
+    topk: int = 50
+    seed: int | None = None
+    max_seconds: float = 90.0
+    output: str | None = "out.wav"
+    raw: bool = False
+    play: bool = False
+    audio_device: str | None = None
+    save_codes: str | None = None
+    context: list[Segment] = field(default_factory=list)
+    live_table: bool = False
+
+
+@dataclass
+class Totals:
+    chunks: int = 0
+    frames: int = 0
+    generate_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    first_audio_seconds: float | None = None
+    wall_seconds: float = 0.0
+    underruns: int = 0
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.frames * FRAME_SECONDS
+
+    def summary(self) -> str:
+        if not self.frames:
+            return "no audio generated"
+        rtf = self.wall_seconds / self.audio_seconds
+        first = f", first audio {self.first_audio_seconds * 1000:.0f} ms" if self.first_audio_seconds else ""
+        underruns = f", {self.underruns} underruns" if self.underruns else ""
+        return (f"{self.audio_seconds:.2f} s of audio in {self.wall_seconds:.2f} s (RTF {rtf:.3f}, "
+                f"{self.generate_seconds * 1000 / self.frames:.1f} ms/frame{first}){underruns}")
+
+
+def read_text(text: str | None, text_file: str | None, stdin) -> str:
+    if text_file is not None:
+        try:
+            return Path(text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CsmError(f"{text_file}: cannot read text ({e})") from None
+    if text is None:
+        raise CsmError("no text: give TEXT, '-' to read stdin, or -f FILE")
+    if text == "-":
+        return stdin.read()
+    return text
+
+
+def load_context(path: str | None, ref_audio: str | None, ref_text: str | None, speaker: int) -> list[Segment]:
+    """`--context FILE` (JSON or YAML list of {speaker, text, audio?}) and/or `--ref-audio` + `--ref-text`."""
+    turns: list[Segment] = []
+    if path is not None:
+        turns += _context_file(Path(path))
+    if (ref_audio is None) != (ref_text is None):
+        raise CsmError("--ref-audio and --ref-text go together: the model needs the words spoken in the reference")
+    if ref_audio is not None:
+        turns.append(Segment(speaker, ref_text, audio=_audio(ref_audio)))
+    return turns
+
+
+def _audio(path: str | Path) -> torch.Tensor:
+    return torch.from_numpy(audio.load_audio(path, on_warning=ui.warn))
+
+
+def _context_file(path: Path) -> list[Segment]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CsmError(f"{path}: cannot read context file ({e})") from None
+    try:
+        import yaml
+
+        data = json.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
+    except Exception as e:  # json and yaml raise different types; both are a malformed file
+        raise CsmError(f"{path}: not valid JSON/YAML ({e})") from None
+    if not isinstance(data, list):
+        raise CsmError(f"{path}: expected a list of turns like {{speaker: 0, text: ..., audio: file.wav}}")
+    turns = []
+    for i, turn in enumerate(data):
+        if not isinstance(turn, dict) or not isinstance(turn.get("text"), str) or "speaker" not in turn:
+            raise CsmError(f"{path}: turn {i + 1} needs 'speaker' (int) and 'text' (string)")
+        try:
+            spk = int(turn["speaker"])
+        except (TypeError, ValueError):
+            raise CsmError(f"{path}: turn {i + 1}: speaker must be an integer, got {turn['speaker']!r}") from None
+        clip = turn.get("audio")
+        turns.append(Segment(spk, turn["text"], audio=_audio(path.parent / clip) if clip else None))
+    return turns
+
+
+def _chunk_table(rows: list[tuple], totals: Totals, playing: bool) -> Table:
+    table = Table(title="csmcli stream", caption=totals.summary(), expand=False)
+    for name in ("chunk", "frames", "gen ms", "decode ms", "chunk RTF", "ahead ms" if playing else "", "underruns"):
+        if name:
+            table.add_column(name, justify="right")
+    for row in rows[-12:]:
+        table.add_row(*[str(c) for c in row if c is not None])
+    return table
+
+
+def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
+    """Generate `job` and deliver the audio; returns the totals (also on Ctrl-C, then re-raised)."""
+    seed = job.seed if job.seed is not None else secrets.randbelow(2**31)
+    if job.seed is None and job.temperature > 0:
+        ui.info(f"seed {seed} (pass --seed {seed} to repeat)")
+    params = SamplingParams(job.temperature, job.topk, seed)
+    totals, rows, codes = Totals(), [], []
+    start = time.perf_counter()
+    try:
+        with ExitStack() as stack:
+            writer = stack.enter_context(audio.open_writer(job.output, SAMPLE_RATE, raw=job.raw)) \
+                if job.output else None
+            player = None
+            if job.play:
+                player = stack.enter_context(audio.Player(SAMPLE_RATE, job.audio_device,
+                                                          prebuffer_ms=pipeline.preset.first_chunk_frames * 80))
+                player.start()  # before generating: a fresh output stream takes a moment to settle
+            live = stack.enter_context(Live(_chunk_table(rows, totals, player is not None), console=ui.console,
+                                            refresh_per_second=8, transient=False)) \
+                if job.live_table and not ui.is_quiet() else None
+            for chunk in pipeline.speak(job.text, job.speaker, params, context=job.context,
+                                        max_seconds=job.max_seconds, warn=ui.warn):
+                _deliver(chunk, writer, player, totals, start)
+                codes.append(chunk.codes)
+                rows.append(_row(chunk, player))
+                if live is not None:
+                    live.update(_chunk_table(rows, totals, player is not None))
+            if player is not None:
+                player.drain()
+                totals.underruns = player.underruns
+    except audio.OutputClosed:
+        pass  # the reader went away (`| head -c 1000`): not an error
+    except KeyboardInterrupt:
+        _finish(job, totals, codes, start)
+        raise
+    _finish(job, totals, codes, start)
+    return totals
+
+
+def _deliver(chunk: AudioChunk, writer, player, totals: Totals, start: float) -> None:
+    if chunk.pcm is not None and len(chunk.pcm):
+        if writer is not None:
+            writer.write(chunk.pcm)
+        if player is not None:
+            player.write(chunk.pcm)
+        if totals.first_audio_seconds is None:
+            totals.first_audio_seconds = time.perf_counter() - start
+    totals.chunks += 1
+    totals.frames += len(chunk.codes)
+    totals.generate_seconds += chunk.generate_seconds
+    totals.decode_seconds += chunk.decode_seconds
+    totals.wall_seconds = time.perf_counter() - start
+
+
+def _row(chunk: AudioChunk, player) -> tuple[Any, ...]:
+    n = len(chunk.codes)
+    rtf = (chunk.generate_seconds + chunk.decode_seconds) / (n * FRAME_SECONDS) if n else 0.0
+    return (chunk.index, n, f"{chunk.generate_seconds * 1000:.0f}", f"{chunk.decode_seconds * 1000:.0f}",
+            f"{rtf:.3f}", f"{player.buffered_ms:.0f}" if player is not None else None,
+            player.underruns if player is not None else 0)
+
+
+def _finish(job: SpeakJob, totals: Totals, codes: list[torch.Tensor], start: float) -> None:
+    totals.wall_seconds = time.perf_counter() - start
+    if job.save_codes:
+        all_codes = torch.cat(codes).numpy() if codes else np.zeros((0, 32), dtype=np.int64)
+        np.save(job.save_codes, all_codes)  # [frames, 32]
+    ui.info(totals.summary())
