@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# How the numbers in docs/BENCHMARKS.md are made on a lent GPU box that has torch + transformers but no registry:
+# wheels for the missing packages travel in .whl/ (see docs/BENCHMARKS.md), csmcli runs from the checkout.
+# Usage: scripts/device_run.sh OUTDIR STEP...   (steps: tests, bench1, sweep, compile)
+set -euo pipefail
+out=${1:?usage: device_run.sh OUTDIR STEP...}; shift
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+csm() { python3 -m csmcli "$@"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$out/gpu.txt"
+for step in "$@"; do
+  echo "=== $step $(date -u +%H:%M:%S)"
+  case $step in
+    tests) python3 -m pytest -q tests/test_engine_cuda.py tests/test_codec_cuda.py 2>&1 | tee "$out/tests.txt" || true ;;
+    bench1) csm bench --random-weights --batch 1 --chunk-frames 2,8 --frames 100 --reps 3 --compare transformers \
+              -o "$out/bench1.json" 2>&1 | tee "$out/bench1.txt" ;;
+    sweep) csm bench --random-weights --batch 1,4,16,64 --chunk-frames 8 --frames 60 --reps 3 \
+             -o "$out/sweep.json" 2>&1 | tee "$out/sweep.txt" ;;
+    compile) csm bench --random-weights --compile --batch 1 --chunk-frames 8 --frames 100 --reps 3 \
+               -o "$out/compile.json" 2>&1 | tee "$out/compile.txt" ;;
+    profile) python3 scripts/profile_frame.py 2>&1 | tee "$out/profile.txt" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
