@@ -311,3 +311,26 @@ def test_no_token_skips_the_model_with_instructions():
     assert result.returncode == 0
     assert "No Hugging Face token" in result.stdout and "https://huggingface.co/sesame/csm-1b" in result.stdout
     assert "ready=0" in result.stdout
+
+
+# ---- bench step: which command, and a failure is reported (csmcli stubbed) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ("CPU_MODE=1", "bench --frames 10 --tiny"),
+        ("CPU_MODE=0 MODEL_READY=0", "bench --frames 50 --random-weights"),
+        ("CPU_MODE=0 MODEL_READY=1", "bench --frames 50"),
+    ],
+)
+def test_bench_command(tmp_path, state, expected):
+    fake = tmp_path / "venv/bin/csmcli"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/sh\necho "CALLED: $*"\n[ -z "$FAIL" ]\n')
+    fake.chmod(0o755)
+    snippet = f'VENV_DIR="{tmp_path}/venv"; {state}; run_bench; echo "failed=$FAILED"; printf "%s\\n" "${{SUMMARY[@]}}"'
+    ok = source_and_run(snippet)
+    assert f"CALLED: {expected}\n" in ok.stdout and "failed=0" in ok.stdout
+    broken = source_and_run(snippet, {"FAIL": "1"})
+    assert broken.returncode == 0 and "failed=1" in broken.stdout and "FAIL  benchmark failed" in broken.stdout
