@@ -268,14 +268,16 @@ def measure(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk:
 def transformers_ms_per_frame(model: Csm, frames: int, prompt_rows: int) -> float:
     """transformers' CsmForConditionalGeneration.generate (static cache, greedy) on the same weights, ms/frame."""
     from transformers import CsmForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
     from csmcli.checkpoint import hf_config, hf_state_dict
 
+    hf_logging.set_verbosity_error()  # its config warnings about CSM's token ids are noise here
+
     param = model.codebook0_head.weight
     config = hf_config(model.cfg, codec_config={"model_type": "mimi"})
-    with torch.device("meta"):
-        hf = CsmForConditionalGeneration(config)
-    hf = hf.to_empty(device=param.device).to(param.dtype)
+    with torch.device(param.device):  # not `meta`: its non-persistent buffers (rope, codebook offsets) need init
+        hf = CsmForConditionalGeneration(config).to(param.dtype)
     missing = set(hf.state_dict()) - set(hf_state_dict(model))
     hf.load_state_dict(hf_state_dict(model), strict=False)
     assert all(k.startswith("codec_model.") for k in missing), missing  # the codec is not used by generate

@@ -71,22 +71,31 @@ class Engine:
             step = torch.compile(step, fullgraph=True, dynamic=False)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and os.environ.get(NO_GRAPHS_ENV) != "1"
         self._eager_step = step
+        self.compiled = compile
         self._graph: FrameGraph | None = None
+        self._warm = False
         self.slots: list[_Active | None] = [None] * max_batch
 
     def step(self) -> Tensor:
         """One frame for all slots -> static `codes [B, 32]` (overwritten by the next step)."""
         if not self.cuda_graphs:
             return self._eager_step()
-        if self._graph is None:  # captured lazily: warm-up steps touch only idle slots before any prefill
-            self._graph = FrameGraph(self._eager_step)
+        self.warmup()
         return self._graph()
 
     def warmup(self) -> None:
-        """Capture the graph (or compile) now, before any request, so the first request's latency excludes it."""
-        if any(self.slots):
-            raise RuntimeError("warm up before submitting requests")
-        self.step()
+        """Compile / capture now, so no request's latency includes it. The warm-up runs real steps, so the slots'
+        state is saved and restored around it: warming up never changes what any request makes."""
+        if self._warm:
+            return
+        saved = [t.clone() for t in self.stepper.state()]
+        if self.cuda_graphs:
+            self._graph = FrameGraph(self._eager_step)
+        elif self.compiled:
+            self._eager_step()
+        for t, s in zip(self.stepper.state(), saved, strict=True):
+            t.copy_(s)
+        self._warm = True
 
     def admit(self, waiting: deque[Request]) -> list[Request]:
         """Prefill waiting requests into free slots (outside the graph: prompts vary in length)."""

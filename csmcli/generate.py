@@ -56,6 +56,10 @@ class FrameStepper:
         self.topk[slot] = params.topk
         self.seed[slot] = params.seed & 0x7FFF_FFFF_FFFF_FFFF
 
+    def state(self) -> list[Tensor]:
+        """The per-slot tensors a step reads and advances (KV caches aside: a step writes only ahead of them)."""
+        return [self.hidden, self.positions, self.frame_index, self.codes]
+
     def _sample(self, logits: Tensor, codebook: int) -> Tensor:
         return sample(logits, self.temperature, self.topk, self.seed, self.frame_index, codebook)
 
