@@ -70,6 +70,10 @@ class Engine:
         if compile:
             step = torch.compile(step, fullgraph=True, dynamic=False)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and os.environ.get(NO_GRAPHS_ENV) != "1"
+        if self.device.type == "cuda":
+            # cuBLAS may pick another GEMM algorithm under graph capture than eagerly; with split-K reductions in
+            # bf16 those round differently and greedy codes drift apart. fp32 reductions keep graph == eager.
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         self._eager_step = step
         self.compiled = compile
         self._graph: FrameGraph | None = None

@@ -20,12 +20,16 @@ for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
     tests) python3 -m pytest -q tests/test_engine_cuda.py tests/test_codec_cuda.py 2>&1 | tee "$out/tests.txt" || true ;;
-    bench1) csm bench --random-weights --batch 1 --chunk-frames 2,8 --frames 100 --reps 3 --compare transformers \
+    bench1) csm bench --random-weights --batch 1 --chunk-frames 2,8 --frames 100 --reps 3 \
               -o "$out/bench1.json" 2>&1 | tee "$out/bench1.txt" ;;
     sweep) csm bench --random-weights --batch 1,4,16,64 --chunk-frames 8 --frames 60 --reps 3 \
              -o "$out/sweep.json" 2>&1 | tee "$out/sweep.txt" ;;
     compile) csm bench --random-weights --compile --batch 1 --chunk-frames 8 --frames 100 --reps 3 \
                -o "$out/compile.json" 2>&1 | tee "$out/compile.txt" ;;
+    hfdebug) CUDA_LAUNCH_BLOCKING=1 CSMCLI_DEBUG=1 python3 -m csmcli bench --random-weights --compare transformers \
+               --frames 4 --reps 1 --warmup 0 --no-decode 2>&1 | grep -v Assertion | tail -40 | tee "$out/hfdebug.txt" || true ;;
+    compare) csm bench --random-weights --batch 1 --chunk-frames 8 --frames 50 --reps 3 --compare transformers \
+               -o "$out/compare.json" 2>&1 | tee "$out/compare.txt" ;;
     profile) python3 scripts/profile_frame.py 2>&1 | tee "$out/profile.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
