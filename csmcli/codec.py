@@ -324,6 +324,9 @@ class _Dequantizer(nn.Module):
 
     def forward(self, codes: Tensor) -> Tensor:  # [B, K, n] int64 -> [B, hidden, n]
         k = codes.shape[1]
+        # CSM's audio vocabulary has 2051 ids, Mimi's codebooks 2048: an out-of-range id (which a trained model
+        # rarely and random weights often emit) would read the next codebook's rows, or past the table.
+        codes = codes.clamp(0, self.codebook_size - 1)
         rows = codes + torch.arange(k, device=codes.device)[:, None] * self.codebook_size  # row in the stacked table
         vectors = F.embedding(rows, self.codebooks[:k].flatten(0, 1))  # [B, K, n, D]
         x = self.semantic_proj(_sum_in_order(vectors[:, : self.n_semantic]))  # [B, n, hidden]
