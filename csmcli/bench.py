@@ -214,7 +214,7 @@ def _one_rep(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk
                 decode_ms.append((time.perf_counter() - t1) * 1000)
             if made == 0:
                 first_audio_ms = (time.perf_counter() - start) * 1000
-            else:
+            if made > 0 or n == settings.frames:  # steady chunks; a single-chunk run has only the first
                 frame_ms.append((t1 - t0) * 1000 / n)
             chunk_ms.append((t1 - t0) * 1000)
             made += n
@@ -236,7 +236,7 @@ def measure(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk:
         torch.cuda.reset_peak_memory_stats(engine.device)
     with NvmlSampler(engine.device.index or 0) as sampler:
         reps = [_one_rep(engine, decoder, settings, batch, chunk, rep=r) for r in range(settings.reps)]
-    frame_ms = [x for r in reps for x in r.frame_ms] or [x for r in reps for x in r.chunk_ms]
+    frame_ms = [x for r in reps for x in r.frame_ms]
     audio_seconds = settings.frames * FRAME_SECONDS
     gen_seconds = [sum(r.chunk_ms) / 1000 for r in reps]
     decode_seconds = [sum(r.decode_ms) / 1000 for r in reps]

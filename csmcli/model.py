@@ -114,6 +114,22 @@ class KVCache(nn.Module):
         return self.k[rows], self.v[rows]
 
 
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of q `[b, H, T, D]` over the cache k, v `[b, Hkv, S, D]` where `mask [b, 1, T, S]` allows.
+
+    Written out rather than SDPA: on the H100 SDPA picked cuDNN attention for batched decode, whose results
+    changed from run to run (eager vs eager differed at batch 8), so graphed and eager codes could never be
+    compared. Folding each KV head's query group into the rows gives plain batched GEMMs: deterministic, and
+    no copy of K/V per query head."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    q = q.reshape(b, hkv, (h // hkv) * t, d)  # [b, Hkv, G*T, D]: rows ordered (group, position)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * d**-0.5  # [b, Hkv, G*T, S]
+    scores = scores.view(b, hkv, h // hkv, t, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, hkv, (h // hkv) * t, -1)
+    return torch.matmul(probs, v).view(b, h, t, d)  # [b, H, T, D]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -135,8 +151,7 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         assert self.cache is not None, "call setup_caches() first"
         k, v = self.cache.update(rows, input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(y.transpose(1, 2).reshape(b, t, q_size))
+        return self.wo(grouped_attention(q, k, v, mask).transpose(1, 2).reshape(b, t, q_size))
 
 
 class FeedForward(nn.Module):

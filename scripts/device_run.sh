@@ -31,6 +31,7 @@ for step in "$@"; do
     compare) csm bench --random-weights --batch 1 --chunk-frames 8 --frames 50 --reps 3 --compare transformers \
                -o "$out/compare.json" 2>&1 | tee "$out/compare.txt" ;;
     profile) python3 scripts/profile_frame.py 2>&1 | tee "$out/profile.txt" ;;
+    diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
