@@ -436,6 +436,8 @@ def bench(
         raise CsmError(f"--compare knows only 'transformers', got {compare!r}")
     if write_preset and not suggest:
         raise CsmError("--write-preset needs --suggest")
+    batches = _int_list(batch, "--batch") if batch else [1]
+    chunks = _int_list(chunk_frames, "--chunk-frames") if chunk_frames else None
     ctx = b.prepare(
         model=model,
         random_weights=random_weights,
@@ -448,8 +450,8 @@ def bench(
         ),
     )
     settings = b.BenchSettings(
-        batches=_int_list(batch, "--batch") if batch else [1],
-        chunk_frames=_int_list(chunk_frames, "--chunk-frames") if chunk_frames else [ctx.preset.chunk_frames],
+        batches=batches,
+        chunk_frames=chunks or [ctx.preset.chunk_frames],
         first_chunk_frames=ctx.preset.first_chunk_frames,
         frames=frames,
         prompt_rows=prompt_rows,
