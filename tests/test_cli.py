@@ -57,8 +57,8 @@ def test_help_exits_0(command):
     result = run(*filter(None, [command]), "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout
-    if command:
-        assert "Example: csmcli " + command in result.stdout
+    if command:  # every command's help shows at least one example invocation
+        assert "Example" in result.stdout and f"csmcli {command}" in result.stdout.split("Example", 1)[1]
 
 
 def test_no_arguments_shows_help():
