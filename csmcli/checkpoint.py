@@ -286,7 +286,8 @@ def load_hf_dir(directory: Path, device, dtype, tokenizer_path: Path | None = No
     cfg_json = _read_json(directory / "config.json")
     cfg = config_from_hf(cfg_json)
     tensors = read_safetensors(directory)
-    origin = str(directory)
+    index = directory / "model.safetensors.index.json"
+    origin = str(index if index.exists() else directory / "model.safetensors")  # errors name the file
     model = build_model(cfg, state_dict_from_hf(_Source(tensors, origin), cfg), origin, device, dtype)
     codec_weights = _split_codec(tensors) or None
     return Checkpoint(
@@ -294,7 +295,7 @@ def load_hf_dir(directory: Path, device, dtype, tokenizer_path: Path | None = No
         tokenizer=load_tokenizer(tokenizer_path or directory),
         codec_config=cfg_json.get("codec_config"),
         codec_weights=codec_weights,
-        source=origin,
+        source=str(directory),
     )
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from csmcli import checkpoint
+from csmcli.codec import MimiCodec
 from csmcli.engine import Engine
 from csmcli.errors import CsmError
 from csmcli.prompt import BEGIN_OF_TEXT, END_OF_TEXT, Segment, build_prompt, frame_budget
@@ -83,8 +84,10 @@ def test_greedy_codes_with_context_audio_equal_transformers(ours, hf_model):
     ids = torch.tensor([context_ids + text_ids(ours.tokenizer, 1, TEXT)])
     expected = hf_greedy(hf_model, ids, frames, input_values=audio[None, None],
                          input_values_cutoffs=torch.tensor([[audio.shape[0]]]))
-    context = [Segment(speaker=0, text="Fine, thanks.", codes=context_codes)]
-    prompt = build_prompt(ours.tokenizer, context, 1, TEXT, None)
+    # Our side encodes the context audio itself, through the codec the checkpoint carries (codec_model.*).
+    codec = MimiCodec(ours.codec_config, ours.codec_weights, "test checkpoint")
+    context = [Segment(speaker=0, text="Fine, thanks.", audio=audio)]
+    prompt = build_prompt(ours.tokenizer, context, 1, TEXT, lambda pcm: codec.encode(pcm[None, None])[0])
     assert prompt.rows == ids.shape[1]
     got, _ = our_frames(ours, prompt, frames)
     assert torch.equal(got, expected)

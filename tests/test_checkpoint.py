@@ -1,0 +1,91 @@
+"""Checkpoint loading edge cases: sharded HF files, and broken files named in one clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from csmcli import checkpoint
+from csmcli.errors import CsmError
+
+
+@pytest.fixture
+def hf_copy(hf_checkpoint, tmp_path):
+    return shutil.copytree(hf_checkpoint, tmp_path / "ck")
+
+
+def test_sharded_hf_checkpoint_loads_same_weights(hf_model, hf_checkpoint, tokenizer_dir, tmp_path):
+    import tiny
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    hf_model.save_pretrained(str(sharded), max_shard_size="2MB")
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, sharded / f.name)
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    one, many = checkpoint.load(str(hf_checkpoint)), checkpoint.load(str(sharded))
+    for key, value in one.model.state_dict().items():
+        assert torch.equal(value, many.model.state_dict()[key]), key
+    assert many.codec_weights.keys() == one.codec_weights.keys()
+    assert tiny  # the module that built both
+
+
+def _rewrite(directory, edit):
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def test_missing_tensor_is_named(hf_copy):
+    _rewrite(hf_copy, lambda t: t.pop("backbone_model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CsmError, match=r"model.safetensors: missing tensor 'backbone_model.layers.1.mlp.up_proj"):
+        checkpoint.load(str(hf_copy))
+
+
+def test_misshaped_tensor_is_named(hf_copy):
+    def shrink(t):
+        t["lm_head.weight"] = t["lm_head.weight"][:-1].contiguous()
+
+    _rewrite(hf_copy, shrink)
+    with pytest.raises(CsmError, match=r"'codebook0_head.weight' has shape \[2050, 64\], expected \[2051, 64\]"):
+        checkpoint.load(str(hf_copy))
+
+
+def test_corrupt_safetensors_and_config(hf_copy):
+    (hf_copy / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CsmError, match=r"model\.safetensors: not a readable safetensors file"):
+        checkpoint.load(str(hf_copy))
+    (hf_copy / "config.json").write_text("{broken")
+    with pytest.raises(CsmError, match=r"config\.json: not valid JSON"):
+        checkpoint.load(str(hf_copy))
+    (hf_copy / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CsmError, match="neither a transformers CSM config nor a Sesame original config"):
+        checkpoint.load(str(hf_copy))
+
+
+def test_bad_source_names(tmp_path):
+    with pytest.raises(CsmError, match="no such directory"):
+        checkpoint.load(str(tmp_path / "missing" / "dir"))
+    with pytest.raises(CsmError, match=r"config\.json: file not found"):
+        checkpoint.load(str(tmp_path))
+
+
+def test_original_format_corrupt_pt(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "backbone_flavor": "llama-1B", "decoder_flavor": "llama-100M", "text_vocab_size": 128256,
+        "audio_vocab_size": 2051, "audio_num_codebooks": 32}))
+    (tmp_path / "ckpt.pt").write_bytes(b"garbage, not a zip or pickle")
+    with pytest.raises(CsmError, match=r"ckpt\.pt: not a readable checkpoint"):
+        checkpoint.load(str(tmp_path))
+
+
+def test_hf_config_round_trip(hf_checkpoint):
+    ck = checkpoint.load(str(hf_checkpoint))
+    assert checkpoint.config_from_hf(checkpoint.hf_config(ck.model.cfg).to_dict()) == ck.model.cfg
+    assert ck.model.cfg.backbone.rope_scaling is not None  # llama3 scaling read from rope_parameters
