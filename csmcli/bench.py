@@ -11,8 +11,10 @@ import contextlib
 import csv
 import io
 import json
+import re
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -345,31 +347,49 @@ def fmt(value: Any) -> str:
 
 
 def to_markdown(report: BenchReport) -> str:
+    """The header as one line, then a table: the terminal's columns first, then every other `Row` field."""
+    shown = {key for key, _ in COLUMNS}
+    columns = COLUMNS + [(name, name) for name in Row.__dataclass_fields__ if name not in shown]
     lines = ["| " + " | ".join(f"{k}: {fmt(v)}" for k, v in report.header.items()) + " |", ""]
-    lines.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
+    lines.append("| " + " | ".join(title for _, title in columns) + " |")
+    lines.append("|" + "---|" * len(columns))
     for row in report.rows:
-        lines.append("| " + " | ".join(fmt(getattr(row, key)) for key, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt(getattr(row, key)) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
 def to_csv(report: BenchReport) -> str:
+    """One flat table: every `Row` field, then the header's keys repeated on each row (CSV has no header block)."""
     out = io.StringIO()
-    names = [f.name for f in Row.__dataclass_fields__.values()]
-    writer = csv.DictWriter(out, fieldnames=names)
+    names = list(Row.__dataclass_fields__)
+    extra = [key for key in report.header if key not in names]  # `frames`, `reps`, `prompt_rows` are in both
+    writer = csv.DictWriter(out, fieldnames=names + extra)
     writer.writeheader()
     for row in report.rows:
-        writer.writerow(asdict(row))
+        writer.writerow(asdict(row) | {key: report.header[key] for key in extra})
     return out.getvalue()
 
 
-def write_report(report: BenchReport, path: Path) -> None:
+REPORT_FORMATS = {".json": lambda r: json.dumps(r.to_dict(), indent=2) + "\n", ".md": to_markdown, ".csv": to_csv}
+
+
+def check_report_path(path: Path) -> None:
+    """Refuse a bad `-o` before measuring, not after minutes of it."""
     from csmcli.errors import CsmError
 
-    formats = {".json": lambda r: json.dumps(r.to_dict(), indent=2) + "\n", ".md": to_markdown, ".csv": to_csv}
-    if path.suffix not in formats:
+    if path.suffix not in REPORT_FORMATS:
         raise CsmError(f"{path}: unknown report format (use .json, .md or .csv)")
-    path.write_text(formats[path.suffix](report))
+    if not path.parent.is_dir():
+        raise CsmError(f"{path}: directory {path.parent} does not exist")
+
+
+def write_report(report: BenchReport, path: Path) -> None:
+    check_report_path(path)
+    path.write_text(REPORT_FORMATS[path.suffix](report))
+
+
+MEASURED_MARK = "measured by `csmcli bench --suggest`"  # first line of a written preset: it may be overwritten
+_PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a plain file stem: no paths, nothing TOML must escape
 
 
 def suggest_preset(report: BenchReport, name: str) -> str:
@@ -382,10 +402,12 @@ def suggest_preset(report: BenchReport, name: str) -> str:
     first = min(r.first_chunk_frames for r in b1)
     batch = max(r.batch for r in fast)
     h = report.header
+    # At least 1: only the shipped `cpu` preset may claim 0 GB, so a CPU run (no vram_gb) must not write 0.
+    min_vram_gb = max(1, round((h.get("vram_gb") or 0) - 1))
     return (
-        f"# measured by `csmcli bench --suggest` on {h.get('gpu') or h['device']}, {h['date']}\n"
+        f"# {MEASURED_MARK} on {h.get('gpu') or h['device']}, {h['date']}\n"
         f'name = "{name}"\ndescription = "Measured on {h.get("gpu") or h["device"]}"\n'
-        f"min_vram_gb = {max(0.0, (h.get('vram_gb') or 0) - 1):.0f}\n"
+        f"min_vram_gb = {min_vram_gb}\n"
         f'dtype = "{h["dtype"]}"\nfirst_chunk_frames = {first}\nchunk_frames = {chunk}\nmax_batch = {batch}\n'
         f"cuda_graphs = {str(h['cuda_graphs']).lower()}\ncompile = {str(h['compile']).lower()}\n"
     )
@@ -488,7 +510,9 @@ def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
     if not head["meaningful"]:
         ui.warn("no GPU: these numbers only check that the benchmark runs; they are not meaningful")
     report = BenchReport(head)
-    live = Live(render_table(report), console=ui.console, refresh_per_second=4) if not ui.is_quiet() else None
+    # Live only on a terminal: to a file or pipe Rich leaves its last line unterminated, so print the table once.
+    live = Live(render_table(report), console=ui.console, refresh_per_second=4) \
+        if not ui.is_quiet() and ui.console.is_terminal else None
 
     def on_row(row: Row) -> None:
         report.rows.append(row)
@@ -498,19 +522,34 @@ def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
     with live if live is not None else contextlib.nullcontext():
         full = run(ctx.model, ctx.decoder, settings, cuda_graphs=cuda_graphs, compile=ctx.preset.compile, head=head,
                    on_row=on_row)
+    if live is None and not ui.is_quiet():
+        ui.console.print(render_table(full))
     return full
+
+
+def check_preset_name(name: str) -> None:
+    """Refuse, before measuring, a --write-preset NAME that is not a plain name or that would replace a shipped
+    preset (one written by an earlier --suggest may be replaced)."""
+    from csmcli.errors import CsmError
+    from csmcli.presets import presets_dir
+
+    if not _PRESET_NAME.fullmatch(name):
+        raise CsmError(f"--write-preset {name!r}: use letters, digits, '.', '_' and '-' only")
+    path = presets_dir() / f"{name}.toml"
+    if path.exists() and MEASURED_MARK not in path.read_text(encoding="utf-8"):
+        raise CsmError(f"preset {name!r} ships with csmcli: choose another --write-preset NAME")
 
 
 def save_preset(text: str, name: str) -> Path:
     """Write a measured preset next to the shipped ones, validated by the same loader `--preset` uses."""
-    from csmcli.errors import CsmError
-    from csmcli.presets import load_preset_file, load_presets, presets_dir
+    from csmcli.presets import load_preset_file, presets_dir
 
-    if name in load_presets():
-        path = presets_dir() / f"{name}.toml"
-        if "measured by `csmcli bench --suggest`" not in path.read_text():
-            raise CsmError(f"preset {name!r} ships with csmcli: choose another --write-preset NAME")
+    check_preset_name(name)
     path = presets_dir() / f"{name}.toml"
-    path.write_text(text)
-    load_preset_file(path)
+    # Validate a copy first: an invalid file among the presets would break every later command.
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / path.name
+        trial.write_text(text, encoding="utf-8")
+        load_preset_file(trial)
+    path.write_text(text, encoding="utf-8")
     return path

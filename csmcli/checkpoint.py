@@ -342,33 +342,67 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "ckpt.pt"]
 
 
 def resolve_hub(repo_id: str) -> Path:
-    """Snapshot from the HF cache (downloading only what is missing; HF_HUB_OFFLINE honoured)."""
-    from huggingface_hub import snapshot_download
+    """Snapshot from the HF cache (downloading only what is missing; HF_HUB_OFFLINE honoured).
+
+    Every hub failure becomes one line that says what to do (tests/test_hub.py runs each against a fake hub).
+    """
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
     )
 
+    login = LICENSE_HINT.format(repo=repo_id)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except GatedRepoError:
-        raise CsmError(f"{repo_id} is gated: " + LICENSE_HINT.format(repo=repo_id)) from None
-    except RepositoryNotFoundError:
+        raise CsmError(f"{repo_id} is gated: {login}") from None
+    except RepositoryNotFoundError as e:
+        if _status(e) == 401:  # no (valid) token: the hub cannot say whether it is gated, private or absent
+            raise CsmError(f"{repo_id}: not found, or private and you are not logged in (401): {login}") from None
         raise CsmError(
-            f"{repo_id}: not found or not accessible (401): " + LICENSE_HINT.format(repo=repo_id)
+            f"{repo_id}: not found on the hub ({_status(e)}); check the id, or if it is private: log in with "
+            "`hf auth login` (or set HF_TOKEN)"
         ) from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
+        # snapshot_download wraps whatever kept it from the hub (offline, no connection, an HTTP error) in this.
+        cause, status = e.__cause__, _status(e.__cause__)
+        if type(e).__name__ == "IncompleteSnapshotError":  # a subclass only recent huggingface_hub has
+            raise CsmError(
+                f"{repo_id}: its copy in the local Hugging Face cache is incomplete (an interrupted download?) and "
+                "the hub cannot be reached: download it again online"
+            ) from None
+        if constants.HF_HUB_OFFLINE or isinstance(cause, OfflineModeIsEnabled):
+            raise CsmError(
+                f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it once "
+                "online, or pass a local directory / --random-weights"
+            ) from None
+        if status in (401, 403):
+            raise CsmError(f"{repo_id}: access denied ({status}): {login}") from None
+        if status is not None:
+            raise CsmError(
+                f"{repo_id}: the hub answered {status} and the model is not in the local Hugging Face cache; "
+                "try again later"
+            ) from None
         raise CsmError(
             f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached "
             "(offline?): download it once online, or pass a local directory / --random-weights"
         ) from None
     except HfHubHTTPError as e:
-        status = getattr(e.response, "status_code", None)
+        status = _status(e)
         if status in (401, 403):
-            raise CsmError(f"{repo_id}: access denied ({status}): " + LICENSE_HINT.format(repo=repo_id)) from None
-        raise CsmError(f"{repo_id}: hub request failed ({status}): {e}") from None
+            raise CsmError(f"{repo_id}: access denied ({status}): {login}") from None
+        # the server's own words, else the first line of huggingface_hub's (the rest is a wall of advice)
+        detail = (getattr(e, "server_message", None) or str(e) or type(e).__name__).strip().splitlines()[0]
+        raise CsmError(f"{repo_id}: hub request failed ({status}): {detail}") from None
+
+
+def _status(error: BaseException | None) -> int | None:
+    """The HTTP status of a huggingface_hub error (None: not an HTTP answer)."""
+    return getattr(getattr(error, "response", None), "status_code", None)
 
 
 def load(

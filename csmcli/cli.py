@@ -430,6 +430,8 @@ def bench(
       csmcli bench --batch 1,4,16,64 --chunk-frames 2,8 -o results.json
       csmcli bench --tiny --torch-device cpu --compare transformers
     """
+    from pathlib import Path
+
     from csmcli import bench as b
 
     if compare not in (None, "transformers"):
@@ -438,6 +440,10 @@ def bench(
         raise CsmError("--write-preset needs --suggest")
     batches = _int_list(batch, "--batch") if batch else [1]
     chunks = _int_list(chunk_frames, "--chunk-frames") if chunk_frames else None
+    if output:  # refused now, not after the measurements
+        b.check_report_path(Path(output))
+    if write_preset:
+        b.check_preset_name(write_preset)
     ctx = b.prepare(
         model=model,
         random_weights=random_weights,
@@ -462,8 +468,6 @@ def bench(
     )
     report = b.run_cli(ctx, settings)
     if output:
-        from pathlib import Path
-
         b.write_report(report, Path(output))
         ui.info(f"wrote {output}")
     if suggest:

@@ -206,3 +206,20 @@ def test_default_config_streams_like_transformers():
     for chunk in (1, 3):
         with decoder.streaming(1):
             close(decode_in_chunks(decoder, codes, chunk), reference)
+
+
+def test_csm_extra_ids_decode_as_the_last_mimi_id():
+    """CSM's audio vocabulary has 2051 ids, Mimi's codebooks 2048: ids 2048..2050 must decode like 2047 (the clamp),
+    not read the next codebook's rows (a middle codebook) or past the table (the last one)."""
+    config = MimiConfig(**{**TINY, "codebook_size": 2048})
+    decoder = MimiCodec(config, random_mimi(config).state_dict(), source="random").decoder
+    codes = random_codes(config, 1, 6)  # [1, 32, 6] in [0, 2048)
+    extra = codes.clone()
+    extra[0, -1, :3] = torch.tensor([2048, 2049, 2050])  # the last codebook: past the stacked table
+    extra[0, 5, 3:] = torch.tensor([2048, 2049, 2050])  # a middle one: would read codebook 6's first rows
+    clamped = extra.clamp(max=2047)
+    assert not torch.equal(clamped, codes)
+    out = decoder.decode(extra)
+    assert out.shape == (1, 1, 6 * 1920) and torch.isfinite(out).all()
+    assert torch.equal(out, decoder.decode(clamped))
+    assert not torch.allclose(out, decoder.decode(codes))  # the changed positions do reach the audio
