@@ -189,7 +189,8 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
     ui.debug(f"preset {preset.name}: {reason}")
     if random_weights:
         ui.warn("random weights: the audio is noise; use them for speed, not sound")
-    with ui.console.status("loading model", spinner="dots") if not ui.is_quiet() else contextlib.nullcontext():
+    spinner = ui.console.status("loading model", spinner="dots") if not ui.is_quiet() else contextlib.nullcontext()
+    with spinner, _library_warnings_hidden():
         pipeline = Pipeline.load(
             model,
             preset,
@@ -202,6 +203,24 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
     return pipeline
 
 
+@contextlib.contextmanager
+def _library_warnings_hidden():
+    """transformers logs its checks of a checkpoint's config.json as warnings ("pad_token_id must be ... within
+    the vocabulary", from AutoTokenizer reading the model's config): noise around our own messages that --quiet
+    did not silence. Shown with --verbose."""
+    if ui.is_verbose():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _speak(live: bool, **kw: Any) -> None:
     import sys
 
@@ -209,6 +228,7 @@ def _speak(live: bool, **kw: Any) -> None:
 
     text = speak.read_text(kw.pop("text"), kw.pop("text_file"), sys.stdin)
     context = speak.load_context(kw.pop("context"), kw.pop("ref_audio"), kw.pop("ref_text"), kw["speaker"])
+    speak.check_outputs(kw["output"], kw["raw"], kw["play"], kw["audio_device"])  # before seconds of model loading
     pipeline = _pipeline(
         kw.pop("model"),
         kw.pop("random_weights"),
@@ -342,7 +362,10 @@ def stream(
     if list_devices:
         from csmcli import audio
 
-        for d in audio.list_devices():
+        devices = audio.list_devices()
+        if not devices:  # would print nothing and exit 0
+            raise CsmError("audio playback unavailable: PortAudio finds no output device")
+        for d in devices:
             typer.echo(f"{d['index']:>3}  {d['name']}{'  (default)' if d['default'] else ''}")
         return
     if not play and output is None:

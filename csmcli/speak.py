@@ -68,14 +68,30 @@ class Totals:
 def read_text(text: str | None, text_file: str | None, stdin) -> str:
     if text_file is not None:
         try:
-            return Path(text_file).read_text(encoding="utf-8")
+            text = Path(text_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise CsmError(f"{text_file}: cannot read text ({e})") from None
-    if text is None:
+    elif text is None:
         raise CsmError("no text: give TEXT, '-' to read stdin, or -f FILE")
-    if text == "-":
-        return stdin.read()
+    elif text == "-":
+        text = stdin.read()
+    if not text.strip():  # would load the model, then write an empty file and exit 0
+        raise CsmError("text is empty: give the words to speak")
     return text
+
+
+def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str | None) -> None:
+    """Refuse a bad -o or --device now, not after the seconds it takes to load the model: the checks
+    `audio.open_writer` and `audio.Player` would make."""
+    if output is not None and output != "-":
+        path = Path(output)
+        if not raw and path.suffix.lower() not in audio.WRITE_FORMATS:
+            formats = ", ".join(audio.WRITE_FORMATS)
+            raise CsmError(f"unsupported output format '{path.name}': use {formats} or '-' for stdout")
+        if not path.parent.is_dir():
+            raise CsmError(f"cannot write {path}: directory {path.parent} does not exist")
+    if play:
+        audio.resolve_device(audio_device)
 
 
 def load_context(path: str | None, ref_audio: str | None, ref_text: str | None, speaker: int) -> list[Segment]:
@@ -147,9 +163,12 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
                 player = stack.enter_context(audio.Player(SAMPLE_RATE, job.audio_device,
                                                           prebuffer_ms=pipeline.preset.first_chunk_frames * 80))
                 player.start()  # before generating: a fresh output stream takes a moment to settle
-            live = stack.enter_context(Live(_chunk_table(rows, totals, player is not None), console=ui.console,
-                                            refresh_per_second=8, transient=False)) \
-                if job.live_table and not ui.is_quiet() else None
+            live = None
+            if job.live_table and not ui.is_quiet():
+                if not ui.console.is_terminal:  # Rich ends the table it prints there without a newline: the
+                    stack.callback(ui.console.line)  # totals line would be glued to its last row
+                live = stack.enter_context(Live(_chunk_table(rows, totals, player is not None), console=ui.console,
+                                                refresh_per_second=8, transient=False))
             for chunk in pipeline.speak(job.text, job.speaker, params, context=job.context,
                                         max_seconds=job.max_seconds, warn=ui.warn):
                 _deliver(chunk, writer, player, totals, start)

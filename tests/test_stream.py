@@ -1,0 +1,77 @@
+"""`csmcli stream` end to end on a tiny random checkpoint: the same audio as `say`, and real playback through
+PortAudio onto a PulseAudio null sink (skipped where PortAudio or pulseaudio is missing)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from clirun import FRAME, FRAMES, SHORT, TEXT, csmcli, model_args, seeded_say, session_runs
+from test_audio_player import pulse_sink  # noqa: F401 - the fixture, used by name below
+
+TOTALS = re.compile(
+    r"^0\.80 s of audio in [\d.]+ s \(RTF [\d.]+, [\d.]+ ms/frame, first audio \d+ ms\)(, (\d+) underruns)?$"
+)
+
+
+@pytest.fixture(scope="module")
+def runs(hf_checkpoint, tmp_path_factory):
+    runs = session_runs(tmp_path_factory)
+    runs.start("seeded", *seeded_say(hf_checkpoint))  # shared with test_say when both run
+    runs.start("stream-no-play", "stream", TEXT, *SHORT, "--seed", "5", "--no-play", "-o", "out.wav",
+               "--save-codes", "codes.npy", *model_args(hf_checkpoint))
+    yield runs
+    runs.cancel_pending()
+
+
+def test_no_play_writes_the_same_audio_as_say(runs):
+    result = runs("stream-no-play")
+    assert result.code == 0, result.stderr
+    assert result.stdout == b""
+    np.testing.assert_array_equal(result.codes(), runs("seeded").codes())
+    np.testing.assert_array_equal(result.wav(), runs("seeded").wav())
+    assert len(result.wav()) == FRAMES * FRAME
+
+
+def test_table_then_totals_on_their_own_line(runs):
+    lines = runs("stream-no-play").lines
+    assert any(re.match(r"^│\s+0 │\s+2 │", line) for line in lines), lines  # the first chunk's row: 2 frames
+    assert TOTALS.match(lines[-1]), lines  # not glued to the table's last line
+
+
+def test_list_devices_lists_devices_or_says_why_not(tmp_path):
+    result = csmcli("stream", "--list-devices", cwd=tmp_path, PULSE_SERVER=None)
+    if result.code == 0:
+        lines = result.stdout.decode().splitlines()
+        assert lines and all(re.match(r"^ *\d+  \S", line) for line in lines), lines
+    else:
+        assert result.code == 2 and len(result.lines) == 1, result.stderr
+        assert result.lines[0].startswith("error: audio playback unavailable: "), result.lines
+
+
+def test_list_devices_shows_the_null_sink(pulse_sink, tmp_path):  # noqa: F811 - the imported fixture
+    result = csmcli("stream", "--list-devices", cwd=tmp_path)  # PULSE_SERVER set by the fixture
+    assert result.code == 0, result.stderr
+    assert any(line.split()[1:] == [pulse_sink] for line in result.stdout.decode().splitlines()), result.stdout
+
+
+def test_unknown_device_is_one_error_line(pulse_sink, hf_checkpoint, tmp_path):  # noqa: F811
+    result = csmcli("stream", TEXT, *SHORT, "--device", "no-such-device", *model_args(hf_checkpoint), cwd=tmp_path)
+    assert result.code == 2, result.stderr
+    assert result.lines == [result.lines[0]] and result.lines[0].startswith(
+        "error: unknown audio output device 'no-such-device'; available: "
+    ), result.lines
+
+
+def test_plays_on_the_null_sink(pulse_sink, runs, hf_checkpoint, tmp_path):  # noqa: F811
+    result = csmcli("stream", TEXT, *SHORT, "--seed", "5", "--device", pulse_sink, "-o", "out.wav",
+                    *model_args(hf_checkpoint), cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    np.testing.assert_array_equal(result.wav(), runs("seeded").wav())  # playing changes nothing in the file
+    totals = TOTALS.match(result.lines[-1])
+    assert totals, result.lines
+    # one gap between chunks is one underrun, not one per silent callback; a busy CPU may make one or two
+    assert int(totals.group(2) or 0) <= 2
+    assert any("ahead ms" in line for line in result.lines)  # the table's playback column
