@@ -221,11 +221,18 @@ def _library_warnings_hidden():
         hf_logging.set_verbosity(level)
 
 
-def _speak(live: bool, **kw: Any) -> None:
+_OVERRIDE_FLAGS = ("first_chunk_frames", "chunk_frames", "dtype", "cuda_graphs", "compile")
+
+
+def _speak(live: bool, params: dict[str, Any]) -> None:
+    """The body of `say` and `stream`; `params` are the command's parameters (its `locals()`)."""
     import sys
 
     from csmcli import speak
 
+    kw = {k: v for k, v in params.items() if k != "list_devices"}
+    kw["overrides"] = {k: kw.pop(k) for k in _OVERRIDE_FLAGS}
+    kw["audio_device"] = kw.pop("device")
     text = speak.read_text(kw.pop("text"), kw.pop("text_file"), sys.stdin)
     context = speak.load_context(kw.pop("context"), kw.pop("ref_audio"), kw.pop("ref_text"), kw["speaker"])
     speak.check_outputs(kw["output"], kw["raw"], kw["play"], kw["audio_device"])  # before seconds of model loading
@@ -284,37 +291,7 @@ def say(
       echo "Read from stdin." | csmcli say - --play
       csmcli say -f story.txt --ref-audio me.wav --ref-text "What I said in me.wav." -o story.flac
     """
-    _speak(
-        False,
-        text=text,
-        text_file=text_file,
-        output=output,
-        play=play,
-        speaker=speaker,
-        ref_audio=ref_audio,
-        ref_text=ref_text,
-        context=context,
-        temperature=temperature,
-        topk=topk,
-        seed=seed,
-        max_seconds=max_seconds,
-        raw=raw,
-        audio_device=device,
-        save_codes=save_codes,
-        model=model,
-        random_weights=random_weights,
-        codec=codec,
-        tokenizer=tokenizer,
-        torch_device=torch_device,
-        preset=preset,
-        overrides=dict(
-            first_chunk_frames=first_chunk_frames,
-            chunk_frames=chunk_frames,
-            dtype=dtype,
-            cuda_graphs=cuda_graphs,
-            compile=compile,
-        ),
-    )
+    _speak(False, locals())
 
 
 @app.command()
@@ -370,37 +347,7 @@ def stream(
         return
     if not play and output is None:
         raise CsmError("nothing to do: --no-play needs -o FILE or -o -")
-    _speak(
-        True,
-        text=text,
-        text_file=text_file,
-        output=output,
-        play=play,
-        speaker=speaker,
-        ref_audio=ref_audio,
-        ref_text=ref_text,
-        context=context,
-        temperature=temperature,
-        topk=topk,
-        seed=seed,
-        max_seconds=max_seconds,
-        raw=raw,
-        audio_device=device,
-        save_codes=save_codes,
-        model=model,
-        random_weights=random_weights,
-        codec=codec,
-        tokenizer=tokenizer,
-        torch_device=torch_device,
-        preset=preset,
-        overrides=dict(
-            first_chunk_frames=first_chunk_frames,
-            chunk_frames=chunk_frames,
-            dtype=dtype,
-            cuda_graphs=cuda_graphs,
-            compile=compile,
-        ),
-    )
+    _speak(True, locals())
 
 
 def _int_list(value: str, flag: str) -> list[int]:
