@@ -489,11 +489,15 @@ def render_table(report: BenchReport):
     h = report.header
     title = (f"csmcli bench: {h.get('gpu') or h['device']}, {h['weights']}, {h['dtype']}, "
              f"graphs {'on' if h['cuda_graphs'] else 'off'}, torch {h['torch']}, {h['date']}")
-    table = Table(title=title, caption=None if h["meaningful"] else "CPU run: these numbers are not meaningful")
-    for _, name in COLUMNS:
-        table.add_column(name, justify="right")
+    table = Table(title=title, caption=None if h["meaningful"] else "CPU run: these numbers are not meaningful",
+                  padding=(0, 1, 0, 0))
+    # Only columns with a value (no VRAM/power on CPU, no HF without --compare), never cut to "…": on an 80-column
+    # terminal a truncated number is worse than a wrapped header.
+    shown = [(k, n) for k, n in COLUMNS if not report.rows or any(getattr(r, k) is not None for r in report.rows)]
+    for _, name in shown:
+        table.add_column(name, justify="right", no_wrap=False, overflow="fold", min_width=4)
     for row in report.rows:
-        table.add_row(*[fmt(getattr(row, key)) for key, _ in COLUMNS])
+        table.add_row(*[fmt(getattr(row, key)) for key, _ in shown])
     return table
 
 
