@@ -30,3 +30,15 @@ def hf_model():
 @pytest.fixture(scope="session")
 def hf_checkpoint(hf_model, tokenizer_dir, tmp_path_factory) -> Path:
     return tiny.save_hf_checkpoint(hf_model, tmp_path_factory.mktemp("csm-hf"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: intra-op threads gain nothing there, and on two shared cores OpenMP's
+    spin-waits made such a module several times slower. Restored afterwards for the other modules."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

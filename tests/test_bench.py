@@ -31,19 +31,14 @@ from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS
 from csmcli.pipeline import random_codec
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY_RUN = ("bench", "--tiny", "--torch-device", "cpu", "--frames", "4", "--reps", "1", "--warmup", "0",
             "--prompt-rows", "20")
 ROW_FIELDS = [f.name for f in dataclasses.fields(bench.Row)]
 CPU_WARNING = "warning: no GPU: these numbers only check that the benchmark runs; they are not meaningful"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors gain nothing from intra-op threads; on two shared cores they only spin
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

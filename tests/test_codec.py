@@ -21,6 +21,8 @@ from transformers import MimiConfig, MimiModel
 from csmcli.codec import MimiCodec, StreamingMimiDecoder, flatten_mimi_state_dict
 from csmcli.errors import CsmError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N_FRAMES = 15  # > 3 sliding windows; 2 and 5 do not all divide it, so a short last chunk is tested too
 TINY = dict(
     hidden_size=32, num_filters=4, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -70,14 +72,6 @@ def decode_in_chunks(decoder: StreamingMimiDecoder, codes: torch.Tensor, chunk: 
     return torch.cat([decoder.decode_chunk(codes[..., i : i + chunk]) for i in range(0, codes.shape[-1], chunk)], -1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on shared cores OpenMP's spin-waits made this file
-    # take ~50 s instead of ~8 s; restored afterwards so other test modules keep their setting
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

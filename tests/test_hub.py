@@ -1,6 +1,6 @@
 """Hub ids against a fake Hugging Face hub on 127.0.0.1: every failure is one line a user can act on (issue #3).
 
-The fake hub answers the requests huggingface_hub makes for `snapshot_download` (model info for a revision, the
+The fake hub answers the requests huggingface_hub makes for a whole-repository download (model info for a revision, the
 file tree at a commit, then HEAD and GET of each file under `resolve/`) the way huggingface.co does, including the
 `X-Error-Code` headers that huggingface_hub turns into its error types. The CLI runs in a subprocess pointed at it
 with HF_ENDPOINT, an empty HF_HOME and no token; nothing leaves the machine.
