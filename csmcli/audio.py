@@ -28,7 +28,7 @@ SAMPLE_RATE = 24000
 WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 # libsndfile's sf_command codes (sndfile.h); soundfile exposes sf_command but not these names.
 _SFC_SET_UPDATE_HEADER_AUTO = 0x1061
-_NO_PLAYBACK = "audio playback unavailable: {} — use --output FILE instead"
+_NO_PLAYBACK = "audio playback unavailable: {} — write a file instead (say -o FILE, stream --no-play -o FILE)"
 
 
 class OutputClosed(Exception):
@@ -195,25 +195,38 @@ def _point_at_devnull(stream: IO[bytes]) -> None:
     os.close(devnull)
 
 
+def check_output(path: str | Path, raw: bool = False, stdout: IO[Any] | None = None) -> None:
+    """What `open_writer` would refuse, checked without creating or truncating anything (so the CLI can refuse a
+    bad -o before loading the model)."""
+    if str(path) == "-":
+        if _binary(stdout).isatty():
+            raise CsmError("refusing to write binary audio to a terminal; redirect or use -o FILE")
+        return
+    p = Path(path)
+    if not raw and p.suffix.lower() not in WRITE_FORMATS:
+        raise CsmError(f"unsupported output format '{p.name}': use {', '.join(WRITE_FORMATS)} or '-' for stdout")
+    if not p.parent.is_dir():
+        raise CsmError(f"cannot write {p}: directory {p.parent} does not exist")
+
+
+def _binary(stdout: IO[Any] | None) -> IO[bytes]:
+    out = stdout if stdout is not None else sys.stdout
+    return getattr(out, "buffer", out)  # text stdout -> its binary buffer
+
+
 def open_writer(path: str | Path, sample_rate: int, *, raw: bool = False, stdout: IO[Any] | None = None) -> AudioWriter:
     """Writer chosen by path: "-" streams to stdout (WAV, or s16le with raw=True), else by extension
     (.wav PCM_16, .flac, .ogg vorbis), or headerless s16le with raw=True whatever the extension."""
+    check_output(path, raw, stdout)
     if str(path) == "-":
-        out = stdout if stdout is not None else sys.stdout
-        out = getattr(out, "buffer", out)  # text stdout -> its binary buffer
-        if out.isatty():
-            raise CsmError("refusing to write binary audio to a terminal; redirect or use -o FILE")
-        return StreamWriter(out, sample_rate, raw=raw)
+        return StreamWriter(_binary(stdout), sample_rate, raw=raw)
     p = Path(path)
     if raw:
         try:
             return StreamWriter(open(p, "wb"), sample_rate, raw=True, owns=True)
         except OSError as e:
             raise CsmError(f"cannot write {p}: {e.strerror}") from e
-    fmt = WRITE_FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise CsmError(f"unsupported output format '{p.name}': use {', '.join(WRITE_FORMATS)} or '-' for stdout")
-    return FileWriter(p, sample_rate, *fmt)
+    return FileWriter(p, sample_rate, *WRITE_FORMATS[p.suffix.lower()])
 
 
 # --------------------------------------------------------------------------------------------------------- playback

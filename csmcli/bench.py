@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from csmcli import __version__
-from csmcli.engine import Engine, Request
+from csmcli.engine import Engine, Request, graphs_enabled
 from csmcli.generate import FRAME_SECONDS
 from csmcli.model import Csm, CsmConfig, TransformerConfig
 from csmcli.prompt import synthetic_prompt
@@ -452,10 +452,9 @@ class BenchContext:
 def prepare(*, model: str | None, random_weights: bool, tiny: bool, codec: str | None, torch_device: str | None,
             preset_name: str | None, overrides: dict[str, Any]) -> BenchContext:
     """Pick the weights (real, or random when asked or when nothing is cached), preset, device and codec."""
-    from csmcli import gpu, ui
+    from csmcli import ui
     from csmcli.info import checkpoint_cache_status
-    from csmcli.pipeline import Pipeline
-    from csmcli.presets import resolve_preset
+    from csmcli.pipeline import Pipeline, choose_preset
 
     if tiny:
         torch_device = torch_device or "cpu"
@@ -464,8 +463,7 @@ def prepare(*, model: str | None, random_weights: bool, tiny: bool, codec: str |
         ui.warn("no CSM-1B checkpoint in the Hugging Face cache: benchmarking RANDOM WEIGHTS (speed only; "
                 "pass --model to use a checkpoint)")
         random_weights = True
-    gpus = gpu.detect_gpus() if torch_device is None or torch_device.startswith("cuda") else []
-    preset, reason = resolve_preset(preset_name, gpus[0] if gpus else None, **overrides)
+    preset, reason = choose_preset(preset_name, torch_device, overrides)
     ui.debug(f"preset {preset.name}: {reason}")
     tiny_sizes = {"config": TINY, "codec_config": tiny_mimi_config()} if tiny else {}
     pipeline = Pipeline.load(model, preset, device=torch_device, random_weights=random_weights, codec_path=codec,
@@ -506,7 +504,7 @@ def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
 
     from csmcli import ui
 
-    cuda_graphs = ctx.preset.cuda_graphs and ctx.device.type == "cuda"
+    cuda_graphs = graphs_enabled(ctx.preset.cuda_graphs, ctx.device)  # what the engine will do, env var included
     head = header(ctx.device, ctx.weights, ctx.preset.name, str(ctx.model.codebook0_head.weight.dtype).split(".")[-1],
                   cuda_graphs, ctx.preset.compile, settings)
     if not settings.decode_audio:

@@ -76,7 +76,6 @@ FirstChunkFramesOpt = Annotated[
 ChunkFramesOpt = Annotated[
     int | None, typer.Option("--chunk-frames", min=1, help="Frames (80 ms each) in every later audio chunk.")
 ]
-BatchOpt = Annotated[int | None, typer.Option("--batch", min=1, help="Most requests generated at once.")]
 DtypeOpt = Annotated[Dtype | None, typer.Option("--dtype", help="Weight and activation dtype.")]
 CudaGraphsOpt = Annotated[
     bool | None,
@@ -136,7 +135,7 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         metavar="PATH_OR_ID",
-        help="Checkpoint directory (HF format or original Sesame) or hub id. [default: sesame/csm-1b]",
+        help="Checkpoint directory (HF format or original Sesame) or hub id (default: sesame/csm-1b).",
     ),
 ]
 RandomWeightsOpt = Annotated[
@@ -149,7 +148,9 @@ TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", metavar="DIR", help="Llama-3 tokenizer directory, if not beside the model.")
 ]
 TorchDeviceOpt = Annotated[
-    str | None, typer.Option("--torch-device", metavar="DEV", help="cpu, cuda or cuda:N. [default: cuda if present]")
+    str | None,
+    typer.Option("--torch-device", metavar="DEV",
+                 help="cpu, cuda or cuda:N (default: cuda if present, unless the preset is cpu)."),
 ]
 TextArg = Annotated[str | None, typer.Argument(help="Text to speak; '-' reads stdin.", show_default=False)]
 TextFileOpt = Annotated[str | None, typer.Option("--file", "-f", metavar="FILE", help="Read the text from FILE.")]
@@ -170,22 +171,20 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, help="Seed; printe
 MaxSecondsOpt = Annotated[
     float, typer.Option("--max-seconds", min=0.08, help="Stop a sentence after this much audio (runaway guard).")
 ]
-RawOpt = Annotated[bool, typer.Option("--raw", help="With -o -: headerless s16le PCM instead of a WAV stream.")]
+RawOpt = Annotated[bool, typer.Option("--raw", help="Headerless s16le PCM instead of WAV (stdout or any file name).")]
 AudioDeviceOpt = Annotated[
     str | None, typer.Option("--device", "-d", metavar="NAME|INDEX", help="Audio output device for playback.")
 ]
 SaveCodesOpt = Annotated[
-    str | None, typer.Option("--save-codes", metavar="FILE.npy", help="Also save the codes, [frames, 32] int64.")
+    str | None,
+    typer.Option("--save-codes", metavar="FILE.npy", help="Also save the codes: an int64 array of frames x 32."),
 ]
 
 
 def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name, overrides):
-    from csmcli import gpu
-    from csmcli.pipeline import Pipeline
-    from csmcli.presets import resolve_preset
+    from csmcli.pipeline import Pipeline, choose_preset
 
-    gpus = gpu.detect_gpus() if torch_device is None or torch_device.startswith("cuda") else []
-    preset, reason = resolve_preset(preset_name, gpus[0] if gpus else None, **overrides)
+    preset, reason = choose_preset(preset_name, torch_device, overrides)
     ui.debug(f"preset {preset.name}: {reason}")
     if random_weights:
         ui.warn("random weights: the audio is noise; use them for speed, not sound")
@@ -199,6 +198,8 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
             codec_path=codec,
             tokenizer_path=tokenizer,
         )
+        if pipeline.codec is None:  # would write an empty file and report seconds of audio
+            raise CsmError("this checkpoint has no Mimi codec: pass --codec DIR (an HF-format Mimi checkpoint)")
         pipeline.warmup()
     return pipeline
 
@@ -226,8 +227,6 @@ _OVERRIDE_FLAGS = ("first_chunk_frames", "chunk_frames", "dtype", "cuda_graphs",
 
 def _speak(live: bool, params: dict[str, Any]) -> None:
     """The body of `say` and `stream`; `params` are the command's parameters (its `locals()`)."""
-    import sys
-
     from csmcli import speak
 
     kw = {k: v for k, v in params.items() if k != "list_devices"}
@@ -235,7 +234,8 @@ def _speak(live: bool, params: dict[str, Any]) -> None:
     kw["audio_device"] = kw.pop("device")
     text = speak.read_text(kw.pop("text"), kw.pop("text_file"), sys.stdin)
     context = speak.load_context(kw.pop("context"), kw.pop("ref_audio"), kw.pop("ref_text"), kw["speaker"])
-    speak.check_outputs(kw["output"], kw["raw"], kw["play"], kw["audio_device"])  # before seconds of model loading
+    # before the seconds that loading the model takes
+    speak.check_outputs(kw["output"], kw["raw"], kw["play"], kw["audio_device"], kw["save_codes"])
     pipeline = _pipeline(
         kw.pop("model"),
         kw.pop("random_weights"),
@@ -408,6 +408,8 @@ def bench(
         raise CsmError(f"--compare knows only 'transformers', got {compare!r}")
     if write_preset and not suggest:
         raise CsmError("--write-preset needs --suggest")
+    if prompt_rows + frames > 2048:  # CSM-1B's positions; bench would otherwise time clamped garbage
+        raise CsmError(f"--prompt-rows {prompt_rows} + --frames {frames} exceed the model's 2048 positions")
     batches = _int_list(batch, "--batch") if batch else [1]
     chunks = _int_list(chunk_frames, "--chunk-frames") if chunk_frames else None
     if output:  # refused now, not after the measurements

@@ -61,6 +61,11 @@ class FrameGraph:
         return self.output
 
 
+def graphs_enabled(requested: bool, device: torch.device) -> bool:
+    """CUDA graphs run when asked for, on CUDA, and not switched off by CSMCLI_NO_CUDA_GRAPHS=1."""
+    return requested and device.type == "cuda" and os.environ.get(NO_GRAPHS_ENV) != "1"
+
+
 class Engine:
     def __init__(self, model: Csm, max_batch: int = 1, cuda_graphs: bool = True, compile: bool = False):
         self.stepper = FrameStepper(model, max_batch)
@@ -69,7 +74,7 @@ class Engine:
         step = self.stepper.step
         if compile:
             step = torch.compile(step, fullgraph=True, dynamic=False)
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and os.environ.get(NO_GRAPHS_ENV) != "1"
+        self.cuda_graphs = graphs_enabled(cuda_graphs, self.device)
         if self.device.type == "cuda":
             # cuBLAS may pick another GEMM algorithm under graph capture than eagerly; with split-K reductions in
             # bf16 those round differently and greedy codes drift apart. fp32 reductions keep graph == eager.

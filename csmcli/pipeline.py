@@ -22,7 +22,7 @@ from csmcli.codec import MimiCodec
 from csmcli.engine import Engine
 from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS, SAMPLE_RATE
-from csmcli.presets import Preset
+from csmcli.presets import CPU_PRESET, Preset
 from csmcli.prompt import Prompt, Segment, build_prompt, frame_budget
 from csmcli.sampling import SamplingParams
 
@@ -44,13 +44,36 @@ class AudioChunk:
     stop: str | None  # on a sentence's last chunk: "eos" | "max_frames" | "cancelled"
 
 
-def pick_device(requested: str | None) -> torch.device:
+def pick_device(requested: str | None, preset: Preset | None = None) -> torch.device:
+    """`--torch-device` when given; else the CPU for the cpu preset (chosen because the GPU is too small or
+    busy, or asked for), else CUDA when present."""
     if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CsmError(f"--device {requested}: CUDA is not available here (use --device cpu)")
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise CsmError(f"--torch-device {requested}: not a device (use cpu, cuda or cuda:N)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise CsmError(f"--torch-device {requested}: csmcli runs on cpu or cuda")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise CsmError(f"--torch-device {requested}: CUDA is not available here (use --torch-device cpu)")
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise CsmError(f"--torch-device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
         return device
+    if preset is not None and preset.name == CPU_PRESET:
+        return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def choose_preset(preset_name: str | None, torch_device: str | None, overrides: dict) -> tuple[Preset, str]:
+    """The preset a run uses (`--preset` or the GPU's memory, then flags) and why; the GPU is the one
+    `--torch-device cuda:N` names."""
+    from csmcli.gpu import detect_gpus
+    from csmcli.presets import resolve_preset
+
+    gpus = detect_gpus() if torch_device is None or torch_device.startswith("cuda") else []
+    index = pick_device(torch_device).index or 0 if torch_device else 0
+    return resolve_preset(preset_name, gpus[index] if index < len(gpus) else None, **overrides)
 
 
 def random_codec(device: torch.device, config=None) -> MimiCodec:
@@ -104,7 +127,7 @@ class Pipeline:
              codec_path: str | None = None, tokenizer_path: str | None = None, config=None,
              codec_config=None) -> Pipeline:
         """`config` / `codec_config` choose the sizes of random weights (default: the real CSM-1B and Mimi)."""
-        dev = pick_device(device)
+        dev = pick_device(device, preset)
         dtype = DTYPES[preset.dtype] if dev.type == "cuda" else torch.float32
         kwargs = {"config": config} if config is not None else {}
         ck = load(source, device=dev, dtype=dtype, tokenizer_path=tokenizer_path, random_weights=random_weights,
@@ -126,12 +149,22 @@ class Pipeline:
     def prompt(self, context: list[Segment], speaker: int, text: str) -> Prompt:
         return build_prompt(self.tokenizer, context, speaker, text, self.encode)
 
+    def encode_context(self, context: list[Segment]) -> list[Segment]:
+        """Context turns with their audio encoded to codes once, not again for every sentence's prompt."""
+        return [Segment(s.speaker, s.text, codes=self.encode(s.audio)) if s.codes is None and s.audio is not None
+                else s for s in context]
+
+    def check_prompt(self, context: list[Segment], speaker: int, text: str) -> None:
+        """Raise now what the first sentence's prompt would raise later (no tokenizer, codec or room)."""
+        prompt = self.prompt(context, speaker, split_sentences(text)[0])
+        frame_budget(prompt.rows, 1, self.model.cfg.backbone.max_seq_len)
+
     def warmup(self) -> None:
         self.engine.warmup()
 
     def speak(
         self, text: str, speaker: int, params: SamplingParams, *, context: list[Segment] | None = None,
-        max_seconds: float = 90.0, decode: bool = True, warn: Warn | None = None, max_context_turns: int = 3,
+        max_seconds: float = 90.0, warn: Warn | None = None, max_context_turns: int = 3,
     ) -> Iterator[AudioChunk]:
         """Long text is spoken sentence by sentence; earlier sentences (text + their codes) become context, newest
         first, as many as fit, so one voice carries through. Audio stays continuous across sentences because the
@@ -140,11 +173,11 @@ class Pipeline:
         user_context, carried = list(context or []), []
         sentences = split_sentences(text)
         max_seq = self.model.cfg.backbone.max_seq_len
-        streaming = self.codec.decoder.streaming(1) if decode and self.codec is not None else None
+        streaming = self.codec.decoder.streaming(1) if self.codec is not None else None
+        wanted = max(1, round(max_seconds / FRAME_SECONDS))
         index = 0
         with streaming if streaming is not None else contextlib.nullcontext():
             for number, sentence in enumerate(sentences):
-                wanted = max(1, round(max_seconds / FRAME_SECONDS))
                 prompt, carried = self._fitting_prompt(user_context, carried[-max_context_turns:], speaker, sentence,
                                                        wanted)
                 frames = frame_budget(prompt.rows, wanted, max_seq)
@@ -163,7 +196,7 @@ class Pipeline:
                     if chunk.stop == "max_frames" and frames == wanted:
                         warn(f"sentence {number + 1} hit the {max_seconds:g} s limit without ending (no EOS): "
                              "raise --max-seconds if it was cut short")
-                codes = torch.cat(made) if made else torch.zeros(0, 32, dtype=torch.long)
+                codes = torch.cat(made) if made else torch.zeros(0, self.model.cfg.num_codebooks, dtype=torch.long)
                 carried = [*carried, Segment(speaker, sentence, codes=codes.T)]
 
     def _fitting_prompt(self, user: list[Segment], carried: list[Segment], speaker: int, text: str, frames: int):

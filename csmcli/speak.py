@@ -20,7 +20,7 @@ from csmcli import audio, ui
 from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS, SAMPLE_RATE
 from csmcli.pipeline import AudioChunk, Pipeline
-from csmcli.prompt import Segment
+from csmcli.prompt import NUM_CODEBOOKS, Segment
 from csmcli.sampling import SamplingParams
 
 
@@ -66,6 +66,8 @@ class Totals:
 
 
 def read_text(text: str | None, text_file: str | None, stdin) -> str:
+    if text is not None and text_file is not None:
+        raise CsmError("give TEXT or -f FILE, not both")
     if text_file is not None:
         try:
             text = Path(text_file).read_text(encoding="utf-8")
@@ -80,16 +82,12 @@ def read_text(text: str | None, text_file: str | None, stdin) -> str:
     return text
 
 
-def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str | None) -> None:
-    """Refuse a bad -o or --device now, not after the seconds it takes to load the model: the checks
-    `audio.open_writer` and `audio.Player` would make."""
-    if output is not None and output != "-":
-        path = Path(output)
-        if not raw and path.suffix.lower() not in audio.WRITE_FORMATS:
-            formats = ", ".join(audio.WRITE_FORMATS)
-            raise CsmError(f"unsupported output format '{path.name}': use {formats} or '-' for stdout")
-        if not path.parent.is_dir():
-            raise CsmError(f"cannot write {path}: directory {path.parent} does not exist")
+def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str | None, save_codes: str | None) -> None:
+    """Refuse a bad -o, --save-codes or --device now, not after the seconds it takes to load the model."""
+    if output is not None:
+        audio.check_output(output, raw)
+    if save_codes is not None and not Path(save_codes).parent.is_dir():
+        raise CsmError(f"cannot write {save_codes}: directory {Path(save_codes).parent} does not exist")
     if play:
         audio.resolve_device(audio_device)
 
@@ -131,13 +129,18 @@ def _context_file(path: Path) -> list[Segment]:
             spk = int(turn["speaker"])
         except (TypeError, ValueError):
             raise CsmError(f"{path}: turn {i + 1}: speaker must be an integer, got {turn['speaker']!r}") from None
+        if not turn["text"].strip():
+            raise CsmError(f"{path}: turn {i + 1}: text is empty (the words spoken in that turn)")
         clip = turn.get("audio")
+        if clip is not None and not isinstance(clip, str):
+            raise CsmError(f"{path}: turn {i + 1}: audio must be a file path, got {clip!r}")
         turns.append(Segment(spk, turn["text"], audio=_audio(path.parent / clip) if clip else None))
     return turns
 
 
-def _chunk_table(rows: list[tuple], totals: Totals, playing: bool) -> Table:
-    table = Table(title="csmcli stream", caption=totals.summary(), expand=False)
+def _chunk_table(rows: list[tuple], totals: Totals | None, playing: bool) -> Table:
+    """`totals` is the running total shown while generating; the final table leaves it to the summary line."""
+    table = Table(title="csmcli stream", caption=totals.summary() if totals else None, expand=False)
     for name in ("chunk", "frames", "gen ms", "decode ms", "chunk RTF", "ahead ms" if playing else "", "underruns"):
         if name:
             table.add_column(name, justify="right")
@@ -152,6 +155,10 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
     if job.seed is None and job.temperature > 0:
         ui.info(f"seed {seed} (pass --seed {seed} to repeat)")
     params = SamplingParams(job.temperature, job.topk, seed)
+    # Encode context audio once and build the first prompt now: a missing tokenizer or codec, or a prompt that
+    # cannot fit, is refused before any output file is created or an existing one truncated.
+    context = pipeline.encode_context(job.context)
+    pipeline.check_prompt(context, job.speaker, job.text)
     totals, rows, codes = Totals(), [], []
     start = time.perf_counter()
     try:
@@ -159,25 +166,27 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
             writer = stack.enter_context(audio.open_writer(job.output, SAMPLE_RATE, raw=job.raw)) \
                 if job.output else None
             player = None
-            if job.play:
-                player = stack.enter_context(audio.Player(SAMPLE_RATE, job.audio_device,
-                                                          prebuffer_ms=pipeline.preset.first_chunk_frames * 80))
-                player.start()  # before generating: a fresh output stream takes a moment to settle
+            if job.play:  # opened before generating: a fresh output stream takes a moment to settle
+                prebuffer_ms = pipeline.preset.first_chunk_frames * FRAME_SECONDS * 1000
+                player = stack.enter_context(audio.Player(SAMPLE_RATE, job.audio_device, prebuffer_ms=prebuffer_ms))
             live = None
             if job.live_table and not ui.is_quiet():
                 if not ui.console.is_terminal:  # Rich ends the table it prints there without a newline: the
                     stack.callback(ui.console.line)  # totals line would be glued to its last row
                 live = stack.enter_context(Live(_chunk_table(rows, totals, player is not None), console=ui.console,
                                                 refresh_per_second=8, transient=False))
-            for chunk in pipeline.speak(job.text, job.speaker, params, context=job.context,
+            for chunk in pipeline.speak(job.text, job.speaker, params, context=context,
                                         max_seconds=job.max_seconds, warn=ui.warn):
                 _deliver(chunk, writer, player, totals, start)
                 codes.append(chunk.codes)
                 rows.append(_row(chunk, player))
                 if live is not None:
                     live.update(_chunk_table(rows, totals, player is not None))
+            if live is not None:
+                live.update(_chunk_table(rows, None, player is not None))
             if player is not None:
-                player.drain()
+                if not player.drain():
+                    ui.warn("playback did not finish in time: the end of the audio may be cut off")
                 totals.underruns = player.underruns
     except audio.OutputClosed:
         pass  # the reader went away (`| head -c 1000`): not an error
@@ -212,8 +221,14 @@ def _row(chunk: AudioChunk, player) -> tuple[Any, ...]:
 
 
 def _finish(job: SpeakJob, totals: Totals, codes: list[torch.Tensor], start: float) -> None:
-    totals.wall_seconds = time.perf_counter() - start
+    """Totals and --save-codes, also after Ctrl-C. Wall time stays what `_deliver` measured at the last chunk:
+    waiting for playback to drain is not generation time."""
+    if not totals.frames:
+        totals.wall_seconds = time.perf_counter() - start
     if job.save_codes:
-        all_codes = torch.cat(codes).numpy() if codes else np.zeros((0, 32), dtype=np.int64)
-        np.save(job.save_codes, all_codes)  # [frames, 32]
+        all_codes = torch.cat(codes).numpy() if codes else np.zeros((0, NUM_CODEBOOKS), dtype=np.int64)
+        try:
+            np.save(job.save_codes, all_codes)  # [frames, 32]
+        except OSError as e:
+            ui.error(f"cannot write {job.save_codes}: {e.strerror or e}")
     ui.info(totals.summary())

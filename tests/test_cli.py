@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Annotated
 
 import pytest
 import typer
@@ -11,7 +12,6 @@ from typer.testing import CliRunner
 
 from csmcli import __version__
 from csmcli.cli import (
-    BatchOpt,
     ChunkFramesOpt,
     CompileOpt,
     CudaGraphsOpt,
@@ -96,6 +96,10 @@ def test_subcommand_help_does_not_import_torch():
         (("bench", "--batch", "1,x"), "error: --batch takes a comma list of whole numbers, like 1,4,16; got '1,x'"),
         (("bench", "--compare", "moshi"), "error: --compare knows only 'transformers', got 'moshi'"),
         (("say", "-f", "/no/such/file.txt"), "error: /no/such/file.txt: cannot read text"),
+        (("say", "hi", "-f", "/no/such/file.txt"), "error: give TEXT or -f FILE, not both"),
+        (("say", "hi", "--torch-device", "gpu"), "error: --torch-device gpu: not a device"),
+        (("say", "hi", "--save-codes", "/no/such/dir/c.npy"), "error: cannot write /no/such/dir/c.npy"),
+        (("bench", "--prompt-rows", "3000"), "error: --prompt-rows 3000 + --frames 100 exceed"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
@@ -190,7 +194,7 @@ def _options_app() -> typer.Typer:
         preset: PresetOpt = None,
         first_chunk_frames: FirstChunkFramesOpt = None,
         chunk_frames: ChunkFramesOpt = None,
-        batch: BatchOpt = None,
+        batch: Annotated[int | None, typer.Option("--batch", min=1)] = None,  # max_batch (bench takes a list)
         dtype: DtypeOpt = None,
         cuda_graphs: CudaGraphsOpt = None,
         compile: CompileOpt = None,

@@ -1,0 +1,66 @@
+"""Problems found before any output is touched: no codec, no tokenizer; the device follows the cpu preset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from csmcli.pipeline import pick_device
+from csmcli.presets import get_preset
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "csmcli", *args, "--torch-device", "cpu"], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def original_dir(hf_model, tmp_path_factory):
+    import tiny
+
+    return tiny.save_original_checkpoint(hf_model, tmp_path_factory.mktemp("orig"))
+
+
+@pytest.fixture(scope="module")
+def mimi_dir(hf_model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mimi")
+    hf_model.codec_model.save_pretrained(str(directory))
+    return directory
+
+
+def test_original_checkpoint_without_codec_is_refused_and_writes_nothing(original_dir, tokenizer_dir, tmp_path):
+    out = tmp_path / "out.wav"
+    result = run("say", "Hello there.", "--model", str(original_dir), "--tokenizer", str(tokenizer_dir),
+                 "-o", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: this checkpoint has no Mimi codec: pass --codec")
+    assert not out.exists()
+
+
+def test_missing_tokenizer_leaves_an_existing_file_alone(original_dir, mimi_dir, tmp_path):
+    keep = tmp_path / "keep.wav"
+    keep.write_bytes(b"precious")
+    result = run("say", "Hello there.", "--model", str(original_dir), "--codec", str(mimi_dir), "-o", str(keep))
+    assert result.returncode == 2
+    assert "no tokenizer" in result.stderr and "Traceback" not in result.stderr
+    assert keep.read_bytes() == b"precious"
+
+
+def test_original_checkpoint_with_codec_and_tokenizer_speaks(original_dir, mimi_dir, tokenizer_dir, tmp_path):
+    import soundfile as sf
+
+    out, codes = tmp_path / "o.wav", tmp_path / "c.npy"
+    result = run("say", "Hello there.", "--model", str(original_dir), "--codec", str(mimi_dir), "--tokenizer",
+                 str(tokenizer_dir), "-o", str(out), "--max-seconds", "0.4", "-t", "0", "--save-codes", str(codes))
+    assert result.returncode == 0, result.stderr
+    import numpy as np
+
+    assert sf.info(str(out)).frames == np.load(codes).shape[0] * 1920 > 0
+
+
+def test_cpu_preset_runs_on_the_cpu_even_with_a_gpu():
+    assert pick_device(None, get_preset("cpu")) == torch.device("cpu")
+    assert pick_device("cpu", get_preset("80gb")) == torch.device("cpu")
