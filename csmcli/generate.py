@@ -17,7 +17,6 @@ from csmcli.prompt import Prompt
 from csmcli.sampling import SamplingParams, sample
 
 FRAME_SECONDS = 0.08
-SAMPLES_PER_FRAME = 1920
 SAMPLE_RATE = 24_000
 
 
@@ -90,4 +89,4 @@ class FrameChunk:
     index: int
     codes: Tensor
     generate_seconds: float
-    stop: str | None = None  # "eos" | "max_frames"
+    stop: str | None = None  # "eos" | "max_frames" | "cancelled"

@@ -1,4 +1,4 @@
-"""Text in, audio chunks out: the one generation path `say`, `stream`, `bench` and `serve` share.
+"""Text in, audio chunks out: the generation path of `say` and `stream` (bench drives the Engine directly).
 
 `Pipeline.load` turns a model source + preset into a ready engine and codec on the chosen device;
 `Pipeline.speak` yields `AudioChunk`s (codes + PCM) as they are made, sentence by sentence for long text, with

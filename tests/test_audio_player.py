@@ -126,7 +126,8 @@ def test_missing_portaudio_is_a_csm_error(tmp_path, monkeypatch):
     (tmp_path / "sounddevice.py").write_text("raise OSError('PortAudio library not found')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
-    with pytest.raises(CsmError, match=r"PortAudio not found \(apt-get install libportaudio2\).*--output FILE"):
+    advice = r"PortAudio not found \(apt-get install libportaudio2\).*stream --no-play -o FILE"
+    with pytest.raises(CsmError, match=advice):
         list_devices()
     with pytest.raises(CsmError, match="PortAudio not found"):
         Player(RATE).start()
