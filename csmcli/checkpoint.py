@@ -238,18 +238,23 @@ def random_model(cfg: CsmConfig, device, dtype, seed: int = 0) -> Csm:
 # ---------------------------------------------------------------- files
 
 
-def read_safetensors(directory: Path) -> dict[str, Tensor]:
+def safetensors_files(path: Path) -> list[Path]:
+    """A .safetensors file itself, or a directory's shards (by its index) or its single `model.safetensors`."""
+    if not path.is_dir():
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return [path / shard for shard in sorted(set(read_json(index).get("weight_map", {}).values()))]
+    return [path / "model.safetensors"]
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of `safetensors_files(path)`; a missing or unreadable file is a CsmError naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [directory / s for s in shards]
-    else:
-        files = [directory / "model.safetensors"]
     tensors: dict[str, Tensor] = {}
-    for f in files:
+    for f in safetensors_files(path):
         if not f.exists():
             raise CsmError(f"{f}: file not found")
         try:
@@ -259,7 +264,7 @@ def read_safetensors(directory: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -283,7 +288,7 @@ def _split_codec(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_hf_dir(directory: Path, device, dtype, tokenizer_path: Path | None = None) -> Checkpoint:
-    cfg_json = _read_json(directory / "config.json")
+    cfg_json = read_json(directory / "config.json")
     cfg = config_from_hf(cfg_json)
     tensors = read_safetensors(directory)
     index = directory / "model.safetensors.index.json"
@@ -318,7 +323,7 @@ def _read_original_weights(directory: Path) -> tuple[dict[str, Tensor], str]:
 
 
 def load_original_dir(directory: Path, device, dtype, tokenizer_path: Path | None = None) -> Checkpoint:
-    cfg = config_from_original(_read_json(directory / "config.json"))
+    cfg = config_from_original(read_json(directory / "config.json"))
     tensors, origin = _read_original_weights(directory)
     model = build_model(cfg, state_dict_from_original(_Source(tensors, origin), cfg), origin, device, dtype)
     tok_dir = tokenizer_path or directory
@@ -327,7 +332,7 @@ def load_original_dir(directory: Path, device, dtype, tokenizer_path: Path | Non
 
 
 def load_directory(directory: Path, device, dtype, tokenizer_path: Path | None = None) -> Checkpoint:
-    cfg = _read_json(directory / "config.json")
+    cfg = read_json(directory / "config.json")
     if cfg.get("model_type") == "csm":
         return load_hf_dir(directory, device, dtype, tokenizer_path)
     if "backbone_flavor" in cfg:

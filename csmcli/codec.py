@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -534,32 +533,17 @@ def _mimi_config(raw: Mapping[str, Any] | MimiConfig, source: str) -> MimiConfig
         raise CsmError(f"{source}: invalid Mimi config: {e}") from e
 
 
-def _weight_files(path: Path) -> list[Path]:
-    if not path.is_dir():
-        return [path]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    if (index := path / "model.safetensors.index.json").is_file():
-        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    raise CsmError(f"{path}: no model.safetensors")
-
-
 def load_mimi_state_dict(path: str | Path) -> tuple[MimiConfig, dict[str, Tensor]]:
     """HF-format Mimi checkpoint (a dir, or its .safetensors file, with config.json beside it) -> config, flat dict."""
-    from safetensors.torch import load_file
+    from csmcli.checkpoint import read_json, read_safetensors
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CsmError(f"{folder}: no config.json, not an HF-format Mimi checkpoint")
-    config = _mimi_config(json.loads(config_file.read_text()), str(config_file))
-    state_dict: dict[str, Tensor] = {}
-    for file in _weight_files(path):
-        if not file.is_file():
-            raise CsmError(f"{file}: file not found")
-        state_dict.update(load_file(file))
-    return config, flatten_mimi_state_dict(state_dict)
+    config = _mimi_config(read_json(config_file), str(config_file))
+    return config, flatten_mimi_state_dict(read_safetensors(path))
 
 
 def extract_codec_state_dict(
@@ -598,8 +582,10 @@ class MimiCodec:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, num_codebooks: int = CSM_NUM_CODEBOOKS) -> MimiCodec:
+        from csmcli.checkpoint import safetensors_files
+
         config, state_dict = load_mimi_state_dict(path)
-        files = _weight_files(Path(path))
+        files = safetensors_files(Path(path))
         return cls(config, state_dict, str(files[0]) if len(files) == 1 else f"{path} (sharded)", num_codebooks)
 
     @classmethod

@@ -175,6 +175,17 @@ def test_missing_or_misshaped_weight_names_file_and_key(tiny, key, tmp_path):
         MimiCodec(model.config, misshaped, source="csm.safetensors")
 
 
+def test_corrupt_mimi_files_are_one_clear_error(tiny, tmp_path):
+    _, directory, _, _, _ = tiny
+    shutil.copy(directory / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CsmError, match=r"model\.safetensors: not a readable safetensors file"):
+        MimiCodec.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(CsmError, match=r"config\.json: not valid JSON"):
+        MimiCodec.from_pretrained(tmp_path)
+
+
 def test_encode_equals_transformers(tiny):
     model, _, codec, _, _ = tiny
     pcm = torch.randn(2, 1, 4 * 1920 + 100, generator=torch.Generator().manual_seed(3))  # [B, 1, T] at 24 kHz
