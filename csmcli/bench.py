@@ -201,28 +201,24 @@ def _one_rep(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk
     _sync(device)
     prefill_ms = (time.perf_counter() - start) * 1000 / batch
     first_audio_ms, made = 0.0, 0
-    streaming = decoder.streaming(batch) if decoder is not None else None
-    if streaming is not None:
-        streaming.__enter__()
     try:
-        while made < settings.frames:
-            n = min(settings.first_chunk_frames if made == 0 else chunk, settings.frames - made)
-            t0 = time.perf_counter()
-            codes = engine.run_chunk(n)  # [n, B, 32] on the CPU: synced
-            t1 = time.perf_counter()
-            if decoder is not None:
-                decoder.decode_chunk(codes.permute(1, 2, 0).to(device))  # [B, 32, n] -> [B, 1, n * 1920]
-                _sync(device)
-                decode_ms.append((time.perf_counter() - t1) * 1000)
-            if made == 0:
-                first_audio_ms = (time.perf_counter() - start) * 1000
-            if made > 0 or n == settings.frames:  # steady chunks; a single-chunk run has only the first
-                frame_ms.append((t1 - t0) * 1000 / n)
-            chunk_ms.append((t1 - t0) * 1000)
-            made += n
+        with decoder.streaming(batch) if decoder is not None else contextlib.nullcontext():
+            while made < settings.frames:
+                n = min(settings.first_chunk_frames if made == 0 else chunk, settings.frames - made)
+                t0 = time.perf_counter()
+                codes = engine.run_chunk(n)  # [n, B, 32] on the CPU: synced
+                t1 = time.perf_counter()
+                if decoder is not None:
+                    decoder.decode_chunk(codes.permute(1, 2, 0).to(device))  # [B, 32, n] -> [B, 1, n * 1920]
+                    _sync(device)
+                    decode_ms.append((time.perf_counter() - t1) * 1000)
+                if made == 0:
+                    first_audio_ms = (time.perf_counter() - start) * 1000
+                if made > 0 or n == settings.frames:  # steady chunks; a single-chunk run has only the first
+                    frame_ms.append((t1 - t0) * 1000 / n)
+                chunk_ms.append((t1 - t0) * 1000)
+                made += n
     finally:
-        if streaming is not None:
-            streaming.__exit__(None, None, None)
         for slot in engine.slots:
             if slot is not None:
                 engine.release(slot.request)
@@ -270,18 +266,18 @@ def measure(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk:
 def transformers_ms_per_frame(model: Csm, frames: int, prompt_rows: int) -> float:
     """transformers' CsmForConditionalGeneration.generate (static cache, greedy) on the same weights, ms/frame."""
     from transformers import CsmForConditionalGeneration
-    from transformers.utils import logging as hf_logging
 
     from csmcli.checkpoint import hf_config, hf_state_dict
-
-    hf_logging.set_verbosity_error()  # its config warnings about CSM's token ids are noise here
+    from csmcli.ui import library_warnings_hidden
 
     param = model.codebook0_head.weight
-    config = hf_config(model.cfg, codec_config={"model_type": "mimi"})
-    with torch.device(param.device):  # not `meta`: its non-persistent buffers (rope, codebook offsets) need init
-        hf = CsmForConditionalGeneration(config).to(param.dtype)
-    missing = set(hf.state_dict()) - set(hf_state_dict(model))
-    hf.load_state_dict(hf_state_dict(model), strict=False)
+    with library_warnings_hidden():  # its config warnings about CSM's token ids are noise here
+        config = hf_config(model.cfg, codec_config={"model_type": "mimi"})
+        with torch.device(param.device):  # not `meta`: non-persistent buffers (rope, codebook offsets) need init
+            hf = CsmForConditionalGeneration(config).to(param.dtype)
+    weights = hf_state_dict(model)
+    missing = set(hf.state_dict()) - set(weights)
+    hf.load_state_dict(weights, strict=False)
     assert all(k.startswith("codec_model.") for k in missing), missing  # the codec is not used by generate
     hf.eval()
     ids = synthetic_prompt(prompt_rows).tokens[:, -1][None].to(param.device)  # [1, T] text ids

@@ -189,7 +189,7 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
     if random_weights:
         ui.warn("random weights: the audio is noise; use them for speed, not sound")
     spinner = ui.console.status("loading model", spinner="dots") if not ui.is_quiet() else contextlib.nullcontext()
-    with spinner, _library_warnings_hidden():
+    with spinner, ui.library_warnings_hidden():
         pipeline = Pipeline.load(
             model,
             preset,
@@ -202,24 +202,6 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
             raise CsmError("this checkpoint has no Mimi codec: pass --codec DIR (an HF-format Mimi checkpoint)")
         pipeline.warmup()
     return pipeline
-
-
-@contextlib.contextmanager
-def _library_warnings_hidden():
-    """transformers logs its checks of a checkpoint's config.json as warnings ("pad_token_id must be ... within
-    the vocabulary", from AutoTokenizer reading the model's config): noise around our own messages that --quiet
-    did not silence. Shown with --verbose."""
-    if ui.is_verbose():
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 _OVERRIDE_FLAGS = ("first_chunk_frames", "chunk_frames", "dtype", "cuda_graphs", "compile")

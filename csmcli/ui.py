@@ -3,8 +3,10 @@
 Data (JSON, raw audio) goes to stdout and nothing else does, so `csmcli ... | other-tool` stays clean.
 """
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -67,3 +69,21 @@ def print_json(obj: Any) -> None:
     """Write `obj` as JSON to stdout (not through Rich, so pipes get exact, uncoloured text)."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def library_warnings_hidden() -> Iterator[None]:
+    """transformers logs its checks of a checkpoint's config.json as warnings ("pad_token_id must be ... within
+    the vocabulary", from AutoTokenizer reading the model's config, or from building a model for --compare):
+    noise around our own messages that --quiet did not silence. Shown with --verbose; restored afterwards."""
+    if _verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
