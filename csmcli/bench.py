@@ -450,7 +450,7 @@ def prepare(*, model: str | None, random_weights: bool, tiny: bool, codec: str |
     """Pick the weights (real, or random when asked or when nothing is cached), preset, device and codec."""
     from csmcli import ui
     from csmcli.info import checkpoint_cache_status
-    from csmcli.pipeline import Pipeline, choose_preset
+    from csmcli.pipeline import choose_preset, load_model_and_codec
 
     if tiny:
         torch_device = torch_device or "cpu"
@@ -462,11 +462,12 @@ def prepare(*, model: str | None, random_weights: bool, tiny: bool, codec: str |
     preset, reason = choose_preset(preset_name, torch_device, overrides)
     ui.debug(f"preset {preset.name}: {reason}")
     tiny_sizes = {"config": TINY, "codec_config": tiny_mimi_config()} if tiny else {}
-    pipeline = Pipeline.load(model, preset, device=torch_device, random_weights=random_weights, codec_path=codec,
-                             **tiny_sizes)
-    decoder = pipeline.codec.decoder if pipeline.codec is not None else None
+    # Not a Pipeline: that would build a batch-1 Engine (and its caches) bench never uses.
+    ck, mimi, device = load_model_and_codec(model, preset, device=torch_device, random_weights=random_weights,
+                                            codec_path=codec, **tiny_sizes)
+    decoder = mimi.decoder if mimi is not None else None
     weights = ("random weights (tiny config)" if tiny else "random weights") if random_weights else "real weights"
-    return BenchContext(pipeline.model, decoder, preset, weights, pipeline.device)
+    return BenchContext(ck.model, decoder, preset, weights, device)
 
 
 def tiny_mimi_config():

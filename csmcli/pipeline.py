@@ -96,6 +96,19 @@ def load_codec(ck: Checkpoint, codec_path: str | None, device: torch.device, ran
     return None
 
 
+def load_model_and_codec(source: str | None, preset: Preset, *, device: str | None = None,
+                         random_weights: bool = False, codec_path: str | None = None,
+                         tokenizer_path: str | None = None, config=None,
+                         codec_config=None) -> tuple[Checkpoint, MimiCodec | None, torch.device]:
+    """Checkpoint and codec on the device the preset (or `--torch-device`) selects, in the preset's dtype."""
+    dev = pick_device(device, preset)
+    dtype = DTYPES[preset.dtype] if dev.type == "cuda" else torch.float32
+    kwargs = {"config": config} if config is not None else {}
+    ck = load(source, device=dev, dtype=dtype, tokenizer_path=tokenizer_path, random_weights=random_weights,
+              **kwargs)
+    return ck, load_codec(ck, codec_path, dev, codec_config), dev
+
+
 def split_sentences(text: str, max_chars: int = 400) -> list[str]:
     """Sentences, merged while short, so each generation is a natural unit and long text never hits the limit."""
     pieces = [p.strip() for p in re.split(r"(?<=[.!?;:])\s+|\n{2,}", text.strip()) if p.strip()]
@@ -127,12 +140,10 @@ class Pipeline:
              codec_path: str | None = None, tokenizer_path: str | None = None, config=None,
              codec_config=None) -> Pipeline:
         """`config` / `codec_config` choose the sizes of random weights (default: the real CSM-1B and Mimi)."""
-        dev = pick_device(device, preset)
-        dtype = DTYPES[preset.dtype] if dev.type == "cuda" else torch.float32
-        kwargs = {"config": config} if config is not None else {}
-        ck = load(source, device=dev, dtype=dtype, tokenizer_path=tokenizer_path, random_weights=random_weights,
-                  **kwargs)
-        return cls(ck, load_codec(ck, codec_path, dev, codec_config), preset, dev)
+        ck, codec, dev = load_model_and_codec(source, preset, device=device, random_weights=random_weights,
+                                              codec_path=codec_path, tokenizer_path=tokenizer_path, config=config,
+                                              codec_config=codec_config)
+        return cls(ck, codec, preset, dev)
 
     @property
     def tokenizer(self):
