@@ -14,7 +14,7 @@ from torch import Tensor
 
 from csmcli.model import Csm
 from csmcli.prompt import Prompt
-from csmcli.sampling import SamplingParams, sample
+from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, sample
 
 FRAME_SECONDS = 0.08
 SAMPLE_RATE = 24_000
@@ -45,9 +45,8 @@ class FrameStepper:
         tokens = prompt.tokens.to(self.device)[None]  # [1, T, 33]
         mask = prompt.mask.to(self.device)[None]
         embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
-        positions = torch.arange(prompt.rows, device=self.device)[None]  # [1, T]
         rows = torch.tensor([slot], device=self.device)
-        hidden = self.model.backbone(embeds, positions, rows)[:, -1]  # [1, dim]
+        hidden = self.model.backbone(embeds, 0, rows)[:, -1]  # [1, dim]: positions 0..T-1
         self.hidden[slot] = hidden[0]
         self.positions[slot] = prompt.rows
         self.frame_index[slot] = 0
@@ -59,15 +58,18 @@ class FrameStepper:
         """The per-slot tensors a step reads and advances (KV caches aside: a step writes only ahead of them)."""
         return [self.hidden, self.positions, self.frame_index, self.codes]
 
-    def _sample(self, logits: Tensor, codebook: int) -> Tensor:
-        return sample(logits, self.temperature, self.topk, self.seed, self.frame_index, codebook)
+    def frame_sampling(self) -> FrameSampling:
+        cfg = self.model.cfg
+        return frame_sampling(self.temperature, self.topk, self.seed, self.frame_index, cfg.num_codebooks,
+                              cfg.audio_vocab_size)
 
     @torch.inference_mode()
     def step(self) -> Tensor:
         """One frame for every slot: depth-decode the pending hidden state, then feed the frame to the backbone.
 
         Returns the static `codes [B, 32]` buffer (overwritten by the next step)."""
-        codes = self.model.decode_frame(self.hidden, self._sample)  # [B, 32]
+        settings = self.frame_sampling()
+        codes = self.model.decode_frame(self.hidden, lambda logits, codebook: sample(logits, settings, codebook))
         # Clamped so finished or idle slots never write past the cache; their outputs are ignored.
         positions = self.positions.clamp(max=self.max_seq_len - 1)[:, None]  # [B, 1]
         self.hidden.copy_(self.model.backbone(self.model.embed_frame(codes), positions)[:, -1])

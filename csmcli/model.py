@@ -82,10 +82,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 and cast back before the scale, as transformers' LlamaRMSNorm does (bf16 parity).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in float32 and cast back before the scale, as transformers' LlamaRMSNorm does (bf16 parity);
+        # F.rms_norm is one fused kernel on CUDA where the written-out formula is five.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -102,8 +101,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, rows: Tensor | None, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v `[b, Hkv, T, D]` at `input_pos [b, T]`; return the cache rows attention reads."""
+    def update(self, rows: Tensor | None, input_pos: Tensor | int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v `[b, Hkv, T, D]` at `input_pos [b, T]` (or, all rows alike, at `input_pos..+T`); return the
+        cache rows attention reads (for an int position only the written prefix)."""
+        if isinstance(input_pos, int):
+            end = input_pos + k.shape[2]
+            if rows is None:
+                self.k[:, :, input_pos:end] = k
+                self.v[:, :, input_pos:end] = v
+                return self.k[:, :, :end], self.v[:, :, :end]
+            self.k[rows, :, input_pos:end] = k
+            self.v[rows, :, input_pos:end] = v
+            return self.k[rows, :, :end], self.v[rows, :, :end]
         if rows is None:
             batch = torch.arange(self.k.shape[0], device=k.device)[:, None]  # [B, 1]
             self.k[batch, :, input_pos] = k.transpose(1, 2)
@@ -114,8 +123,9 @@ class KVCache(nn.Module):
         return self.k[rows], self.v[rows]
 
 
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of q `[b, H, T, D]` over the cache k, v `[b, Hkv, S, D]` where `mask [b, 1, T, S]` allows.
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None) -> Tensor:
+    """Attention of q `[b, H, T, D]` over the cache k, v `[b, Hkv, S, D]`, except where `blocked` (broadcast to
+    `[b, Hkv, H / Hkv, T, S]`; None: nowhere) is True.
 
     Written out rather than SDPA: on the H100 SDPA picked cuDNN attention for batched decode, whose results
     changed from run to run (eager vs eager differed at batch 8), so graphed and eager codes could never be
@@ -125,7 +135,8 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     hkv = k.shape[1]
     q = q.reshape(b, hkv, (h // hkv) * t, d)  # [b, Hkv, G*T, D]: rows ordered (group, position)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * d**-0.5  # [b, Hkv, G*T, S]
-    scores = scores.view(b, hkv, h // hkv, t, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
+    if blocked is not None:
+        scores = scores.view(b, hkv, h // hkv, t, -1).masked_fill(blocked, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, hkv, (h // hkv) * t, -1)
     return torch.matmul(probs, v).view(b, h, t, d)  # [b, H, T, D]
 
@@ -139,19 +150,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor, rows: Tensor | None):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
+                rows: Tensor | None):
         b, t, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [b, H, T, D]
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [b, Hkv, T, D]
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [b, 1, T, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        h, hkv = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(b, t, h + 2 * hkv, self.head_dim)
+        qk, v = qkv.split([h + hkv, hkv], dim=2)  # [b, T, H + Hkv, D], [b, T, Hkv, D]
+        qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together: half the kernels
+        q, k = qk.split([h, hkv], dim=2)
         assert self.cache is not None, "call setup_caches() first"
-        k, v = self.cache.update(rows, input_pos, k, v)
-        return self.wo(grouped_attention(q, k, v, mask).transpose(1, 2).reshape(b, t, q_size))
+        k, v = self.cache.update(rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))  # [b, Hkv, S, D]
+        out = grouped_attention(q.transpose(1, 2), k, v, blocked)  # [b, H, T, D]
+        return self.wo(out.transpose(1, 2).reshape(b, t, h * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -174,8 +184,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor, rows: Tensor | None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, rows)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
+                rows: Tensor | None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, blocked, input_pos, rows)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -188,21 +199,43 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [max_seq_len, D], see set_rope
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.set_rope(self.inv_freq.device)
+
+    def set_rope(self, device) -> None:
+        """Tabulate cos / sin for every position once: a step then gathers rows instead of recomputing them.
+        Float32 angles, as transformers computes them; stored in float32 and cast where used."""
+        self.inv_freq = rope_inverse_frequencies(self.cfg).to(device)
+        freqs = torch.arange(self.cfg.max_seq_len, device=device).float()[:, None] * self.inv_freq  # [S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
 
     def setup_cache(self, batch: int, dtype: torch.dtype, device) -> None:
         for layer in self.layers:
             layer.attention.cache = KVCache(batch, self.cfg.n_kv_heads, self.cfg.max_seq_len, self.cfg.head_dim,
                                             dtype, device)
 
-    def forward(self, x: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
-        """x `[b, T, dim]` at positions `input_pos [b, T]`, into cache rows `rows [b]` (None: all rows, b == B)."""
-        freqs = input_pos[..., None].float() * self.inv_freq  # [b, T, D/2], float32 as transformers computes it
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        positions = torch.arange(self.cfg.max_seq_len, device=x.device)
-        mask = (positions <= input_pos[..., None]).unsqueeze(1)  # [b, 1, T, S]: causal over the written cache
+    def forward(self, x: Tensor, input_pos: Tensor | int, rows: Tensor | None = None) -> Tensor:
+        """x `[b, T, dim]` at positions `input_pos [b, T]`, into cache rows `rows [b]` (None: all rows, b == B).
+
+        An int `input_pos` means every row is at positions input_pos..input_pos+T-1 (a prompt prefill, the depth
+        decoder): the cache is written and read through slices up to the last position only, the causal mask is a
+        `[T, end]` triangle, and a one-token step needs no mask at all."""
+        t = x.shape[1]
+        if isinstance(input_pos, int):
+            end = input_pos + t
+            cos = self.rope_cos[input_pos:end, None].to(x.dtype)  # [T, 1, D]: broadcast over rows and heads
+            sin = self.rope_sin[input_pos:end, None].to(x.dtype)
+            # Row r (position input_pos + r) sees columns up to input_pos + r: block the triangle above that.
+            blocked = None if t == 1 else torch.ones(t, end, dtype=torch.bool, device=x.device).triu(input_pos + 1)
+        else:
+            cos = self.rope_cos[input_pos][:, :, None].to(x.dtype)  # [b, T, 1, D]
+            sin = self.rope_sin[input_pos][:, :, None].to(x.dtype)
+            positions = torch.arange(self.cfg.max_seq_len, device=x.device)
+            blocked = (positions > input_pos[..., None])[:, None, None]  # [b, 1, 1, T, S]: causal over the cache
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, rows)
+            x = layer(x, cos, sin, blocked, input_pos, rows)
         return self.norm(x)
 
 
@@ -233,7 +266,7 @@ class Csm(nn.Module):
             return
         self.codebook_offsets = torch.arange(self.cfg.num_codebooks, device=device) * self.cfg.audio_vocab_size
         for t in (self.backbone, self.decoder):
-            t.inv_freq = rope_inverse_frequencies(t.cfg).to(device)
+            t.set_rope(device)
 
     def setup_caches(self, batch: int, dtype: torch.dtype | None = None, device=None) -> None:
         param = self.codebook0_head.weight
@@ -254,15 +287,14 @@ class Csm(nn.Module):
 
     def decode_frame(self, hidden: Tensor, sample: SampleFn) -> Tensor:
         """Backbone hidden state `[B, dim]` -> the frame's 32 codes `[B, 32]` (codebook 0 + depth decoder)."""
-        b = hidden.shape[0]
         c0 = sample(self.codebook0_head(hidden).float(), 0)  # [B]
         decoder_in = torch.stack([hidden, self.audio_embeddings(c0)], dim=1)  # [B, 2, dim]: codebook 0 offset is 0
-        pos = torch.arange(2, device=hidden.device).expand(b, 2)  # fresh decoder cache each frame: positions 0, 1
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
+            # A fresh decoder cache each frame: codebook i's input sits at position i (0 and 1 on the first step).
+            pos = 0 if i == 1 else i
             h = self.decoder(self.projection(decoder_in), pos)[:, -1]  # [B, decoder dim]
             ci = sample(torch.mm(h, self.audio_head[i - 1]).float(), i)
             codes.append(ci)
             decoder_in = self.audio_embeddings(ci + i * self.cfg.audio_vocab_size)[:, None]  # [B, 1, dim]
-            pos = pos[:, -1:] + 1
         return torch.stack(codes, dim=1)  # [B, 32]

@@ -2,8 +2,8 @@
 
 Randomness comes from a counter-based hash of (seed, frame, codebook, token) instead of a shared
 `torch.Generator`: a request's codes then depend only on its own seed, not on which other requests share the
-batch, whether the frame step runs eagerly or inside a CUDA graph, or on which device it runs. The draw itself is
-the reference's `argmax(probs / Exponential(1))`, which needs no `multinomial` host sync.
+batch, whether the frame step runs eagerly or inside a CUDA graph, or on which device it runs. The draw is the
+Gumbel-max form of the reference's `argmax(probs / Exponential(1))`; neither needs a `multinomial` host sync.
 """
 
 from __future__ import annotations
@@ -35,26 +35,46 @@ def _hash32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def uniform_noise(seed: Tensor, frame: Tensor, codebook: int, vocab_size: int) -> Tensor:
-    """Uniform (0, 1) noise `[B, V]`, a pure function of (seed [B], frame [B], codebook, token index)."""
-    key = _hash32((frame * 64 + codebook) & _MASK32)
-    key = _hash32(((seed >> 32) & _MASK32) ^ key)
-    key = _hash32((seed & _MASK32) ^ key)  # [B]
+def uniform_noise(seed: Tensor, frame: Tensor, codebooks: int, vocab_size: int) -> Tensor:
+    """Uniform (0, 1) noise `[B, codebooks, V]`, a pure function of (seed [B], frame [B], codebook, token index).
+
+    Made for a whole frame at once: one short chain of kernels per frame instead of one per codebook."""
+    codebook = torch.arange(codebooks, device=seed.device, dtype=torch.int64)  # [C]
+    key = _hash32((frame[:, None] * 64 + codebook) & _MASK32)  # [B, C]
+    key = _hash32(((seed[:, None] >> 32) & _MASK32) ^ key)
+    key = _hash32((seed[:, None] & _MASK32) ^ key)
     tokens = torch.arange(vocab_size, device=seed.device, dtype=torch.int64) * _GOLDEN & _MASK32  # [V]
-    bits = _hash32(_hash32(key[:, None] ^ tokens))  # [B, V]
-    # 23 bits + 0.5 are exact in float32, so the value is strictly inside (0, 1): -log(u) is never 0 or inf.
+    bits = _hash32(_hash32(key[..., None] ^ tokens))  # [B, C, V]
+    # 23 bits + 0.5 are exact in float32, so the value is strictly inside (0, 1): log(-log(u)) is always finite.
     return ((bits >> 9).to(torch.float32) + 0.5) / 2.0**23
 
 
-def sample(logits: Tensor, temperature: Tensor, topk: Tensor, seed: Tensor, frame: Tensor, codebook: int) -> Tensor:
-    """One token per row of `logits [B, V]` (float32) with per-row temperature / top-k / seed; greedy where
-    temperature <= 0. Branch-free so one CUDA graph serves every mix of settings."""
+@dataclass(frozen=True)
+class FrameSampling:
+    """Every slot's sampling settings and noise for one frame, prepared once so each codebook's draw is short."""
+
+    temperature: Tensor  # [B, 1] float32, clamped away from 0
+    kth: Tensor  # [B, 1] index of the k-th largest logit (top-k threshold)
+    greedy: Tensor  # [B] bool
+    gumbel: Tensor  # [B, codebooks, V] float32
+
+
+def frame_sampling(temperature: Tensor, topk: Tensor, seed: Tensor, frame: Tensor, codebooks: int,
+                   vocab_size: int) -> FrameSampling:
+    """Settings `temperature, topk, seed, frame [B]` -> the frame's `FrameSampling` (Gumbel noise `-log(-log u)`)."""
+    gumbel = -torch.log(-torch.log(uniform_noise(seed, frame, codebooks, vocab_size)))
+    return FrameSampling(temperature.clamp(min=1e-5)[:, None], (topk.clamp(1, vocab_size) - 1)[:, None],
+                         temperature <= 0, gumbel)
+
+
+def sample(logits: Tensor, frame: FrameSampling, codebook: int) -> Tensor:
+    """One token per row of `logits [B, V]` (float32) with each row's temperature / top-k / noise; greedy where
+    temperature <= 0. Branch-free so one CUDA graph serves every mix of settings.
+
+    `argmax(logits / T + gumbel)` over the top k is the reference's `argmax(softmax(logits / T) / Exponential(1))`
+    without the softmax's monotone steps: the same distribution, fewer kernels per codebook."""
     greedy = logits.argmax(dim=-1)
-    scaled = logits / temperature.clamp(min=1e-5)[:, None]
-    ranked = scaled.sort(dim=-1, descending=True).values
-    kth = ranked.gather(1, (topk.clamp(1, logits.shape[-1]) - 1)[:, None])  # [B, 1]
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    exponential = -torch.log(uniform_noise(seed, frame, codebook, logits.shape[-1]))
-    drawn = (probs / exponential).argmax(dim=-1)
-    return torch.where(temperature <= 0, greedy, drawn)
+    scaled = logits / frame.temperature
+    kth = scaled.sort(dim=-1, descending=True).values.gather(1, frame.kth)  # [B, 1]
+    drawn = (scaled.masked_fill(scaled < kth, float("-inf")) + frame.gumbel[:, codebook]).argmax(dim=-1)
+    return torch.where(frame.greedy, greedy, drawn)

@@ -22,7 +22,7 @@ def run(model, graphs, backends=None, n=8, frames=24):
 
 
 def first_diff(a, b):
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         rows = (x != y).any(-1).nonzero()
         if len(rows):
             return f"slot {i} frame {int(rows[0])}"

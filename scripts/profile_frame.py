@@ -7,7 +7,7 @@ from csmcli.engine import FrameGraph
 from csmcli.generate import FrameStepper
 from csmcli.model import CSM_1B
 from csmcli.prompt import synthetic_prompt
-from csmcli.sampling import SamplingParams
+from csmcli.sampling import SamplingParams, sample
 
 
 def timed(fn, n=50):
@@ -22,19 +22,28 @@ def timed(fn, n=50):
     return start.elapsed_time(end) / n
 
 
+def frame_parts(stepper: FrameStepper) -> dict:
+    """The whole step and its two halves, each a callable that can be captured as a graph."""
+    m = stepper.model
+
+    def depth_decoder():
+        settings = stepper.frame_sampling()
+        return m.decode_frame(stepper.hidden, lambda logits, codebook: sample(logits, settings, codebook))
+
+    def backbone():
+        return m.backbone(m.embed_frame(stepper.codes), stepper.positions[:, None].clamp(max=2000))
+
+    return {"full frame step": stepper.step, "depth decoder + sampling (31 steps)": depth_decoder,
+            "backbone step": backbone}
+
+
 def main():
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
     for batch in (1, 16):
         stepper = FrameStepper(model, batch)
         for slot in range(batch):
             stepper.prefill(slot, synthetic_prompt(200, slot), SamplingParams(0.9, 50, seed=slot))
-        m = stepper.model
-        parts = {
-            "full frame step": stepper.step,
-            "depth decoder + sampling (31 steps)": lambda: m.decode_frame(stepper.hidden, stepper._sample),
-            "backbone step": lambda: m.backbone(m.embed_frame(stepper.codes), stepper.positions[:, None].clamp(max=2000)),
-        }
-        for name, fn in parts.items():
+        for name, fn in frame_parts(stepper).items():
             with torch.inference_mode():
                 graph = FrameGraph(fn)
                 print(f"B={batch:>3} {name:40s} graphed {timed(graph):7.2f} ms")
