@@ -63,7 +63,7 @@ class FrameStepper:
         return frame_sampling(self.temperature, self.topk, self.seed, self.frame_index, cfg.num_codebooks,
                               cfg.audio_vocab_size)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self) -> Tensor:
         """One frame for every slot: depth-decode the pending hidden state, then feed the frame to the backbone.
 
