@@ -14,7 +14,7 @@ from torch import Tensor
 
 from csmcli.model import Csm
 from csmcli.prompt import Prompt
-from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, sample
+from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, sample, token_keys
 
 FRAME_SECONDS = 0.08
 SAMPLE_RATE = 24_000
@@ -38,6 +38,7 @@ class FrameStepper:
         self.topk = torch.full((b,), 50, dtype=torch.long, device=dev)
         self.seed = torch.zeros(b, dtype=torch.long, device=dev)
         self.codes = torch.zeros(b, model.cfg.num_codebooks, dtype=torch.long, device=dev)  # [B, 32] last frame
+        self.token_keys = token_keys(model.cfg.audio_vocab_size, dev)  # [V]
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt: Prompt, params: SamplingParams) -> None:
@@ -59,9 +60,8 @@ class FrameStepper:
         return [self.hidden, self.positions, self.frame_index, self.codes]
 
     def frame_sampling(self) -> FrameSampling:
-        cfg = self.model.cfg
-        return frame_sampling(self.temperature, self.topk, self.seed, self.frame_index, cfg.num_codebooks,
-                              cfg.audio_vocab_size)
+        return frame_sampling(self.temperature, self.topk, self.seed, self.frame_index, self.model.cfg.num_codebooks,
+                              self.token_keys)
 
     @torch.no_grad()
     def step(self) -> Tensor:

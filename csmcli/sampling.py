@@ -35,15 +35,21 @@ def _hash32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def uniform_noise(seed: Tensor, frame: Tensor, codebooks: int, vocab_size: int) -> Tensor:
-    """Uniform (0, 1) noise `[B, codebooks, V]`, a pure function of (seed [B], frame [B], codebook, token index).
+def token_keys(vocab_size: int, device=None) -> Tensor:
+    """Per-token hash inputs `[V]`, made once outside the frame step: computed inside a compiled step, Triton
+    would fold `arange * constant` into an int32 index expression, which this 32-bit constant overflows."""
+    return torch.arange(vocab_size, device=device, dtype=torch.int64) * _GOLDEN & _MASK32
+
+
+def uniform_noise(seed: Tensor, frame: Tensor, codebooks: int, tokens: Tensor) -> Tensor:
+    """Uniform (0, 1) noise `[B, codebooks, V]`, a pure function of (seed [B], frame [B], codebook, token index);
+    `tokens` is `token_keys(V)`.
 
     Made for a whole frame at once: one short chain of kernels per frame instead of one per codebook."""
     codebook = torch.arange(codebooks, device=seed.device, dtype=torch.int64)  # [C]
     key = _hash32((frame[:, None] * 64 + codebook) & _MASK32)  # [B, C]
     key = _hash32(((seed[:, None] >> 32) & _MASK32) ^ key)
     key = _hash32((seed[:, None] & _MASK32) ^ key)
-    tokens = torch.arange(vocab_size, device=seed.device, dtype=torch.int64) * _GOLDEN & _MASK32  # [V]
     bits = _hash32(_hash32(key[..., None] ^ tokens))  # [B, C, V]
     # 23 bits + 0.5 are exact in float32, so the value is strictly inside (0, 1): log(-log(u)) is always finite.
     return ((bits >> 9).to(torch.float32) + 0.5) / 2.0**23
@@ -60,10 +66,11 @@ class FrameSampling:
 
 
 def frame_sampling(temperature: Tensor, topk: Tensor, seed: Tensor, frame: Tensor, codebooks: int,
-                   vocab_size: int) -> FrameSampling:
-    """Settings `temperature, topk, seed, frame [B]` -> the frame's `FrameSampling` (Gumbel noise `-log(-log u)`)."""
-    gumbel = -torch.log(-torch.log(uniform_noise(seed, frame, codebooks, vocab_size)))
-    return FrameSampling(temperature.clamp(min=1e-5)[:, None], (topk.clamp(1, vocab_size) - 1)[:, None],
+                   tokens: Tensor) -> FrameSampling:
+    """Settings `temperature, topk, seed, frame [B]` -> the frame's `FrameSampling` (Gumbel noise `-log(-log u)`)
+    over a vocabulary of `len(tokens)` (`tokens = token_keys(V)`)."""
+    gumbel = -torch.log(-torch.log(uniform_noise(seed, frame, codebooks, tokens)))
+    return FrameSampling(temperature.clamp(min=1e-5)[:, None], (topk.clamp(1, len(tokens)) - 1)[:, None],
                          temperature <= 0, gumbel)
 
 

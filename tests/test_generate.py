@@ -124,11 +124,11 @@ def test_top1_sampling_equals_greedy(ours):
 
 def draws(logits: torch.Tensor, temperature: float, k: int, codebook: int = 2) -> torch.Tensor:
     """One draw per row, each row its own seed (rows are independent samples of the same distribution)."""
-    from csmcli.sampling import frame_sampling, sample
+    from csmcli.sampling import frame_sampling, sample, token_keys
 
     n, vocab = logits.shape
     settings = frame_sampling(torch.full((n,), temperature), torch.full((n,), k), torch.arange(n),
-                              torch.zeros(n, dtype=torch.long), codebook + 1, vocab)
+                              torch.zeros(n, dtype=torch.long), codebook + 1, token_keys(vocab))
     return sample(logits, settings, codebook)
 
 
@@ -154,10 +154,10 @@ def test_sampling_follows_softmax_of_the_top_k():
 
 
 def test_noise_differs_per_codebook_frame_and_seed():
-    from csmcli.sampling import uniform_noise
+    from csmcli.sampling import token_keys, uniform_noise
 
-    noise = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 0]), 3, 100)  # [2, 3, 100]
-    again = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 1]), 3, 100)
+    noise = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 0]), 3, token_keys(100))  # [2, 3, 100]
+    again = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 1]), 3, token_keys(100))
     assert noise.shape == (2, 3, 100) and noise.min() > 0 and noise.max() < 1
     assert torch.equal(noise[0], again[0]) and not torch.equal(noise[1], again[1])  # frame changes row 1 only
     assert not torch.equal(noise[0, 0], noise[0, 1]) and not torch.equal(noise[0], noise[1])
