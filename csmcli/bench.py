@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from csmcli import __version__
-from csmcli.engine import Engine, Request, graphs_enabled
+from csmcli.engine import ChunkDecoder, Engine, Request, chunk_sizes, graphs_enabled, next_chunk_frames
 from csmcli.generate import FRAME_SECONDS
 from csmcli.model import Csm, CsmConfig, TransformerConfig
 from csmcli.prompt import synthetic_prompt
@@ -190,7 +190,8 @@ class _Rep:
     first_audio_ms: float
 
 
-def _one_rep(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk: int, rep: int) -> _Rep:
+def _one_rep(engine: Engine, decoder: ChunkDecoder | None, settings: BenchSettings, batch: int, chunk: int,
+             rep: int) -> _Rep:
     device = engine.device
     params = [SamplingParams(0.9, 50, seed=1000 * rep + i) for i in range(batch)]
     waiting = deque(Request(synthetic_prompt(settings.prompt_rows, seed=i), params[i], settings.frames)
@@ -202,22 +203,24 @@ def _one_rep(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk
     prefill_ms = (time.perf_counter() - start) * 1000 / batch
     first_audio_ms, made = 0.0, 0
     try:
-        with decoder.streaming(batch) if decoder is not None else contextlib.nullcontext():
-            while made < settings.frames:
-                n = min(settings.first_chunk_frames if made == 0 else chunk, settings.frames - made)
-                t0 = time.perf_counter()
-                codes = engine.run_chunk(n)  # [n, B, 32] on the CPU: synced
-                t1 = time.perf_counter()
-                if decoder is not None:
-                    decoder.decode_chunk(codes.permute(1, 2, 0).to(device))  # [B, 32, n] -> [B, 1, n * 1920]
-                    _sync(device)
-                    decode_ms.append((time.perf_counter() - t1) * 1000)
-                if made == 0:
-                    first_audio_ms = (time.perf_counter() - start) * 1000
-                if made > 0 or n == settings.frames:  # steady chunks; a single-chunk run has only the first
-                    frame_ms.append((t1 - t0) * 1000 / n)
-                chunk_ms.append((t1 - t0) * 1000)
-                made += n
+        if decoder is not None:
+            decoder.reset()
+        n = None
+        while made < settings.frames:
+            n = min(next_chunk_frames(n, settings.first_chunk_frames, chunk), settings.frames - made)
+            t0 = time.perf_counter()
+            codes = engine.run_chunk(n)  # [n, B, 32] on the CPU: synced
+            t1 = time.perf_counter()
+            if decoder is not None:
+                decoder.decode(codes.permute(1, 2, 0).to(device))  # [B, 32, n] -> [B, 1, n * 1920]
+                _sync(device)
+                decode_ms.append((time.perf_counter() - t1) * 1000)
+            if made == 0:
+                first_audio_ms = (time.perf_counter() - start) * 1000
+            if made > 0 or n == settings.frames:  # steady chunks; a single-chunk run has only the first
+                frame_ms.append((t1 - t0) * 1000 / n)
+            chunk_ms.append((t1 - t0) * 1000)
+            made += n
     finally:
         for slot in engine.slots:
             if slot is not None:
@@ -225,8 +228,8 @@ def _one_rep(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk
     return _Rep(time.perf_counter() - start, prefill_ms, chunk_ms, frame_ms, decode_ms, first_audio_ms)
 
 
-def measure(engine: Engine, decoder, settings: BenchSettings, batch: int, chunk: int, gpu_name: str | None,
-            bytes_per_frame: int) -> Row:
+def measure(engine: Engine, decoder: ChunkDecoder | None, settings: BenchSettings, batch: int, chunk: int,
+            gpu_name: str | None, bytes_per_frame: int) -> Row:
     """Warm-up reps (excluded), then `settings.reps` timed reps of `batch` streams of `settings.frames` frames."""
     for w in range(settings.warmup):
         _one_rep(engine, decoder, settings, batch, chunk, rep=-1 - w)
@@ -419,8 +422,12 @@ def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, comp
     for batch in settings.batches:
         engine = Engine(model, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile)
         engine.warmup()
+        chunks = None
+        if decoder is not None:
+            chunks = ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs)
+            chunks.warmup(n for c in settings.chunk_frames for n in chunk_sizes(settings.first_chunk_frames, c))
         for chunk in settings.chunk_frames:
-            row = measure(engine, decoder, settings, batch, chunk, head.get("gpu"), bytes_per_frame)
+            row = measure(engine, chunks, settings, batch, chunk, head.get("gpu"), bytes_per_frame)
             if hf_ms is not None:
                 row.transformers_ms_per_frame = hf_ms
                 row.speedup_vs_transformers = hf_ms / row.ms_per_frame_p50 * batch
@@ -428,6 +435,8 @@ def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, comp
             if on_row is not None:
                 on_row(row)
         del engine
+        if chunks is not None:
+            chunks.close()
         if model.codebook0_head.weight.device.type == "cuda":
             torch.cuda.empty_cache()
     return report

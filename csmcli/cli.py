@@ -74,7 +74,8 @@ FirstChunkFramesOpt = Annotated[
     typer.Option("--first-chunk-frames", min=1, help="Frames (80 ms each) in the first audio chunk: lower = sooner."),
 ]
 ChunkFramesOpt = Annotated[
-    int | None, typer.Option("--chunk-frames", min=1, help="Frames (80 ms each) in every later audio chunk.")
+    int | None,
+    typer.Option("--chunk-frames", min=1, help="Largest audio chunk (frames): after the first, sizes double up to it."),
 ]
 DtypeOpt = Annotated[Dtype | None, typer.Option("--dtype", help="Weight and activation dtype.")]
 CudaGraphsOpt = Annotated[
@@ -349,7 +350,8 @@ def bench(
     tiny: Annotated[bool, typer.Option("--tiny", help="A tiny random model: tests the whole path on a CPU.")] = False,
     batch: Annotated[str | None, typer.Option("--batch", metavar="LIST", help="Batch sizes, e.g. 1,4,16,64.")] = None,
     chunk_frames: Annotated[
-        str | None, typer.Option("--chunk-frames", metavar="LIST", help="Chunk sizes in frames, e.g. 1,2,4.")
+        str | None,
+        typer.Option("--chunk-frames", metavar="LIST", help="Largest chunk sizes, e.g. 2,8 (chunks ramp up to it)."),
     ] = None,
     first_chunk_frames: FirstChunkFramesOpt = None,
     frames: Annotated[int, typer.Option("--frames", min=2, help="Frames per stream (80 ms each).")] = 100,

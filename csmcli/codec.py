@@ -413,11 +413,14 @@ class StreamingMimiDecoder(nn.Module):
             for m in self._streaming_modules():
                 m._state = None
 
+    def state_tensors(self) -> list[Tensor]:
+        """Every streaming state tensor, the ones a chunk reads and updates in place."""
+        return [getattr(m.state, f.name) for m in self._streaming_modules() for f in fields(m.state)]
+
     def reset(self) -> None:
         """Start a new utterance: zero every state in place (addresses stay, so captured CUDA graphs stay valid)."""
-        for m in self._streaming_modules():
-            for f in fields(m.state):
-                getattr(m.state, f.name).zero_()
+        for t in self.state_tensors():
+            t.zero_()
 
     @torch.no_grad()
     def decode_chunk(self, codes: Tensor) -> Tensor:

@@ -12,7 +12,9 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -21,6 +23,9 @@ from csmcli.generate import FrameChunk, FrameStepper, is_eos
 from csmcli.model import Csm
 from csmcli.prompt import Prompt
 from csmcli.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from csmcli.codec import StreamingMimiDecoder
 
 NO_GRAPHS_ENV = "CSMCLI_NO_CUDA_GRAPHS"
 _ids = itertools.count()
@@ -40,25 +45,54 @@ class _Active:
     request: Request
     made: int = 0
     chunks: int = 0
+    last_frames: int | None = None  # size of its previous chunk (the ramp doubles it)
 
 
-class FrameGraph:
-    """One CUDA graph for the whole frame step, captured after warm-up, replayed with no host work."""
+class CapturedCall:
+    """`fn(*inputs)` captured once in a CUDA graph for fixed input shapes. A call copies new inputs into the
+    captured ones and replays, with no host work; the output tensor is the captured one (valid until the next
+    replay of any graph sharing its `pool`)."""
 
-    def __init__(self, step, warmup: int = 3):
+    def __init__(self, fn, *inputs: Tensor, warmup: int = 3, pool=None):
+        self.inputs = [x.clone() for x in inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the default stream, as graph capture requires
             for _ in range(warmup):
-                step()
+                fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = step()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn(*self.inputs)
 
-    def __call__(self) -> Tensor:
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        for captured, given in zip(self.inputs, inputs, strict=True):
+            captured.copy_(given)
         self.graph.replay()
         return self.output
+
+
+PREFILL_BUCKETS = (64, 128, 256, 512, 1024)
+"""Prompt lengths with a captured prefill graph on CUDA; longer prompts pad to the full cache and run eagerly."""
+
+
+def prefill_length(rows: int, max_seq_len: int) -> int:
+    """The padded length a `rows`-row prompt is prefilled at on CUDA: the smallest bucket that holds it."""
+    return next((n for n in PREFILL_BUCKETS if rows <= n <= max_seq_len), max_seq_len)
+
+
+def next_chunk_frames(previous: int | None, first: int, chunk: int) -> int:
+    """Chunk sizes ramp up: `first`, then double the previous chunk until `chunk`. A small first chunk gives early
+    audio, and each chunk is made while the previous (half as long) one plays, so playback does not run dry."""
+    return first if previous is None else min(chunk, 2 * previous)
+
+
+def chunk_sizes(first: int, chunk: int) -> list[int]:
+    """The distinct sizes `next_chunk_frames` produces (a run's last chunk may be shorter)."""
+    sizes, n = [first], first
+    while (n := next_chunk_frames(n, first, chunk)) != sizes[-1]:
+        sizes.append(n)
+    return sizes
 
 
 def graphs_enabled(requested: bool, device: torch.device) -> bool:
@@ -81,7 +115,8 @@ class Engine:
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         self._eager_step = step
         self.compiled = compile
-        self._graph: FrameGraph | None = None
+        self._graph: CapturedCall | None = None
+        self._prefill_graphs: dict[int, CapturedCall] = {}
         self._warm = False
         self.slots: list[_Active | None] = [None] * max_batch
 
@@ -94,25 +129,44 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile / capture now, so no request's latency includes it. The warm-up runs real steps, so the slots'
-        state is saved and restored around it: warming up never changes what any request makes."""
+        state is saved and restored around it: warming up never changes what any request makes. Prefill graphs
+        are captured before any request is admitted (their warm-up writes slot 0's cache rows)."""
         if self._warm:
             return
         saved = [t.clone() for t in self.stepper.state()]
         if self.cuda_graphs:
-            self._graph = FrameGraph(self._eager_step)
+            self._graph = CapturedCall(self._eager_step)
+            if all(a is None for a in self.slots):
+                self._capture_prefills()
         elif self.compiled:
             self._eager_step()
         for t, s in zip(self.stepper.state(), saved, strict=True):
             t.copy_(s)
         self._warm = True
 
+    def _capture_prefills(self) -> None:
+        pool = torch.cuda.graph_pool_handle()  # one pool: a prefill's output is copied out before the next runs
+        columns = self.stepper.model.cfg.num_codebooks + 1
+        for length in PREFILL_BUCKETS:
+            if length <= self.stepper.max_seq_len:
+                tokens = torch.zeros(1, length, columns, dtype=torch.long, device=self.device)  # [1, L, 33]
+                mask = torch.ones(1, length, columns, dtype=torch.bool, device=self.device)
+                slot_and_last = torch.tensor([0, length - 1], device=self.device)
+                self._prefill_graphs[length] = CapturedCall(self.stepper.prefill_rows, tokens, mask, slot_and_last,
+                                                            pool=pool)
+
     def admit(self, waiting: deque[Request]) -> list[Request]:
-        """Prefill waiting requests into free slots (outside the graph: prompts vary in length)."""
+        """Prefill waiting requests into free slots (outside the frame graph: prompts vary in length). On CUDA a
+        prompt is padded to its length bucket, graphed or not, so graphed and eager runs compute the same."""
+        self.warmup()
         admitted = []
         for slot, active in enumerate(self.slots):
             if active is None and waiting:
                 request = waiting.popleft()
-                self.stepper.prefill(slot, request.prompt, request.params)
+                length = None
+                if self.device.type == "cuda":
+                    length = prefill_length(request.prompt.rows, self.stepper.max_seq_len)
+                self.stepper.prefill(slot, request.prompt, request.params, length, self._prefill_graphs.get(length))
                 self.slots[slot] = _Active(request)
                 admitted.append(request)
         return admitted
@@ -129,7 +183,8 @@ class Engine:
     ) -> Iterator[tuple[Request, FrameChunk]]:
         """Run requests to completion, up to `max_batch` at a time, yielding each request's chunks as made.
 
-        A request's first chunk is `first_chunk_frames` long (low first-audio latency), later ones `chunk_frames`.
+        A request's first chunk is `first_chunk_frames` long (low first-audio latency); later ones double up to
+        `chunk_frames` (`next_chunk_frames`). Slots at different points of their ramp share the smallest size.
         """
         waiting = deque(requests)
         while True:
@@ -137,12 +192,13 @@ class Engine:
             active = [(slot, a) for slot, a in enumerate(self.slots) if a is not None]
             if not active:
                 return
-            n = min(first_chunk_frames if a.chunks == 0 else chunk_frames for _, a in active)
+            n = min(next_chunk_frames(a.last_frames, first_chunk_frames, chunk_frames) for _, a in active)
             n = max(1, min(n, min(a.request.max_frames - a.made for _, a in active)))
             start = time.perf_counter()
             frames = self.run_chunk(n)  # [n, B, 32]
             seconds = time.perf_counter() - start
             for slot, a in active:
+                a.last_frames = n
                 chunk = self._chunk(a, frames[:, slot], seconds)
                 if chunk.stop or a.request.cancelled:
                     self.slots[slot] = None
@@ -174,3 +230,49 @@ class Engine:
                 yield chunk
         finally:  # the consumer stopped early (Ctrl-C, closed pipe): free the slot for the next request
             self.release(request)
+
+
+class ChunkDecoder:
+    """Streaming Mimi decode of `batch` streams, chunk by chunk. On CUDA each chunk size given to `warmup` replays
+    its own CUDA graph; other sizes (a short last chunk) run eagerly, with the same result.
+
+    The decoder's streaming state stays allocated for this object's life (graphs hold its addresses), so the
+    decoder cannot be used for anything else meanwhile; `reset()` starts new utterances, `close()` frees it."""
+
+    def __init__(self, decoder: StreamingMimiDecoder, batch: int = 1, codebooks: int = 32, cuda_graphs: bool = True):
+        self.decoder, self.batch, self.codebooks = decoder, batch, codebooks
+        param = next(decoder.parameters())
+        self.device = param.device
+        self.cuda_graphs = graphs_enabled(cuda_graphs, self.device)
+        self._streaming = ExitStack()
+        self._streaming.enter_context(decoder.streaming(batch))
+        self._graphs: dict[tuple[int, ...], CapturedCall] = {}  # by codes shape
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    def warmup(self, sizes: Iterable[int]) -> None:
+        """Capture a graph for (or on CUDA without graphs, run once: first calls are slow) each chunk size. The
+        streaming state is restored afterwards, so warming up never changes the audio."""
+        if self.device.type != "cuda":
+            return
+        saved = [t.clone() for t in self.decoder.state_tensors()]
+        for n in sorted(set(sizes)):
+            codes = torch.zeros(self.batch, self.codebooks, n, dtype=torch.long, device=self.device)  # [B, K, n]
+            shape = tuple(codes.shape)
+            if self.cuda_graphs and shape not in self._graphs:
+                self._graphs[shape] = CapturedCall(self.decoder.decode_chunk, codes, warmup=2, pool=self._pool)
+            elif not self.cuda_graphs:
+                self.decoder.decode_chunk(codes)
+        for t, s in zip(self.decoder.state_tensors(), saved, strict=True):
+            t.copy_(s)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes `[B, K, n]` on the decoder's device -> pcm `[B, 1, n * 1920]` (valid until the next decode)."""
+        graph = self._graphs.get(tuple(codes.shape))
+        return graph(codes) if graph is not None else self.decoder.decode_chunk(codes)
+
+    def reset(self) -> None:
+        self.decoder.reset()
+
+    def close(self) -> None:
+        self._streaming.close()
+        self._graphs.clear()

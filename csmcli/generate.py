@@ -7,6 +7,7 @@ in a CUDA graph as it is. The host looks at codes once per chunk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,20 +41,34 @@ class FrameStepper:
         self.codes = torch.zeros(b, model.cfg.num_codebooks, dtype=torch.long, device=dev)  # [B, 32] last frame
         self.token_keys = token_keys(model.cfg.audio_vocab_size, dev)  # [V]
 
-    @torch.inference_mode()
-    def prefill(self, slot: int, prompt: Prompt, params: SamplingParams) -> None:
-        """Run the prompt through the backbone into `slot`'s cache rows (variable length: outside any graph)."""
-        tokens = prompt.tokens.to(self.device)[None]  # [1, T, 33]
-        mask = prompt.mask.to(self.device)[None]
-        embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
-        rows = torch.tensor([slot], device=self.device)
-        hidden = self.model.backbone(embeds, 0, rows)[:, -1]  # [1, dim]: positions 0..T-1
+    @torch.no_grad()
+    def prefill(self, slot: int, prompt: Prompt, params: SamplingParams, length: int | None = None,
+                run: Callable[..., Tensor] | None = None) -> None:
+        """Run the prompt through the backbone into `slot`'s cache rows (variable length: outside the frame graph).
+
+        `length` pads the prompt with empty rows (the engine's length buckets on CUDA): causal attention keeps
+        them out of every real row, and the cache positions they fill are rewritten by the frames that follow.
+        `run` replaces `prefill_rows` (a captured graph of it)."""
+        rows = prompt.rows
+        length = length or rows
+        tokens = torch.zeros(1, length, prompt.tokens.shape[-1], dtype=torch.long)  # [1, L, 33]
+        mask = torch.zeros(1, length, prompt.tokens.shape[-1], dtype=torch.bool)
+        tokens[0, :rows], mask[0, :rows] = prompt.tokens, prompt.mask
+        slot_and_last = torch.tensor([slot, rows - 1])
+        hidden = (run or self.prefill_rows)(tokens.to(self.device), mask.to(self.device), slot_and_last.to(self.device))
         self.hidden[slot] = hidden[0]
-        self.positions[slot] = prompt.rows
+        self.positions[slot] = rows
         self.frame_index[slot] = 0
         self.temperature[slot] = params.temperature
         self.topk[slot] = params.topk
         self.seed[slot] = params.seed & 0x7FFF_FFFF_FFFF_FFFF
+
+    def prefill_rows(self, tokens: Tensor, mask: Tensor, slot_and_last: Tensor) -> Tensor:
+        """Prompt rows `tokens, mask [1, L, 33]` into the cache rows of slot `slot_and_last[0]`; returns the hidden
+        state `[1, dim]` of row `slot_and_last[1]`. Fixed shapes, no host sync: capturable per length."""
+        embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
+        hidden = self.model.backbone(embeds, 0, slot_and_last[:1])  # [1, L, dim]: positions 0..L-1
+        return hidden.index_select(1, slot_and_last[1:])[:, 0]  # [1, dim]
 
     def state(self) -> list[Tensor]:
         """The per-slot tensors a step reads and advances (KV caches aside: a step writes only ahead of them)."""

@@ -7,7 +7,6 @@ the earlier sentences carried as context so the voice stays the same.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from csmcli.checkpoint import Checkpoint, load
 from csmcli.codec import MimiCodec
-from csmcli.engine import Engine
+from csmcli.engine import ChunkDecoder, Engine, chunk_sizes
 from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS, SAMPLE_RATE
 from csmcli.presets import CPU_PRESET, Preset
@@ -134,6 +133,9 @@ class Pipeline:
         self.checkpoint, self.codec, self.preset, self.device = checkpoint, codec, preset, device
         self.model = checkpoint.model
         self.engine = Engine(self.model, max_batch=1, cuda_graphs=preset.cuda_graphs, compile=preset.compile)
+        # One decoder for the pipeline's life: its CUDA graphs hold the streaming state's addresses.
+        self.decoder = ChunkDecoder(codec.decoder, 1, self.model.cfg.num_codebooks, preset.cuda_graphs) \
+            if codec is not None else None
 
     @classmethod
     def load(cls, source: str | None, preset: Preset, *, device: str | None = None, random_weights: bool = False,
@@ -171,7 +173,11 @@ class Pipeline:
         frame_budget(prompt.rows, 1, self.model.cfg.backbone.max_seq_len)
 
     def warmup(self) -> None:
+        """Capture / compile now (frame step, prefill lengths, Mimi decode of every ramp chunk size), so the first
+        request's latency includes none of it."""
         self.engine.warmup()
+        if self.decoder is not None:
+            self.decoder.warmup(chunk_sizes(self.preset.first_chunk_frames, self.preset.chunk_frames))
 
     def speak(
         self, text: str, speaker: int, params: SamplingParams, *, context: list[Segment] | None = None,
@@ -184,31 +190,31 @@ class Pipeline:
         user_context, carried = list(context or []), []
         sentences = split_sentences(text)
         max_seq = self.model.cfg.backbone.max_seq_len
-        streaming = self.codec.decoder.streaming(1) if self.codec is not None else None
         wanted = max(1, round(max_seconds / FRAME_SECONDS))
         index = 0
-        with streaming if streaming is not None else contextlib.nullcontext():
-            for number, sentence in enumerate(sentences):
-                prompt, carried = self._fitting_prompt(user_context, carried[-max_context_turns:], speaker, sentence,
-                                                       wanted)
-                frames = frame_budget(prompt.rows, wanted, max_seq)
-                if frames < wanted:
-                    warn(f"sentence {number + 1}: only {frames * FRAME_SECONDS:.1f} s fit after a {prompt.rows}-row "
-                         f"prompt (limit {max_seq} positions); audio may be cut short")
-                made = []
-                sentence_params = SamplingParams(params.temperature, params.topk, params.seed + number)
-                for chunk in self.engine.stream(prompt, sentence_params, frames, self.preset.first_chunk_frames,
-                                                self.preset.chunk_frames):
-                    made.append(chunk.codes)
-                    pcm, decode_seconds = self._decode(chunk.codes) if streaming is not None else (None, 0.0)
-                    yield AudioChunk(index, number, chunk.codes, pcm, SAMPLE_RATE, chunk.generate_seconds,
-                                     decode_seconds, chunk.stop)
-                    index += 1
-                    if chunk.stop == "max_frames" and frames == wanted:
-                        warn(f"sentence {number + 1} hit the {max_seconds:g} s limit without ending (no EOS): "
-                             "raise --max-seconds if it was cut short")
-                codes = torch.cat(made) if made else torch.zeros(0, self.model.cfg.num_codebooks, dtype=torch.long)
-                carried = [*carried, Segment(speaker, sentence, codes=codes.T)]
+        if self.decoder is not None:
+            self.decoder.reset()  # a new utterance; sentences within it share the Mimi state (no clicks)
+        for number, sentence in enumerate(sentences):
+            prompt, carried = self._fitting_prompt(user_context, carried[-max_context_turns:], speaker, sentence,
+                                                   wanted)
+            frames = frame_budget(prompt.rows, wanted, max_seq)
+            if frames < wanted:
+                warn(f"sentence {number + 1}: only {frames * FRAME_SECONDS:.1f} s fit after a {prompt.rows}-row "
+                     f"prompt (limit {max_seq} positions); audio may be cut short")
+            made = []
+            sentence_params = SamplingParams(params.temperature, params.topk, params.seed + number)
+            for chunk in self.engine.stream(prompt, sentence_params, frames, self.preset.first_chunk_frames,
+                                            self.preset.chunk_frames):
+                made.append(chunk.codes)
+                pcm, decode_seconds = self._decode(chunk.codes) if self.decoder is not None else (None, 0.0)
+                yield AudioChunk(index, number, chunk.codes, pcm, SAMPLE_RATE, chunk.generate_seconds,
+                                 decode_seconds, chunk.stop)
+                index += 1
+                if chunk.stop == "max_frames" and frames == wanted:
+                    warn(f"sentence {number + 1} hit the {max_seconds:g} s limit without ending (no EOS): "
+                         "raise --max-seconds if it was cut short")
+            codes = torch.cat(made) if made else torch.zeros(0, self.model.cfg.num_codebooks, dtype=torch.long)
+            carried = [*carried, Segment(speaker, sentence, codes=codes.T)]
 
     def _fitting_prompt(self, user: list[Segment], carried: list[Segment], speaker: int, text: str, frames: int):
         """Drop the oldest carried sentences until the prompt leaves room for `frames`. The user's own context
@@ -221,6 +227,6 @@ class Pipeline:
 
     def _decode(self, codes: Tensor) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        pcm = self.codec.decoder.decode_chunk(codes.T[None].to(self.device))  # [1, 1, n * 1920]
+        pcm = self.decoder.decode(codes.T[None].to(self.device))  # [1, 1, n * 1920]
         pcm = pcm[0, 0].float().cpu().numpy()
         return pcm, time.perf_counter() - start

@@ -3,7 +3,7 @@
 import torch
 
 from csmcli.checkpoint import random_model
-from csmcli.engine import FrameGraph
+from csmcli.engine import CapturedCall
 from csmcli.generate import FrameStepper
 from csmcli.model import CSM_1B
 from csmcli.prompt import synthetic_prompt
@@ -45,7 +45,7 @@ def main():
             stepper.prefill(slot, synthetic_prompt(200, slot), SamplingParams(0.9, 50, seed=slot))
         for name, fn in frame_parts(stepper).items():
             with torch.inference_mode():
-                graph = FrameGraph(fn)
+                graph = CapturedCall(fn)
                 print(f"B={batch:>3} {name:40s} graphed {timed(graph):7.2f} ms")
         with torch.inference_mode():
             print(f"B={batch:>3} {'full frame step':40s} eager   {timed(stepper.step, 10):7.2f} ms")

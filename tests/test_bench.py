@@ -14,7 +14,6 @@ import math
 import random
 import shutil
 import statistics
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +25,7 @@ from typer.testing import CliRunner
 from csmcli import bench, presets
 from csmcli.checkpoint import random_model
 from csmcli.cli import app
-from csmcli.engine import Engine
+from csmcli.engine import ChunkDecoder, Engine
 from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS
 from csmcli.pipeline import random_codec
@@ -274,19 +273,17 @@ class ScriptedEngine(Engine):
 
 
 class ScriptedDecoder:
-    """The real streaming Mimi decoder, whose every chunk 'takes' a scripted time."""
+    """The real chunk decoder (streaming Mimi), whose every chunk 'takes' a scripted time."""
 
-    def __init__(self, decoder, script: Script):
-        self.decoder, self.script, self.batches = decoder, script, []
+    def __init__(self, decoder, batch: int, script: Script):
+        self.chunks, self.script, self.resets = ChunkDecoder(decoder, batch, 32), script, 0
 
-    @contextmanager
-    def streaming(self, batch: int):
-        self.batches.append(batch)
-        with self.decoder.streaming(batch):
-            yield self
+    def reset(self) -> None:
+        self.resets += 1
+        self.chunks.reset()
 
-    def decode_chunk(self, codes):
-        pcm = self.decoder.decode_chunk(codes)  # [B, 32, n] -> [B, 1, n * 1920]
+    def decode(self, codes):
+        pcm = self.chunks.decode(codes)  # [B, 32, n] -> [B, 1, n * 1920]
         assert codes.shape[1] == 32 and pcm.shape == (codes.shape[0], 1, codes.shape[2] * 1920)
         self.script.reps[-1]["decode"].append(self.script.take(0.002, 0.01))
         return pcm
@@ -313,11 +310,14 @@ def test_numbers_follow_from_measured_times(monkeypatch, tiny_model, tiny_decode
     monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=script.perf_counter))
     settings = bench.BenchSettings(batches=[batch], chunk_frames=[chunk], first_chunk_frames=first, frames=frames,
                                    prompt_rows=20, reps=reps, warmup=1)
-    decoder = ScriptedDecoder(tiny_decoder, script)
-    row = bench.measure(ScriptedEngine(tiny_model, batch, script), decoder, settings, batch, chunk, None,
-                        bytes_per_frame=10**6)
+    decoder = ScriptedDecoder(tiny_decoder, batch, script)
+    try:
+        row = bench.measure(ScriptedEngine(tiny_model, batch, script), decoder, settings, batch, chunk, None,
+                            bytes_per_frame=10**6)
+    finally:
+        decoder.chunks.close()
 
-    assert len(script.reps) == 1 + reps and decoder.batches == [batch] * (1 + reps)
+    assert len(script.reps) == 1 + reps and decoder.resets == 1 + reps  # a fresh utterance per rep
     for rep in script.reps:  # every stream made exactly `frames` frames, `first` of them in the first chunk
         assert rep["admitted"] == batch
         assert sum(n for n, *_ in rep["chunks"]) == frames and {rows for _, rows, *_ in rep["chunks"]} == {batch}

@@ -81,6 +81,32 @@ def test_cuda_graph_replay_equals_eager(setup):
     assert relative_error(torch.cat(pieces, -1), reference) < 1e-4
 
 
+def test_chunk_decoder_graphs_equal_eager_chunks(setup):
+    """The pipeline's ChunkDecoder: graphs per warmed size, eager for others (3, the tail), warm-up mid-stream."""
+    from csmcli.engine import ChunkDecoder
+
+    decoder, codes, _ = setup
+    sizes = [1, 2, 4, 3] + [8] * 17 + [4]  # sums to N_FRAMES
+    assert sum(sizes) == N_FRAMES
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    with decoder.streaming(2):
+        eager = torch.cat([decoder.decode_chunk(codes[..., s : s + n]) for s, n in zip(starts, sizes, strict=True)], -1)
+    chunks = ChunkDecoder(decoder, 2, codes.shape[1], cuda_graphs=True)
+    chunks.warmup([1, 2, 4])
+    pieces = []
+    for i, (s, n) in enumerate(zip(starts, sizes, strict=True)):
+        if i == 4:
+            chunks.warmup([8])  # captured mid-utterance: the state must come back unchanged
+        pieces.append(chunks.decode(codes[..., s : s + n]).clone())
+    assert len(chunks._graphs) == 4
+    chunks.reset()
+    again = chunks.decode(codes[..., :1]).clone()
+    chunks.close()
+    # Same kernels, so equal up to cuDNN's algorithm choice (~1e-7); a lost or disturbed state is >= 1e-3.
+    assert relative_error(torch.cat(pieces, -1), eager) < 1e-5
+    assert relative_error(again, eager[..., :1920]) < 1e-5
+
+
 def _time_chunks(batch: int, chunk: int, transformer_dtype: torch.dtype) -> None:
     torch.backends.cudnn.allow_tf32 = True
     config = MimiConfig()

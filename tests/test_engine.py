@@ -51,3 +51,30 @@ def test_cancel_frees_the_slot(ck):
         first.cancelled = True
         stops[request.id] = chunk.stop
     assert stops == {first.id: "cancelled", second.id: "max_frames"}
+
+
+def test_chunk_sizes_ramp_up_to_the_chunk_size(ck):
+    from csmcli.engine import chunk_sizes, next_chunk_frames
+
+    assert chunk_sizes(1, 12) == [1, 2, 4, 8, 12]
+    assert chunk_sizes(4, 4) == [4]
+    assert chunk_sizes(6, 4) == [6, 4]
+    assert next_chunk_frames(None, 3, 8) == 3 and next_chunk_frames(3, 3, 8) == 6 and next_chunk_frames(6, 3, 8) == 8
+    request = Request(build_prompt(ck.tokenizer, [], 0, TEXTS[0], None), SamplingParams(0.0), 20)
+    sizes = [len(chunk.codes) for chunk in Engine(ck.model).stream(request.prompt, request.params, 20, 1, 6)]
+    assert sizes == [1, 2, 4, 6, 6, 1]  # the last chunk is what is left of max_frames
+
+
+def test_prefill_padded_to_a_length_bucket_changes_nothing(ck):
+    """CUDA pads prompts to length buckets (graphable shapes); the empty rows must not leak into real ones."""
+    from csmcli.generate import FrameStepper
+
+    prompt = build_prompt(ck.tokenizer, [], 0, TEXTS[1], None)
+    runs = []
+    for length in (None, prompt.rows + 37):
+        stepper = FrameStepper(ck.model, 2)
+        stepper.prefill(1, prompt, SamplingParams(0.0), length)
+        hidden = stepper.hidden[1].clone()
+        runs.append((hidden, torch.stack([stepper.step()[1].clone() for _ in range(6)])))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
