@@ -28,7 +28,7 @@ class FrameStepper:
         self.model = model
         param = model.codebook0_head.weight
         self.device, self.dtype = param.device, param.dtype
-        model.setup_caches(max_batch, self.dtype, self.device)
+        self.caches = model.new_caches(max_batch)  # this stepper's own: other steppers may share the model
         b, dev = max_batch, self.device
         self.max_batch = max_batch
         self.max_seq_len = model.cfg.backbone.max_seq_len
@@ -67,7 +67,7 @@ class FrameStepper:
         """Prompt rows `tokens, mask [1, L, 33]` into the cache rows of slot `slot_and_last[0]`; returns the hidden
         state `[1, dim]` of row `slot_and_last[1]`. Fixed shapes, no host sync: capturable per length."""
         embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
-        hidden = self.model.backbone(embeds, 0, slot_and_last[:1])  # [1, L, dim]: positions 0..L-1
+        hidden = self.model.backbone(embeds, 0, self.caches.backbone, slot_and_last[:1])  # [1, L, dim]: 0..L-1
         return hidden.index_select(1, slot_and_last[1:])[:, 0]  # [1, dim]
 
     def state(self) -> list[Tensor]:
@@ -84,10 +84,11 @@ class FrameStepper:
 
         Returns the static `codes [B, 32]` buffer (overwritten by the next step)."""
         settings = self.frame_sampling()
-        codes = self.model.decode_frame(self.hidden, lambda logits, codebook: sample(logits, settings, codebook))
+        codes = self.model.decode_frame(self.hidden, lambda logits, codebook: sample(logits, settings, codebook),
+                                        self.caches.decoder)
         # Clamped so finished or idle slots never write past the cache; their outputs are ignored.
         positions = self.positions.clamp(max=self.max_seq_len - 1)[:, None]  # [B, 1]
-        self.hidden.copy_(self.model.backbone(self.model.embed_frame(codes), positions)[:, -1])
+        self.hidden.copy_(self.model.backbone(self.model.embed_frame(codes), positions, self.caches.backbone)[:, -1])
         self.positions.add_(1)
         self.frame_index.add_(1)
         self.codes.copy_(codes)

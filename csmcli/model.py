@@ -1,7 +1,8 @@
 """CSM-1B: Llama-style backbone (codebook 0) + depth decoder (codebooks 1..31), with static KV caches.
 
 The model alone: configs, modules, and the two forward passes one frame needs. No I/O, no sampling policy
-(a `sample` function is passed in), no CUDA objects beyond the cache buffers `setup_caches` allocates.
+(a `sample` function is passed in), and no state: the KV caches are made by `new_caches` and passed in by whoever
+owns them (the frame stepper), so several engines can share one model's weights.
 """
 
 from __future__ import annotations
@@ -92,14 +93,13 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Preallocated per-layer cache, written by index so shapes never change (CUDA-graph safe)."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype, device):
-        super().__init__()
         shape = (batch, n_kv_heads, max_seq_len, head_dim)  # [B, Hkv, S, D]
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, rows: Tensor | None, input_pos: Tensor | int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v `[b, Hkv, T, D]` at `input_pos [b, T]` (or, all rows alike, at `input_pos..+T`); return the
@@ -148,18 +148,16 @@ class Attention(nn.Module):
         # q, k, v fused into one matmul: one kernel instead of three per layer and step.
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
-                rows: Tensor | None):
+                rows: Tensor | None, cache: KVCache):
         b, t, _ = x.shape
         h, hkv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(b, t, h + 2 * hkv, self.head_dim)
         qk, v = qkv.split([h + hkv, hkv], dim=2)  # [b, T, H + Hkv, D], [b, T, Hkv, D]
         qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together: half the kernels
         q, k = qk.split([h, hkv], dim=2)
-        assert self.cache is not None, "call setup_caches() first"
-        k, v = self.cache.update(rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))  # [b, Hkv, S, D]
+        k, v = cache.update(rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))  # [b, Hkv, S, D]
         out = grouped_attention(q.transpose(1, 2), k, v, blocked)  # [b, H, T, D]
         return self.wo(out.transpose(1, 2).reshape(b, t, h * self.head_dim))
 
@@ -185,8 +183,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
-                rows: Tensor | None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, blocked, input_pos, rows)
+                rows: Tensor | None, cache: KVCache):
+        x = x + self.attention(self.attention_norm(x), cos, sin, blocked, input_pos, rows, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -211,13 +209,13 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
 
-    def setup_cache(self, batch: int, dtype: torch.dtype, device) -> None:
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch, self.cfg.n_kv_heads, self.cfg.max_seq_len, self.cfg.head_dim,
-                                            dtype, device)
+    def new_caches(self, batch: int, dtype: torch.dtype, device) -> list[KVCache]:
+        """One zeroed cache per layer for `batch` rows (the caller owns them)."""
+        c = self.cfg
+        return [KVCache(batch, c.n_kv_heads, c.max_seq_len, c.head_dim, dtype, device) for _ in self.layers]
 
-    def forward(self, x: Tensor, input_pos: Tensor | int, rows: Tensor | None = None) -> Tensor:
-        """x `[b, T, dim]` at positions `input_pos [b, T]`, into cache rows `rows [b]` (None: all rows, b == B).
+    def forward(self, x: Tensor, input_pos: Tensor | int, caches: list[KVCache], rows: Tensor | None = None) -> Tensor:
+        """x `[b, T, dim]` at positions `input_pos [b, T]`, into rows `rows [b]` of `caches` (None: all rows, b == B).
 
         An int `input_pos` means every row is at positions input_pos..input_pos+T-1 (a prompt prefill, the depth
         decoder): the cache is written and read through slices up to the last position only, the causal mask is a
@@ -234,9 +232,17 @@ class Transformer(nn.Module):
             sin = self.rope_sin[input_pos][:, :, None].to(x.dtype)
             positions = torch.arange(self.cfg.max_seq_len, device=x.device)
             blocked = (positions > input_pos[..., None])[:, None, None]  # [b, 1, 1, T, S]: causal over the cache
-        for layer in self.layers:
-            x = layer(x, cos, sin, blocked, input_pos, rows)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x = layer(x, cos, sin, blocked, input_pos, rows, cache)
         return self.norm(x)
+
+
+@dataclass(frozen=True)
+class Caches:
+    """Everything a frame step writes besides its outputs: per-layer KV caches of both transformers."""
+
+    backbone: list[KVCache]
+    decoder: list[KVCache]
 
 
 SampleFn = Callable[[Tensor, int], Tensor]
@@ -268,11 +274,11 @@ class Csm(nn.Module):
         for t in (self.backbone, self.decoder):
             t.set_rope(device)
 
-    def setup_caches(self, batch: int, dtype: torch.dtype | None = None, device=None) -> None:
+    def new_caches(self, batch: int) -> Caches:
+        """Zeroed KV caches for `batch` independent rows, in the weights' dtype and device."""
         param = self.codebook0_head.weight
-        dtype, device = dtype or param.dtype, device or param.device
-        self.backbone.setup_cache(batch, dtype, device)
-        self.decoder.setup_cache(batch, dtype, device)
+        return Caches(self.backbone.new_caches(batch, param.dtype, param.device),
+                      self.decoder.new_caches(batch, param.dtype, param.device))
 
     def embed_rows(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """Prompt rows `tokens [b, T, 33]` (32 audio codebooks + text) summed over `mask [b, T, 33]`."""
@@ -285,15 +291,16 @@ class Csm(nn.Module):
         """A generated frame `codes [B, 32]` as a backbone input row `[B, 1, dim]` (audio columns only)."""
         return self.audio_embeddings(codes + self.codebook_offsets).sum(dim=1, keepdim=True)
 
-    def decode_frame(self, hidden: Tensor, sample: SampleFn) -> Tensor:
-        """Backbone hidden state `[B, dim]` -> the frame's 32 codes `[B, 32]` (codebook 0 + depth decoder)."""
+    def decode_frame(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache]) -> Tensor:
+        """Backbone hidden state `[B, dim]` -> the frame's 32 codes `[B, 32]` (codebook 0 + depth decoder, whose
+        `caches` are rewritten from position 0 every frame)."""
         c0 = sample(self.codebook0_head(hidden).float(), 0)  # [B]
         decoder_in = torch.stack([hidden, self.audio_embeddings(c0)], dim=1)  # [B, 2, dim]: codebook 0 offset is 0
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
             # A fresh decoder cache each frame: codebook i's input sits at position i (0 and 1 on the first step).
             pos = 0 if i == 1 else i
-            h = self.decoder(self.projection(decoder_in), pos)[:, -1]  # [B, decoder dim]
+            h = self.decoder(self.projection(decoder_in), pos, caches)[:, -1]  # [B, decoder dim]
             ci = sample(torch.mm(h, self.audio_head[i - 1]).float(), i)
             codes.append(ci)
             decoder_in = self.audio_embeddings(ci + i * self.cfg.audio_vocab_size)[:, None]  # [B, 1, dim]

@@ -28,10 +28,12 @@ def frame_parts(stepper: FrameStepper) -> dict:
 
     def depth_decoder():
         settings = stepper.frame_sampling()
-        return m.decode_frame(stepper.hidden, lambda logits, codebook: sample(logits, settings, codebook))
+        return m.decode_frame(stepper.hidden, lambda logits, codebook: sample(logits, settings, codebook),
+                              stepper.caches.decoder)
 
     def backbone():
-        return m.backbone(m.embed_frame(stepper.codes), stepper.positions[:, None].clamp(max=2000))
+        positions = stepper.positions[:, None].clamp(max=2000)
+        return m.backbone(m.embed_frame(stepper.codes), positions, stepper.caches.backbone)
 
     return {"full frame step": stepper.step, "depth decoder + sampling (31 steps)": depth_decoder,
             "backbone step": backbone}

@@ -78,3 +78,14 @@ def test_prefill_padded_to_a_length_bucket_changes_nothing(ck):
         runs.append((hidden, torch.stack([stepper.step()[1].clone() for _ in range(6)])))
     torch.testing.assert_close(runs[0][0], runs[1][0])
     assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_two_engines_share_a_model_without_sharing_state(ck):
+    """Each engine owns its KV caches: a second engine on the same weights cannot disturb a running one."""
+    first = Request(build_prompt(ck.tokenizer, [], 0, TEXTS[1], None), SamplingParams(0.0), 8)
+    other = Request(build_prompt(ck.tokenizer, [], 1, TEXTS[2], None), SamplingParams(0.0), 5)
+    running = Engine(ck.model).stream(first.prompt, first.params, first.max_frames, 2, 2)
+    codes = [next(running).codes]
+    list(Engine(ck.model).stream(other.prompt, other.params, other.max_frames, 2, 2))  # runs to completion between
+    codes += [chunk.codes for chunk in running]
+    assert torch.equal(torch.cat(codes), alone(ck, first))

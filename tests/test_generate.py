@@ -46,10 +46,10 @@ def test_backbone_and_decoder_logits_match_transformers(ours, hf_model):
         ref = hf_model(input_ids=ids, output_hidden_states=True)
     prompt = build_prompt(ours.tokenizer, [], 0, TEXT, None)
     model = ours.model
-    model.setup_caches(1)
+    caches = model.new_caches(1)
     with torch.inference_mode():
         embeds = model.embed_rows(prompt.tokens[None], prompt.mask[None])
-        hidden = model.backbone(embeds, torch.arange(prompt.rows)[None])
+        hidden = model.backbone(embeds, torch.arange(prompt.rows)[None], caches.backbone)  # per-row positions
         torch.testing.assert_close(model.codebook0_head(hidden), ref.logits, rtol=1e-5, atol=1e-5)
         # depth decoder on [h, c0, c1]: logits for codebooks 1 and 2
         codes = torch.tensor([[7, 11]])
@@ -58,7 +58,7 @@ def test_backbone_and_decoder_logits_match_transformers(ours, hf_model):
         ).logits
         x = torch.stack([hidden[:, -1], model.audio_embeddings(codes[:, 0]),
                          model.audio_embeddings(codes[:, 1] + model.cfg.audio_vocab_size)], dim=1)
-        h = model.decoder(model.projection(x), torch.arange(3)[None])
+        h = model.decoder(model.projection(x), 0, caches.decoder)  # the static-slice path, 3-row causal mask
         ours_dd = torch.stack([h[:, i + 1] @ model.audio_head[i] for i in range(2)], dim=1)
         torch.testing.assert_close(ours_dd, ref_dd, rtol=1e-5, atol=1e-5)
 
