@@ -232,13 +232,21 @@ def open_writer(path: str | Path, sample_rate: int, *, raw: bool = False, stdout
 # --------------------------------------------------------------------------------------------------------- playback
 
 
-def _sounddevice() -> Any:
+def load_sounddevice() -> tuple[Any, str | None]:
+    """The sounddevice module, or None and the reason it cannot load (shared with `csmcli info`)."""
     try:
         import sounddevice
-    except OSError as e:  # sounddevice raises OSError('PortAudio library not found') at import
-        raise CsmError(_NO_PLAYBACK.format("PortAudio not found (apt-get install libportaudio2)")) from e
-    except ImportError as e:
-        raise CsmError(_NO_PLAYBACK.format("the sounddevice package is not installed")) from e
+    except OSError:  # sounddevice raises OSError('PortAudio library not found') at import
+        return None, "PortAudio not found (apt-get install libportaudio2)"
+    except ImportError:
+        return None, "the sounddevice package is not installed"
+    return sounddevice, None
+
+
+def _sounddevice() -> Any:
+    sounddevice, reason = load_sounddevice()
+    if sounddevice is None:
+        raise CsmError(_NO_PLAYBACK.format(reason))
     return sounddevice
 
 

@@ -87,13 +87,12 @@ def checkpoint_cache_status(repo_id: str = DEFAULT_REPO, cache_dir: str | None =
 
 def audio_output_status() -> dict[str, Any]:
     """Can we play audio here: is PortAudio loadable and is there a default output device?"""
+    from csmcli.audio import load_sounddevice
+
     with _silenced_stderr_fd():
-        try:
-            import sounddevice
-        except OSError as e:  # sounddevice imports fine but cannot load libportaudio
-            return _audio(False, None, f"PortAudio not found ({e}); install it: apt-get install libportaudio2")
-        except ImportError:
-            return _audio(False, None, "the sounddevice package is not installed")
+        sounddevice, reason = load_sounddevice()
+        if sounddevice is None:
+            return _audio(False, None, reason)
         try:
             device = sounddevice.query_devices(kind="output")
         except Exception as e:  # PortAudioError / ValueError when there is no default output
