@@ -422,21 +422,22 @@ def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, comp
     for batch in settings.batches:
         engine = Engine(model, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile)
         engine.warmup()
-        chunks = None
-        if decoder is not None:
-            chunks = ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs)
-            chunks.warmup(n for c in settings.chunk_frames for n in chunk_sizes(settings.first_chunk_frames, c))
-        for chunk in settings.chunk_frames:
-            row = measure(engine, chunks, settings, batch, chunk, head.get("gpu"), bytes_per_frame)
-            if hf_ms is not None:
-                row.transformers_ms_per_frame = hf_ms
-                row.speedup_vs_transformers = hf_ms / row.ms_per_frame_p50 * batch
-            report.rows.append(row)
-            if on_row is not None:
-                on_row(row)
+        chunks = ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs) if decoder is not None else None
+        try:
+            if chunks is not None:
+                chunks.warmup(n for c in settings.chunk_frames for n in chunk_sizes(settings.first_chunk_frames, c))
+            for chunk in settings.chunk_frames:
+                row = measure(engine, chunks, settings, batch, chunk, head.get("gpu"), bytes_per_frame)
+                if hf_ms is not None:
+                    row.transformers_ms_per_frame = hf_ms
+                    row.speedup_vs_transformers = hf_ms / row.ms_per_frame_p50 * batch
+                report.rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+        finally:
+            if chunks is not None:
+                chunks.close()
         del engine
-        if chunks is not None:
-            chunks.close()
         if model.codebook0_head.weight.device.type == "cuda":
             torch.cuda.empty_cache()
     return report

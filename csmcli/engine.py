@@ -1,8 +1,9 @@
 """The engine: many requests share one frame step (continuous batching), replayed from a CUDA graph on GPU.
 
-Requests join a free slot between chunks (their prompt prefill runs outside the graph, variable length) and leave
-on EOS, on their frame limit, or when cancelled, without disturbing the other slots: every slot's state lives in
-its own rows of the stepper's static tensors. The host reads codes once per chunk.
+Requests join a free slot between chunks (their prompt prefill runs outside the frame graph: on CUDA padded to a
+length bucket with a graph of its own) and leave on EOS, on their frame limit, or when cancelled, without disturbing
+the other slots: every slot's state lives in its own rows of the stepper's static tensors. The host reads codes
+once per chunk. `ChunkDecoder` is the same idea for streaming Mimi decode: one graph per chunk size.
 """
 
 from __future__ import annotations
@@ -73,12 +74,13 @@ class CapturedCall:
 
 
 PREFILL_BUCKETS = (64, 128, 256, 512, 1024)
-"""Prompt lengths with a captured prefill graph on CUDA; longer prompts pad to the full cache and run eagerly."""
+"""Prompt lengths with a captured prefill graph on CUDA; longer prompts run eagerly at their own length."""
 
 
-def prefill_length(rows: int, max_seq_len: int) -> int:
-    """The padded length a `rows`-row prompt is prefilled at on CUDA: the smallest bucket that holds it."""
-    return next((n for n in PREFILL_BUCKETS if rows <= n <= max_seq_len), max_seq_len)
+def prefill_length(rows: int, max_seq_len: int) -> int | None:
+    """The padded length a `rows`-row prompt is prefilled at on CUDA: the smallest bucket that holds it (None:
+    none does, no padding)."""
+    return next((n for n in PREFILL_BUCKETS if rows <= n <= max_seq_len), None)
 
 
 def next_chunk_frames(previous: int | None, first: int, chunk: int) -> int:
@@ -131,19 +133,20 @@ class Engine:
         """Compile / capture now, so no request's latency includes it. The warm-up runs real steps, so the slots'
         state is saved and restored around it: warming up never changes what any request makes. Prefill graphs
         are captured before any request is admitted (their warm-up writes slot 0's cache rows)."""
+        if self.cuda_graphs and not self._prefill_graphs and all(a is None for a in self.slots):
+            self._capture_prefills()
         if self._warm:
             return
         saved = [t.clone() for t in self.stepper.state()]
         if self.cuda_graphs:
             self._graph = CapturedCall(self._eager_step)
-            if all(a is None for a in self.slots):
-                self._capture_prefills()
         elif self.compiled:
             self._eager_step()
         for t, s in zip(self.stepper.state(), saved, strict=True):
             t.copy_(s)
         self._warm = True
 
+    @torch.no_grad()
     def _capture_prefills(self) -> None:
         pool = torch.cuda.graph_pool_handle()  # one pool: a prefill's output is copied out before the next runs
         columns = self.stepper.model.cfg.num_codebooks + 1
@@ -192,13 +195,13 @@ class Engine:
             active = [(slot, a) for slot, a in enumerate(self.slots) if a is not None]
             if not active:
                 return
-            n = min(next_chunk_frames(a.last_frames, first_chunk_frames, chunk_frames) for _, a in active)
-            n = max(1, min(n, min(a.request.max_frames - a.made for _, a in active)))
+            ramp = min(next_chunk_frames(a.last_frames, first_chunk_frames, chunk_frames) for _, a in active)
+            n = max(1, min(ramp, min(a.request.max_frames - a.made for _, a in active)))
             start = time.perf_counter()
             frames = self.run_chunk(n)  # [n, B, 32]
             seconds = time.perf_counter() - start
             for slot, a in active:
-                a.last_frames = n
+                a.last_frames = ramp  # a chunk cut short by someone's frame limit does not restart the ramp
                 chunk = self._chunk(a, frames[:, slot], seconds)
                 if chunk.stop or a.request.cancelled:
                     self.slots[slot] = None
@@ -233,8 +236,8 @@ class Engine:
 
 
 class ChunkDecoder:
-    """Streaming Mimi decode of `batch` streams, chunk by chunk. On CUDA each chunk size given to `warmup` replays
-    its own CUDA graph; other sizes (a short last chunk) run eagerly, with the same result.
+    """Streaming Mimi decode of `batch` streams, chunk by chunk. On CUDA each chunk size given to `warmup` (and 1)
+    replays its own CUDA graph; another size (a short last chunk) is decoded as a run of graphed sizes.
 
     The decoder's streaming state stays allocated for this object's life (graphs hold its addresses), so the
     decoder cannot be used for anything else meanwhile; `reset()` starts new utterances, `close()` frees it."""
@@ -255,7 +258,7 @@ class ChunkDecoder:
         if self.device.type != "cuda":
             return
         saved = [t.clone() for t in self.decoder.state_tensors()]
-        for n in sorted(set(sizes)):
+        for n in sorted(set(sizes) | {1}):  # with 1, any size splits into graphed sizes
             codes = torch.zeros(self.batch, self.codebooks, n, dtype=torch.long, device=self.device)  # [B, K, n]
             shape = tuple(codes.shape)
             if self.cuda_graphs and shape not in self._graphs:
@@ -266,9 +269,23 @@ class ChunkDecoder:
             t.copy_(s)
 
     def decode(self, codes: Tensor) -> Tensor:
-        """codes `[B, K, n]` on the decoder's device -> pcm `[B, 1, n * 1920]` (valid until the next decode)."""
+        """codes `[B, K, n]` on the decoder's device -> pcm `[B, 1, n * 1920]` (valid until the next decode).
+
+        A size without a graph is cut into graphed sizes, largest first (11 = 8 + 2 + 1): the streaming decoder
+        gives the same audio however the frames are chunked, and a first eager run of a new size costs ~50 ms."""
         graph = self._graphs.get(tuple(codes.shape))
-        return graph(codes) if graph is not None else self.decoder.decode_chunk(codes)
+        if graph is not None:
+            return graph(codes)
+        lead, n = tuple(codes.shape[:-1]), codes.shape[-1]
+        sizes = sorted((shape[-1] for shape in self._graphs if shape[:-1] == lead), reverse=True)
+        if not sizes or n == 0:
+            return self.decoder.decode_chunk(codes)
+        pieces, start = [], 0
+        while start < n:
+            size = next(s for s in sizes if s <= n - start)
+            pieces.append(self._graphs[(*lead, size)](codes[..., start : start + size]).clone())  # [B, 1, size*1920]
+            start += size
+        return torch.cat(pieces, dim=-1)
 
     def reset(self) -> None:
         self.decoder.reset()

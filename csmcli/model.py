@@ -246,7 +246,7 @@ class Caches:
 
 
 SampleFn = Callable[[Tensor, int], Tensor]
-"""`sample(logits [B, V] float32, codebook) -> tokens [B]`: the engine binds per-request sampling state."""
+"""`sample(logits [B, V] float32, codebook) -> tokens [B]`: the frame stepper binds per-request sampling state."""
 
 
 class Csm(nn.Module):

@@ -172,6 +172,12 @@ class Pipeline:
         prompt = self.prompt(context, speaker, split_sentences(text)[0])
         frame_budget(prompt.rows, 1, self.model.cfg.backbone.max_seq_len)
 
+    def close(self) -> None:
+        """Free the Mimi decoder's streaming state (and its graphs): the codec can then be used on its own again."""
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
+
     def warmup(self) -> None:
         """Capture / compile now (frame step, prefill lengths, Mimi decode of every ramp chunk size), so the first
         request's latency includes none of it."""

@@ -20,10 +20,11 @@ def main(args: list[str]) -> int:
         else:
             pcm, rate = soundfile.read(audio, dtype="float32")
             assert rate == 24_000, rate
-        ok = len(pcm) == frames * SAMPLES_PER_FRAME and frames > 0 and np.isfinite(pcm).all() and np.abs(pcm).max() > 0
+        peak = float(np.abs(pcm).max()) if len(pcm) else 0.0
+        ok = len(pcm) == frames * SAMPLES_PER_FRAME and frames > 0 and bool(np.isfinite(pcm).all()) and peak > 0
         failed += not ok
         print(f"{audio}: {frames} frames, {len(pcm)} samples (want {frames * SAMPLES_PER_FRAME}), "
-              f"peak {np.abs(pcm).max():.3f}: {'OK' if ok else 'FAIL'}")
+              f"peak {peak:.3f}: {'OK' if ok else 'FAIL'}")
     return 1 if failed else 0
 
 

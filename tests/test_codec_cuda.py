@@ -82,11 +82,12 @@ def test_cuda_graph_replay_equals_eager(setup):
 
 
 def test_chunk_decoder_graphs_equal_eager_chunks(setup):
-    """The pipeline's ChunkDecoder: graphs per warmed size, eager for others (3, the tail), warm-up mid-stream."""
+    """The pipeline's ChunkDecoder: graphs per warmed size, other sizes (3, 5) cut into graphed ones, warm-up
+    mid-stream."""
     from csmcli.engine import ChunkDecoder
 
     decoder, codes, _ = setup
-    sizes = [1, 2, 4, 3] + [8] * 17 + [4]  # sums to N_FRAMES
+    sizes = [1, 2, 4, 3] + [8] * 16 + [5, 7]  # sums to N_FRAMES
     assert sum(sizes) == N_FRAMES
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     with decoder.streaming(2):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,29 @@ def test_two_engines_share_a_model_without_sharing_state(ck):
     list(Engine(ck.model).stream(other.prompt, other.params, other.max_frames, 2, 2))  # runs to completion between
     codes += [chunk.codes for chunk in running]
     assert torch.equal(torch.cat(codes), alone(ck, first))
+
+
+def test_prefill_length_buckets():
+    from csmcli.engine import prefill_length
+
+    assert prefill_length(200, 2048) == 256 and prefill_length(64, 2048) == 64 and prefill_length(65, 2048) == 128
+    assert prefill_length(1025, 2048) is None  # beyond the largest graph: no padding, eager at its own length
+    assert prefill_length(100, 100) is None  # a bucket may not exceed the cache
+
+
+def test_pipeline_speaks_twice_and_close_frees_the_codec(hf_checkpoint):
+    """The pipeline keeps one Mimi streaming state for its life (graphs hold its addresses), reset per utterance:
+    a second utterance sounds exactly like the first, and close() hands the decoder back."""
+    from csmcli.pipeline import Pipeline
+    from csmcli.presets import CPU_PRESET, get_preset
+
+    pipeline = Pipeline.load(str(hf_checkpoint), get_preset(CPU_PRESET), device="cpu")
+    pipeline.warmup()
+    runs = [np.concatenate([c.pcm for c in pipeline.speak("Hello there.", 0, SamplingParams(0.0), max_seconds=0.4)])
+            for _ in range(2)]
+    assert len(runs[0]) == 5 * 1920 and np.array_equal(runs[0], runs[1])
+    codes = torch.zeros(1, 32, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="already streaming"):
+        pipeline.codec.decode(codes)
+    pipeline.close()
+    assert pipeline.codec.decode(codes).shape == (1, 1, 2 * 1920)
