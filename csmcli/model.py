@@ -83,9 +83,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 and cast back before the scale, as transformers' LlamaRMSNorm does (bf16 parity);
-        # F.rms_norm is one fused kernel on CUDA where the written-out formula is five.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # One fused kernel on CUDA (it computes in float32 internally) instead of eight. transformers' LlamaRMSNorm
+        # rounds to the activation dtype before scaling by the weight; this rounds once, after: identical in
+        # float32 (the parity tests), at most one bf16 ulp apart in bf16.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -134,10 +135,10 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None) -
     b, h, t, d = q.shape
     hkv = k.shape[1]
     q = q.reshape(b, hkv, (h // hkv) * t, d)  # [b, Hkv, G*T, D]: rows ordered (group, position)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * d**-0.5  # [b, Hkv, G*T, S]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5  # [b, Hkv, G*T, S], scaled in q's dtype as transformers
     if blocked is not None:
         scores = scores.view(b, hkv, h // hkv, t, -1).masked_fill(blocked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, hkv, (h // hkv) * t, -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype).view(b, hkv, (h // hkv) * t, -1)
     return torch.matmul(probs, v).view(b, h, t, d)  # [b, H, T, D]
 
 
@@ -199,15 +200,16 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [max_seq_len, D], see set_rope
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.set_rope(self.inv_freq.device)
+        self.set_rope(self.inv_freq.device, torch.float32)
 
-    def set_rope(self, device) -> None:
+    def set_rope(self, device, dtype: torch.dtype) -> None:
         """Tabulate cos / sin for every position once: a step then gathers rows instead of recomputing them.
-        Float32 angles, as transformers computes them; stored in float32 and cast where used."""
+        Float32 angles, as transformers computes them, stored rounded to the activations' `dtype` (where
+        transformers rounds them too), so a step needs no cast."""
         self.inv_freq = rope_inverse_frequencies(self.cfg).to(device)
         freqs = torch.arange(self.cfg.max_seq_len, device=device).float()[:, None] * self.inv_freq  # [S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
     def new_caches(self, batch: int, dtype: torch.dtype, device) -> list[KVCache]:
         """One zeroed cache per layer for `batch` rows (the caller owns them)."""
@@ -267,12 +269,12 @@ class Csm(nn.Module):
 
     def reset_buffers(self) -> None:
         """(Re)compute the non-persistent buffers, e.g. after loading weights into a model built on `meta`."""
-        device = self.codebook0_head.weight.device
+        device, dtype = self.codebook0_head.weight.device, self.codebook0_head.weight.dtype
         if device.type == "meta":
             return
         self.codebook_offsets = torch.arange(self.cfg.num_codebooks, device=device) * self.cfg.audio_vocab_size
         for t in (self.backbone, self.decoder):
-            t.set_rope(device)
+            t.set_rope(device, dtype)
 
     def new_caches(self, batch: int) -> Caches:
         """Zeroed KV caches for `batch` independent rows, in the weights' dtype and device."""

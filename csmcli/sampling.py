@@ -57,21 +57,22 @@ def uniform_noise(seed: Tensor, frame: Tensor, codebooks: int, tokens: Tensor) -
 
 @dataclass(frozen=True)
 class FrameSampling:
-    """Every slot's sampling settings and noise for one frame, prepared once so each codebook's draw is short."""
+    """Every slot's sampling settings and noise for one frame, prepared once so each codebook's draw is short.
+    Greedy slots get temperature 1 and zero noise: their draw is then exactly the argmax."""
 
-    temperature: Tensor  # [B, 1] float32, clamped away from 0
+    temperature: Tensor  # [B, 1] float32, > 0
     kth: Tensor  # [B, 1] index of the k-th largest logit (top-k threshold)
-    greedy: Tensor  # [B] bool
-    gumbel: Tensor  # [B, codebooks, V] float32
+    gumbel: Tensor  # [B, codebooks, V] float32, 0 for greedy slots
 
 
 def frame_sampling(temperature: Tensor, topk: Tensor, seed: Tensor, frame: Tensor, codebooks: int,
                    tokens: Tensor) -> FrameSampling:
     """Settings `temperature, topk, seed, frame [B]` -> the frame's `FrameSampling` (Gumbel noise `-log(-log u)`)
     over a vocabulary of `len(tokens)` (`tokens = token_keys(V)`)."""
+    greedy = (temperature <= 0)[:, None]  # [B, 1]
     gumbel = -torch.log(-torch.log(uniform_noise(seed, frame, codebooks, tokens)))
-    return FrameSampling(temperature.clamp(min=1e-5)[:, None], (topk.clamp(1, len(tokens)) - 1)[:, None],
-                         temperature <= 0, gumbel)
+    return FrameSampling(torch.where(greedy, 1.0, temperature[:, None].clamp(min=1e-5)),
+                         (topk.clamp(1, len(tokens)) - 1)[:, None], gumbel.masked_fill(greedy[..., None], 0.0))
 
 
 def sample(logits: Tensor, frame: FrameSampling, codebook: int) -> Tensor:
@@ -79,9 +80,8 @@ def sample(logits: Tensor, frame: FrameSampling, codebook: int) -> Tensor:
     temperature <= 0. Branch-free so one CUDA graph serves every mix of settings.
 
     `argmax(logits / T + gumbel)` over the top k is the reference's `argmax(softmax(logits / T) / Exponential(1))`
-    without the softmax's monotone steps: the same distribution, fewer kernels per codebook."""
-    greedy = logits.argmax(dim=-1)
+    without the softmax's monotone steps: the same distribution, fewer kernels per codebook. A greedy row divides
+    by 1 and adds 0, so it is `argmax(logits)` exactly (the top-k mask keeps the maximum)."""
     scaled = logits / frame.temperature
     kth = scaled.sort(dim=-1, descending=True).values.gather(1, frame.kth)  # [B, 1]
-    drawn = (scaled.masked_fill(scaled < kth, float("-inf")) + frame.gumbel[:, codebook]).argmax(dim=-1)
-    return torch.where(frame.greedy, greedy, drawn)
+    return (scaled.masked_fill(scaled < kth, float("-inf")) + frame.gumbel[:, codebook]).argmax(dim=-1)
