@@ -13,7 +13,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -71,6 +71,18 @@ class CapturedCall:
             captured.copy_(given)
         self.graph.replay()
         return self.output
+
+
+@contextmanager
+def state_kept(tensors: list[Tensor]) -> Iterator[None]:
+    """Warm-up and capture run real steps: put the state they advance back afterwards, in place (graphs hold the
+    addresses), so warming up never changes what any request makes."""
+    saved = [t.clone() for t in tensors]
+    try:
+        yield
+    finally:
+        for t, s in zip(tensors, saved, strict=True):
+            t.copy_(s)
 
 
 PREFILL_BUCKETS = (64, 128, 256, 512, 1024)
@@ -137,13 +149,11 @@ class Engine:
             self._capture_prefills()
         if self._warm:
             return
-        saved = [t.clone() for t in self.stepper.state()]
-        if self.cuda_graphs:
-            self._graph = CapturedCall(self._eager_step)
-        elif self.compiled:
-            self._eager_step()
-        for t, s in zip(self.stepper.state(), saved, strict=True):
-            t.copy_(s)
+        with state_kept(self.stepper.state()):
+            if self.cuda_graphs:
+                self._graph = CapturedCall(self._eager_step)
+            elif self.compiled:
+                self._eager_step()
         self._warm = True
 
     @torch.no_grad()
@@ -257,16 +267,14 @@ class ChunkDecoder:
         streaming state is restored afterwards, so warming up never changes the audio."""
         if self.device.type != "cuda":
             return
-        saved = [t.clone() for t in self.decoder.state_tensors()]
-        for n in sorted(set(sizes) | {1}):  # with 1, any size splits into graphed sizes
-            codes = torch.zeros(self.batch, self.codebooks, n, dtype=torch.long, device=self.device)  # [B, K, n]
-            shape = tuple(codes.shape)
-            if self.cuda_graphs and shape not in self._graphs:
-                self._graphs[shape] = CapturedCall(self.decoder.decode_chunk, codes, warmup=2, pool=self._pool)
-            elif not self.cuda_graphs:
-                self.decoder.decode_chunk(codes)
-        for t, s in zip(self.decoder.state_tensors(), saved, strict=True):
-            t.copy_(s)
+        with state_kept(self.decoder.state_tensors()):
+            for n in sorted(set(sizes) | {1}):  # with 1, any size splits into graphed sizes
+                codes = torch.zeros(self.batch, self.codebooks, n, dtype=torch.long, device=self.device)  # [B, K, n]
+                shape = tuple(codes.shape)
+                if self.cuda_graphs and shape not in self._graphs:
+                    self._graphs[shape] = CapturedCall(self.decoder.decode_chunk, codes, warmup=2, pool=self._pool)
+                elif not self.cuda_graphs:
+                    self.decoder.decode_chunk(codes)
 
     def decode(self, codes: Tensor) -> Tensor:
         """codes `[B, K, n]` on the decoder's device -> pcm `[B, 1, n * 1920]` (valid until the next decode).
