@@ -8,6 +8,7 @@ once per chunk. `ChunkDecoder` is the same idea for streaming Mimi decode: one g
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import time
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from csmcli.codec import StreamingMimiDecoder
 
 NO_GRAPHS_ENV = "CSMCLI_NO_CUDA_GRAPHS"
+NO_FUSED_ENV = "CSMCLI_NO_FUSED_KERNELS"
 _ids = itertools.count()
 
 
@@ -114,9 +116,23 @@ def graphs_enabled(requested: bool, device: torch.device) -> bool:
     return requested and device.type == "cuda" and os.environ.get(NO_GRAPHS_ENV) != "1"
 
 
+def fused_kernels_enabled(requested: bool, model: Csm) -> bool:
+    """The Triton decode kernels run when asked for, on CUDA with Triton installed, for head sizes they handle
+    (tl.dot needs half a head >= 16), and not switched off by CSMCLI_NO_FUSED_KERNELS=1."""
+    device = model.codebook0_head.weight.device
+    if not requested or device.type != "cuda" or os.environ.get(NO_FUSED_ENV) == "1":
+        return False
+    if importlib.util.find_spec("triton") is None:
+        return False
+    heads = [model.cfg.backbone.head_dim, model.cfg.decoder.head_dim]
+    return all(d >= 32 and d & (d - 1) == 0 for d in heads)
+
+
 class Engine:
-    def __init__(self, model: Csm, max_batch: int = 1, cuda_graphs: bool = True, compile: bool = False):
-        self.stepper = FrameStepper(model, max_batch)
+    def __init__(self, model: Csm, max_batch: int = 1, cuda_graphs: bool = True, compile: bool = False,
+                 fused_kernels: bool = True):
+        self.fused_kernels = fused_kernels_enabled(fused_kernels, model)
+        self.stepper = FrameStepper(model, max_batch, self.fused_kernels)
         self.device = self.stepper.device
         self.max_batch = max_batch
         step = self.stepper.step

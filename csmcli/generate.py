@@ -24,8 +24,9 @@ SAMPLE_RATE = 24_000
 class FrameStepper:
     """`max_batch` independent slots sharing one frame step. Slots join by `prefill` between steps."""
 
-    def __init__(self, model: Csm, max_batch: int):
+    def __init__(self, model: Csm, max_batch: int, fused: bool = False):
         self.model = model
+        self.fused = fused  # one-token steps through csmcli.kernels (Triton) instead of torch ops
         param = model.codebook0_head.weight
         self.device, self.dtype = param.device, param.dtype
         self.caches = model.new_caches(max_batch)  # this stepper's own: other steppers may share the model
@@ -78,19 +79,38 @@ class FrameStepper:
         return frame_sampling(self.temperature, self.topk, self.seed, self.frame_index, self.model.cfg.num_codebooks,
                               self.token_keys)
 
+    def decode(self) -> Tensor:
+        """The pending hidden states' frames: codebook 0 and the depth decoder's 31 codebooks, `codes [B, 32]`."""
+        settings = self.frame_sampling()
+        if self.fused:
+            from csmcli import kernels
+
+            def draw(logits: Tensor, codebook: int) -> Tensor:
+                return kernels.sample(logits, settings.temperature, settings.kth, settings.gumbel[:, codebook])
+        else:
+            def draw(logits: Tensor, codebook: int) -> Tensor:
+                return sample(logits.float(), settings, codebook)
+        return self.model.decode_frame(self.hidden, draw, self.caches.decoder, self.fused)
+
+    def advance(self, codes: Tensor) -> None:
+        """Feed each slot's frame `codes [B, 32]` to the backbone: the next hidden states, positions + 1."""
+        # Clamped so finished or idle slots never write past the cache; their outputs are ignored.
+        positions = self.positions.clamp(max=self.max_seq_len - 1)  # [B]
+        backbone, embeds = self.model.backbone, self.model.embed_frame(codes)  # [B, 1, dim]
+        if self.fused:
+            self.hidden.copy_(backbone.norm(backbone.step(embeds[:, 0], positions, self.caches.backbone)))
+        else:
+            self.hidden.copy_(backbone(embeds, positions[:, None], self.caches.backbone)[:, -1])
+        self.positions.add_(1)
+        self.frame_index.add_(1)
+
     @torch.no_grad()
     def step(self) -> Tensor:
         """One frame for every slot: depth-decode the pending hidden state, then feed the frame to the backbone.
 
         Returns the static `codes [B, 32]` buffer (overwritten by the next step)."""
-        settings = self.frame_sampling()
-        codes = self.model.decode_frame(self.hidden, lambda logits, codebook: sample(logits, settings, codebook),
-                                        self.caches.decoder)
-        # Clamped so finished or idle slots never write past the cache; their outputs are ignored.
-        positions = self.positions.clamp(max=self.max_seq_len - 1)[:, None]  # [B, 1]
-        self.hidden.copy_(self.model.backbone(self.model.embed_frame(codes), positions, self.caches.backbone)[:, -1])
-        self.positions.add_(1)
-        self.frame_index.add_(1)
+        codes = self.decode()
+        self.advance(codes)
         self.codes.copy_(codes)
         return self.codes
 

@@ -188,6 +188,18 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, blocked, input_pos, rows, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
+    def step(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, position: Tensor | int, cache: KVCache) -> Tensor:
+        """`forward` for one token per row, `x [B, dim]` at `position` (`[B]` or one int), in five fused kernels
+        (csmcli.kernels; imported here so CPU-only installs never need Triton)."""
+        from csmcli import kernels
+
+        a, f = self.attention, self.feed_forward
+        qkv = kernels.linear(x, a.wqkv.weight, norm=self.attention_norm.weight, eps=self.attention_norm.eps)
+        out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads)
+        x = kernels.linear(out, a.wo.weight, residual=x)
+        hidden = kernels.linear(x, f.w13.weight, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps, gated=True)
+        return kernels.linear(hidden, f.w2.weight, residual=x)
+
 
 class Transformer(nn.Module):
     """Llama layers + final norm; embeddings and heads live in `Csm` because backbone and decoder share them."""
@@ -238,6 +250,14 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, blocked, input_pos, rows, cache)
         return self.norm(x)
 
+    def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache]) -> Tensor:
+        """One token per row through the fused kernels: `x [B, dim]` at `position` (`[B]`, or one int for all
+        rows) into all rows of `caches`. Returns the last layer's output *before* the final norm `[B, dim]`, so
+        the caller can fold that norm into the next matmul."""
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x = layer.step(x, self.rope_cos, self.rope_sin, position, cache)
+        return x
+
 
 @dataclass(frozen=True)
 class Caches:
@@ -248,7 +268,7 @@ class Caches:
 
 
 SampleFn = Callable[[Tensor, int], Tensor]
-"""`sample(logits [B, V] float32, codebook) -> tokens [B]`: the frame stepper binds per-request sampling state."""
+"""`sample(logits [B, V], codebook) -> tokens [B]`: the frame stepper binds per-request sampling state."""
 
 
 class Csm(nn.Module):
@@ -293,17 +313,37 @@ class Csm(nn.Module):
         """A generated frame `codes [B, 32]` as a backbone input row `[B, 1, dim]` (audio columns only)."""
         return self.audio_embeddings(codes + self.codebook_offsets).sum(dim=1, keepdim=True)
 
-    def decode_frame(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache]) -> Tensor:
+    def decode_frame(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache], fused: bool = False) -> Tensor:
         """Backbone hidden state `[B, dim]` -> the frame's 32 codes `[B, 32]` (codebook 0 + depth decoder, whose
-        `caches` are rewritten from position 0 every frame)."""
-        c0 = sample(self.codebook0_head(hidden).float(), 0)  # [B]
+        `caches` are rewritten from position 0 every frame). `fused`: through `decode_frame_fused`."""
+        if fused:
+            return self.decode_frame_fused(hidden, sample, caches)
+        c0 = sample(self.codebook0_head(hidden), 0)  # [B]
         decoder_in = torch.stack([hidden, self.audio_embeddings(c0)], dim=1)  # [B, 2, dim]: codebook 0 offset is 0
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
             # A fresh decoder cache each frame: codebook i's input sits at position i (0 and 1 on the first step).
             pos = 0 if i == 1 else i
             h = self.decoder(self.projection(decoder_in), pos, caches)[:, -1]  # [B, decoder dim]
-            ci = sample(torch.mm(h, self.audio_head[i - 1]).float(), i)
+            ci = sample(torch.mm(h, self.audio_head[i - 1]), i)
             codes.append(ci)
             decoder_in = self.audio_embeddings(ci + i * self.cfg.audio_vocab_size)[:, None]  # [B, 1, dim]
+        return torch.stack(codes, dim=1)  # [B, 32]
+
+    def decode_frame_fused(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache]) -> Tensor:
+        """`decode_frame` through the fused kernels (csmcli.kernels): the same computation, one token per
+        decoder step (positions 0 and 1 as two steps; causal attention makes that the 2-token prefill), embedding
+        lookups folded into the projection and the decoder's final norm into each codebook head."""
+        from csmcli import kernels
+
+        vocab, dec = self.cfg.audio_vocab_size, self.decoder
+        c0 = sample(kernels.linear(hidden, self.codebook0_head.weight), 0)  # [B]
+        dec.step(kernels.linear(hidden, self.projection.weight), 0, caches)  # only its cache entries matter
+        codes = [c0]
+        for i in range(1, self.cfg.num_codebooks):
+            x = kernels.linear(self.audio_embeddings.weight, self.projection.weight, rows=codes[-1],
+                               row_offset=(i - 1) * vocab)  # embedding of codebook i-1's token, projected [B, dim]
+            x = dec.step(x, i, caches)
+            logits = kernels.linear(x, self.audio_head[i - 1].T, norm=dec.norm.weight, eps=dec.norm.eps)  # [B, V]
+            codes.append(sample(logits, i))
         return torch.stack(codes, dim=1)  # [B, 32]

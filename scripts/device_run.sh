@@ -14,12 +14,16 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 csm() { python3 -m csmcli "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" \
   | tee -a "$out/gpu.txt"
 for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
-    tests) python3 -m pytest -q tests/test_engine_cuda.py tests/test_codec_cuda.py 2>&1 | tee "$out/tests.txt" || true ;;
+    tests) python3 -m pytest -q tests/test_engine_cuda.py tests/test_codec_cuda.py tests/test_kernels.py 2>&1 \
+             | tee "$out/tests.txt" || true ;;
+    tune) python3 scripts/tune_kernels.py 2>&1 | tee "$out/tune.txt" ;;
+    torchops) CSMCLI_NO_FUSED_KERNELS=1 csm bench --random-weights --batch 1 --chunk-frames 8 --frames 100 --reps 3 \
+                -o "$out/torchops.json" 2>&1 | tee "$out/torchops.txt" ;;
     bench1) csm bench --random-weights --batch 1 --chunk-frames 2,8 --frames 100 --reps 3 \
               -o "$out/bench1.json" 2>&1 | tee "$out/bench1.txt" ;;
     sweep) csm bench --random-weights --batch 1,4,16,64 --chunk-frames 8 --frames 60 --reps 3 \

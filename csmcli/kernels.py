@@ -1,0 +1,317 @@
+"""Triton kernels for the one-token decode step: a few large kernels per layer instead of ~25 small ones.
+
+A CSM frame is 33 one-token transformer steps (backbone once, depth decoder 32 times), each reading ~55-120 MB
+of weights with M = batch rows of activations. With plain torch ops a step is launch-bound: norms, RoPE, cache
+writes, casts and adds are kernels of their own. Here one layer is five kernels:
+
+  1. RMSNorm folded into the QKV matmul (`linear(..., norm=)`),
+  2. RoPE + KV-cache write + attention over the slot's positions (`decode_attention`),
+  3. output projection with the residual add (`linear(..., residual=)`),
+  4. RMSNorm + gate/up matmul + SiLU * up (`linear(..., norm=, gated=True)`),
+  5. down projection with the residual add;
+
+and a codebook's draw is one kernel (`sample`: top-k threshold by radix select instead of a sort).
+
+Every kernel rounds where torch rounds (matmul output, RoPE products, softmax probabilities, ...) so results stay
+within bf16 rounding of the torch path, and none splits a reduction across programs or rows: a row's result does
+not depend on the other rows (a slot joining does not change its neighbours' codes) and replays are bit-exact.
+Block sizes are fixed per shape (no autotuning: they decide the summation order, so they must not vary by run).
+
+Runs on CUDA; on the CPU only under `TRITON_INTERPRET=1` (the tests), where `tl.dot` takes float32 inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, acc, F32: tl.constexpr):
+    """`acc + a @ b`; F32: exact float32 products (float32 models, and the interpreter, which lacks bf16 dot)."""
+    if F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, rows_ptr, norm_ptr, w_ptr, res_ptr, out_ptr,
+    M, N, K, row_offset, eps,
+    stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
+    HAS_ROWS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    dtype = out_ptr.dtype.element_ty
+    if HAS_ROWS:  # x rows gathered from a table (an embedding lookup folded into the matmul)
+        x_rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0) + row_offset
+    else:
+        x_rows = offs_m
+    x_base = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    if HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            xk = xk.to(tl.float32)
+            squares += tl.sum(xk * xk, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
+    if BLOCK_M == 1:  # GEMV: products summed per lane, one reduction after the loop
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xk = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        if HAS_NORM:  # rounded to the activations' dtype, as torch's norm output is
+            weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            xk = (xk.to(tl.float32) * rstd[:, None] * weight[None, :]).to(dtype)
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptrs, mask=w_ok, other=0.0)
+        if BLOCK_M == 1:
+            acc += xk.to(tl.float32) * w.to(tl.float32)
+        else:
+            acc = _dot(xk, tl.trans(w), acc, DOT_F32)
+        if GATED:  # up-projection rows sit N rows below the gate rows
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
+            if BLOCK_M == 1:
+                acc_up += xk.to(tl.float32) * w_up.to(tl.float32)
+            else:
+                acc_up = _dot(xk, tl.trans(w_up), acc_up, DOT_F32)
+    if BLOCK_M == 1:
+        out = tl.sum(acc, axis=1)[None, :].to(dtype)  # [1, BLOCK_N]
+    else:
+        out = acc.to(dtype)
+    if GATED:  # silu(gate) * up, each step rounded as torch rounds it
+        if BLOCK_M == 1:
+            up = tl.sum(acc_up, axis=1)[None, :].to(dtype)
+        else:
+            up = acc_up.to(dtype)
+        gate = out.to(tl.float32)
+        out = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+        out = (out.to(tl.float32) * up.to(tl.float32)).to(dtype)
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
+        out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _dot_f32(x: Tensor) -> bool:
+    return INTERPRET or x.dtype == torch.float32
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def linear_config(m: int, n: int, k: int, gated: bool, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an `[m, k] x [k, n]` product (n output columns; gated: the
+    weight has 2n rows). Chosen from H100 measurements (scripts/tune_kernels.py); it fixes the summation order."""
+    if m == 1:
+        block_k = min(_pow2(k), 256 if gated else 512)
+        block_n = 16
+        while block_n > 2 and triton.cdiv(n, block_n) < 2 * sms:  # enough programs to fill every SM twice
+            block_n //= 2
+        return 1, block_n, block_k, 4
+    block_m = min(64, max(16, _pow2(m)))
+    return block_m, 32, min(_pow2(k), 128), 4
+
+
+def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float = 0.0,
+           residual: Tensor | None = None, gated: bool = False, rows: Tensor | None = None, row_offset: int = 0,
+           config: tuple[int, int, int, int] | None = None) -> Tensor:
+    """`x [M, K] @ weight.T` for `weight [N, K]` (any strides), with optional fusions:
+
+    - `norm [K]`: RMSNorm of x's rows (weight `norm`, `eps`) first;
+    - `gated`: `weight` holds gate rows then up rows `[2I, K]`; returns `silu(x @ gate.T) * (x @ up.T)` `[M, I]`;
+    - `residual [M, N]`: added to the result;
+    - `rows [M]`: x is a table and row i of the product uses table row `rows[i] + row_offset`.
+    """
+    m = rows.shape[0] if rows is not None else x.shape[0]
+    n, k = weight.shape
+    n = n // 2 if gated else n
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    sms = 1 if INTERPRET else _sm_count(x.device.index or 0)
+    block_m, block_n, block_k, warps = config or linear_config(m, n, k, gated, sms)
+    assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _linear_kernel[grid](
+        x, rows if rows is not None else x, norm if norm is not None else x, weight,
+        residual if residual is not None else x, out,
+        m, n, k, row_offset, eps,
+        x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        HAS_ROWS=rows is not None, HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_F32=_dot_f32(x), num_warps=warps,
+    )
+    return out
+
+
+@triton.jit
+def _rope(x1, x2, cos1, cos2, sin1, sin2, dtype: tl.constexpr):
+    """`x * cos + rotate_half(x) * sin` on the two halves of x, with torch's bf16 roundings."""
+    out1 = (x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)
+    out2 = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
+    return out1.to(dtype), out2.to(dtype)
+
+
+@triton.jit
+def _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype: tl.constexpr, BLOCK_S: tl.constexpr,
+            DOT_F32: tl.constexpr, HALF: tl.constexpr):
+    """Scaled scores `[G_PAD, BLOCK_S]` of the group's queries against cache positions s0.., -inf past `pos`."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    s_ok = s <= pos
+    k_ptrs = k_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF]
+    k1 = tl.load(k_ptrs, mask=s_ok[:, None], other=0.0)
+    k2 = tl.load(k_ptrs + HALF, mask=s_ok[:, None], other=0.0)
+    raw = tl.zeros([q1.shape[0], BLOCK_S], dtype=tl.float32)
+    raw = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), raw, DOT_F32), DOT_F32)
+    scores = (raw.to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)  # q @ k.T, then * scale, in bf16
+    return tl.where(s_ok[None, :], scores, float("-inf"))
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, pos_value, scale,
+    stride_qkv, stride_cb, stride_ch, stride_cs, stride_out,
+    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, G_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    POS_FROM_PTR: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    D: tl.constexpr = 2 * HALF
+    if POS_FROM_PTR:
+        pos = tl.load(pos_ptr + b).to(tl.int32)
+    else:
+        pos = pos_value
+    dtype = out_ptr.dtype.element_ty
+    d = tl.arange(0, HALF)
+    cos1 = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    cos2 = tl.load(cos_ptr + pos * D + HALF + d).to(tl.float32)
+    sin1 = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    sin2 = tl.load(sin_ptr + pos * D + HALF + d).to(tl.float32)
+    row = qkv_ptr + b.to(tl.int64) * stride_qkv
+    cache_row = b.to(tl.int64) * stride_cb + kvh * stride_ch
+    # This step's key (rotated) and value into the cache at `pos`.
+    k1 = tl.load(row + (H + kvh) * D + d).to(tl.float32)
+    k2 = tl.load(row + (H + kvh) * D + HALF + d).to(tl.float32)
+    k1, k2 = _rope(k1, k2, cos1, cos2, sin1, sin2, dtype)
+    tl.store(k_ptr + cache_row + pos * stride_cs + d, k1)
+    tl.store(k_ptr + cache_row + pos * stride_cs + HALF + d, k2)
+    tl.store(v_ptr + cache_row + pos * stride_cs + d, tl.load(row + (H + HKV + kvh) * D + d))
+    tl.store(v_ptr + cache_row + pos * stride_cs + HALF + d, tl.load(row + (H + HKV + kvh) * D + HALF + d))
+    tl.debug_barrier()  # the block's own stores are visible to all its threads before they read the cache
+    # The G query heads sharing this KV head, padded to G_PAD rows for tl.dot.
+    g = tl.arange(0, G_PAD)
+    g_ok = g < G
+    q_ptrs = row + (kvh * G + g)[:, None] * D + d[None, :]  # [G_PAD, HALF]
+    q1 = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptrs + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q1, q2 = _rope(q1, q2, cos1[None, :], cos2[None, :], sin1[None, :], sin2[None, :], dtype)
+    k_row = k_ptr + cache_row
+    v_row = v_ptr + cache_row
+    # Two passes, as torch's softmax: max and sum first, then probabilities rounded to bf16 before `@ v`.
+    m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([G_PAD], dtype=tl.float32)
+    for s0 in range(0, pos + 1, BLOCK_S):
+        scores = _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(scores - m_new[:, None]), axis=1)
+        m = m_new
+    acc1 = tl.zeros([G_PAD, HALF], dtype=tl.float32)
+    acc2 = tl.zeros([G_PAD, HALF], dtype=tl.float32)
+    for s0 in range(0, pos + 1, BLOCK_S):
+        scores = _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
+        probs = (tl.exp(scores - m[:, None]) / total[:, None]).to(dtype)  # [G_PAD, BLOCK_S]
+        s = s0 + tl.arange(0, BLOCK_S)
+        v_ptrs = v_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF]
+        v1 = tl.load(v_ptrs, mask=(s <= pos)[:, None], other=0.0)
+        v2 = tl.load(v_ptrs + HALF, mask=(s <= pos)[:, None], other=0.0)
+        acc1 = _dot(probs, v1, acc1, DOT_F32)
+        acc2 = _dot(probs, v2, acc2, DOT_F32)
+    out_ptrs = out_ptr + b.to(tl.int64) * stride_out + (kvh * G + g)[:, None] * D + d[None, :]
+    tl.store(out_ptrs, acc1.to(dtype), mask=g_ok[:, None])
+    tl.store(out_ptrs + HALF, acc2.to(dtype), mask=g_ok[:, None])
+
+
+def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     positions: Tensor | int, n_heads: int, n_kv_heads: int) -> Tensor:
+    """One token per row: `qkv [B, (H + 2 Hkv) * D]` (q heads, k heads, v heads) at `positions` (`[B]`, or one
+    int for all rows). Rotates q and k (tables `rope_cos/sin [S, D]`), writes k and v into the caches
+    `[B, Hkv, S, D]` at each row's position and attends over positions 0..position. Returns `[B, H * D]`."""
+    b, _, _, head_dim = k_cache.shape
+    out = torch.empty(b, n_heads * head_dim, dtype=qkv.dtype, device=qkv.device)  # [B, H * D]
+    group = n_heads // n_kv_heads
+    from_ptr = isinstance(positions, Tensor)
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
+    _decode_attention_kernel[(b, n_kv_heads)](
+        qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
+        head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+        H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=32,
+        POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V, stride_lb, stride_gb,
+                   BLOCK_V: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_V)
+    ok = offs < V
+    logits = tl.load(logits_ptr + b * stride_lb + offs, mask=ok, other=0.0).to(tl.float32)
+    scaled = logits / tl.load(temperature_ptr + b)
+    k = tl.load(kth_ptr + b) + 1
+    # The k-th largest value by radix select on order-preserving integer keys: 32 counting passes over registers.
+    bits = scaled.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # [0, 2**32), ordered as the floats
+    key = tl.where(ok, key, -1)
+    threshold = tl.zeros([1], dtype=tl.int64)
+    one = tl.full([1], 1, dtype=tl.int64)
+    for i in tl.static_range(32):
+        candidate = threshold | (one << (31 - i))
+        count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(count >= k, candidate, threshold)
+    kth_bits = (threshold - 2147483648).to(tl.int32)
+    kth = (kth_bits ^ ((kth_bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    gumbel = tl.load(gumbel_ptr + b * stride_gb + offs, mask=ok, other=0.0)
+    value = tl.where(ok & (scaled >= kth), scaled + gumbel, float("-inf"))  # kept: everything >= the k-th value
+    tl.store(out_ptr + b, tl.argmax(value, axis=0).to(tl.int64))
+
+
+def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> Tensor:
+    """`sampling.sample` in one kernel: `argmax(logits / T + gumbel)` over each row's top k (ties at the k-th
+    value kept, as the sort-based threshold keeps them). `logits [B, V]`, `temperature [B, 1]`, `kth [B, 1]`
+    (k - 1), `gumbel [B, V]`. Returns tokens `[B]` int64."""
+    b, v = logits.shape
+    out = torch.empty(b, dtype=torch.long, device=logits.device)
+    assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1
+    _sample_kernel[(b,)](logits, temperature, kth, gumbel, out, v, logits.stride(0), gumbel.stride(0),
+                         BLOCK_V=_pow2(v), num_warps=4)
+    return out
