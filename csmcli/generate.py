@@ -41,6 +41,8 @@ class FrameStepper:
         self.seed = torch.zeros(b, dtype=torch.long, device=dev)
         self.codes = torch.zeros(b, model.cfg.num_codebooks, dtype=torch.long, device=dev)  # [B, 32] last frame
         self.token_keys = token_keys(model.cfg.audio_vocab_size, dev)  # [V]
+        # The fused codebook heads read their weights row by row: a transposed copy (130 MB at full size).
+        self.audio_head_rows = model.audio_head.transpose(1, 2).contiguous() if fused else None  # [C-1, V, dim]
 
     @torch.no_grad()
     def prefill(self, slot: int, prompt: Prompt, params: SamplingParams, length: int | None = None,
@@ -85,12 +87,15 @@ class FrameStepper:
         if self.fused:
             from csmcli import kernels
 
-            def draw(logits: Tensor, codebook: int) -> Tensor:
+            def draw_fused(logits: Tensor, codebook: int) -> Tensor:
                 return kernels.sample(logits, settings.temperature, settings.kth, settings.gumbel[:, codebook])
-        else:
-            def draw(logits: Tensor, codebook: int) -> Tensor:
-                return sample(logits.float(), settings, codebook)
-        return self.model.decode_frame(self.hidden, draw, self.caches.decoder, self.fused)
+
+            return self.model.decode_frame_fused(self.hidden, draw_fused, self.caches.decoder, self.audio_head_rows)
+
+        def draw(logits: Tensor, codebook: int) -> Tensor:
+            return sample(logits.float(), settings, codebook)
+
+        return self.model.decode_frame(self.hidden, draw, self.caches.decoder)
 
     def advance(self, codes: Tensor) -> None:
         """Feed each slot's frame `codes [B, 32]` to the backbone: the next hidden states, positions + 1."""

@@ -22,7 +22,6 @@ Runs on CUDA; on the CPU only under `TRITON_INTERPRET=1` (the tests), where `tl.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -45,14 +44,17 @@ def _dot(a, b, acc, F32: tl.constexpr):
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, rows_ptr, norm_ptr, w_ptr, res_ptr, out_ptr,
-    M, N, K, row_offset, eps,
+    x_ptr, rows_ptr, norm_ptr, w_ptr, res_ptr, out_ptr, partial_ptr,
+    M, N, K, k_per_split, row_offset, eps,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_ROWS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    k_lo = tl.program_id(2) * k_per_split  # split-K: this program's share of K; partial sums to `partial_ptr`
+    k_hi = tl.minimum(K, k_lo + k_per_split)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -77,9 +79,9 @@ def _linear_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
+        k_ok = offs_k < k_hi
         xk = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         if HAS_NORM:  # rounded to the activations' dtype, as torch's norm output is
             weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -98,9 +100,15 @@ def _linear_kernel(
             else:
                 acc_up = _dot(xk, tl.trans(w_up), acc_up, DOT_F32)
     if BLOCK_M == 1:
-        out = tl.sum(acc, axis=1)[None, :].to(dtype)  # [1, BLOCK_N]
+        total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
-        out = acc.to(dtype)
+        total = acc
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:  # split K: float32 partial sums [splits, M, N]; `_split_k_sum_kernel` adds them in a fixed order
+        partial = partial_ptr + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(partial, total, mask=out_ok)
+        return
+    out = total.to(dtype)
     if GATED:  # silu(gate) * up, each step rounded as torch rounds it
         if BLOCK_M == 1:
             up = tl.sum(acc_up, axis=1)[None, :].to(dtype)
@@ -109,16 +117,10 @@ def _linear_kernel(
         gate = out.to(tl.float32)
         out = (gate / (1.0 + tl.exp(-gate))).to(dtype)
         out = (out.to(tl.float32) * up.to(tl.float32)).to(dtype)
-    out_ok = m_ok[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
         residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
         out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _dot_f32(x: Tensor) -> bool:
@@ -129,22 +131,51 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def linear_config(m: int, n: int, k: int, gated: bool, sms: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an `[m, k] x [k, n]` product (n output columns; gated: the
-    weight has 2n rows). Chosen from H100 measurements (scripts/tune_kernels.py); it fixes the summation order."""
-    if m == 1:
-        block_k = min(_pow2(k), 256 if gated else 512)
-        block_n = 16
-        while block_n > 2 and triton.cdiv(n, block_n) < 2 * sms:  # enough programs to fill every SM twice
-            block_n //= 2
-        return 1, block_n, block_k, 4
-    block_m = min(64, max(16, _pow2(m)))
-    return block_m, 32, min(_pow2(k), 128), 4
+@triton.jit
+def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, splits, stride_rm, stride_om,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M * N
+    m = offs // N
+    n = offs % N
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(splits):
+        total += tl.load(partial_ptr + split * M * N + offs, mask=ok, other=0.0)
+    dtype = out_ptr.dtype.element_ty
+    out = total.to(dtype)
+    if HAS_RESIDUAL:
+        out = (out.to(tl.float32) + tl.load(res_ptr + m * stride_rm + n, mask=ok, other=0.0).to(tl.float32)).to(dtype)
+    tl.store(out_ptr + m * stride_om + n, out, mask=ok)
+
+
+LinearConfig = tuple[int, int, int, int, int]
+"""(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, SPLIT_K)."""
+
+_LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
+    # (rows bucket, N, K, gated): measured best on an H100 (scripts/tune_kernels.py, 2026-11-23). Batched rows.
+    # The one-row (GEMV) case follows a rule instead, see linear_config.
+}
+
+
+def linear_config(m: int, n: int, k: int, gated: bool) -> LinearConfig:
+    """Block sizes for an `[m, k] x [k, n]` product (n output columns; gated: the weight has 2n rows), from H100
+    measurements (scripts/tune_kernels.py). They fix the summation order, so they depend only on the shape."""
+    if m == 1:  # GEMV: small N blocks so every SM streams weights, long K blocks
+        if gated:
+            return 1, 16, 512 if k >= 2048 else 256, 4, 1
+        return 1, 8 if n > 2048 else 4, min(1024, _pow2(k)), 8, 1
+    bucket = 16 if m <= 16 else 64
+    known = _LINEAR_CONFIGS.get((bucket, n, k, gated))
+    if known is not None:
+        return known
+    if gated:
+        return min(bucket, 64), 64, 128, 8, 1
+    return min(bucket, 64), 32 if n > 2048 else 16, 256, 4, 1
 
 
 def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float = 0.0,
            residual: Tensor | None = None, gated: bool = False, rows: Tensor | None = None, row_offset: int = 0,
-           config: tuple[int, int, int, int] | None = None) -> Tensor:
+           config: LinearConfig | None = None) -> Tensor:
     """`x [M, K] @ weight.T` for `weight [N, K]` (any strides), with optional fusions:
 
     - `norm [K]`: RMSNorm of x's rows (weight `norm`, `eps`) first;
@@ -156,19 +187,28 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
     n, k = weight.shape
     n = n // 2 if gated else n
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    sms = 1 if INTERPRET else _sm_count(x.device.index or 0)
-    block_m, block_n, block_k, warps = config or linear_config(m, n, k, gated, sms)
-    assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    block_m, block_n, block_k, warps, split_k = config or linear_config(m, n, k, gated)
+    assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and not (gated and split_k > 1)
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
     _linear_kernel[grid](
         x, rows if rows is not None else x, norm if norm is not None else x, weight,
-        residual if residual is not None else x, out,
-        m, n, k, row_offset, eps,
+        residual if residual is not None else x, out, partial,
+        m, n, k, k_per_split, row_offset, eps,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
         HAS_ROWS=rows is not None, HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_F32=_dot_f32(x), num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
+        num_warps=warps,
     )
+    if grid[2] > 1:
+        block = 256
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            partial, residual if residual is not None else out, out, m, n, grid[2],
+            residual.stride(0) if residual is not None else 0, out.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK=block,
+        )
     return out
 
 
@@ -273,7 +313,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     _decode_attention_kernel[(b, n_kv_heads)](
         qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
         head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=32,
+        H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=64,
         POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), num_warps=4,
     )
     return out
@@ -287,22 +327,29 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V,
     ok = offs < V
     logits = tl.load(logits_ptr + b * stride_lb + offs, mask=ok, other=0.0).to(tl.float32)
     scaled = logits / tl.load(temperature_ptr + b)
-    k = tl.load(kth_ptr + b) + 1
-    # The k-th largest value by radix select on order-preserving integer keys: 32 counting passes over registers.
+    k = (tl.load(kth_ptr + b) + 1).to(tl.int32)
+    # Top k by radix select on order-preserving unsigned keys, most significant bit first: `threshold` grows while
+    # at least k keys stay >= it, and the search stops as soon as exactly k do (usually long before bit 0).
     bits = scaled.to(tl.int32, bitcast=True)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # [0, 2**32), ordered as the floats
-    key = tl.where(ok, key, -1)
-    threshold = tl.zeros([1], dtype=tl.int64)
-    one = tl.full([1], 1, dtype=tl.int64)
-    for i in tl.static_range(32):
-        candidate = threshold | (one << (31 - i))
-        count = tl.sum((key >= candidate).to(tl.int32), axis=0)
-        threshold = tl.where(count >= k, candidate, threshold)
-    kth_bits = (threshold - 2147483648).to(tl.int32)
-    kth = (kth_bits ^ ((kth_bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ 0x80000000  # ordered as the floats
+    key = tl.where(ok, key, 0)
+    threshold = tl.zeros([], dtype=tl.uint32)
+    count = tl.zeros([], dtype=tl.int32) + V
+    bit = tl.full([], 31, dtype=tl.int32)
+    while (bit >= 0) & (count != k):
+        candidate = threshold | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+        above = tl.sum((key >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(above >= k, candidate, threshold)
+        count = tl.where(above >= k, above, count)
+        bit -= 1
+    # The k-th value as a float, compared as floats: ties with it (and -0.0 against 0.0) kept, as torch keeps them.
+    kth = tl.min(tl.where(ok & (key >= threshold), scaled, float("inf")), axis=0)
     gumbel = tl.load(gumbel_ptr + b * stride_gb + offs, mask=ok, other=0.0)
-    value = tl.where(ok & (scaled >= kth), scaled + gumbel, float("-inf"))  # kept: everything >= the k-th value
+    value = tl.where(ok & (scaled >= kth), scaled + gumbel, float("-inf"))
     tl.store(out_ptr + b, tl.argmax(value, axis=0).to(tl.int64))
+
+
+SAMPLE_WARPS = 4
 
 
 def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> Tensor:
@@ -313,5 +360,5 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> 
     out = torch.empty(b, dtype=torch.long, device=logits.device)
     assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1
     _sample_kernel[(b,)](logits, temperature, kth, gumbel, out, v, logits.stride(0), gumbel.stride(0),
-                         BLOCK_V=_pow2(v), num_warps=4)
+                         BLOCK_V=_pow2(v), num_warps=SAMPLE_WARPS)
     return out

@@ -313,11 +313,9 @@ class Csm(nn.Module):
         """A generated frame `codes [B, 32]` as a backbone input row `[B, 1, dim]` (audio columns only)."""
         return self.audio_embeddings(codes + self.codebook_offsets).sum(dim=1, keepdim=True)
 
-    def decode_frame(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache], fused: bool = False) -> Tensor:
+    def decode_frame(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache]) -> Tensor:
         """Backbone hidden state `[B, dim]` -> the frame's 32 codes `[B, 32]` (codebook 0 + depth decoder, whose
-        `caches` are rewritten from position 0 every frame). `fused`: through `decode_frame_fused`."""
-        if fused:
-            return self.decode_frame_fused(hidden, sample, caches)
+        `caches` are rewritten from position 0 every frame)."""
         c0 = sample(self.codebook0_head(hidden), 0)  # [B]
         decoder_in = torch.stack([hidden, self.audio_embeddings(c0)], dim=1)  # [B, 2, dim]: codebook 0 offset is 0
         codes = [c0]
@@ -330,10 +328,12 @@ class Csm(nn.Module):
             decoder_in = self.audio_embeddings(ci + i * self.cfg.audio_vocab_size)[:, None]  # [B, 1, dim]
         return torch.stack(codes, dim=1)  # [B, 32]
 
-    def decode_frame_fused(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache]) -> Tensor:
+    def decode_frame_fused(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache],
+                           audio_head_rows: Tensor) -> Tensor:
         """`decode_frame` through the fused kernels (csmcli.kernels): the same computation, one token per
         decoder step (positions 0 and 1 as two steps; causal attention makes that the 2-token prefill), embedding
-        lookups folded into the projection and the decoder's final norm into each codebook head."""
+        lookups folded into the projection and the decoder's final norm into each codebook head.
+        `audio_head_rows [C-1, V, dim]` is `audio_head` transposed and contiguous: the GEMV reads it row-major."""
         from csmcli import kernels
 
         vocab, dec = self.cfg.audio_vocab_size, self.decoder
@@ -344,6 +344,6 @@ class Csm(nn.Module):
             x = kernels.linear(self.audio_embeddings.weight, self.projection.weight, rows=codes[-1],
                                row_offset=(i - 1) * vocab)  # embedding of codebook i-1's token, projected [B, dim]
             x = dec.step(x, i, caches)
-            logits = kernels.linear(x, self.audio_head[i - 1].T, norm=dec.norm.weight, eps=dec.norm.eps)  # [B, V]
+            logits = kernels.linear(x, audio_head_rows[i - 1], norm=dec.norm.weight, eps=dec.norm.eps)  # [B, V]
             codes.append(sample(logits, i))
         return torch.stack(codes, dim=1)  # [B, 32]

@@ -11,22 +11,21 @@ import torch.nn.functional as F
 
 from csmcli import kernels
 
-SHAPES = {  # name: (N, K, gated, weight stored [K, N])
-    "dec qkv": (1536, 1024, False, False), "dec o": (1024, 1024, False, False),
-    "dec w13": (8192, 1024, True, False), "dec w2": (1024, 8192, False, False),
-    "dec proj": (1024, 2048, False, False), "dec head": (2051, 1024, False, True),
-    "bb qkv": (3072, 2048, False, False), "bb o": (2048, 2048, False, False),
-    "bb w13": (8192, 2048, True, False), "bb w2": (2048, 8192, False, False), "bb head": (2051, 2048, False, False),
+SHAPES = {  # name: (N, K, gated)
+    "dec qkv": (1536, 1024, False), "dec o": (1024, 1024, False), "dec w13": (8192, 1024, True),
+    "dec w2": (1024, 8192, False), "dec proj": (1024, 2048, False), "dec head": (2051, 1024, False),
+    "bb qkv": (3072, 2048, False), "bb o": (2048, 2048, False), "bb w13": (8192, 2048, True),
+    "bb w2": (2048, 8192, False), "bb head": (2051, 2048, False),
 }
 
 
-def candidates(m: int, transposed: bool):
-    if m == 1 and transposed:
-        return [(1, n, k, w) for n, k, w in itertools.product((16, 32, 64), (32, 64, 128), (4,))]
+def candidates(m: int, gated: bool):
     if m == 1:
-        return [(1, n, k, w) for n, k, w in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8))]
-    block_m = min(64, max(16, 1 << (m - 1).bit_length()))
-    return [(block_m, n, k, w) for n, k, w in itertools.product((16, 32, 64), (64, 128, 256), (4, 8))]
+        return [(1, n, k, w, 1) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
+    block_ms = (16,) if m <= 16 else (16, 64)
+    splits = (1,) if gated else (1, 2, 4, 8)
+    grid = itertools.product(block_ms, (16, 32, 64), (128, 256), (4, 8), splits)
+    return [(bm, n, k, w, s) for bm, n, k, w, s in grid]
 
 
 def graph_time(calls) -> float:
@@ -51,17 +50,16 @@ def graph_time(calls) -> float:
 def main(ms=(1, 16, 64)):
     torch.manual_seed(0)
     best_table = {}
-    for name, (n, k, gated, transposed) in SHAPES.items():
+    for name, (n, k, gated) in SHAPES.items():
         rows = 2 * n if gated else n
         nbytes = rows * k * 2
         copies = max(4, min(64, (512 << 20) // nbytes))
-        weights = [torch.randn(k, rows, device="cuda", dtype=torch.bfloat16).T if transposed
-                   else torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             norm = torch.ones(k, device="cuda", dtype=torch.bfloat16)
             results = []
-            for config in candidates(m, transposed):
+            for config in candidates(m, gated):
                 try:
                     us = graph_time([lambda w=w, c=config, x=x, norm=norm, gated=gated: kernels.linear(
                         x, w, norm=norm, eps=1e-5, gated=gated, config=c) for w in weights])
@@ -70,7 +68,7 @@ def main(ms=(1, 16, 64)):
                     continue
                 results.append((us, config))
             results.sort()
-            current = kernels.linear_config(m, n // 2 if gated else n, k, gated, kernels._sm_count(0))
+            current = kernels.linear_config(m, n // 2 if gated else n, k, gated)
             now = next((us for us, c in results if c == current), float("nan"))
             cublas = graph_time([lambda w=w, x=x, k=k, norm=norm: F.linear(F.rms_norm(x, (k,), norm, 1e-5), w)
                                  for w in weights])
@@ -80,6 +78,22 @@ def main(ms=(1, 16, 64)):
                   f"current {current!s:22s} {now:7.1f} us | cuBLAS+norm {cublas:7.1f} us | "
                   f"top3 {[(round(u, 1), c) for u, c in results[:3]]}", flush=True)
     print("BEST =", best_table)
+    sample_timings()
+
+
+def sample_timings(vocab=2051):
+    """The sampling kernel (top-k 50, temperature 0.9) by warps per row, batch 1 and 64."""
+    for batch in (1, 64):
+        logits = torch.randn(batch, vocab, device="cuda", dtype=torch.bfloat16)
+        temperature = torch.full((batch, 1), 0.9, device="cuda")
+        kth = torch.full((batch, 1), 49, device="cuda", dtype=torch.long)
+        gumbel = torch.randn(batch, vocab, device="cuda")
+        for warps in (1, 2, 4, 8, 16):
+            kernels.SAMPLE_WARPS = warps
+            args = (logits, temperature, kth, gumbel)
+            us = graph_time([lambda args=args: kernels.sample(*args)] * 32)
+            print(f"sample B={batch} warps {warps}: {us:.1f} us", flush=True)
+    kernels.SAMPLE_WARPS = 4
 
 
 if __name__ == "__main__":
