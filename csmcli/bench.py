@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from csmcli import __version__
-from csmcli.engine import ChunkDecoder, Engine, Request, chunk_sizes, graphs_enabled, next_chunk_frames
+from csmcli.engine import (
+    ChunkDecoder,
+    Engine,
+    Request,
+    chunk_sizes,
+    fused_kernels_enabled,
+    graphs_enabled,
+    next_chunk_frames,
+)
 from csmcli.generate import FRAME_SECONDS
 from csmcli.model import Csm, CsmConfig, TransformerConfig
 from csmcli.prompt import synthetic_prompt
@@ -306,7 +314,7 @@ def git_commit() -> str | None:
 
 
 def header(device: torch.device, weights: str, preset: str, dtype: str, cuda_graphs: bool, compile: bool,
-           settings: BenchSettings) -> dict[str, Any]:
+           fused_kernels: bool, settings: BenchSettings) -> dict[str, Any]:
     import transformers
 
     from csmcli.gpu import detect_gpus
@@ -319,7 +327,8 @@ def header(device: torch.device, weights: str, preset: str, dtype: str, cuda_gra
         "vram_gb": round(gpu.total_vram_gb, 1) if gpu else None,
         "driver": gpu.driver_version if gpu else None, "cuda": torch.version.cuda,
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "preset": preset, "dtype": dtype, "cuda_graphs": cuda_graphs, "compile": compile, "weights": weights,
+        "preset": preset, "dtype": dtype, "cuda_graphs": cuda_graphs, "compile": compile,
+        "fused_kernels": fused_kernels, "weights": weights,
         "warmup_reps": settings.warmup, "reps": settings.reps, "frames": settings.frames,
         "prompt_rows": settings.prompt_rows, "eos": "ignored (every stream makes --frames frames)",
         "meaningful": device.type == "cuda",
@@ -409,18 +418,19 @@ def suggest_preset(report: BenchReport, name: str) -> str:
         f"min_vram_gb = {min_vram_gb}\n"
         f'dtype = "{h["dtype"]}"\nfirst_chunk_frames = {first}\nchunk_frames = {chunk}\nmax_batch = {batch}\n'
         f"cuda_graphs = {str(h['cuda_graphs']).lower()}\ncompile = {str(h['compile']).lower()}\n"
+        f"fused_kernels = {str(h['fused_kernels']).lower()}\n"
     )
 
 
-def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, compile: bool, head: dict[str, Any],
-        on_row=None) -> BenchReport:
+def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, compile: bool, fused_kernels: bool,
+        head: dict[str, Any], on_row=None) -> BenchReport:
     """Every (batch, chunk) combination, one engine per batch size (its graph is captured for that batch)."""
     report = BenchReport(head)
     bytes_per_frame = weight_bytes_per_frame(model)
     hf_ms = transformers_ms_per_frame(model, min(settings.frames, 50), settings.prompt_rows) \
         if settings.compare_transformers else None
     for batch in settings.batches:
-        engine = Engine(model, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile)
+        engine = Engine(model, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile, fused_kernels=fused_kernels)
         engine.warmup()
         chunks = ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs) if decoder is not None else None
         try:
@@ -512,8 +522,10 @@ def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
     from csmcli import ui
 
     cuda_graphs = graphs_enabled(ctx.preset.cuda_graphs, ctx.device)  # what the engine will do, env var included
+    # Likewise: CUDA, Triton, the env var, and --compile (which means the torch-ops path).
+    fused_kernels = fused_kernels_enabled(ctx.preset.fused_kernels, ctx.model, ctx.preset.compile)
     head = header(ctx.device, ctx.weights, ctx.preset.name, str(ctx.model.codebook0_head.weight.dtype).split(".")[-1],
-                  cuda_graphs, ctx.preset.compile, settings)
+                  cuda_graphs, ctx.preset.compile, fused_kernels, settings)
     if not settings.decode_audio:
         ctx.decoder = None
     if not head["meaningful"]:
@@ -529,8 +541,8 @@ def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
             live.update(render_table(report))
 
     with live if live is not None else contextlib.nullcontext():
-        full = run(ctx.model, ctx.decoder, settings, cuda_graphs=cuda_graphs, compile=ctx.preset.compile, head=head,
-                   on_row=on_row)
+        full = run(ctx.model, ctx.decoder, settings, cuda_graphs=cuda_graphs, compile=ctx.preset.compile,
+                   fused_kernels=fused_kernels, head=head, on_row=on_row)
     if live is None and not ui.is_quiet():
         ui.console.print(render_table(full))
     return full

@@ -83,6 +83,13 @@ CudaGraphsOpt = Annotated[
     typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay each frame step as a CUDA graph (default: preset)."),
 ]
 CompileOpt = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the frame step.")]
+FusedKernelsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--fused-kernels/--no-fused-kernels",
+        help="Triton kernels for the one-token decode steps (CUDA); off: plain torch ops.",
+    ),
+]
 
 
 def preset_overrides(
@@ -92,6 +99,7 @@ def preset_overrides(
     dtype: Dtype | None = None,
     cuda_graphs: bool | None = None,
     compile: bool | None = None,
+    fused_kernels: bool | None = None,
 ) -> dict[str, Any]:
     """Flag values as `presets.apply_overrides` keywords (None = flag not given)."""
     return {
@@ -101,6 +109,7 @@ def preset_overrides(
         "dtype": dtype.value if dtype is not None else None,
         "cuda_graphs": cuda_graphs,
         "compile": compile,
+        "fused_kernels": fused_kernels,
     }
 
 
@@ -205,7 +214,7 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
     return pipeline
 
 
-_OVERRIDE_FLAGS = ("first_chunk_frames", "chunk_frames", "dtype", "cuda_graphs", "compile")
+_OVERRIDE_FLAGS = ("first_chunk_frames", "chunk_frames", "dtype", "cuda_graphs", "compile", "fused_kernels")
 
 
 def _speak(live: bool, params: dict[str, Any]) -> None:
@@ -264,6 +273,7 @@ def say(
     dtype: DtypeOpt = None,
     cuda_graphs: CudaGraphsOpt = None,
     compile: CompileOpt = None,
+    fused_kernels: FusedKernelsOpt = None,
 ) -> None:
     """Speak text into an audio file (and optionally the speakers).
 
@@ -308,6 +318,7 @@ def stream(
     dtype: DtypeOpt = None,
     cuda_graphs: CudaGraphsOpt = None,
     compile: CompileOpt = None,
+    fused_kernels: FusedKernelsOpt = None,
 ) -> None:
     """Speak text live: playback starts with the first chunk while the rest is generated.
 
@@ -373,6 +384,7 @@ def bench(
     dtype: DtypeOpt = None,
     cuda_graphs: CudaGraphsOpt = None,
     compile: CompileOpt = None,
+    fused_kernels: FusedKernelsOpt = None,
 ) -> None:
     """Measure ms/frame, time to first audio, real-time factor and throughput on this machine.
 
@@ -408,7 +420,11 @@ def bench(
         torch_device=torch_device,
         preset_name=preset,
         overrides=preset_overrides(
-            first_chunk_frames=first_chunk_frames, dtype=dtype, cuda_graphs=cuda_graphs, compile=compile
+            first_chunk_frames=first_chunk_frames,
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+            fused_kernels=fused_kernels,
         ),
     )
     settings = b.BenchSettings(

@@ -116,11 +116,12 @@ def graphs_enabled(requested: bool, device: torch.device) -> bool:
     return requested and device.type == "cuda" and os.environ.get(NO_GRAPHS_ENV) != "1"
 
 
-def fused_kernels_enabled(requested: bool, model: Csm) -> bool:
+def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) -> bool:
     """The Triton decode kernels run when asked for, on CUDA with Triton installed, for head sizes they handle
-    (tl.dot needs half a head >= 16), and not switched off by CSMCLI_NO_FUSED_KERNELS=1."""
+    (tl.dot needs half a head >= 16), not switched off by CSMCLI_NO_FUSED_KERNELS=1, and not with `compile`:
+    torch.compile makes its own kernels from the torch ops, so compiling means the torch-ops path."""
     device = model.codebook0_head.weight.device
-    if not requested or device.type != "cuda" or os.environ.get(NO_FUSED_ENV) == "1":
+    if not requested or compile or device.type != "cuda" or os.environ.get(NO_FUSED_ENV) == "1":
         return False
     if importlib.util.find_spec("triton") is None:
         return False
@@ -131,7 +132,7 @@ def fused_kernels_enabled(requested: bool, model: Csm) -> bool:
 class Engine:
     def __init__(self, model: Csm, max_batch: int = 1, cuda_graphs: bool = True, compile: bool = False,
                  fused_kernels: bool = True):
-        self.fused_kernels = fused_kernels_enabled(fused_kernels, model)
+        self.fused_kernels = fused_kernels_enabled(fused_kernels, model, compile)
         self.stepper = FrameStepper(model, max_batch, self.fused_kernels)
         self.device = self.stepper.device
         self.max_batch = max_batch

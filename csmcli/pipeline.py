@@ -132,7 +132,8 @@ class Pipeline:
     def __init__(self, checkpoint: Checkpoint, codec: MimiCodec | None, preset: Preset, device: torch.device):
         self.checkpoint, self.codec, self.preset, self.device = checkpoint, codec, preset, device
         self.model = checkpoint.model
-        self.engine = Engine(self.model, max_batch=1, cuda_graphs=preset.cuda_graphs, compile=preset.compile)
+        self.engine = Engine(self.model, max_batch=1, cuda_graphs=preset.cuda_graphs, compile=preset.compile,
+                             fused_kernels=preset.fused_kernels)
         # One decoder for the pipeline's life: its CUDA graphs hold the streaming state's addresses.
         self.decoder = ChunkDecoder(codec.decoder, 1, self.model.cfg.num_codebooks, preset.cuda_graphs) \
             if codec is not None else None

@@ -17,7 +17,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 CPU_PRESET = "cpu"
 
 # Fields a command-line flag may change; the rest describe the tier itself.
-OVERRIDABLE = ("dtype", "first_chunk_frames", "chunk_frames", "max_batch", "cuda_graphs", "compile")
+OVERRIDABLE = ("dtype", "first_chunk_frames", "chunk_frames", "max_batch", "cuda_graphs", "compile", "fused_kernels")
 
 # Memory model behind the tiers' max_batch (checked by tests/test_presets.py).
 MODEL_PARAMS = 1.77e9  # backbone + depth decoder + embeddings/heads + Mimi, as in the HF checkpoint
@@ -38,6 +38,7 @@ class Preset:
     max_batch: int
     cuda_graphs: bool
     compile: bool
+    fused_kernels: bool
 
 
 _FIELD_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Preset)}  # type: ignore[misc]
@@ -74,6 +75,10 @@ def load_presets(directory: Path | str | None = None) -> dict[str, Preset]:
     return {p.name: p for p in presets}
 
 
+# Keys newer than the preset format: files written before them (bench --write-preset) load with these values.
+_ADDED_LATER: dict[str, Any] = {"fused_kernels": True}  # the Triton kernels only ever run on CUDA
+
+
 def load_preset_file(path: Path) -> Preset:
     """Parse one preset file; any problem becomes a CsmError naming the file and the key."""
     try:
@@ -85,6 +90,7 @@ def load_preset_file(path: Path) -> Preset:
     unknown = sorted(set(data) - set(_FIELD_TYPES))
     if unknown:
         raise CsmError(f"{path}: unknown key '{unknown[0]}' (known keys: {', '.join(_FIELD_TYPES)})")
+    data = {**_ADDED_LATER, **data}
     missing = [key for key in _FIELD_TYPES if key not in data]
     if missing:
         raise CsmError(f"{path}: missing key '{missing[0]}'")

@@ -22,6 +22,7 @@ for step in "$@"; do
     tests) python3 -m pytest -q tests/test_engine_cuda.py tests/test_codec_cuda.py tests/test_kernels.py 2>&1 \
              | tee "$out/tests.txt" || true ;;
     tune) python3 scripts/tune_kernels.py 2>&1 | tee "$out/tune.txt" ;;
+    tunegemv) python3 scripts/tune_kernels.py gemv 2>&1 | tee "$out/tunegemv.txt" ;;
     torchops) CSMCLI_NO_FUSED_KERNELS=1 csm bench --random-weights --batch 1 --chunk-frames 8 --frames 100 --reps 3 \
                 -o "$out/torchops.json" 2>&1 | tee "$out/torchops.txt" ;;
     bench1) csm bench --random-weights --batch 1 --chunk-frames 2,8 --frames 100 --reps 3 \

@@ -43,7 +43,7 @@ CPU_WARNING = "warning: no GPU: these numbers only check that the benchmark runs
 @pytest.fixture(scope="module")
 def header_keys() -> list[str]:
     settings = bench.BenchSettings(batches=[1], chunk_frames=[1])
-    return list(bench.header(torch.device("cpu"), "w", "cpu", "float32", False, False, settings))
+    return list(bench.header(torch.device("cpu"), "w", "cpu", "float32", False, False, False, settings))
 
 
 def cli(*args: str):
@@ -81,6 +81,7 @@ def test_json_report_holds_every_field(sweep, header_keys):
     head = data["header"]
     assert head["weights"] == "random weights (tiny config)" and head["meaningful"] is False
     assert head["device"] == "cpu" and head["frames"] == 4 and head["reps"] == 1 and head["warmup_reps"] == 0
+    assert (head["cuda_graphs"], head["compile"], head["fused_kernels"]) == (False, False, False)  # cpu preset
     lines = result.stderr.splitlines()
     assert lines[0] == CPU_WARNING and f"wrote {path}" in lines  # on its own line, after the table
     assert result.stdout == ""
@@ -110,6 +111,30 @@ def test_md_and_csv_reports_hold_every_field(suffix, tmp_path, header_keys):
         row = {name: row[shown.get(name, name)] for name in ROW_FIELDS}
     assert head["weights"] == "random weights (tiny config)" and head["meaningful"] == "False"
     assert row["batch"] == "1" and row["frames"] == "4" and float(row["ms_per_frame_p50"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "requested", "ran"),
+    [(None, False, True), ("--fused-kernels", True, True), ("--fused-kernels", True, False),
+     ("--no-fused-kernels", False, True)],
+)
+def test_fused_kernels_reach_the_engine_and_the_header_says_what_ran(flag, requested, ran, tmp_path, monkeypatch):
+    asked, built = [], []
+
+    class SpyEngine(Engine):
+        def __init__(self, model, **kwargs):
+            built.append(kwargs["fused_kernels"])
+            super().__init__(model, **kwargs)
+
+    # `ran`: what the engine would do with the request (off on CPU, or without Triton, or CSMCLI_NO_FUSED_KERNELS=1)
+    monkeypatch.setattr(bench, "fused_kernels_enabled",
+                        lambda want, model, compile: asked.append(want) or (want and ran))
+    monkeypatch.setattr(bench, "Engine", SpyEngine)
+    path = tmp_path / "r.json"
+    run_ok("--no-decode", "-o", str(path), *filter(None, [flag]))
+    assert asked == [requested]  # the cpu preset says false; the flag beats it
+    assert json.loads(path.read_text())["header"]["fused_kernels"] is (requested and ran)
+    assert built == [requested and ran]
 
 
 def test_sweep_gives_one_row_per_combination_in_order(sweep):
@@ -169,6 +194,8 @@ def test_suggest_writes_a_loadable_preset(tmp_presets, tmp_path):
     printed.write_text(text)
     preset = presets.load_preset_file(printed)
     assert (preset.name, preset.dtype, preset.max_batch, preset.chunk_frames) == ("mine", "float32", 1, 4)
+    assert (preset.cuda_graphs, preset.compile, preset.fused_kernels) == (False, False, False)
+    assert "\nfused_kernels = false\n" in text
     assert (tmp_presets / "mine.toml").read_text() == text
     assert presets.load_presets()["mine"] == preset  # every later command still loads the presets
     assert {p.name: p.read_text() for p in tmp_presets.iterdir() if p.name != "mine.toml"} == shipped

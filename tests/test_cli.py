@@ -17,9 +17,12 @@ from csmcli.cli import (
     CudaGraphsOpt,
     DtypeOpt,
     FirstChunkFramesOpt,
+    FusedKernelsOpt,
     PresetOpt,
+    app,
     preset_overrides,
 )
+from csmcli.errors import CsmError
 
 COMMANDS = ["say", "stream", "bench", "info"]
 
@@ -198,8 +201,11 @@ def _options_app() -> typer.Typer:
         dtype: DtypeOpt = None,
         cuda_graphs: CudaGraphsOpt = None,
         compile: CompileOpt = None,
+        fused_kernels: FusedKernelsOpt = None,
     ) -> None:
-        overrides = preset_overrides(first_chunk_frames, chunk_frames, batch, dtype, cuda_graphs, compile)
+        overrides = preset_overrides(
+            first_chunk_frames, chunk_frames, batch, dtype, cuda_graphs, compile, fused_kernels
+        )
         typer.echo(repr((preset, overrides)))
 
     return app
@@ -208,18 +214,58 @@ def _options_app() -> typer.Typer:
 def test_preset_flags_default_to_not_given():
     result = CliRunner().invoke(_options_app(), [])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == repr(
-        (None, dict.fromkeys(["first_chunk_frames", "chunk_frames", "max_batch", "dtype", "cuda_graphs", "compile"]))
-    )
+    keys = ["first_chunk_frames", "chunk_frames", "max_batch", "dtype", "cuda_graphs", "compile", "fused_kernels"]
+    assert result.output.strip() == repr((None, dict.fromkeys(keys)))
 
 
 def test_preset_flags_parse_to_override_values():
     args = ["--preset", "8gb", "--first-chunk-frames", "1", "--chunk-frames", "8", "--batch", "3"]
-    args += ["--dtype", "float16", "--no-cuda-graphs", "--compile"]
+    args += ["--dtype", "float16", "--no-cuda-graphs", "--compile", "--no-fused-kernels"]
     result = CliRunner().invoke(_options_app(), args)
     assert result.exit_code == 0, result.output
     expected = {"first_chunk_frames": 1, "chunk_frames": 8, "max_batch": 3, "dtype": "float16"}
-    assert result.output.strip() == repr(("8gb", {**expected, "cuda_graphs": False, "compile": True}))
+    flags = {"cuda_graphs": False, "compile": True, "fused_kernels": False}
+    assert result.output.strip() == repr(("8gb", {**expected, **flags}))
+    result = CliRunner().invoke(_options_app(), ["--fused-kernels"])
+    assert result.exit_code == 0, result.output
+    assert "'fused_kernels': True" in result.output
+
+
+def test_every_command_with_compile_takes_fused_kernels():
+    commands = typer.main.get_command(app).commands
+    with_compile = []
+    for name, command in commands.items():
+        flags = {flag for param in command.params for flag in (*param.opts, *param.secondary_opts)}
+        if "--compile" in flags:
+            with_compile.append(name)
+            assert {"--no-compile", "--fused-kernels", "--no-fused-kernels"} <= flags, name
+    assert sorted(with_compile) == ["bench", "say", "stream"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["say", "--fused-kernels"], True),  # the flag beats the cpu preset's false
+        (["stream", "--no-play", "-o", "out.wav"], False),  # the cpu preset's value
+        (["stream", "--no-play", "-o", "out.wav", "--preset", "8gb"], True),  # the 8gb preset's value
+        (["say", "--preset", "8gb", "--no-fused-kernels"], False),  # the flag beats the 8gb preset's true
+    ],
+)
+def test_fused_kernels_reaches_the_engine(args, expected, hf_checkpoint, tmp_path, monkeypatch):
+    from csmcli import pipeline
+
+    asked = []
+
+    def engine(model, **kwargs):
+        asked.append(kwargs)
+        raise CsmError("stopped by the test")  # after the preset was resolved and the model loaded
+
+    monkeypatch.setattr(pipeline, "Engine", engine)
+    monkeypatch.chdir(tmp_path)
+    command, *rest = args
+    result = CliRunner().invoke(app, [command, "Hello.", *rest, "--torch-device", "cpu", "--model", str(hf_checkpoint)])
+    assert result.exit_code == 2 and "stopped by the test" in result.output, result.output
+    assert [kw["fused_kernels"] for kw in asked] == [expected]
 
 
 @pytest.mark.parametrize("args", [["--batch", "0"], ["--chunk-frames", "x"], ["--dtype", "float64"]])

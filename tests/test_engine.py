@@ -116,3 +116,29 @@ def test_pipeline_speaks_twice_and_close_frees_the_codec(hf_checkpoint):
         pipeline.codec.decode(codes)
     pipeline.close()
     assert pipeline.codec.decode(codes).shape == (1, 1, 2 * 1920)
+
+
+def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(monkeypatch):
+    from types import SimpleNamespace
+
+    from csmcli import engine
+    from csmcli.model import CSM_1B, CsmConfig, TransformerConfig
+
+    def model(device: str, cfg: CsmConfig = CSM_1B):
+        weight = SimpleNamespace(device=torch.device(device))
+        return SimpleNamespace(cfg=cfg, codebook0_head=SimpleNamespace(weight=weight))
+
+    monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: object())  # Triton "installed"
+    monkeypatch.delenv(engine.NO_FUSED_ENV, raising=False)
+    assert engine.fused_kernels_enabled(True, model("cuda"))
+    assert not engine.fused_kernels_enabled(False, model("cuda"))
+    assert not engine.fused_kernels_enabled(True, model("cuda"), compile=True)  # compile: the torch-ops path
+    assert not engine.fused_kernels_enabled(True, model("cpu"))
+    small_heads = CsmConfig(backbone=CSM_1B.backbone, decoder=TransformerConfig(
+        n_layers=1, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96, max_seq_len=33))
+    assert not engine.fused_kernels_enabled(True, model("cuda", small_heads))  # tl.dot needs half a head >= 16
+    monkeypatch.setenv(engine.NO_FUSED_ENV, "1")
+    assert not engine.fused_kernels_enabled(True, model("cuda"))
+    monkeypatch.delenv(engine.NO_FUSED_ENV)
+    monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: None)  # no Triton
+    assert not engine.fused_kernels_enabled(True, model("cuda"))

@@ -52,6 +52,7 @@ def _check_report(report: dict) -> None:
         assert set(item) == GPU_KEYS
     assert report["preset"]["name"] in load_presets()
     assert report["preset"]["reason"]
+    assert isinstance(report["preset"]["compile"], bool) and isinstance(report["preset"]["fused_kernels"], bool)
     if not report["gpus"]:
         assert report["preset"]["name"] == "cpu"
     assert report["checkpoint"]["repo"] == "sesame/csm-1b"
@@ -88,6 +89,7 @@ def test_info_table_goes_to_stderr_and_honours_preset(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert "24gb: chosen with --preset 24gb" in result.stderr
+    assert "compile off, fused kernels on" in result.stderr
     assert "sesame/csm-1b: not cached" in result.stderr
 
 
@@ -182,3 +184,8 @@ def test_table_lists_every_gpu():
     console.print(render(report))
     text = console.file.getvalue()
     assert "GPU 0" in text and "GPU 1" in text and "560.35" in text and "Speakers" in text
+    assert "compile off, fused kernels on" in text
+    report["preset"] |= {"compile": True, "fused_kernels": False}
+    console = Console(file=io.StringIO(), width=200)
+    console.print(render(report))
+    assert "compile on, fused kernels off" in console.file.getvalue()

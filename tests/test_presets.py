@@ -1,5 +1,6 @@
 """Preset files, VRAM-based choice, validation errors and flag precedence."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -32,12 +33,14 @@ def test_shipped_presets_are_the_seven_tiers_smallest_first(presets):
 def test_cpu_preset_is_plain_float32(presets):
     cpu = presets["cpu"]
     assert (cpu.dtype, cpu.cuda_graphs, cpu.compile, cpu.max_batch, cpu.min_vram_gb) == ("float32", False, False, 1, 0)
+    assert cpu.fused_kernels is False
 
 
 def test_gpu_tiers_fit_their_memory_and_grow(presets):
     gpu_tiers = [presets[name] for name in TIERS[1:]]
     for preset in gpu_tiers:
-        assert preset.dtype == "bfloat16" and preset.cuda_graphs, preset.name
+        assert preset.dtype == "bfloat16" and preset.cuda_graphs and preset.fused_kernels, preset.name
+        assert not preset.compile, preset.name  # minutes of compiling before the first request: opt-in only
         # The tier's weights + KV cache for max_batch slots must fit in the smallest card it is chosen for.
         assert estimate_vram_gb(preset) <= preset.min_vram_gb, preset.name
     batches = [p.max_batch for p in gpu_tiers]
@@ -121,6 +124,8 @@ def test_load_presets_from_a_directory(tmp_path):
         ({"max_batch": "1.5"}, "max_batch"),  # float instead of int
         ({"first_chunk_frames": "0"}, "first_chunk_frames"),  # must be >= 1
         ({"cuda_graphs": "1"}, "cuda_graphs"),  # int instead of bool
+        ({"compile": '"yes"'}, "compile"),  # string instead of bool
+        ({"fused_kernels": "1"}, "fused_kernels"),  # int instead of bool
         ({"dtype": '"bf16"'}, "dtype"),  # not one of the dtypes
         ({"min_vram_gb": "-1"}, "min_vram_gb"),
         ({"min_vram_gb": '"8"'}, "min_vram_gb"),
@@ -134,6 +139,11 @@ def test_invalid_preset_names_file_and_key(tmp_path, changes, key):
         load_presets(directory)
     message = str(excinfo.value)
     assert "cpu.toml" in message and f"'{key}'" in message
+
+
+def test_preset_written_before_fused_kernels_existed_loads_with_them_on(tmp_path):
+    directory = _preset_dir(tmp_path, _cpu_text(fused_kernels=None))
+    assert load_presets(directory)["cpu"].fused_kernels is True
 
 
 def test_gpu_preset_needs_a_vram_floor(tmp_path):
@@ -157,8 +167,9 @@ def test_the_shipped_cpu_toml_round_trips(tmp_path):
 
 def test_overrides_beat_preset_values_and_none_means_not_given(presets):
     base = presets["24gb"]
-    changed = apply_overrides(base, chunk_frames=9, max_batch=None, cuda_graphs=False, dtype=None)
-    assert (changed.chunk_frames, changed.cuda_graphs) == (9, False)
+    changed = apply_overrides(base, chunk_frames=9, max_batch=None, cuda_graphs=False, dtype=None, fused_kernels=False)
+    assert (changed.chunk_frames, changed.cuda_graphs, changed.fused_kernels) == (9, False, False)
+    assert apply_overrides(base, compile=True, fused_kernels=None) == dataclasses.replace(base, compile=True)
     assert (changed.max_batch, changed.dtype, changed.name) == (base.max_batch, base.dtype, base.name)
     assert apply_overrides(base) == base
 
@@ -168,6 +179,8 @@ def test_bad_override_values_are_user_errors(presets):
         apply_overrides(presets["cpu"], chunk_frames=0)
     with pytest.raises(CsmError, match="dtype"):
         apply_overrides(presets["cpu"], dtype="float64")
+    with pytest.raises(CsmError, match="fused_kernels must be true or false"):
+        apply_overrides(presets["cpu"], fused_kernels=1)
     with pytest.raises(TypeError, match="min_vram_gb"):
         apply_overrides(presets["cpu"], min_vram_gb=1.0)  # not a flag
 
@@ -183,6 +196,9 @@ def test_resolve_preset_order_name_then_vram_then_gpu_then_flags(presets):
 
     preset, _ = resolve_preset(None, _gpu(79.6, 79.0, (9, 0)), presets=presets)
     assert preset == presets["80gb"]
+
+    preset, reason = resolve_preset(None, _gpu(79.6, 79.0, (9, 0)), presets=presets, fused_kernels=False)
+    assert (preset.name, preset.fused_kernels) == ("80gb", False) and "fused_kernels=False" in reason
 
     preset, _ = resolve_preset(None, None, presets=presets, dtype="bfloat16")
     assert (preset.name, preset.dtype) == ("cpu", "bfloat16")
