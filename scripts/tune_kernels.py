@@ -20,9 +20,10 @@ SHAPES = {  # name: (N, K, gated)
 
 
 def candidates(m: int, gated: bool):
-    if m == 1:
-        splits = (1,) if gated else (1, 2, 4)
-        return [(1, n, k, w, s) for n, k, w, s in itertools.product((4, 8, 16), (512, 1024), (4, 8), splits)]
+    if m == 1 and gated:
+        return [(1, n, k, w, 1) for n, k, w in itertools.product((8, 16), (256, 512, 1024), (4, 8))]
+    if m == 1:  # split K measured no faster at one row (2026-11-23); long K blocks keep more loads in flight
+        return [(1, n, k, w, 1) for n, k, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16))]
     block_ms = (16,) if m <= 16 else (16, 64)
     splits = (1,) if gated else (1, 2, 4, 8)
     grid = itertools.product(block_ms, (16, 32, 64), (128, 256), (4, 8), splits)
