@@ -153,7 +153,11 @@ LinearConfig = tuple[int, int, int, int, int]
 
 _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # (rows bucket, N, K, gated) of CSM-1B's matmuls: the fastest measured on an H100 (scripts/tune_kernels.py,
-    # 2026-11-23). Small N with long K is split: 16 rows x 64 columns per program leave most SMs idle otherwise.
+    # 2026-11-23). One row: the rule in linear_config except these (long K blocks keep more loads in flight).
+    (1, 1536, 1024, False): (1, 2, 1024, 8, 1), (1, 1024, 8192, False): (1, 4, 4096, 8, 1),
+    (1, 1024, 2048, False): (1, 4, 2048, 16, 1), (1, 2048, 2048, False): (1, 4, 2048, 4, 1),
+    (1, 2051, 2048, False): (1, 4, 2048, 4, 1), (1, 2048, 8192, False): (1, 4, 2048, 4, 1),
+    # Batched rows: small N with long K is split, 16 rows x 64 columns per program leave most SMs idle otherwise.
     (16, 1536, 1024, False): (16, 16, 256, 4, 1), (16, 1024, 1024, False): (16, 16, 256, 4, 1),
     (16, 8192, 1024, True): (16, 64, 128, 8, 1), (16, 1024, 8192, False): (16, 64, 128, 8, 8),
     (16, 1024, 2048, False): (16, 64, 128, 8, 8), (16, 2051, 1024, False): (16, 16, 256, 4, 1),
@@ -172,6 +176,8 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
 def linear_config(m: int, n: int, k: int, gated: bool) -> LinearConfig:
     """Block sizes for an `[m, k] x [k, n]` product (n output columns; gated: the weight has 2n rows), from H100
     measurements (scripts/tune_kernels.py). They fix the summation order, so they depend only on the shape."""
+    if m == 1 and (1, n, k, gated) in _LINEAR_CONFIGS:
+        return _LINEAR_CONFIGS[(1, n, k, gated)]
     if m == 1:  # GEMV: small N blocks so every SM streams weights, long K blocks
         if gated:
             return 1, 16, 512 if k >= 2048 else 256, 4, 1
