@@ -129,6 +129,15 @@ def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) ->
     return all(d >= 32 and d & (d - 1) == 0 for d in heads)
 
 
+def batch_buckets(max_batch: int, fused_kernels: bool) -> list[int]:
+    """Slot counts a frame step is built for: with the fused kernels, powers of two below `max_batch` and
+    `max_batch` (their rows compute the same whatever the count: block sizes follow `max_batch`); with torch ops
+    `max_batch` only (GEMM algorithms change with the row count, and with them a slot's rounding)."""
+    if not fused_kernels:
+        return [max_batch]
+    return sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch})
+
+
 class Engine:
     def __init__(self, model: Csm, max_batch: int = 1, cuda_graphs: bool = True, compile: bool = False,
                  fused_kernels: bool = True):
@@ -146,17 +155,25 @@ class Engine:
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         self._eager_step = step
         self.compiled = compile
-        self._graph: CapturedCall | None = None
+        self.buckets = batch_buckets(max_batch, self.fused_kernels)
+        self._graphs: dict[int, CapturedCall] = {}  # frame step by bucket
         self._prefill_graphs: dict[int, CapturedCall] = {}
         self._warm = False
         self.slots: list[_Active | None] = [None] * max_batch
 
+    def active_rows(self) -> int:
+        """The smallest bucket that holds every busy slot (slots are filled lowest first)."""
+        highest = max((slot for slot, a in enumerate(self.slots) if a is not None), default=0)
+        return next(n for n in self.buckets if n > highest)
+
     def step(self) -> Tensor:
-        """One frame for all slots -> static `codes [B, 32]` (overwritten by the next step)."""
+        """One frame for the busy slots' bucket -> static `codes [B, 32]` (rows of busy slots valid; overwritten
+        by the next step)."""
+        n = self.active_rows()
         if not self.cuda_graphs:
-            return self._eager_step()
+            return self._eager_step(n)
         self.warmup()
-        return self._graph()
+        return self._graphs[n]()
 
     def warmup(self) -> None:
         """Compile / capture now, so no request's latency includes it. The warm-up runs real steps, so the slots'
@@ -168,9 +185,11 @@ class Engine:
             return
         with state_kept(self.stepper.state()):
             if self.cuda_graphs:
-                self._graph = CapturedCall(self._eager_step)
+                pool = torch.cuda.graph_pool_handle()  # buckets never run at once: one memory pool
+                for n in self.buckets:
+                    self._graphs[n] = CapturedCall(lambda n=n: self._eager_step(n), pool=pool)
             elif self.compiled:
-                self._eager_step()
+                self._eager_step(self.max_batch)
         self._warm = True
 
     @torch.no_grad()

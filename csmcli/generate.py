@@ -77,46 +77,60 @@ class FrameStepper:
         """The per-slot tensors a step reads and advances (KV caches aside: a step writes only ahead of them)."""
         return [self.hidden, self.positions, self.frame_index, self.codes]
 
-    def frame_sampling(self) -> FrameSampling:
-        return frame_sampling(self.temperature, self.topk, self.seed, self.frame_index, self.model.cfg.num_codebooks,
-                              self.token_keys)
+    def frame_sampling(self, n: int | None = None) -> FrameSampling:
+        """The first `n` slots' (default all) sampling settings and noise for this frame."""
+        n = n or self.max_batch
+        return frame_sampling(self.temperature[:n], self.topk[:n], self.seed[:n], self.frame_index[:n],
+                              self.model.cfg.num_codebooks, self.token_keys)
 
-    def decode(self) -> Tensor:
-        """The pending hidden states' frames: codebook 0 and the depth decoder's 31 codebooks, `codes [B, 32]`."""
-        settings = self.frame_sampling()
+    def decode(self, n: int | None = None) -> Tensor:
+        """The first `n` slots' (default all) frames from their pending hidden states: codebook 0 and the depth
+        decoder's 31 codebooks, `codes [n, 32]`."""
+        n = n or self.max_batch
+        settings = self.frame_sampling(n)
+        caches = self.caches.decoder if n == self.max_batch else self.caches.head(n).decoder
         if self.fused:
             from csmcli import kernels
 
             def draw_fused(logits: Tensor, codebook: int) -> Tensor:
                 return kernels.sample(logits, settings.temperature, settings.kth, settings.gumbel[:, codebook])
 
-            return self.model.decode_frame_fused(self.hidden, draw_fused, self.caches.decoder, self.audio_head_rows)
+            return self.model.decode_frame_fused(self.hidden[:n], draw_fused, caches, self.audio_head_rows,
+                                                 self.max_batch)
 
         def draw(logits: Tensor, codebook: int) -> Tensor:
             return sample(logits.float(), settings, codebook)
 
-        return self.model.decode_frame(self.hidden, draw, self.caches.decoder)
+        return self.model.decode_frame(self.hidden[:n], draw, caches)
 
     def advance(self, codes: Tensor) -> None:
-        """Feed each slot's frame `codes [B, 32]` to the backbone: the next hidden states, positions + 1."""
+        """Feed each of the first `len(codes)` slots its frame `codes [n, 32]` through the backbone: their next
+        hidden states, positions + 1."""
+        n = len(codes)
         # Clamped so finished or idle slots never write past the cache; their outputs are ignored.
-        positions = self.positions.clamp(max=self.max_seq_len - 1)  # [B]
-        backbone, embeds = self.model.backbone, self.model.embed_frame(codes)  # [B, 1, dim]
+        positions = self.positions[:n].clamp(max=self.max_seq_len - 1)  # [n]
+        backbone = self.model.backbone
+        caches = self.caches.backbone if n == self.max_batch else self.caches.head(n).backbone
         if self.fused:
-            self.hidden.copy_(backbone.norm(backbone.step(embeds[:, 0], positions, self.caches.backbone)))
+            from csmcli import kernels
+
+            embeds = kernels.embed_sum(self.model.audio_embeddings.weight, codes, self.model.cfg.audio_vocab_size)
+            self.hidden[:n] = backbone.norm(backbone.step(embeds, positions, caches, self.max_batch))
         else:
-            self.hidden.copy_(backbone(embeds, positions[:, None], self.caches.backbone)[:, -1])
-        self.positions.add_(1)
-        self.frame_index.add_(1)
+            self.hidden[:n] = backbone(self.model.embed_frame(codes), positions[:, None], caches)[:, -1]
+        self.positions[:n] += 1
+        self.frame_index[:n] += 1
 
     @torch.no_grad()
-    def step(self) -> Tensor:
-        """One frame for every slot: depth-decode the pending hidden state, then feed the frame to the backbone.
+    def step(self, n: int | None = None) -> Tensor:
+        """One frame for the first `n` slots (default all): depth-decode the pending hidden states, then feed the
+        frames to the backbone. Slots from `n` on are left as they are (the engine runs fewer rows while only
+        low slots are busy).
 
-        Returns the static `codes [B, 32]` buffer (overwritten by the next step)."""
-        codes = self.decode()
+        Returns the static `codes [B, 32]` buffer (rows below `n` overwritten; all of it by the next step)."""
+        codes = self.decode(n)
         self.advance(codes)
-        self.codes.copy_(codes)
+        self.codes[: len(codes)] = codes
         return self.codes
 
 

@@ -188,19 +188,22 @@ def linear_config(m: int, n: int, k: int, gated: bool) -> LinearConfig:
 
 def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float = 0.0,
            residual: Tensor | None = None, gated: bool = False, rows: Tensor | None = None, row_offset: int = 0,
-           config: LinearConfig | None = None) -> Tensor:
+           batch: int | None = None, config: LinearConfig | None = None) -> Tensor:
     """`x [M, K] @ weight.T` for `weight [N, K]` (any strides), with optional fusions:
 
     - `norm [K]`: RMSNorm of x's rows (weight `norm`, `eps`) first;
     - `gated`: `weight` holds gate rows then up rows `[2I, K]`; returns `silu(x @ gate.T) * (x @ up.T)` `[M, I]`;
     - `residual [M, N]`: added to the result;
     - `rows [M]`: x is a table and row i of the product uses table row `rows[i] + row_offset`.
+
+    Block sizes follow `batch` (default M): an engine passes its slot count, so a row's result is the same however
+    many of the slots run (the frame graphs for fewer active slots compute exactly what the full batch would).
     """
     m = rows.shape[0] if rows is not None else x.shape[0]
     n, k = weight.shape
     n = n // 2 if gated else n
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    block_m, block_n, block_k, warps, split_k = config or linear_config(m, n, k, gated)
+    block_m, block_n, block_k, warps, split_k = config or linear_config(batch or m, n, k, gated)
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and not (gated and split_k > 1)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
@@ -374,4 +377,29 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> 
     assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1
     _sample_kernel[(b,)](logits, temperature, kth, gumbel, out, v, logits.stride(0), gumbel.stride(0),
                          BLOCK_V=_pow2(v), num_warps=SAMPLE_WARPS)
+    return out
+
+
+@triton.jit
+def _embed_sum_kernel(table_ptr, codes_ptr, out_ptr, C, D, vocab, stride_t, stride_cb, stride_ob,
+                      BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = d < D
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for c in range(C):  # codebooks in order: the sum's rounding never depends on the batch
+        row = tl.load(codes_ptr + b * stride_cb + c) + c * vocab
+        total += tl.load(table_ptr + row.to(tl.int64) * stride_t + d, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_ob + d, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def embed_sum(table: Tensor, codes: Tensor, vocab: int) -> Tensor:
+    """`sum_c table[codes[:, c] + c * vocab]`: a frame's codes `[B, C]` as one embedding row each `[B, dim]`
+    (`Csm.embed_frame` in one kernel, summed in codebook order)."""
+    b, c = codes.shape
+    d = table.shape[1]
+    out = torch.empty(b, d, dtype=table.dtype, device=table.device)  # [B, dim]
+    block_d = 1024
+    _embed_sum_kernel[(b, triton.cdiv(d, block_d))](table, codes, out, c, d, vocab, table.stride(0), codes.stride(0),
+                                                    out.stride(0), BLOCK_D=block_d, num_warps=4)
     return out

@@ -102,6 +102,12 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def head(self, n: int) -> KVCache:
+        """A view of the first `n` rows (writes go to this cache)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:n], self.v[:n]
+        return view
+
     def update(self, rows: Tensor | None, input_pos: Tensor | int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v `[b, Hkv, T, D]` at `input_pos [b, T]` (or, all rows alike, at `input_pos..+T`); return the
         cache rows attention reads (for an int position only the written prefix)."""
@@ -188,17 +194,20 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, blocked, input_pos, rows, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
-    def step(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, position: Tensor | int, cache: KVCache) -> Tensor:
+    def step(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, position: Tensor | int, cache: KVCache,
+             batch: int | None = None) -> Tensor:
         """`forward` for one token per row, `x [B, dim]` at `position` (`[B]` or one int), in five fused kernels
-        (csmcli.kernels; imported here so CPU-only installs never need Triton)."""
+        (csmcli.kernels; imported here so CPU-only installs never need Triton). `batch`: see `kernels.linear`."""
         from csmcli import kernels
 
         a, f = self.attention, self.feed_forward
-        qkv = kernels.linear(x, a.wqkv.weight, norm=self.attention_norm.weight, eps=self.attention_norm.eps)
+        qkv = kernels.linear(x, a.wqkv.weight, norm=self.attention_norm.weight, eps=self.attention_norm.eps,
+                             batch=batch)
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads)
-        x = kernels.linear(out, a.wo.weight, residual=x)
-        hidden = kernels.linear(x, f.w13.weight, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps, gated=True)
-        return kernels.linear(hidden, f.w2.weight, residual=x)
+        x = kernels.linear(out, a.wo.weight, residual=x, batch=batch)
+        hidden = kernels.linear(x, f.w13.weight, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps, gated=True,
+                                batch=batch)
+        return kernels.linear(hidden, f.w2.weight, residual=x, batch=batch)
 
 
 class Transformer(nn.Module):
@@ -250,12 +259,12 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, blocked, input_pos, rows, cache)
         return self.norm(x)
 
-    def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache]) -> Tensor:
+    def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache], batch: int | None = None) -> Tensor:
         """One token per row through the fused kernels: `x [B, dim]` at `position` (`[B]`, or one int for all
         rows) into all rows of `caches`. Returns the last layer's output *before* the final norm `[B, dim]`, so
-        the caller can fold that norm into the next matmul."""
+        the caller can fold that norm into the next matmul. `batch`: see `kernels.linear`."""
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer.step(x, self.rope_cos, self.rope_sin, position, cache)
+            x = layer.step(x, self.rope_cos, self.rope_sin, position, cache, batch)
         return x
 
 
@@ -265,6 +274,10 @@ class Caches:
 
     backbone: list[KVCache]
     decoder: list[KVCache]
+
+    def head(self, n: int) -> Caches:
+        """Views of the first `n` rows of every cache."""
+        return Caches([c.head(n) for c in self.backbone], [c.head(n) for c in self.decoder])
 
 
 SampleFn = Callable[[Tensor, int], Tensor]
@@ -329,21 +342,24 @@ class Csm(nn.Module):
         return torch.stack(codes, dim=1)  # [B, 32]
 
     def decode_frame_fused(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache],
-                           audio_head_rows: Tensor) -> Tensor:
+                           audio_head_rows: Tensor, batch: int | None = None) -> Tensor:
         """`decode_frame` through the fused kernels (csmcli.kernels): the same computation, one token per
         decoder step (positions 0 and 1 as two steps; causal attention makes that the 2-token prefill), embedding
         lookups folded into the projection and the decoder's final norm into each codebook head.
-        `audio_head_rows [C-1, V, dim]` is `audio_head` transposed and contiguous: the GEMV reads it row-major."""
+        `audio_head_rows [C-1, V, dim]` is `audio_head` transposed and contiguous: the GEMV reads it row-major.
+        `batch`: see `kernels.linear`."""
         from csmcli import kernels
 
         vocab, dec = self.cfg.audio_vocab_size, self.decoder
-        c0 = sample(kernels.linear(hidden, self.codebook0_head.weight), 0)  # [B]
-        dec.step(kernels.linear(hidden, self.projection.weight), 0, caches)  # only its cache entries matter
+        c0 = sample(kernels.linear(hidden, self.codebook0_head.weight, batch=batch), 0)  # [B]
+        # Position 0 only fills the cache: its output is not needed.
+        dec.step(kernels.linear(hidden, self.projection.weight, batch=batch), 0, caches, batch)
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
             x = kernels.linear(self.audio_embeddings.weight, self.projection.weight, rows=codes[-1],
-                               row_offset=(i - 1) * vocab)  # embedding of codebook i-1's token, projected [B, dim]
-            x = dec.step(x, i, caches)
-            logits = kernels.linear(x, audio_head_rows[i - 1], norm=dec.norm.weight, eps=dec.norm.eps)  # [B, V]
+                               row_offset=(i - 1) * vocab, batch=batch)  # codebook i-1's embedding, projected
+            x = dec.step(x, i, caches, batch)
+            logits = kernels.linear(x, audio_head_rows[i - 1], norm=dec.norm.weight, eps=dec.norm.eps,
+                                    batch=batch)  # [B, V]
             codes.append(sample(logits, i))
         return torch.stack(codes, dim=1)  # [B, 32]

@@ -134,6 +134,15 @@ def test_sample_kernel_equals_sort_based_sampling(logits_dtype):
         assert torch.equal(got, want), codebook
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embed_sum_matches_embed_frame(dtype):
+    model = tiny_csm(dtype)
+    codes = torch.randint(0, model.cfg.audio_vocab_size, (5, model.cfg.num_codebooks),
+                          generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    got = kernels.embed_sum(model.audio_embeddings.weight, codes, model.cfg.audio_vocab_size)
+    torch.testing.assert_close(got, model.embed_frame(codes)[:, 0], **tolerance(dtype))
+
+
 def tiny_csm(dtype):
     block = dict(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=96)
     cfg = CsmConfig(backbone=TransformerConfig(dim=64, max_seq_len=96, **block),
@@ -159,3 +168,20 @@ def test_fused_frame_step_equals_torch_frame_step():
     got_codes, got_hidden = run_frames(model, fused=True)
     assert torch.equal(got_codes, want_codes)
     torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-4, atol=1e-4)
+
+
+def test_fewer_rows_compute_exactly_what_the_full_batch_computes():
+    """The engine steps only the lowest `n` slots while only they are busy. With the fused kernels' block sizes
+    set by the engine's batch (not by `n`), those rows must come out bit for bit as in a full-batch step, whatever
+    the other slots hold: each row is computed on its own."""
+    torch.set_grad_enabled(False)
+    model = tiny_csm(torch.float32)
+    full, fewer = FrameStepper(model, 3, fused=True), FrameStepper(model, 3, fused=True)
+    for slot in range(3):  # one row alone would take the GEMV path if block sizes followed the row count
+        full.prefill(slot, synthetic_prompt(9 + 7 * slot, seed=slot), SamplingParams(0.9, 20, seed=slot))
+    fewer.prefill(0, synthetic_prompt(9, seed=0), SamplingParams(0.9, 20, seed=0))
+    want = full.step().clone()
+    got = fewer.step(1).clone()
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(fewer.hidden[0], full.hidden[0]) and fewer.positions[0] == full.positions[0]
+    assert torch.equal(fewer.positions[1:], torch.zeros(2, dtype=torch.long))  # rows from n on: untouched
