@@ -184,4 +184,4 @@ def test_fewer_rows_compute_exactly_what_the_full_batch_computes():
     got = fewer.step(1).clone()
     assert torch.equal(got[0], want[0])
     assert torch.equal(fewer.hidden[0], full.hidden[0]) and fewer.positions[0] == full.positions[0]
-    assert torch.equal(fewer.positions[1:], torch.zeros(2, dtype=torch.long))  # rows from n on: untouched
+    assert (fewer.positions[1:] == 0).all()  # rows from n on: untouched
