@@ -117,14 +117,14 @@ def graphs_enabled(requested: bool, device: torch.device) -> bool:
 
 
 def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) -> bool:
-    """The Triton decode kernels run when asked for, on CUDA with Triton installed, for head sizes they handle
-    (tl.dot needs half a head >= 16), not switched off by CSMCLI_NO_FUSED_KERNELS=1, and not with `compile`:
-    torch.compile makes its own kernels from the torch ops, so compiling means the torch-ops path."""
+    """The Triton decode kernels run when asked for, on CUDA (Ampere or newer) with Triton installed, for head
+    sizes they handle (tl.dot needs half a head >= 16), not switched off by CSMCLI_NO_FUSED_KERNELS=1, and not
+    with `compile`: torch.compile makes its own kernels from the torch ops, so compiling means the torch-ops path."""
     device = model.codebook0_head.weight.device
     if not requested or compile or device.type != "cuda" or os.environ.get(NO_FUSED_ENV) == "1":
         return False
-    if importlib.util.find_spec("triton") is None:
-        return False
+    if importlib.util.find_spec("triton") is None or torch.cuda.get_device_capability(device) < (8, 0):
+        return False  # no Triton, or a GPU before Ampere (bf16 tensor-core dots): torch ops
     heads = [model.cfg.backbone.head_dim, model.cfg.decoder.head_dim]
     return all(d >= 32 and d & (d - 1) == 0 for d in heads)
 
@@ -188,8 +188,9 @@ class Engine:
                 pool = torch.cuda.graph_pool_handle()  # buckets never run at once: one memory pool
                 for n in self.buckets:
                     self._graphs[n] = CapturedCall(lambda n=n: self._eager_step(n), pool=pool)
-            elif self.compiled:
-                self._eager_step(self.max_batch)
+            elif self.compiled or self.fused_kernels:  # compile now, not in the first request
+                for n in self.buckets:
+                    self._eager_step(n)
         self._warm = True
 
     @torch.no_grad()

@@ -41,7 +41,8 @@ class FrameStepper:
         self.seed = torch.zeros(b, dtype=torch.long, device=dev)
         self.codes = torch.zeros(b, model.cfg.num_codebooks, dtype=torch.long, device=dev)  # [B, 32] last frame
         self.token_keys = token_keys(model.cfg.audio_vocab_size, dev)  # [V]
-        # The fused codebook heads read their weights row by row: a transposed copy (130 MB at full size).
+        # The fused codebook heads read their weights row by row: a transposed copy (130 MB at full size), taken
+        # now: weights loaded into the model later are not seen (load them before building an engine).
         self.audio_head_rows = model.audio_head.transpose(1, 2).contiguous() if fused else None  # [C-1, V, dim]
 
     @torch.no_grad()
@@ -83,6 +84,7 @@ class FrameStepper:
         return frame_sampling(self.temperature[:n], self.topk[:n], self.seed[:n], self.frame_index[:n],
                               self.model.cfg.num_codebooks, self.token_keys)
 
+    @torch.no_grad()
     def decode(self, n: int | None = None) -> Tensor:
         """The first `n` slots' (default all) frames from their pending hidden states: codebook 0 and the depth
         decoder's 31 codebooks, `codes [n, 32]`."""
@@ -103,6 +105,7 @@ class FrameStepper:
 
         return self.model.decode_frame(self.hidden[:n], draw, caches)
 
+    @torch.no_grad()
     def advance(self, codes: Tensor) -> None:
         """Feed each of the first `len(codes)` slots its frame `codes [n, 32]` through the backbone: their next
         hidden states, positions + 1."""

@@ -13,9 +13,10 @@ writes, casts and adds are kernels of their own. Here one layer is five kernels:
 and a codebook's draw is one kernel (`sample`: top-k threshold by radix select instead of a sort).
 
 Every kernel rounds where torch rounds (matmul output, RoPE products, softmax probabilities, ...) so results stay
-within bf16 rounding of the torch path, and none splits a reduction across programs or rows: a row's result does
-not depend on the other rows (a slot joining does not change its neighbours' codes) and replays are bit-exact.
-Block sizes are fixed per shape (no autotuning: they decide the summation order, so they must not vary by run).
+within bf16 rounding of the torch path, and no reduction mixes rows or depends on timing (split-K partial sums are
+added in a fixed order, never with atomics): a row's result does not depend on the other rows (a slot joining does
+not change its neighbours' codes) and replays are bit-exact. Block sizes are fixed per shape and engine batch (no
+autotuning: they decide the summation order, so they must not vary by run).
 
 Runs on CUDA; on the CPU only under `TRITON_INTERPRET=1` (the tests), where `tl.dot` takes float32 inputs.
 """
@@ -326,6 +327,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     group = n_heads // n_kv_heads
     from_ptr = isinstance(positions, Tensor)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
+    assert qkv.shape[0] == b and (not from_ptr or positions.stride(0) == 1)  # positions: clamped by the caller
     _decode_attention_kernel[(b, n_kv_heads)](
         qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
         head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
@@ -342,7 +344,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V,
     offs = tl.arange(0, BLOCK_V)
     ok = offs < V
     logits = tl.load(logits_ptr + b * stride_lb + offs, mask=ok, other=0.0).to(tl.float32)
-    scaled = logits / tl.load(temperature_ptr + b)
+    scaled = tl.div_rn(logits, tl.load(temperature_ptr + b))  # IEEE division, as torch's (`/` may be 2 ulp off)
     k = (tl.load(kth_ptr + b) + 1).to(tl.int32)
     # Top k by radix select on order-preserving unsigned keys, most significant bit first: `threshold` grows while
     # at least k keys stay >= it, and the search stops as soon as exactly k do (usually long before bit 0).
@@ -374,7 +376,7 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> 
     (k - 1), `gumbel [B, V]`. Returns tokens `[B]` int64."""
     b, v = logits.shape
     out = torch.empty(b, dtype=torch.long, device=logits.device)
-    assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1
+    assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1 and temperature.stride(0) == 1 and kth.stride(0) == 1
     _sample_kernel[(b,)](logits, temperature, kth, gumbel, out, v, logits.stride(0), gumbel.stride(0),
                          BLOCK_V=_pow2(v), num_warps=SAMPLE_WARPS)
     return out
@@ -398,6 +400,7 @@ def embed_sum(table: Tensor, codes: Tensor, vocab: int) -> Tensor:
     (`Csm.embed_frame` in one kernel, summed in codebook order)."""
     b, c = codes.shape
     d = table.shape[1]
+    assert codes.stride(1) == 1 and table.stride(1) == 1
     out = torch.empty(b, d, dtype=table.dtype, device=table.device)  # [B, dim]
     block_d = 1024
     _embed_sum_kernel[(b, triton.cdiv(d, block_d))](table, codes, out, c, d, vocab, table.stride(0), codes.stride(0),

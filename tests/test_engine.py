@@ -129,6 +129,7 @@ def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(m
         return SimpleNamespace(cfg=cfg, codebook0_head=SimpleNamespace(weight=weight))
 
     monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: object())  # Triton "installed"
+    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (9, 0))
     monkeypatch.delenv(engine.NO_FUSED_ENV, raising=False)
     assert engine.fused_kernels_enabled(True, model("cuda"))
     assert not engine.fused_kernels_enabled(False, model("cuda"))
@@ -140,5 +141,8 @@ def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(m
     monkeypatch.setenv(engine.NO_FUSED_ENV, "1")
     assert not engine.fused_kernels_enabled(True, model("cuda"))
     monkeypatch.delenv(engine.NO_FUSED_ENV)
+    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (7, 5))  # Turing: no bf16 dots
+    assert not engine.fused_kernels_enabled(True, model("cuda"))
+    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (9, 0))
     monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: None)  # no Triton
     assert not engine.fused_kernels_enabled(True, model("cuda"))

@@ -14,7 +14,7 @@ from csmcli.checkpoint import random_model
 from csmcli.generate import FrameStepper
 from csmcli.model import CsmConfig, Transformer, TransformerConfig
 from csmcli.prompt import synthetic_prompt
-from csmcli.sampling import SamplingParams, frame_sampling, sample, token_keys
+from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, sample, token_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.bfloat16]
@@ -115,23 +115,44 @@ def test_transformer_step_matches_forward(dtype, per_row):
 @pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
 def test_sample_kernel_equals_sort_based_sampling(logits_dtype):
     """The radix-select top-k draw picks exactly the token the sort-based reference picks, for every mix of
-    greedy / temperature / top-k settings, including k = 1, k = V and heavily tied logits (ties at the k-th
-    value are kept by both)."""
-    vocab, codebooks = 2051, 4
+    greedy / temperature / top-k settings, including k = 1, k = V / 2 and k = V, heavily tied logits (ties at the
+    k-th value are kept by both), all-negative logits and a k-th value of +-0.0."""
+    vocab, codebooks = 2051, 5
     temperature = torch.tensor([0.0, 0.9, 1.3, 0.7, 0.0, 2.0, 0.5, 1.0], device=DEVICE)
-    topk = torch.tensor([50, 50, 1, vocab, 7, 3, 100, 2], device=DEVICE)
+    topk = torch.tensor([50, 50, 1, vocab, 7, 3, vocab // 2, 2], device=DEVICE)
     seed = torch.arange(8, device=DEVICE) * 7919
     settings = frame_sampling(temperature, topk, seed, torch.full((8,), 3, device=DEVICE), codebooks,
                               token_keys(vocab, DEVICE))
     g = torch.Generator().manual_seed(0)
     for codebook in range(codebooks):
         logits = torch.randn(8, vocab, generator=g) * 3
-        if codebook % 2:  # integers: many exact ties, at the maximum and at the k-th value
+        if codebook == 1:  # integers: many exact ties, at the maximum and at the k-th value
             logits = logits.round()
+        elif codebook == 2:  # all negative: the k-th value is negative for every k
+            logits = logits - 20
+        elif codebook == 3:  # mostly +0.0 and -0.0, a few larger values: the k-th value is a signed zero
+            zeros = torch.where(torch.rand(8, vocab, generator=g) < 0.5, 0.0, -0.0)
+            logits = torch.where(torch.rand(8, vocab, generator=g) < 0.01, logits, zeros)
         logits = logits.to(DEVICE, logits_dtype)
         want = sample(logits.float(), settings, codebook)
         got = kernels.sample(logits, settings.temperature, settings.kth, settings.gumbel[:, codebook])
         assert torch.equal(got, want), codebook
+
+
+def test_sample_kernel_divides_by_temperature_as_torch_does():
+    """4.6875 / 0.9375 is exactly 5.0, which ties token 1 with token 0 (logit 0 + noise 5.0). The draw depends on
+    the division's last bit, so the kernel must divide as torch does on the same device: on CUDA, IEEE division
+    (CUDA's fast `div.full` lands one ulp high and would pick token 1 where torch picks token 0); on the CPU torch
+    itself multiplies by the reciprocal."""
+    logits = torch.full((1, 2051), -100.0)
+    logits[0, 1] = 4.6875
+    gumbel = torch.zeros(1, 2051)
+    gumbel[0, 0] = 5.0
+    temperature = torch.tensor([[0.9375]])
+    kth = torch.tensor([[2050]])
+    logits, temperature, kth, gumbel = (t.to(DEVICE) for t in (logits, temperature, kth, gumbel))
+    want = sample(logits, FrameSampling(temperature, kth, gumbel[:, None]), 0)
+    assert torch.equal(kernels.sample(logits, temperature, kth, gumbel), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
