@@ -344,7 +344,9 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V,
     offs = tl.arange(0, BLOCK_V)
     ok = offs < V
     logits = tl.load(logits_ptr + b * stride_lb + offs, mask=ok, other=0.0).to(tl.float32)
-    scaled = tl.div_rn(logits, tl.load(temperature_ptr + b))  # IEEE division, as torch's (`/` may be 2 ulp off)
+    # IEEE division as torch's on CUDA (`/` may be 2 ulp off); div_rn wants operands of one shape.
+    temperature = tl.zeros([BLOCK_V], dtype=tl.float32) + tl.load(temperature_ptr + b)
+    scaled = tl.div_rn(logits, temperature)
     k = (tl.load(kth_ptr + b) + 1).to(tl.int32)
     # Top k by radix select on order-preserving unsigned keys, most significant bit first: `threshold` grows while
     # at least k keys stay >= it, and the search stops as soon as exactly k do (usually long before bit 0).
