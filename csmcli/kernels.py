@@ -18,11 +18,17 @@ added in a fixed order, never with atomics): a row's result does not depend on t
 not change its neighbours' codes) and replays are bit-exact. Block sizes are fixed per shape and engine batch (no
 autotuning: they decide the summation order, so they must not vary by run).
 
+On Hopper every kernel is launched with programmatic dependent launch (PDL): it starts while the kernel before it
+is still running, loads what never changes (its weight tile, RoPE tables) and only then waits for the earlier
+kernel's results (`gdc_wait`, which also orders every write after the earlier kernels' reads). Without it each of
+the ~900 kernels of a frame pays a launch ramp of a few microseconds with the memory system idle.
+
 Runs on CUDA; on the CPU only under `TRITON_INTERPRET=1` (the tests), where `tl.dot` takes float32 inputs.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,6 +37,42 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+NO_PDL_ENV = "CSMCLI_NO_PDL"
+pdl_allowed = os.environ.get(NO_PDL_ENV) != "1"  # tests switch it to compare both launch modes
+
+
+def use_pdl(t: Tensor) -> bool:
+    """Programmatic dependent launch for kernels on `t`'s device: Hopper or newer (`griddepcontrol`), Triton with
+    `gdc_wait`, not the interpreter, not switched off (`CSMCLI_NO_PDL=1`)."""
+    return pdl_allowed and not INTERPRET and t.is_cuda and _pdl_capable(t.device.index or 0)
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    import triton.language.extra.cuda as cuda_extra
+
+    return hasattr(cuda_extra, "gdc_wait") and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+@triton.jit
+def _wait_for_inputs(PDL: tl.constexpr):
+    """Let the next kernel launch, then wait until the kernels before this one have finished and their writes are
+    visible. Everything a kernel reads that an earlier kernel writes, and everything it writes, comes after this."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _launch_dependents(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _wait(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -44,13 +86,30 @@ def _dot(a, b, acc, F32: tl.constexpr):
 
 
 @triton.jit
+def _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM: tl.constexpr, dtype: tl.constexpr):
+    """Activations `[BLOCK_M, BLOCK_K]`, RMS-normalised and rounded to their dtype (as torch's norm output is)."""
+    xk = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if HAS_NORM:
+        weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        xk = (xk.to(tl.float32) * rstd[:, None] * weight[None, :]).to(dtype)
+    return xk
+
+
+@triton.jit
+def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
+    if BLOCK_M == 1:  # GEMV: products summed per lane, one reduction after the loop
+        return acc + xk.to(tl.float32) * w.to(tl.float32)
+    return _dot(xk, tl.trans(w), acc, DOT_F32)
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, rows_ptr, norm_ptr, w_ptr, res_ptr, out_ptr, partial_ptr,
     M, N, K, k_per_split, row_offset, eps,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_ROWS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -61,45 +120,51 @@ def _linear_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     dtype = out_ptr.dtype.element_ty
+    # The first weight block is loaded before waiting for the previous kernel: weights never change.
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < k_hi
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    w_ok = n_ok[:, None] & k_ok[None, :]
+    w = tl.load(w_ptrs, mask=w_ok, other=0.0)
+    w_up = w
+    if GATED:  # up-projection rows sit N rows below the gate rows
+        w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
+    _launch_dependents(PDL)
+    _wait(PDL)
     if HAS_ROWS:  # x rows gathered from a table (an embedding lookup folded into the matmul)
         x_rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0) + row_offset
     else:
         x_rows = offs_m
     x_base = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
         squares = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-            xk = xk.to(tl.float32)
-            squares += tl.sum(xk * xk, axis=1)
+            offs_kn = k0 + tl.arange(0, BLOCK_K)
+            xn = tl.load(x_base + offs_kn[None, :], mask=m_ok[:, None] & (offs_kn < K)[None, :], other=0.0)
+            xn = xn.to(tl.float32)
+            squares += tl.sum(xn * xn, axis=1)
         rstd = 1.0 / tl.sqrt(squares / K + eps)
-    if BLOCK_M == 1:  # GEMV: products summed per lane, one reduction after the loop
+    if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)  # [BLOCK_M, BLOCK_K]
+    acc = _accumulate(acc, xk, w, BLOCK_M, DOT_F32)
+    if GATED:
+        acc_up = _accumulate(acc_up, xk, w_up, BLOCK_M, DOT_F32)
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
-        xk = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        if HAS_NORM:  # rounded to the activations' dtype, as torch's norm output is
-            weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            xk = (xk.to(tl.float32) * rstd[:, None] * weight[None, :]).to(dtype)
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+        xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
         w_ok = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_ptrs, mask=w_ok, other=0.0)
-        if BLOCK_M == 1:
-            acc += xk.to(tl.float32) * w.to(tl.float32)
-        else:
-            acc = _dot(xk, tl.trans(w), acc, DOT_F32)
-        if GATED:  # up-projection rows sit N rows below the gate rows
-            w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
-            if BLOCK_M == 1:
-                acc_up += xk.to(tl.float32) * w_up.to(tl.float32)
-            else:
-                acc_up = _dot(xk, tl.trans(w_up), acc_up, DOT_F32)
+        acc = _accumulate(acc, xk, tl.load(w_ptrs, mask=w_ok, other=0.0), BLOCK_M, DOT_F32)
+        if GATED:
+            acc_up = _accumulate(acc_up, xk, tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0), BLOCK_M,
+                                 DOT_F32)
     if BLOCK_M == 1:
         total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
@@ -134,7 +199,8 @@ def _pow2(n: int) -> int:
 
 @triton.jit
 def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, splits, stride_rm, stride_om,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     m = offs // N
@@ -209,6 +275,7 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
+    pdl = use_pdl(x)
     _linear_kernel[grid](
         x, rows if rows is not None else x, norm if norm is not None else x, weight,
         residual if residual is not None else x, out, partial,
@@ -217,14 +284,14 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
         out.stride(0),
         HAS_ROWS=rows is not None, HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
-        num_warps=warps,
+        PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     if grid[2] > 1:
         block = 256
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
             partial, residual if residual is not None else out, out, m, n, grid[2],
             residual.stride(0) if residual is not None else 0, out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=block,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, launch_pdl=pdl,
         )
     return out
 
@@ -257,22 +324,25 @@ def _decode_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, pos_value, scale,
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_out,
     H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, G_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-    POS_FROM_PTR: tl.constexpr, DOT_F32: tl.constexpr,
+    POS_FROM_PTR: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     G: tl.constexpr = H // HKV
     D: tl.constexpr = 2 * HALF
-    if POS_FROM_PTR:
+    if POS_FROM_PTR:  # positions are written by earlier kernels
+        _wait_for_inputs(PDL)
         pos = tl.load(pos_ptr + b).to(tl.int32)
     else:
         pos = pos_value
     dtype = out_ptr.dtype.element_ty
     d = tl.arange(0, HALF)
-    cos1 = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    cos1 = tl.load(cos_ptr + pos * D + d).to(tl.float32)  # RoPE tables never change: loaded before the wait
     cos2 = tl.load(cos_ptr + pos * D + HALF + d).to(tl.float32)
     sin1 = tl.load(sin_ptr + pos * D + d).to(tl.float32)
     sin2 = tl.load(sin_ptr + pos * D + HALF + d).to(tl.float32)
+    if not POS_FROM_PTR:
+        _wait_for_inputs(PDL)
     row = qkv_ptr + b.to(tl.int64) * stride_qkv
     cache_row = b.to(tl.int64) * stride_cb + kvh * stride_ch
     # This step's key (rotated) and value into the cache at `pos`.
@@ -332,14 +402,15 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
         qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
         head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=64,
-        POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), num_warps=4,
+        POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=use_pdl(qkv), num_warps=4, launch_pdl=use_pdl(qkv),
     )
     return out
 
 
 @triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V, stride_lb, stride_gb,
-                   BLOCK_V: tl.constexpr):
+                   BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK_V)
     ok = offs < V
@@ -380,13 +451,14 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> 
     out = torch.empty(b, dtype=torch.long, device=logits.device)
     assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1 and temperature.stride(0) == 1 and kth.stride(0) == 1
     _sample_kernel[(b,)](logits, temperature, kth, gumbel, out, v, logits.stride(0), gumbel.stride(0),
-                         BLOCK_V=_pow2(v), num_warps=SAMPLE_WARPS)
+                         BLOCK_V=_pow2(v), PDL=use_pdl(logits), num_warps=SAMPLE_WARPS, launch_pdl=use_pdl(logits))
     return out
 
 
 @triton.jit
 def _embed_sum_kernel(table_ptr, codes_ptr, out_ptr, C, D, vocab, stride_t, stride_cb, stride_ob,
-                      BLOCK_D: tl.constexpr):
+                      BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = d < D
@@ -406,5 +478,6 @@ def embed_sum(table: Tensor, codes: Tensor, vocab: int) -> Tensor:
     out = torch.empty(b, d, dtype=table.dtype, device=table.device)  # [B, dim]
     block_d = 1024
     _embed_sum_kernel[(b, triton.cdiv(d, block_d))](table, codes, out, c, d, vocab, table.stride(0), codes.stride(0),
-                                                    out.stride(0), BLOCK_D=block_d, num_warps=4)
+                                                    out.stride(0), BLOCK_D=block_d, PDL=use_pdl(table), num_warps=4,
+                                                    launch_pdl=use_pdl(table))
     return out
