@@ -98,8 +98,10 @@ def _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM: tl.constexpr,
 @triton.jit
 def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
     if BLOCK_M == 1:  # GEMV: products summed per lane, one reduction after the loop
-        return acc + xk.to(tl.float32) * w.to(tl.float32)
-    return _dot(xk, tl.trans(w), acc, DOT_F32)
+        acc = acc + xk.to(tl.float32) * w.to(tl.float32)
+    else:
+        acc = _dot(xk, tl.trans(w), acc, DOT_F32)
+    return acc
 
 
 @triton.jit
@@ -109,7 +111,7 @@ def _linear_kernel(
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_ROWS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr, PDL: tl.constexpr,
+    DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -120,15 +122,18 @@ def _linear_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     dtype = out_ptr.dtype.element_ty
-    # The first weight block is loaded before waiting for the previous kernel: weights never change.
     offs_k = k_lo + tl.arange(0, BLOCK_K)
     k_ok = offs_k < k_hi
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
-    w_ok = n_ok[:, None] & k_ok[None, :]
-    w = tl.load(w_ptrs, mask=w_ok, other=0.0)
-    w_up = w
-    if GATED:  # up-projection rows sit N rows below the gate rows
-        w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
+    if BLOCK_M == 1:  # GEMV: the first weight block is loaded before waiting for the previous kernel
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptrs, mask=w_ok, other=0.0)
+        w_up = w
+        if GATED:  # up-projection rows sit N rows below the gate rows
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
+        k_rest = k_lo + BLOCK_K
+    else:  # tl.dot: the loop as written, for Triton's software pipelining of its loads
+        k_rest = k_lo
     _launch_dependents(PDL)
     _wait(PDL)
     if HAS_ROWS:  # x rows gathered from a table (an embedding lookup folded into the matmul)
@@ -137,25 +142,34 @@ def _linear_kernel(
         x_rows = offs_m
     x_base = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
-        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_kn = k0 + tl.arange(0, BLOCK_K)
-            xn = tl.load(x_base + offs_kn[None, :], mask=m_ok[:, None] & (offs_kn < K)[None, :], other=0.0)
-            xn = xn.to(tl.float32)
-            squares += tl.sum(xn * xn, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / K + eps)
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)  # [BLOCK_M, BLOCK_K]
-    acc = _accumulate(acc, xk, w, BLOCK_M, DOT_F32)
-    if GATED:
-        acc_up = _accumulate(acc_up, xk, w_up, BLOCK_M, DOT_F32)
-    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+    if ONE_BLOCK:  # the whole row in one block: its RMS from the same load (the same sum as the loop below)
+        xk = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        if HAS_NORM:
+            x32 = xk.to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=1) / K + eps)
+            weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            xk = (x32 * rstd[:, None] * weight[None, :]).to(dtype)
+    else:
+        if HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_kn = k0 + tl.arange(0, BLOCK_K)
+                xn = tl.load(x_base + offs_kn[None, :], mask=m_ok[:, None] & (offs_kn < K)[None, :], other=0.0)
+                xn = xn.to(tl.float32)
+                squares += tl.sum(xn * xn, axis=1)
+            rstd = 1.0 / tl.sqrt(squares / K + eps)
+        xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
+    if BLOCK_M == 1:
+        acc = _accumulate(acc, xk, w, BLOCK_M, DOT_F32)
+        if GATED:
+            acc_up = _accumulate(acc_up, xk, w_up, BLOCK_M, DOT_F32)
+    for k0 in range(k_rest, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
         xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
@@ -284,7 +298,7 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
         out.stride(0),
         HAS_ROWS=rows is not None, HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
-        PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        PDL=pdl, ONE_BLOCK=block_m == 1 and block_k >= k, num_warps=warps, launch_pdl=pdl,
     )
     if grid[2] > 1:
         block = 256
@@ -317,6 +331,17 @@ def _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype: tl.constexpr, BL
     raw = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), raw, DOT_F32), DOT_F32)
     scores = (raw.to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)  # q @ k.T, then * scale, in bf16
     return tl.where(s_ok[None, :], scores, float("-inf"))
+
+
+@triton.jit
+def _attend(probs, v_row, pos, s0, stride_cs, d, acc1, acc2, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr,
+            HALF: tl.constexpr):
+    """`acc + probs @ v` for cache positions s0.. (both halves of the head)."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    v_ptrs = v_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF]
+    v1 = tl.load(v_ptrs, mask=(s <= pos)[:, None], other=0.0)
+    v2 = tl.load(v_ptrs + HALF, mask=(s <= pos)[:, None], other=0.0)
+    return _dot(probs, v1, acc1, DOT_F32), _dot(probs, v2, acc2, DOT_F32)
 
 
 @triton.jit
@@ -363,25 +388,26 @@ def _decode_attention_kernel(
     q1, q2 = _rope(q1, q2, cos1[None, :], cos2[None, :], sin1[None, :], sin2[None, :], dtype)
     k_row = k_ptr + cache_row
     v_row = v_ptr + cache_row
-    # Two passes, as torch's softmax: max and sum first, then probabilities rounded to bf16 before `@ v`.
-    m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([G_PAD], dtype=tl.float32)
-    for s0 in range(0, pos + 1, BLOCK_S):
-        scores = _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(scores - m_new[:, None]), axis=1)
-        m = m_new
     acc1 = tl.zeros([G_PAD, HALF], dtype=tl.float32)
     acc2 = tl.zeros([G_PAD, HALF], dtype=tl.float32)
-    for s0 in range(0, pos + 1, BLOCK_S):
-        scores = _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
-        probs = (tl.exp(scores - m[:, None]) / total[:, None]).to(dtype)  # [G_PAD, BLOCK_S]
-        s = s0 + tl.arange(0, BLOCK_S)
-        v_ptrs = v_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF]
-        v1 = tl.load(v_ptrs, mask=(s <= pos)[:, None], other=0.0)
-        v2 = tl.load(v_ptrs + HALF, mask=(s <= pos)[:, None], other=0.0)
-        acc1 = _dot(probs, v1, acc1, DOT_F32)
-        acc2 = _dot(probs, v2, acc2, DOT_F32)
+    if pos < BLOCK_S:  # one block of positions (the depth decoder, short prompts): scores computed once
+        scores = _scores(q1, q2, k_row, pos, 0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
+        exps = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        probs = (exps / tl.sum(exps, axis=1)[:, None]).to(dtype)  # the two-pass loop's result for one block
+        acc1, acc2 = _attend(probs, v_row, pos, 0, stride_cs, d, acc1, acc2, BLOCK_S, DOT_F32, HALF)
+    else:
+        # Two passes, as torch's softmax: max and sum first, then probabilities rounded to bf16 before `@ v`.
+        m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([G_PAD], dtype=tl.float32)
+        for s0 in range(0, pos + 1, BLOCK_S):
+            scores = _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(scores - m_new[:, None]), axis=1)
+            m = m_new
+        for s0 in range(0, pos + 1, BLOCK_S):
+            scores = _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
+            probs = (tl.exp(scores - m[:, None]) / total[:, None]).to(dtype)  # [G_PAD, BLOCK_S]
+            acc1, acc2 = _attend(probs, v_row, pos, s0, stride_cs, d, acc1, acc2, BLOCK_S, DOT_F32, HALF)
     out_ptrs = out_ptr + b.to(tl.int64) * stride_out + (kvh * G + g)[:, None] * D + d[None, :]
     tl.store(out_ptrs, acc1.to(dtype), mask=g_ok[:, None])
     tl.store(out_ptrs + HALF, acc2.to(dtype), mask=g_ok[:, None])
@@ -409,7 +435,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
 
 @triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V, stride_lb, stride_gb,
-                   BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_V: tl.constexpr, RADIX_BITS: tl.constexpr, PDL: tl.constexpr):
     _wait_for_inputs(PDL)
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK_V)
@@ -419,20 +445,23 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V,
     temperature = tl.zeros([BLOCK_V], dtype=tl.float32) + tl.load(temperature_ptr + b)
     scaled = tl.div_rn(logits, temperature)
     k = (tl.load(kth_ptr + b) + 1).to(tl.int32)
-    # Top k by radix select on order-preserving unsigned keys, most significant bit first: `threshold` grows while
-    # at least k keys stay >= it, and the search stops as soon as exactly k do (usually long before bit 0).
+    # Top k by radix select on order-preserving unsigned keys, RADIX_BITS at a time from the most significant:
+    # `threshold` is the largest value with at least k keys >= it, and the search stops as soon as exactly k are
+    # (usually long before the last bit). Each pass counts the keys above all 2^RADIX_BITS next digits at once.
     bits = scaled.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ 0x80000000  # ordered as the floats
     key = tl.where(ok, key, 0)
+    digits = tl.arange(0, 1 << RADIX_BITS).to(tl.uint32)  # [R]
     threshold = tl.zeros([], dtype=tl.uint32)
     count = tl.zeros([], dtype=tl.int32) + V
-    bit = tl.full([], 31, dtype=tl.int32)
-    while (bit >= 0) & (count != k):
-        candidate = threshold | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
-        above = tl.sum((key >= candidate).to(tl.int32), axis=0)
-        threshold = tl.where(above >= k, candidate, threshold)
-        count = tl.where(above >= k, above, count)
-        bit -= 1
+    shift = tl.full([], 32 - RADIX_BITS, dtype=tl.int32)
+    while (shift >= 0) & (count != k):
+        candidates = threshold | (digits << shift.to(tl.uint32))  # [R]; digit 0: the current threshold
+        above = tl.sum((key[None, :] >= candidates[:, None]).to(tl.int32), axis=1)  # [R], non-increasing
+        digit = tl.sum((above >= k).to(tl.int32), axis=0) - 1  # the largest digit that keeps k keys
+        threshold = threshold | (digit.to(tl.uint32) << shift.to(tl.uint32))
+        count = tl.sum(tl.where(digits == digit.to(tl.uint32), above, 0), axis=0)
+        shift -= RADIX_BITS
     # The k-th value as a float, compared as floats: ties with it (and -0.0 against 0.0) kept, as torch keeps them.
     kth = tl.min(tl.where(ok & (key >= threshold), scaled, float("inf")), axis=0)
     gumbel = tl.load(gumbel_ptr + b * stride_gb + offs, mask=ok, other=0.0)
@@ -441,6 +470,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V,
 
 
 SAMPLE_WARPS = 8  # measured on an H100: 6.7 us per draw at batch 1 (4 warps: 8.2, 16: 6.6)
+SAMPLE_RADIX_BITS = 4
 
 
 def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> Tensor:
@@ -450,8 +480,10 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> 
     b, v = logits.shape
     out = torch.empty(b, dtype=torch.long, device=logits.device)
     assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1 and temperature.stride(0) == 1 and kth.stride(0) == 1
+    pdl = use_pdl(logits)
     _sample_kernel[(b,)](logits, temperature, kth, gumbel, out, v, logits.stride(0), gumbel.stride(0),
-                         BLOCK_V=_pow2(v), PDL=use_pdl(logits), num_warps=SAMPLE_WARPS, launch_pdl=use_pdl(logits))
+                         BLOCK_V=_pow2(v), RADIX_BITS=SAMPLE_RADIX_BITS, PDL=pdl, num_warps=SAMPLE_WARPS,
+                         launch_pdl=pdl)
     return out
 
 

@@ -21,7 +21,7 @@ SHAPES = {  # name: (N, K, gated)
 
 def candidates(m: int, gated: bool):
     if m == 1 and gated:
-        return [(1, n, k, w, 1) for n, k, w in itertools.product((8, 16), (256, 512, 1024), (4, 8))]
+        return [(1, n, k, w, 1) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
     if m == 1:  # split K measured no faster at one row (2026-11-23); long K blocks keep more loads in flight
         return [(1, n, k, w, 1) for n, k, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16))]
     block_ms = (16,) if m <= 16 else (16, 64)
@@ -82,24 +82,23 @@ def main(ms=(1, 16, 64)):
                   f"current {current!s:22s} {now:7.1f} us | cuBLAS+norm {cublas:7.1f} us | "
                   f"top3 {[(round(u, 1), c) for u, c in results[:3]]}", flush=True)
     print("BEST =", best_table)
-    if ms != (1,):
-        sample_timings()
+    sample_timings()
 
 
 def sample_timings(vocab=2051):
-    """The sampling kernel (top-k 50, temperature 0.9) by warps per row, batch 1 and 64."""
-    default = kernels.SAMPLE_WARPS
+    """The sampling kernel (top-k 50, temperature 0.9) by warps per row and radix digit bits, batch 1 and 64."""
+    default = kernels.SAMPLE_WARPS, kernels.SAMPLE_RADIX_BITS
     for batch in (1, 64):
         logits = torch.randn(batch, vocab, device="cuda", dtype=torch.bfloat16)
         temperature = torch.full((batch, 1), 0.9, device="cuda")
         kth = torch.full((batch, 1), 49, device="cuda", dtype=torch.long)
         gumbel = torch.randn(batch, vocab, device="cuda")
-        for warps in (1, 2, 4, 8, 16):
-            kernels.SAMPLE_WARPS = warps
+        for warps, bits in itertools.product((4, 8, 16), (1, 2, 4, 8)):
+            kernels.SAMPLE_WARPS, kernels.SAMPLE_RADIX_BITS = warps, bits
             args = (logits, temperature, kth, gumbel)
             us = graph_time([lambda args=args: kernels.sample(*args)] * 32)
-            print(f"sample B={batch} warps {warps}: {us:.1f} us", flush=True)
-    kernels.SAMPLE_WARPS = default
+            print(f"sample B={batch} warps {warps} radix bits {bits}: {us:.1f} us", flush=True)
+    kernels.SAMPLE_WARPS, kernels.SAMPLE_RADIX_BITS = default
 
 
 if __name__ == "__main__":

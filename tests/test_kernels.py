@@ -93,16 +93,18 @@ def filled_caches(t, batch, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("per_row", [True, False])
-def test_transformer_step_matches_forward(dtype, per_row):
+@pytest.mark.parametrize("position", ["per row", 45, 70])
+def test_transformer_step_matches_forward(dtype, position):
     """One token per row through the fused step (norm+QKV, RoPE + cache write + attention, ...) against the torch
     forward: same outputs and the same cache entries, with each row at its own position (the backbone) or all at
-    one int position (the depth decoder). Positions past a block of 32 exercise the attention loop."""
+    one int position (the depth decoder). Positions below 64 take attention's one-block path, later ones the
+    two-pass loop over blocks of 64."""
+    per_row = position == "per row"
     torch.set_grad_enabled(False)
     t = small_transformer(dtype)
     batch = 3
     x = torch.randn(batch, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
-    positions = torch.tensor([0, 37, 79], device=DEVICE) if per_row else 45
+    positions = torch.tensor([0, 37, 79], device=DEVICE) if per_row else position
     ref_caches, fused_caches = filled_caches(t, batch, dtype), filled_caches(t, batch, dtype)
     want = t(x[:, None], positions[:, None] if per_row else positions, ref_caches)[:, 0]
     got = t.norm(t.step(x, positions, fused_caches))
@@ -113,10 +115,13 @@ def test_transformer_step_matches_forward(dtype, per_row):
 
 
 @pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
-def test_sample_kernel_equals_sort_based_sampling(logits_dtype):
+@pytest.mark.parametrize("radix_bits", [1, 4, 8])
+def test_sample_kernel_equals_sort_based_sampling(logits_dtype, radix_bits, monkeypatch):
     """The radix-select top-k draw picks exactly the token the sort-based reference picks, for every mix of
     greedy / temperature / top-k settings, including k = 1, k = V / 2 and k = V, heavily tied logits (ties at the
-    k-th value are kept by both), all-negative logits and a k-th value of +-0.0."""
+    k-th value are kept by both), all-negative logits and a k-th value of +-0.0; whatever digit size the
+    radix passes use."""
+    monkeypatch.setattr(kernels, "SAMPLE_RADIX_BITS", radix_bits)
     vocab, codebooks = 2051, 5
     temperature = torch.tensor([0.0, 0.9, 1.3, 0.7, 0.0, 2.0, 0.5, 1.0], device=DEVICE)
     topk = torch.tensor([50, 50, 1, vocab, 7, 3, vocab // 2, 2], device=DEVICE)
