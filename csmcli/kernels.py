@@ -41,10 +41,12 @@ NO_PDL_ENV = "CSMCLI_NO_PDL"
 pdl_allowed = os.environ.get(NO_PDL_ENV) != "1"  # tests switch it to compare both launch modes
 
 
-def use_pdl(t: Tensor) -> bool:
-    """Programmatic dependent launch for kernels on `t`'s device: Hopper or newer (`griddepcontrol`), Triton with
-    `gdc_wait`, not the interpreter, not switched off (`CSMCLI_NO_PDL=1`)."""
-    return pdl_allowed and not INTERPRET and t.is_cuda and _pdl_capable(t.device.index or 0)
+def use_pdl(t: Tensor, one_row: bool) -> bool:
+    """Programmatic dependent launch for a kernel on `t`'s device: Hopper or newer (`griddepcontrol`), Triton with
+    `gdc_wait`, not the interpreter, not switched off (`CSMCLI_NO_PDL=1`), and for one-row work only (`one_row`:
+    the GEMV path, or one row of attention / sampling): batched frames measured 1.5-2 ms slower with it on an H100
+    (B=4 9.0 vs 7.5 ms, B=64 13.1 vs 11.1), one-row frames 0.8 ms faster."""
+    return one_row and pdl_allowed and not INTERPRET and t.is_cuda and _pdl_capable(t.device.index or 0)
 
 
 @functools.cache
@@ -234,10 +236,13 @@ LinearConfig = tuple[int, int, int, int, int]
 
 _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # (rows bucket, N, K, gated) of CSM-1B's matmuls: the fastest measured on an H100 (scripts/tune_kernels.py,
-    # 2026-11-23). One row: the rule in linear_config except these (long K blocks keep more loads in flight).
-    (1, 1536, 1024, False): (1, 2, 1024, 8, 1), (1, 1024, 8192, False): (1, 4, 4096, 8, 1),
-    (1, 1024, 2048, False): (1, 4, 2048, 16, 1), (1, 2048, 2048, False): (1, 4, 2048, 4, 1),
-    (1, 2051, 2048, False): (1, 4, 2048, 4, 1), (1, 2048, 8192, False): (1, 4, 2048, 4, 1),
+    # 2026-11-23, one row with programmatic dependent launch). Long K blocks keep more loads in flight.
+    (1, 1536, 1024, False): (1, 8, 1024, 4, 1), (1, 1024, 1024, False): (1, 4, 1024, 8, 1),
+    (1, 8192, 1024, True): (1, 4, 1024, 4, 1), (1, 1024, 8192, False): (1, 4, 4096, 4, 1),
+    (1, 1024, 2048, False): (1, 4, 2048, 4, 1), (1, 2051, 1024, False): (1, 8, 1024, 8, 1),
+    (1, 3072, 2048, False): (1, 8, 1024, 8, 1), (1, 2048, 2048, False): (1, 8, 2048, 4, 1),
+    (1, 8192, 2048, True): (1, 8, 1024, 4, 1), (1, 2048, 8192, False): (1, 4, 4096, 8, 1),
+    (1, 2051, 2048, False): (1, 8, 2048, 4, 1),
     # Batched rows: small N with long K is split, 16 rows x 64 columns per program leave most SMs idle otherwise.
     (16, 1536, 1024, False): (16, 16, 256, 4, 1), (16, 1024, 1024, False): (16, 16, 256, 4, 1),
     (16, 8192, 1024, True): (16, 64, 128, 8, 1), (16, 1024, 8192, False): (16, 64, 128, 8, 8),
@@ -289,7 +294,7 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
-    pdl = use_pdl(x)
+    pdl = use_pdl(x, block_m == 1)
     _linear_kernel[grid](
         x, rows if rows is not None else x, norm if norm is not None else x, weight,
         residual if residual is not None else x, out, partial,
@@ -421,6 +426,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     b, _, _, head_dim = k_cache.shape
     out = torch.empty(b, n_heads * head_dim, dtype=qkv.dtype, device=qkv.device)  # [B, H * D]
     group = n_heads // n_kv_heads
+    pdl = use_pdl(qkv, b == 1)
     from_ptr = isinstance(positions, Tensor)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
     assert qkv.shape[0] == b and (not from_ptr or positions.stride(0) == 1)  # positions: clamped by the caller
@@ -428,7 +434,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
         qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
         head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=64,
-        POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=use_pdl(qkv), num_warps=4, launch_pdl=use_pdl(qkv),
+        POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return out
 
@@ -469,8 +475,9 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V,
     tl.store(out_ptr + b, tl.argmax(value, axis=0).to(tl.int64))
 
 
-SAMPLE_WARPS = 8  # measured on an H100: 6.7 us per draw at batch 1 (4 warps: 8.2, 16: 6.6)
-SAMPLE_RADIX_BITS = 4
+# Measured on an H100 in a PDL chain: 8.0 us per draw at batch 1 (2-bit digits; 1 bit: 8.9, 4 bits: 11.9; 8 warps: 9.0).
+SAMPLE_WARPS = 16
+SAMPLE_RADIX_BITS = 2
 
 
 def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> Tensor:
@@ -480,7 +487,7 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> 
     b, v = logits.shape
     out = torch.empty(b, dtype=torch.long, device=logits.device)
     assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1 and temperature.stride(0) == 1 and kth.stride(0) == 1
-    pdl = use_pdl(logits)
+    pdl = use_pdl(logits, b == 1)
     _sample_kernel[(b,)](logits, temperature, kth, gumbel, out, v, logits.stride(0), gumbel.stride(0),
                          BLOCK_V=_pow2(v), RADIX_BITS=SAMPLE_RADIX_BITS, PDL=pdl, num_warps=SAMPLE_WARPS,
                          launch_pdl=pdl)
@@ -509,7 +516,8 @@ def embed_sum(table: Tensor, codes: Tensor, vocab: int) -> Tensor:
     assert codes.stride(1) == 1 and table.stride(1) == 1
     out = torch.empty(b, d, dtype=table.dtype, device=table.device)  # [B, dim]
     block_d = 1024
+    pdl = use_pdl(table, b == 1)
     _embed_sum_kernel[(b, triton.cdiv(d, block_d))](table, codes, out, c, d, vocab, table.stride(0), codes.stride(0),
-                                                    out.stride(0), BLOCK_D=block_d, PDL=use_pdl(table), num_warps=4,
-                                                    launch_pdl=use_pdl(table))
+                                                    out.stride(0), BLOCK_D=block_d, PDL=pdl, num_warps=4,
+                                                    launch_pdl=pdl)
     return out

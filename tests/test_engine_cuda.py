@@ -76,14 +76,15 @@ def test_a_request_alone_and_in_a_full_batch_makes_the_same_codes(model):
 
 def test_programmatic_dependent_launch_changes_no_code(model, monkeypatch):
     """On Hopper the fused kernels start before the previous kernel ends and wait for its results inside
-    (`gdc_wait`); a missing wait would read stale activations or caches. Graphed, sampled, 8 mixed slots: the codes
-    with PDL equal those with every kernel launched after the previous one finished."""
+    (`gdc_wait`); a missing wait would read stale activations or caches. A one-slot engine (PDL is for one-row
+    work), graphed, three sampled requests one after another: the codes with PDL equal those with every kernel
+    launched after the previous one finished."""
     from csmcli import kernels
 
-    reqs = requests(8, frames=20, greedy=False)
+    reqs = requests(3, frames=20, greedy=False)
     monkeypatch.setattr(kernels, "pdl_allowed", True)
-    with_pdl = run(model, reqs, 8, True)
+    with_pdl = run(model, reqs, 1, True)
     monkeypatch.setattr(kernels, "pdl_allowed", False)
-    without = run(model, reqs, 8, True)
+    without = run(model, reqs, 1, True)
     for r in reqs:
         assert torch.equal(with_pdl[r.id], without[r.id]), r.id
