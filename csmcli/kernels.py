@@ -136,8 +136,15 @@ def _linear_kernel(
         k_rest = k_lo + BLOCK_K
     else:  # tl.dot: the loop as written, for Triton's software pipelining of its loads
         k_rest = k_lo
+    norm_weight = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if ONE_BLOCK and HAS_NORM:
+        norm_weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     _launch_dependents(PDL)
     _wait(PDL)
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    residual = tl.zeros([BLOCK_M, BLOCK_N], dtype=dtype)
+    if HAS_RESIDUAL and BLOCK_M == 1:  # loaded now, in flight with the activations, not after the products
+        residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
     if HAS_ROWS:  # x rows gathered from a table (an embedding lookup folded into the matmul)
         x_rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0) + row_offset
     else:
@@ -155,8 +162,7 @@ def _linear_kernel(
         if HAS_NORM:
             x32 = xk.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=1) / K + eps)
-            weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            xk = (x32 * rstd[:, None] * weight[None, :]).to(dtype)
+            xk = (x32 * rstd[:, None] * norm_weight[None, :]).to(dtype)
     else:
         if HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -185,7 +191,6 @@ def _linear_kernel(
         total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         total = acc
-    out_ok = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:  # split K: float32 partial sums [splits, M, N]; `_split_k_sum_kernel` adds them in a fixed order
         partial = partial_ptr + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(partial, total, mask=out_ok)
@@ -200,7 +205,8 @@ def _linear_kernel(
         out = (gate / (1.0 + tl.exp(-gate))).to(dtype)
         out = (out.to(tl.float32) * up.to(tl.float32)).to(dtype)
     if HAS_RESIDUAL:
-        residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
+        if BLOCK_M > 1:
+            residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
         out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
 
@@ -396,10 +402,15 @@ def _decode_attention_kernel(
     acc1 = tl.zeros([G_PAD, HALF], dtype=tl.float32)
     acc2 = tl.zeros([G_PAD, HALF], dtype=tl.float32)
     if pos < BLOCK_S:  # one block of positions (the depth decoder, short prompts): scores computed once
+        s = tl.arange(0, BLOCK_S)
+        v_ptrs = v_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF], loaded alongside the keys
+        v1 = tl.load(v_ptrs, mask=(s <= pos)[:, None], other=0.0)
+        v2 = tl.load(v_ptrs + HALF, mask=(s <= pos)[:, None], other=0.0)
         scores = _scores(q1, q2, k_row, pos, 0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
         exps = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         probs = (exps / tl.sum(exps, axis=1)[:, None]).to(dtype)  # the two-pass loop's result for one block
-        acc1, acc2 = _attend(probs, v_row, pos, 0, stride_cs, d, acc1, acc2, BLOCK_S, DOT_F32, HALF)
+        acc1 = _dot(probs, v1, acc1, DOT_F32)
+        acc2 = _dot(probs, v2, acc2, DOT_F32)
     else:
         # Two passes, as torch's softmax: max and sum first, then probabilities rounded to bf16 before `@ v`.
         m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
@@ -447,6 +458,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V,
     offs = tl.arange(0, BLOCK_V)
     ok = offs < V
     logits = tl.load(logits_ptr + b * stride_lb + offs, mask=ok, other=0.0).to(tl.float32)
+    gumbel = tl.load(gumbel_ptr + b * stride_gb + offs, mask=ok, other=0.0)  # in flight during the search
     # IEEE division as torch's on CUDA (`/` may be 2 ulp off); div_rn wants operands of one shape.
     temperature = tl.zeros([BLOCK_V], dtype=tl.float32) + tl.load(temperature_ptr + b)
     scaled = tl.div_rn(logits, temperature)
@@ -470,7 +482,6 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V,
         shift -= RADIX_BITS
     # The k-th value as a float, compared as floats: ties with it (and -0.0 against 0.0) kept, as torch keeps them.
     kth = tl.min(tl.where(ok & (key >= threshold), scaled, float("inf")), axis=0)
-    gumbel = tl.load(gumbel_ptr + b * stride_gb + offs, mask=ok, other=0.0)
     value = tl.where(ok & (scaled >= kth), scaled + gumbel, float("-inf"))
     tl.store(out_ptr + b, tl.argmax(value, axis=0).to(tl.int64))
 
