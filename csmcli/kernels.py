@@ -330,16 +330,6 @@ def _rope(x1, x2, cos1, cos2, sin1, sin2, dtype: tl.constexpr):
 
 
 @triton.jit
-def _score_block(q1, q2, k1, k2, s_ok, scale, dtype: tl.constexpr, DOT_F32: tl.constexpr):
-    """Scaled scores `[rows, BLOCK_S]` of queries (two halves `[rows, HALF]`) against keys `[BLOCK_S, HALF]` x 2,
-    rounded as torch rounds `q @ k.T * scale` in bf16; -inf where not `s_ok`."""
-    raw = tl.zeros([q1.shape[0], k1.shape[0]], dtype=tl.float32)
-    raw = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), raw, DOT_F32), DOT_F32)
-    scores = (raw.to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)
-    return tl.where(s_ok[None, :], scores, float("-inf"))
-
-
-@triton.jit
 def _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype: tl.constexpr, BLOCK_S: tl.constexpr,
             DOT_F32: tl.constexpr, HALF: tl.constexpr):
     """Scaled scores `[G_PAD, BLOCK_S]` of the group's queries against cache positions s0.., -inf past `pos`."""
@@ -348,7 +338,10 @@ def _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype: tl.constexpr, BL
     k_ptrs = k_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF]
     k1 = tl.load(k_ptrs, mask=s_ok[:, None], other=0.0)
     k2 = tl.load(k_ptrs + HALF, mask=s_ok[:, None], other=0.0)
-    return _score_block(q1, q2, k1, k2, s_ok, scale, dtype, DOT_F32)
+    raw = tl.zeros([q1.shape[0], BLOCK_S], dtype=tl.float32)
+    raw = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), raw, DOT_F32), DOT_F32)
+    scores = (raw.to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)  # q @ k.T, then * scale, in bf16
+    return tl.where(s_ok[None, :], scores, float("-inf"))
 
 
 @triton.jit
@@ -436,9 +429,6 @@ def _decode_attention_kernel(
     tl.store(out_ptrs + HALF, acc2.to(dtype), mask=g_ok[:, None])
 
 
-ATTENTION_BLOCK_S = 64  # cache positions per attention block
-
-
 def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                      positions: Tensor | int, n_heads: int, n_kv_heads: int) -> Tensor:
     """One token per row: `qkv [B, (H + 2 Hkv) * D]` (q heads, k heads, v heads) at `positions` (`[B]`, or one
@@ -454,115 +444,8 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     _decode_attention_kernel[(b, n_kv_heads)](
         qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
         head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=ATTENTION_BLOCK_S,
+        H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=64,
         POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=pdl, num_warps=4, launch_pdl=pdl,
-    )
-    return out
-
-
-@triton.jit
-def _attention_output_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, w_ptr, res_ptr, out_ptr, pos, scale, N,
-    stride_qkv, stride_cb, stride_ch, stride_cs, stride_wn, stride_rm, stride_om,
-    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, H_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1)
-    G: tl.constexpr = H // HKV
-    D: tl.constexpr = 2 * HALF
-    dtype = out_ptr.dtype.element_ty
-    d = tl.arange(0, HALF)
-    h = tl.arange(0, H_PAD)
-    h_ok = h < H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    # Before the wait: this program's output-projection columns `[BLOCK_N, H_PAD, HALF]` per half, RoPE rows.
-    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + (h * D)[None, :, None] + d[None, None, :]
-    w_ok = n_ok[:, None, None] & h_ok[None, :, None]
-    w1 = tl.load(w_ptrs, mask=w_ok, other=0.0)
-    w2 = tl.load(w_ptrs + HALF, mask=w_ok, other=0.0)
-    cos1 = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-    cos2 = tl.load(cos_ptr + pos * D + HALF + d).to(tl.float32)
-    sin1 = tl.load(sin_ptr + pos * D + d).to(tl.float32)
-    sin2 = tl.load(sin_ptr + pos * D + HALF + d).to(tl.float32)
-    _wait_for_inputs(PDL)
-    row = qkv_ptr + b.to(tl.int64) * stride_qkv
-    residual = tl.load(res_ptr + b.to(tl.int64) * stride_rm + offs_n, mask=n_ok, other=0.0)
-    q_ptrs = row + h[:, None] * D + d[None, :]  # every query head [H_PAD, HALF]
-    q1 = tl.load(q_ptrs, mask=h_ok[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(q_ptrs + HALF, mask=h_ok[:, None], other=0.0).to(tl.float32)
-    q1, q2 = _rope(q1, q2, cos1[None, :], cos2[None, :], sin1[None, :], sin2[None, :], dtype)
-    s = tl.arange(0, BLOCK_S)
-    earlier = s < pos  # cache rows written by earlier steps; this step's key and value come from qkv
-    attn1 = tl.zeros([H_PAD, HALF], dtype=dtype)
-    attn2 = tl.zeros([H_PAD, HALF], dtype=dtype)
-    for kvh in tl.static_range(HKV):
-        cache_row = b.to(tl.int64) * stride_cb + kvh * stride_ch
-        k_ptrs = k_ptr + cache_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF]
-        v_ptrs = v_ptr + cache_row + s[:, None] * stride_cs + d[None, :]
-        k1 = tl.load(k_ptrs, mask=earlier[:, None], other=0.0)
-        k2 = tl.load(k_ptrs + HALF, mask=earlier[:, None], other=0.0)
-        v1 = tl.load(v_ptrs, mask=earlier[:, None], other=0.0)
-        v2 = tl.load(v_ptrs + HALF, mask=earlier[:, None], other=0.0)
-        k_new1 = tl.load(row + (H + kvh) * D + d).to(tl.float32)
-        k_new2 = tl.load(row + (H + kvh) * D + HALF + d).to(tl.float32)
-        k_new1, k_new2 = _rope(k_new1, k_new2, cos1, cos2, sin1, sin2, dtype)
-        v_new1 = tl.load(row + (H + HKV + kvh) * D + d)
-        v_new2 = tl.load(row + (H + HKV + kvh) * D + HALF + d)
-        if pid_n == 0:  # one program writes the cache; the others never read position `pos` from it
-            tl.store(k_ptr + cache_row + pos * stride_cs + d, k_new1)
-            tl.store(k_ptr + cache_row + pos * stride_cs + HALF + d, k_new2)
-            tl.store(v_ptr + cache_row + pos * stride_cs + d, v_new1)
-            tl.store(v_ptr + cache_row + pos * stride_cs + HALF + d, v_new2)
-        current = (s == pos)[:, None]
-        k1 = tl.where(current, k_new1[None, :], k1)
-        k2 = tl.where(current, k_new2[None, :], k2)
-        v1 = tl.where(current, v_new1[None, :], v1)
-        v2 = tl.where(current, v_new2[None, :], v2)
-        # Every query head against this KV head (cheap at these sizes); its own G heads are kept below.
-        scores = _score_block(q1, q2, k1, k2, s <= pos, scale, dtype, DOT_F32)  # [H_PAD, BLOCK_S]
-        exps = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-        probs = (exps / tl.sum(exps, axis=1)[:, None]).to(dtype)  # as decode_attention's one-block path
-        mine = (((h // G) == kvh) & h_ok)[:, None]
-        attn1 = tl.where(mine, _dot(probs, v1, tl.zeros([H_PAD, HALF], dtype=tl.float32), DOT_F32).to(dtype), attn1)
-        attn2 = tl.where(mine, _dot(probs, v2, tl.zeros([H_PAD, HALF], dtype=tl.float32), DOT_F32).to(dtype), attn2)
-    # The output projection of the attention row `[H * D]` for this program's columns, plus the residual.
-    prod = w1.to(tl.float32) * attn1.to(tl.float32)[None, :, :] + w2.to(tl.float32) * attn2.to(tl.float32)[None, :, :]
-    total = tl.sum(tl.sum(prod, axis=2), axis=1)  # [BLOCK_N]
-    out = (total.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
-    tl.store(out_ptr + b.to(tl.int64) * stride_om + offs_n, out, mask=n_ok)
-
-
-ATTENTION_OUTPUT_BLOCK = (8, 8)  # (BLOCK_N, num_warps)
-
-
-def fuses_attention_output(rows: int, position: Tensor | int) -> bool:
-    """Whether `attention_output` serves a step: one row per program's worth of work (an engine of one slot:
-    the projection is re-read per row) at one int position within one block of keys (the depth decoder)."""
-    return rows == 1 and isinstance(position, int) and position < ATTENTION_BLOCK_S
-
-
-def attention_output(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                     position: int, n_heads: int, n_kv_heads: int, weight: Tensor, residual: Tensor,
-                     config: tuple[int, int] | None = None) -> Tensor:
-    """`residual + decode_attention(...) @ weight.T` in one kernel (see `fuses_attention_output` for when): every
-    program recomputes the step's attention (at most 64 positions, from L2) for its output columns, and the first
-    also writes this step's key and value into the caches. `weight [N, H * D]`; returns `[B, N]`."""
-    b, _, _, head_dim = k_cache.shape
-    n = weight.shape[0]
-    assert position < ATTENTION_BLOCK_S and weight.shape[1] == n_heads * head_dim
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
-    assert weight.stride(-1) == 1 and residual.stride(-1) == 1 and qkv.shape[0] == b
-    out = torch.empty(b, n, dtype=qkv.dtype, device=qkv.device)  # [B, N]
-    block_n, warps = config or ATTENTION_OUTPUT_BLOCK
-    pdl = use_pdl(qkv, b == 1)
-    _attention_output_kernel[(triton.cdiv(n, block_n), b)](
-        qkv, rope_cos, rope_sin, k_cache, v_cache, weight, residual, out, position, head_dim**-0.5, n,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), weight.stride(0),
-        residual.stride(0), out.stride(0),
-        H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, H_PAD=max(16, _pow2(n_heads)), BLOCK_S=ATTENTION_BLOCK_S,
-        BLOCK_N=block_n, DOT_F32=_dot_f32(qkv), PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     return out
 

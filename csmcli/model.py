@@ -197,20 +197,14 @@ class Block(nn.Module):
     def step(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, position: Tensor | int, cache: KVCache,
              batch: int | None = None) -> Tensor:
         """`forward` for one token per row, `x [B, dim]` at `position` (`[B]` or one int), in five fused kernels
-        (csmcli.kernels; imported here so CPU-only installs never need Triton), four where attention and the
-        output projection are one (`kernels.fuses_attention_output`). `batch`: see `kernels.linear`."""
+        (csmcli.kernels; imported here so CPU-only installs never need Triton). `batch`: see `kernels.linear`."""
         from csmcli import kernels
 
         a, f = self.attention, self.feed_forward
         qkv = kernels.linear(x, a.wqkv.weight, norm=self.attention_norm.weight, eps=self.attention_norm.eps,
                              batch=batch)
-        if kernels.fuses_attention_output(batch or len(x), position):
-            x = kernels.attention_output(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads,
-                                         a.n_kv_heads, a.wo.weight, residual=x)
-        else:
-            out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads,
-                                           a.n_kv_heads)
-            x = kernels.linear(out, a.wo.weight, residual=x, batch=batch)
+        out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads)
+        x = kernels.linear(out, a.wo.weight, residual=x, batch=batch)
         hidden = kernels.linear(x, f.w13.weight, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps, gated=True,
                                 batch=batch)
         return kernels.linear(hidden, f.w2.weight, residual=x, batch=batch)

@@ -1,8 +1,7 @@
 """Block sizes for csmcli.kernels.linear on this GPU (CUDA): every CSM matmul shape at batch rows 1 / 16 / 64,
 each candidate config timed inside a CUDA graph over enough weight copies to defeat L2 (as in a real frame,
 where ~9 GB of weights stream through per frame). Prints the best config per shape next to the current choice
-and cuBLAS (torch.nn.functional.linear), in microseconds and weight GB/s; then the sampler's variants.
-`tune_kernels.py gemv`: one row only; `tune_kernels.py attn`: the fused attention + output projection's block sizes."""
+and cuBLAS (torch.nn.functional.linear), in microseconds and weight GB/s."""
 
 import itertools
 import sys
@@ -50,31 +49,7 @@ def graph_time(calls) -> float:
     return start.elapsed_time(end) * 1000 / (5 * len(calls))
 
 
-def attention_output_timings(position=16, heads=8, kv_heads=2, head_dim=128, dim=1024):
-    """The depth decoder's attention + output projection at one row: fused (`kernels.attention_output`, by block
-    size) against `decode_attention` then `linear`, over output-projection copies larger than L2."""
-    qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=torch.bfloat16)
-    k_cache = torch.randn(1, kv_heads, 33, head_dim, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    cos = torch.randn(33, head_dim, device="cuda", dtype=torch.bfloat16)
-    sin = torch.randn(33, head_dim, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
-    weights = [torch.randn(dim, heads * head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(64)]
-    separate = graph_time([lambda w=w: kernels.linear(
-        kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, position, heads, kv_heads), w, residual=x)
-        for w in weights])
-    print(f"attention + output projection, separate: {separate:.1f} us", flush=True)
-    for config in itertools.product((4, 8, 16, 32), (4, 8)):
-        us = graph_time([lambda w=w, c=config: kernels.attention_output(
-            qkv, cos, sin, k_cache, v_cache, position, heads, kv_heads, w, x, config=c) for w in weights])
-        current = " (current)" if config == kernels.ATTENTION_OUTPUT_BLOCK else ""
-        print(f"attention_output (BLOCK_N, warps) {config}: {us:.1f} us{current}", flush=True)
-
-
 def main(ms=(1, 16, 64)):
-    if sys.argv[1:] == ["attn"]:
-        attention_output_timings()
-        return
     if sys.argv[1:] == ["gemv"]:  # one row only
         ms = (1,)
     torch.manual_seed(0)
