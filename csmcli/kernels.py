@@ -18,10 +18,11 @@ added in a fixed order, never with atomics): a row's result does not depend on t
 not change its neighbours' codes) and replays are bit-exact. Block sizes are fixed per shape and engine batch (no
 autotuning: they decide the summation order, so they must not vary by run).
 
-On Hopper every kernel is launched with programmatic dependent launch (PDL): it starts while the kernel before it
-is still running, loads what never changes (its weight tile, RoPE tables) and only then waits for the earlier
-kernel's results (`gdc_wait`, which also orders every write after the earlier kernels' reads). Without it each of
-the ~900 kernels of a frame pays a launch ramp of a few microseconds with the memory system idle.
+On Hopper one-row launches (an engine of one slot) use programmatic dependent launch (PDL): a kernel starts while
+the kernel before it is still running, loads what never changes (its weight tile, RoPE tables) and only then waits
+for the earlier kernel's results (`gdc_wait`, which also orders every write after the earlier kernels' reads).
+Without it each of the ~900 kernels of a frame pays a launch ramp of a few microseconds with the memory system
+idle. Batched launches measured slower with it, so they run without (`use_pdl`).
 
 Runs on CUDA; on the CPU only under `TRITON_INTERPRET=1` (the tests), where `tl.dot` takes float32 inputs.
 """
