@@ -66,17 +66,6 @@ def _wait_for_inputs(PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
-@triton.jit
-def _launch_dependents(PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _wait(PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
 
 @triton.jit
 def _dot(a, b, acc, F32: tl.constexpr):
@@ -140,8 +129,7 @@ def _linear_kernel(
     norm_weight = tl.zeros([BLOCK_K], dtype=tl.float32)
     if ONE_BLOCK and HAS_NORM:
         norm_weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-    _launch_dependents(PDL)
-    _wait(PDL)
+    _wait_for_inputs(PDL)
     out_ok = m_ok[:, None] & n_ok[None, :]
     residual = tl.zeros([BLOCK_M, BLOCK_N], dtype=dtype)
     if HAS_RESIDUAL and BLOCK_M == 1:  # loaded now, in flight with the activations, not after the products
