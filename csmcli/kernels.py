@@ -226,31 +226,32 @@ def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, splits, stride_rm, 
     tl.store(out_ptr + m * stride_om + n, out, mask=ok)
 
 
-LinearConfig = tuple[int, int, int, int, int]
-"""(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, SPLIT_K)."""
+LinearConfig = tuple[int, int, int, int, int, int]
+"""(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, SPLIT_K, num_stages): num_stages only matters for the tl.dot path (loads
+in flight in Triton's software pipeline; 3 is its default)."""
 
 _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # (rows bucket, N, K, gated) of CSM-1B's matmuls: the fastest measured on an H100 (scripts/tune_kernels.py,
     # 2026-11-23, one row with programmatic dependent launch). Long K blocks keep more loads in flight.
-    (1, 1536, 1024, False): (1, 8, 1024, 4, 1), (1, 1024, 1024, False): (1, 4, 1024, 8, 1),
-    (1, 8192, 1024, True): (1, 4, 1024, 4, 1), (1, 1024, 8192, False): (1, 4, 4096, 4, 1),
-    (1, 1024, 2048, False): (1, 4, 2048, 4, 1), (1, 2051, 1024, False): (1, 8, 1024, 8, 1),
-    (1, 3072, 2048, False): (1, 8, 1024, 8, 1), (1, 2048, 2048, False): (1, 8, 2048, 4, 1),
-    (1, 8192, 2048, True): (1, 8, 1024, 4, 1), (1, 2048, 8192, False): (1, 4, 4096, 8, 1),
-    (1, 2051, 2048, False): (1, 8, 2048, 4, 1),
+    (1, 1536, 1024, False): (1, 8, 1024, 4, 1, 3), (1, 1024, 1024, False): (1, 4, 1024, 8, 1, 3),
+    (1, 8192, 1024, True): (1, 4, 1024, 4, 1, 3), (1, 1024, 8192, False): (1, 4, 4096, 4, 1, 3),
+    (1, 1024, 2048, False): (1, 4, 2048, 4, 1, 3), (1, 2051, 1024, False): (1, 8, 1024, 8, 1, 3),
+    (1, 3072, 2048, False): (1, 8, 1024, 8, 1, 3), (1, 2048, 2048, False): (1, 8, 2048, 4, 1, 3),
+    (1, 8192, 2048, True): (1, 8, 1024, 4, 1, 3), (1, 2048, 8192, False): (1, 4, 4096, 8, 1, 3),
+    (1, 2051, 2048, False): (1, 8, 2048, 4, 1, 3),
     # Batched rows: small N with long K is split, 16 rows x 64 columns per program leave most SMs idle otherwise.
-    (16, 1536, 1024, False): (16, 16, 256, 4, 1), (16, 1024, 1024, False): (16, 16, 256, 4, 1),
-    (16, 8192, 1024, True): (16, 64, 128, 8, 1), (16, 1024, 8192, False): (16, 64, 128, 8, 8),
-    (16, 1024, 2048, False): (16, 64, 128, 8, 8), (16, 2051, 1024, False): (16, 16, 256, 4, 1),
-    (16, 3072, 2048, False): (16, 64, 128, 8, 4), (16, 2048, 2048, False): (16, 64, 128, 8, 4),
-    (16, 8192, 2048, True): (16, 64, 128, 8, 1), (16, 2048, 8192, False): (16, 64, 128, 8, 8),
-    (16, 2051, 2048, False): (16, 64, 128, 8, 4),
-    (64, 1536, 1024, False): (16, 64, 128, 8, 1), (64, 1024, 1024, False): (16, 32, 256, 4, 1),
-    (64, 8192, 1024, True): (64, 64, 128, 8, 1), (64, 1024, 8192, False): (16, 64, 128, 8, 4),
-    (64, 1024, 2048, False): (16, 64, 128, 8, 4), (64, 2051, 1024, False): (16, 64, 128, 8, 1),
-    (64, 3072, 2048, False): (16, 64, 128, 8, 2), (64, 2048, 2048, False): (16, 64, 128, 8, 1),
-    (64, 8192, 2048, True): (64, 64, 128, 8, 1), (64, 2048, 8192, False): (16, 64, 128, 8, 2),
-    (64, 2051, 2048, False): (16, 64, 256, 4, 1),
+    (16, 1536, 1024, False): (16, 16, 256, 4, 1, 3), (16, 1024, 1024, False): (16, 16, 256, 4, 1, 3),
+    (16, 8192, 1024, True): (16, 64, 128, 8, 1, 3), (16, 1024, 8192, False): (16, 64, 128, 8, 8, 3),
+    (16, 1024, 2048, False): (16, 64, 128, 8, 8, 3), (16, 2051, 1024, False): (16, 16, 256, 4, 1, 3),
+    (16, 3072, 2048, False): (16, 64, 128, 8, 4, 3), (16, 2048, 2048, False): (16, 64, 128, 8, 4, 3),
+    (16, 8192, 2048, True): (16, 64, 128, 8, 1, 3), (16, 2048, 8192, False): (16, 64, 128, 8, 8, 3),
+    (16, 2051, 2048, False): (16, 64, 128, 8, 4, 3),
+    (64, 1536, 1024, False): (16, 64, 128, 8, 1, 3), (64, 1024, 1024, False): (16, 32, 256, 4, 1, 3),
+    (64, 8192, 1024, True): (64, 64, 128, 8, 1, 3), (64, 1024, 8192, False): (16, 64, 128, 8, 4, 3),
+    (64, 1024, 2048, False): (16, 64, 128, 8, 4, 3), (64, 2051, 1024, False): (16, 64, 128, 8, 1, 3),
+    (64, 3072, 2048, False): (16, 64, 128, 8, 2, 3), (64, 2048, 2048, False): (16, 64, 128, 8, 1, 3),
+    (64, 8192, 2048, True): (64, 64, 128, 8, 1, 3), (64, 2048, 8192, False): (16, 64, 128, 8, 2, 3),
+    (64, 2051, 2048, False): (16, 64, 256, 4, 1, 3),
 }
 
 
@@ -261,10 +262,10 @@ def linear_config(m: int, n: int, k: int, gated: bool) -> LinearConfig:
         return _LINEAR_CONFIGS[(1, n, k, gated)]
     if m == 1:  # GEMV: small N blocks so every SM streams weights, long K blocks
         if gated:
-            return 1, 16, 512 if k >= 2048 else 256, 4, 1
-        return 1, 8 if n > 2048 else 4, min(1024, _pow2(k)), 8, 1
+            return 1, 16, 512 if k >= 2048 else 256, 4, 1, 3
+        return 1, 8 if n > 2048 else 4, min(1024, _pow2(k)), 8, 1, 3
     bucket = 16 if m <= 16 else 64  # rows beyond 64 run as more row blocks of the same sizes
-    return _LINEAR_CONFIGS.get((bucket, n, k, gated), (16, 64, 128, 8, 1))
+    return _LINEAR_CONFIGS.get((bucket, n, k, gated), (16, 64, 128, 8, 1, 3))
 
 
 def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float = 0.0,
@@ -284,7 +285,7 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
     n, k = weight.shape
     n = n // 2 if gated else n
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    block_m, block_n, block_k, warps, split_k = config or linear_config(batch or m, n, k, gated)
+    block_m, block_n, block_k, warps, split_k, stages = config or linear_config(batch or m, n, k, gated)
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and not (gated and split_k > 1)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
@@ -298,7 +299,7 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
         out.stride(0),
         HAS_ROWS=rows is not None, HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
-        PDL=pdl, ONE_BLOCK=block_m == 1 and block_k >= k, num_warps=warps, launch_pdl=pdl,
+        PDL=pdl, ONE_BLOCK=block_m == 1 and block_k >= k, num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     if grid[2] > 1:
         block = 256

@@ -30,7 +30,7 @@ def census(stepper: FrameStepper, label: str) -> None:
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
     count = sum(e.count for e in events)
-    print(f"{label}: eager B=1 frame {count} kernels, {total / 1000:.2f} ms of kernel time")
+    print(f"{label}: eager B={stepper.max_batch} frame {count} kernels, {total / 1000:.2f} ms of kernel time")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"{e.self_device_time_total / 1000:8.3f} ms {e.count:5d}x  {e.key[:90]}")
 
@@ -49,7 +49,8 @@ def main():
                 for name, fn in parts.items():
                     graph = CapturedCall(fn)
                     print(f"{label:13s} B={batch:>3} {name:26s} graphed {timed(graph):7.2f} ms", flush=True)
-        census(FrameStepper(model, 1, fused=fused), label)
+        for batch in (1, 64) if fused else (1,):
+            census(FrameStepper(model, batch, fused=fused), label)
 
 
 if __name__ == "__main__":

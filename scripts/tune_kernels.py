@@ -19,15 +19,20 @@ SHAPES = {  # name: (N, K, gated)
 }
 
 
-def candidates(m: int, gated: bool):
+def candidates(m: int, k: int, gated: bool, stages: bool = False):
     if m == 1 and gated:
-        return [(1, n, k, w, 1) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
+        return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
     if m == 1:  # split K measured no faster at one row (2026-11-23); long K blocks keep more loads in flight
-        return [(1, n, k, w, 1) for n, k, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16))]
+        return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16))]
+    if stages:  # 64 rows on tensor cores: tile shapes by loads in flight (pipeline stages); split only long K
+        splits = (1, 2, 4) if k >= 2048 and not gated else (1,)
+        wide = itertools.product((64,), (32, 64) if gated else (32, 64, 128), (64, 128), (4, 8), splits, (3, 4))
+        narrow = itertools.product((16,), (32, 64), (128,), (8,), splits, (3, 4, 5))
+        return list(wide) + list(narrow)
     block_ms = (16,) if m <= 16 else (16, 64)
     splits = (1,) if gated else (1, 2, 4, 8)
     grid = itertools.product(block_ms, (16, 32, 64), (128, 256), (4, 8), splits)
-    return [(bm, n, k, w, s) for bm, n, k, w, s in grid]
+    return [(bm, n, k, w, s, 3) for bm, n, k, w, s in grid]
 
 
 def graph_time(calls) -> float:
@@ -50,11 +55,16 @@ def graph_time(calls) -> float:
 
 
 def main(ms=(1, 16, 64)):
-    if sys.argv[1:] == ["gemv"]:  # one row only
+    mode = sys.argv[1] if sys.argv[1:] else "all"
+    if mode == "gemv":  # one row only
         ms = (1,)
+    if mode == "batched":  # 64 rows, with pipeline stages (the depth decoder's shapes, 31 of 32 steps per frame)
+        ms = (64,)
     torch.manual_seed(0)
     best_table = {}
     for name, (n, k, gated) in SHAPES.items():
+        if mode == "batched" and not name.startswith("dec"):
+            continue
         rows = 2 * n if gated else n
         nbytes = rows * k * 2
         copies = max(4, min(64, (512 << 20) // nbytes))
@@ -63,7 +73,9 @@ def main(ms=(1, 16, 64)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             norm = torch.ones(k, device="cuda", dtype=torch.bfloat16)
             results = []
-            for config in candidates(m, gated):
+            configs = candidates(m, k, gated, stages=mode == "batched")
+            current = kernels.linear_config(m, n, k, gated)
+            for config in configs + [current] * (current not in configs):
                 try:
                     us = graph_time([lambda w=w, c=config, x=x, norm=norm, gated=gated: kernels.linear(
                         x, w, norm=norm, eps=1e-5, gated=gated, config=c) for w in weights])
@@ -72,17 +84,17 @@ def main(ms=(1, 16, 64)):
                     continue
                 results.append((us, config))
             results.sort()
-            current = kernels.linear_config(m, n, k, gated)
             now = next((us for us, c in results if c == current), float("nan"))
             cublas = graph_time([lambda w=w, x=x, k=k, norm=norm: F.linear(F.rms_norm(x, (k,), norm, 1e-5), w)
                                  for w in weights])
             us, config = results[0]
             best_table[(name, m)] = config
-            print(f"{name:9s} m={m:<3d} best {config!s:22s} {us:7.1f} us {nbytes / us / 1e3:6.0f} GB/s | "
-                  f"current {current!s:22s} {now:7.1f} us | cuBLAS+norm {cublas:7.1f} us | "
+            print(f"{name:9s} m={m:<3d} best {config!s:25s} {us:7.1f} us {nbytes / us / 1e3:6.0f} GB/s | "
+                  f"current {current!s:25s} {now:7.1f} us | cuBLAS+norm {cublas:7.1f} us | "
                   f"top3 {[(round(u, 1), c) for u, c in results[:3]]}", flush=True)
     print("BEST =", best_table)
-    sample_timings()
+    if mode != "batched":
+        sample_timings()
 
 
 def sample_timings(vocab=2051):

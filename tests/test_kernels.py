@@ -45,7 +45,7 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
     x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
     weight = (torch.randn(2 * n if fusion == "gated" else n, k, generator=g) / k**0.5).to(DEVICE, dtype)
     split = 3 if blocks == "small, split K" and fusion != "gated" else 1  # K = 80 in shares of 32, 32, 16
-    config = None if blocks == "shape's own" else ((1 if m == 1 else 16), 16, 32, 4, split)
+    config = None if blocks == "shape's own" else ((1 if m == 1 else 16), 16, 32, 4, split, 3)
     norm = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
     residual = torch.randn(m, n, generator=g).to(DEVICE, dtype)
     if fusion == "plain":
@@ -193,7 +193,7 @@ def test_fused_frame_step_equals_torch_frame_step(slots, monkeypatch):
     kernels, as `say` and `stream` run them."""
     if DEVICE == "cpu":  # wide one-row blocks: the interpreter runs programs one by one
         config = kernels.linear_config
-        monkeypatch.setattr(kernels, "linear_config", lambda m, n, k, gated: (1, 64, 128, 4, 1) if m == 1
+        monkeypatch.setattr(kernels, "linear_config", lambda m, n, k, gated: (1, 64, 128, 4, 1, 3) if m == 1
                             else config(m, n, k, gated))
     model = tiny_csm(torch.float32)
     want_codes, want_hidden = run_frames(model, fused=False, slots=slots)
