@@ -320,29 +320,26 @@ def _rope(x1, x2, cos1, cos2, sin1, sin2, dtype: tl.constexpr):
 
 
 @triton.jit
-def _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype: tl.constexpr, BLOCK_S: tl.constexpr,
-            DOT_F32: tl.constexpr, HALF: tl.constexpr):
-    """Scaled scores `[G_PAD, BLOCK_S]` of the group's queries against cache positions s0.., -inf past `pos`."""
+def _cache_block(row, cur1, cur2, pos, s0, stride_cs, d, BLOCK_S: tl.constexpr, HALF: tl.constexpr):
+    """Cached keys or values `[BLOCK_S, HALF]` (both halves) for positions s0..: earlier steps' from the cache, this
+    step's (`cur1`, `cur2`, `[HALF]`) from registers, so no read waits for this kernel's own cache write."""
     s = s0 + tl.arange(0, BLOCK_S)
-    s_ok = s <= pos
-    k_ptrs = k_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF]
-    k1 = tl.load(k_ptrs, mask=s_ok[:, None], other=0.0)
-    k2 = tl.load(k_ptrs + HALF, mask=s_ok[:, None], other=0.0)
-    raw = tl.zeros([q1.shape[0], BLOCK_S], dtype=tl.float32)
-    raw = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), raw, DOT_F32), DOT_F32)
-    scores = (raw.to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)  # q @ k.T, then * scale, in bf16
-    return tl.where(s_ok[None, :], scores, float("-inf"))
+    ptrs = row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF]
+    x1 = tl.load(ptrs, mask=(s < pos)[:, None], other=0.0)
+    x2 = tl.load(ptrs + HALF, mask=(s < pos)[:, None], other=0.0)
+    now = (s == pos)[:, None]
+    return tl.where(now, cur1[None, :], x1), tl.where(now, cur2[None, :], x2)
 
 
 @triton.jit
-def _attend(probs, v_row, pos, s0, stride_cs, d, acc1, acc2, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr,
-            HALF: tl.constexpr):
-    """`acc + probs @ v` for cache positions s0.. (both halves of the head)."""
+def _scores(q1, q2, k1, k2, pos, s0, scale, dtype: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr):
+    """Scaled scores `[G_PAD, BLOCK_S]` of the group's queries against keys `[BLOCK_S, HALF]` at positions s0..,
+    -inf past `pos`."""
     s = s0 + tl.arange(0, BLOCK_S)
-    v_ptrs = v_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF]
-    v1 = tl.load(v_ptrs, mask=(s <= pos)[:, None], other=0.0)
-    v2 = tl.load(v_ptrs + HALF, mask=(s <= pos)[:, None], other=0.0)
-    return _dot(probs, v1, acc1, DOT_F32), _dot(probs, v2, acc2, DOT_F32)
+    raw = tl.zeros([q1.shape[0], BLOCK_S], dtype=tl.float32)
+    raw = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), raw, DOT_F32), DOT_F32)
+    scores = (raw.to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)  # q @ k.T, then * scale, in bf16
+    return tl.where((s <= pos)[None, :], scores, float("-inf"))
 
 
 @triton.jit
@@ -371,49 +368,52 @@ def _decode_attention_kernel(
         _wait_for_inputs(PDL)
     row = qkv_ptr + b.to(tl.int64) * stride_qkv
     cache_row = b.to(tl.int64) * stride_cb + kvh * stride_ch
-    # This step's key (rotated) and value into the cache at `pos`.
+    k_row = k_ptr + cache_row
+    v_row = v_ptr + cache_row
+    # This step's key (rotated) and value; the G query heads sharing this KV head, padded to G_PAD rows for tl.dot.
     k1 = tl.load(row + (H + kvh) * D + d).to(tl.float32)
     k2 = tl.load(row + (H + kvh) * D + HALF + d).to(tl.float32)
-    k1, k2 = _rope(k1, k2, cos1, cos2, sin1, sin2, dtype)
-    tl.store(k_ptr + cache_row + pos * stride_cs + d, k1)
-    tl.store(k_ptr + cache_row + pos * stride_cs + HALF + d, k2)
-    tl.store(v_ptr + cache_row + pos * stride_cs + d, tl.load(row + (H + HKV + kvh) * D + d))
-    tl.store(v_ptr + cache_row + pos * stride_cs + HALF + d, tl.load(row + (H + HKV + kvh) * D + HALF + d))
-    tl.debug_barrier()  # the block's own stores are visible to all its threads before they read the cache
-    # The G query heads sharing this KV head, padded to G_PAD rows for tl.dot.
+    v1 = tl.load(row + (H + HKV + kvh) * D + d)
+    v2 = tl.load(row + (H + HKV + kvh) * D + HALF + d)
     g = tl.arange(0, G_PAD)
     g_ok = g < G
     q_ptrs = row + (kvh * G + g)[:, None] * D + d[None, :]  # [G_PAD, HALF]
     q1 = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(q_ptrs + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    k1, k2 = _rope(k1, k2, cos1, cos2, sin1, sin2, dtype)
     q1, q2 = _rope(q1, q2, cos1[None, :], cos2[None, :], sin1[None, :], sin2[None, :], dtype)
-    k_row = k_ptr + cache_row
-    v_row = v_ptr + cache_row
     acc1 = tl.zeros([G_PAD, HALF], dtype=tl.float32)
     acc2 = tl.zeros([G_PAD, HALF], dtype=tl.float32)
     if pos < BLOCK_S:  # one block of positions (the depth decoder, short prompts): scores computed once
-        s = tl.arange(0, BLOCK_S)
-        v_ptrs = v_row + s[:, None] * stride_cs + d[None, :]  # [BLOCK_S, HALF], loaded alongside the keys
-        v1 = tl.load(v_ptrs, mask=(s <= pos)[:, None], other=0.0)
-        v2 = tl.load(v_ptrs + HALF, mask=(s <= pos)[:, None], other=0.0)
-        scores = _scores(q1, q2, k_row, pos, 0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
+        key1, key2 = _cache_block(k_row, k1, k2, pos, 0, stride_cs, d, BLOCK_S, HALF)
+        value1, value2 = _cache_block(v_row, v1, v2, pos, 0, stride_cs, d, BLOCK_S, HALF)
+        scores = _scores(q1, q2, key1, key2, pos, 0, scale, dtype, BLOCK_S, DOT_F32)
         exps = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         probs = (exps / tl.sum(exps, axis=1)[:, None]).to(dtype)  # the two-pass loop's result for one block
-        acc1 = _dot(probs, v1, acc1, DOT_F32)
-        acc2 = _dot(probs, v2, acc2, DOT_F32)
+        acc1 = _dot(probs, value1, acc1, DOT_F32)
+        acc2 = _dot(probs, value2, acc2, DOT_F32)
     else:
         # Two passes, as torch's softmax: max and sum first, then probabilities rounded to bf16 before `@ v`.
         m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
         total = tl.zeros([G_PAD], dtype=tl.float32)
         for s0 in range(0, pos + 1, BLOCK_S):
-            scores = _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
+            key1, key2 = _cache_block(k_row, k1, k2, pos, s0, stride_cs, d, BLOCK_S, HALF)
+            scores = _scores(q1, q2, key1, key2, pos, s0, scale, dtype, BLOCK_S, DOT_F32)
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             total = total * tl.exp(m - m_new) + tl.sum(tl.exp(scores - m_new[:, None]), axis=1)
             m = m_new
         for s0 in range(0, pos + 1, BLOCK_S):
-            scores = _scores(q1, q2, k_row, pos, s0, stride_cs, scale, d, dtype, BLOCK_S, DOT_F32, HALF)
+            key1, key2 = _cache_block(k_row, k1, k2, pos, s0, stride_cs, d, BLOCK_S, HALF)
+            scores = _scores(q1, q2, key1, key2, pos, s0, scale, dtype, BLOCK_S, DOT_F32)
             probs = (tl.exp(scores - m[:, None]) / total[:, None]).to(dtype)  # [G_PAD, BLOCK_S]
-            acc1, acc2 = _attend(probs, v_row, pos, s0, stride_cs, d, acc1, acc2, BLOCK_S, DOT_F32, HALF)
+            value1, value2 = _cache_block(v_row, v1, v2, pos, s0, stride_cs, d, BLOCK_S, HALF)
+            acc1 = _dot(probs, value1, acc1, DOT_F32)
+            acc2 = _dot(probs, value2, acc2, DOT_F32)
+    # The cache write: nothing in this kernel reads it back (this step's entries come from registers above).
+    tl.store(k_row + pos * stride_cs + d, k1)
+    tl.store(k_row + pos * stride_cs + HALF + d, k2)
+    tl.store(v_row + pos * stride_cs + d, v1)
+    tl.store(v_row + pos * stride_cs + HALF + d, v2)
     out_ptrs = out_ptr + b.to(tl.int64) * stride_out + (kvh * G + g)[:, None] * D + d[None, :]
     tl.store(out_ptrs, acc1.to(dtype), mask=g_ok[:, None])
     tl.store(out_ptrs + HALF, acc2.to(dtype), mask=g_ok[:, None])
