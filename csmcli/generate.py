@@ -81,8 +81,13 @@ class FrameStepper:
     def frame_sampling(self, n: int | None = None) -> FrameSampling:
         """The first `n` slots' (default all) sampling settings and noise for this frame."""
         n = n or self.max_batch
-        return frame_sampling(self.temperature[:n], self.topk[:n], self.seed[:n], self.frame_index[:n],
-                              self.model.cfg.num_codebooks, self.token_keys)
+        args = (self.temperature[:n], self.topk[:n], self.seed[:n], self.frame_index[:n],
+                self.model.cfg.num_codebooks, self.token_keys)
+        if self.fused:  # the noise in one kernel instead of ~60 small ones
+            from csmcli import kernels
+
+            return frame_sampling(*args, noise=kernels.gumbel_noise)
+        return frame_sampling(*args)
 
     @torch.no_grad()
     def decode(self, n: int | None = None) -> Tensor:

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 NO_PDL_ENV = "CSMCLI_NO_PDL"
@@ -492,6 +493,57 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> 
     _sample_kernel[(b,)](logits, temperature, kth, gumbel, out, v, logits.stride(0), gumbel.stride(0),
                          BLOCK_V=_pow2(v), RADIX_BITS=SAMPLE_RADIX_BITS, PDL=pdl, num_warps=SAMPLE_WARPS,
                          launch_pdl=pdl)
+    return out
+
+
+@triton.jit
+def _hash32(x):
+    """`sampling._hash32` on uint32 (its int64 products masked to 32 bits are uint32 products that wrap)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B
+    x = ((x >> 16) ^ x) * 0x45D9F3B
+    return (x >> 16) ^ x
+
+
+@triton.jit
+def _log(x, LIBDEVICE: tl.constexpr):
+    """CUDA's own logf (libdevice), as torch.log calls it, where tl.log may lower to an approximation; the
+    interpreter has no libdevice (its tl.log is numpy's)."""
+    if LIBDEVICE:
+        return libdevice.log(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _gumbel_noise_kernel(seed_ptr, frame_ptr, tokens_ptr, temperature_ptr, out_ptr, C, V, stride_ob, stride_oc,
+                         BLOCK_V: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_V)
+    ok = offs < V
+    tokens = tl.load(tokens_ptr + offs, mask=ok, other=0).to(tl.uint32)  # never change: before the wait
+    _wait_for_inputs(PDL)
+    seed = tl.load(seed_ptr + b)
+    key = _hash32((tl.load(frame_ptr + b) * 64 + c).to(tl.uint32))  # .to(uint32) keeps the low 32 bits
+    key = _hash32((seed >> 32).to(tl.uint32) ^ key)
+    key = _hash32(seed.to(tl.uint32) ^ key)
+    bits = _hash32(_hash32(key ^ tokens))
+    uniform = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # / 2**23, exactly
+    gumbel = -_log(-_log(uniform, LIBDEVICE), LIBDEVICE)
+    greedy = tl.load(temperature_ptr + b) <= 0
+    gumbel = tl.where(greedy, 0.0, gumbel)
+    tl.store(out_ptr + b * stride_ob + c * stride_oc + offs, gumbel, mask=ok)
+
+
+def gumbel_noise(seed: Tensor, frame: Tensor, codebooks: int, tokens: Tensor, temperature: Tensor) -> Tensor:
+    """`sampling.gumbel_noise` in one kernel (~60 small torch ops otherwise): `[B, codebooks, V]` float32."""
+    b, v = seed.shape[0], tokens.shape[0]
+    out = torch.empty(b, codebooks, v, dtype=torch.float32, device=seed.device)  # [B, C, V]
+    assert seed.stride(0) == 1 and frame.stride(0) == 1 and temperature.stride(0) == 1 and tokens.stride(0) == 1
+    pdl = use_pdl(seed, b == 1)
+    _gumbel_noise_kernel[(b, codebooks)](seed, frame, tokens, temperature, out, codebooks, v, out.stride(0),
+                                         out.stride(1), BLOCK_V=_pow2(v), LIBDEVICE=not INTERPRET, PDL=pdl, num_warps=4,
+                                         launch_pdl=pdl)
     return out
 
 

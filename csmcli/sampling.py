@@ -8,6 +8,7 @@ Gumbel-max form of the reference's `argmax(probs / Exponential(1))`; neither nee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,14 +66,21 @@ class FrameSampling:
     gumbel: Tensor  # [B, codebooks, V] float32, 0 for greedy slots
 
 
-def frame_sampling(temperature: Tensor, topk: Tensor, seed: Tensor, frame: Tensor, codebooks: int,
-                   tokens: Tensor) -> FrameSampling:
-    """Settings `temperature, topk, seed, frame [B]` -> the frame's `FrameSampling` (Gumbel noise `-log(-log u)`)
-    over a vocabulary of `len(tokens)` (`tokens = token_keys(V)`)."""
-    greedy = (temperature <= 0)[:, None]  # [B, 1]
+def gumbel_noise(seed: Tensor, frame: Tensor, codebooks: int, tokens: Tensor, temperature: Tensor) -> Tensor:
+    """Gumbel noise `-log(-log u)` `[B, codebooks, V]` from `uniform_noise`, 0 in the rows of greedy slots
+    (`temperature [B]` <= 0). `kernels.gumbel_noise` computes the same in one kernel."""
     gumbel = -torch.log(-torch.log(uniform_noise(seed, frame, codebooks, tokens)))
+    return gumbel.masked_fill((temperature <= 0)[:, None, None], 0.0)
+
+
+def frame_sampling(temperature: Tensor, topk: Tensor, seed: Tensor, frame: Tensor, codebooks: int,
+                   tokens: Tensor, noise: Callable[..., Tensor] = gumbel_noise) -> FrameSampling:
+    """Settings `temperature, topk, seed, frame [B]` -> the frame's `FrameSampling` (Gumbel noise `-log(-log u)`)
+    over a vocabulary of `len(tokens)` (`tokens = token_keys(V)`); `noise`: `gumbel_noise` or its kernel."""
+    greedy = (temperature <= 0)[:, None]  # [B, 1]
     return FrameSampling(torch.where(greedy, 1.0, temperature[:, None].clamp(min=1e-5)),
-                         (topk.clamp(1, len(tokens)) - 1)[:, None], gumbel.masked_fill(greedy[..., None], 0.0))
+                         (topk.clamp(1, len(tokens)) - 1)[:, None],
+                         noise(seed, frame, codebooks, tokens, temperature))
 
 
 def sample(logits: Tensor, frame: FrameSampling, codebook: int) -> Tensor:

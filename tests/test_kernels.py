@@ -14,7 +14,7 @@ from csmcli.checkpoint import random_model
 from csmcli.generate import FrameStepper
 from csmcli.model import CsmConfig, Transformer, TransformerConfig
 from csmcli.prompt import synthetic_prompt
-from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, sample, token_keys
+from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, gumbel_noise, sample, token_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.bfloat16]
@@ -158,6 +158,24 @@ def test_sample_kernel_divides_by_temperature_as_torch_does():
     logits, temperature, kth, gumbel = (t.to(DEVICE) for t in (logits, temperature, kth, gumbel))
     want = sample(logits, FrameSampling(temperature, kth, gumbel[:, None]), 0)
     assert torch.equal(kernels.sample(logits, temperature, kth, gumbel), want)
+
+
+def test_gumbel_noise_kernel_equals_torch_noise():
+    """The frame's noise from one kernel against `sampling.gumbel_noise` (the hash chain in torch ops): seeds and
+    frame counters past 32 bits and negative, greedy rows zero. On CUDA bit for bit (both call CUDA's logf); the
+    interpreter's log is numpy's, which may differ from torch's CPU log in the last bit, while a wrong hash bit
+    would change a value by far more than the tolerance."""
+    seed = torch.tensor([1, -5, 2**40 + 7, 0, 123456789], device=DEVICE)
+    frame = torch.tensor([0, 3, 2**33 + 1, 9, 70000], device=DEVICE)
+    temperature = torch.tensor([0.9, 0.5, 1.0, 0.0, 1.3], device=DEVICE)
+    tokens = token_keys(2051, DEVICE)
+    want = gumbel_noise(seed, frame, 32, tokens, temperature)
+    got = kernels.gumbel_noise(seed, frame, 32, tokens, temperature)
+    assert got.shape == (5, 32, 2051) and (got[3] == 0).all() and got[[0, 1, 2, 4]].std() > 1
+    if DEVICE == "cuda":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
