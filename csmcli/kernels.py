@@ -43,17 +43,12 @@ NO_PDL_ENV = "CSMCLI_NO_PDL"
 pdl_allowed = os.environ.get(NO_PDL_ENV) != "1"  # tests switch it to compare both launch modes
 
 
-GEMV_ROWS = 4
-"""Engines of up to this many slots run their matmuls on the GEMV path (FMAs per lane, see `linear_config`)."""
-
-
-def use_pdl(t: Tensor, few_rows: bool) -> bool:
+def use_pdl(t: Tensor, one_row: bool) -> bool:
     """Programmatic dependent launch for a kernel on `t`'s device: Hopper or newer (`griddepcontrol`), Triton with
-    `gdc_wait`, not the interpreter, not switched off (`CSMCLI_NO_PDL=1`), and for work on a few rows only
-    (`few_rows`: the GEMV path, or up to `GEMV_ROWS` rows of attention / sampling): tensor-core matmuls of batched
-    frames measured 1.5-2 ms slower with it on an H100 (B=4 9.0 vs 7.5 ms, B=64 13.1 vs 11.1), one-row frames
-    0.8 ms faster."""
-    return few_rows and pdl_allowed and not INTERPRET and t.is_cuda and _pdl_capable(t.device.index or 0)
+    `gdc_wait`, not the interpreter, not switched off (`CSMCLI_NO_PDL=1`), and for one-row work only (`one_row`:
+    the GEMV path, or one row of attention / sampling): batched frames measured 1.5-2 ms slower with it on an H100
+    (B=4 9.0 vs 7.5 ms, B=64 13.1 vs 11.1), one-row frames 0.8 ms faster."""
+    return one_row and pdl_allowed and not INTERPRET and t.is_cuda and _pdl_capable(t.device.index or 0)
 
 
 @functools.cache
@@ -94,9 +89,9 @@ def _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM: tl.constexpr,
 
 
 @triton.jit
-def _accumulate(acc, xk, w, GEMV: tl.constexpr, DOT_F32: tl.constexpr):
-    if GEMV:  # products summed per lane `[BLOCK_M, BLOCK_N, BLOCK_K]`, one reduction after the loop
-        acc = acc + xk.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
+    if BLOCK_M == 1:  # GEMV: products summed per lane, one reduction after the loop
+        acc = acc + xk.to(tl.float32) * w.to(tl.float32)
     else:
         acc = _dot(xk, tl.trans(w), acc, DOT_F32)
     return acc
@@ -111,7 +106,6 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
-    GEMV: tl.constexpr = BLOCK_M < 16  # a few rows: FMAs per lane on one weight load; tensor cores from 16 rows
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     k_lo = tl.program_id(2) * k_per_split  # split-K: this program's share of K; partial sums to `partial_ptr`
@@ -123,7 +117,7 @@ def _linear_kernel(
     dtype = out_ptr.dtype.element_ty
     offs_k = k_lo + tl.arange(0, BLOCK_K)
     k_ok = offs_k < k_hi
-    if GEMV:  # the first weight block is loaded before waiting for the previous kernel
+    if BLOCK_M == 1:  # GEMV: the first weight block is loaded before waiting for the previous kernel
         w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
         w_ok = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_ptrs, mask=w_ok, other=0.0)
@@ -139,7 +133,7 @@ def _linear_kernel(
     _wait_for_inputs(PDL)
     out_ok = m_ok[:, None] & n_ok[None, :]
     residual = tl.zeros([BLOCK_M, BLOCK_N], dtype=dtype)
-    if HAS_RESIDUAL and GEMV:  # loaded now, in flight with the activations, not after the products
+    if HAS_RESIDUAL and BLOCK_M == 1:  # loaded now, in flight with the activations, not after the products
         residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
     if HAS_ROWS:  # x rows gathered from a table (an embedding lookup folded into the matmul)
         x_rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0) + row_offset
@@ -147,9 +141,9 @@ def _linear_kernel(
         x_rows = offs_m
     x_base = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if GEMV:
-        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -169,22 +163,22 @@ def _linear_kernel(
                 squares += tl.sum(xn * xn, axis=1)
             rstd = 1.0 / tl.sqrt(squares / K + eps)
         xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
-    if GEMV:
-        acc = _accumulate(acc, xk, w, GEMV, DOT_F32)
+    if BLOCK_M == 1:
+        acc = _accumulate(acc, xk, w, BLOCK_M, DOT_F32)
         if GATED:
-            acc_up = _accumulate(acc_up, xk, w_up, GEMV, DOT_F32)
+            acc_up = _accumulate(acc_up, xk, w_up, BLOCK_M, DOT_F32)
     for k0 in range(k_rest, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
         xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
         w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
         w_ok = n_ok[:, None] & k_ok[None, :]
-        acc = _accumulate(acc, xk, tl.load(w_ptrs, mask=w_ok, other=0.0), GEMV, DOT_F32)
+        acc = _accumulate(acc, xk, tl.load(w_ptrs, mask=w_ok, other=0.0), BLOCK_M, DOT_F32)
         if GATED:
-            acc_up = _accumulate(acc_up, xk, tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0), GEMV,
+            acc_up = _accumulate(acc_up, xk, tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0), BLOCK_M,
                                  DOT_F32)
-    if GEMV:
-        total = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    if BLOCK_M == 1:
+        total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         total = acc
     if PARTIAL:  # split K: float32 partial sums [splits, M, N]; `_split_k_sum_kernel` adds them in a fixed order
@@ -193,15 +187,15 @@ def _linear_kernel(
         return
     out = total.to(dtype)
     if GATED:  # silu(gate) * up, each step rounded as torch rounds it
-        if GEMV:
-            up = tl.sum(acc_up, axis=2).to(dtype)
+        if BLOCK_M == 1:
+            up = tl.sum(acc_up, axis=1)[None, :].to(dtype)
         else:
             up = acc_up.to(dtype)
         gate = out.to(tl.float32)
         out = (gate / (1.0 + tl.exp(-gate))).to(dtype)
         out = (out.to(tl.float32) * up.to(tl.float32)).to(dtype)
     if HAS_RESIDUAL:
-        if not GEMV:
+        if BLOCK_M > 1:
             residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
         out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
@@ -264,19 +258,15 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
 
 def linear_config(m: int, n: int, k: int, gated: bool) -> LinearConfig:
     """Block sizes for an `[m, k] x [k, n]` product (n output columns; gated: the weight has 2n rows), from H100
-    measurements (scripts/tune_kernels.py). They fix the summation order, so they depend only on the shape and the
-    rows bucket (1, up to `GEMV_ROWS`, up to 16, more). BLOCK_M < 16: the GEMV path (each program multiplies its
-    weight block with all its rows on the CUDA cores); from 16: tensor-core tiles."""
-    bucket = 1 if m == 1 else GEMV_ROWS if m <= GEMV_ROWS else 16 if m <= 16 else 64  # beyond 64: more row blocks
-    if (bucket, n, k, gated) in _LINEAR_CONFIGS:
-        return _LINEAR_CONFIGS[(bucket, n, k, gated)]
-    if bucket == 1:  # GEMV: small N blocks so every SM streams weights, long K blocks
+    measurements (scripts/tune_kernels.py). They fix the summation order, so they depend only on the shape."""
+    if m == 1 and (1, n, k, gated) in _LINEAR_CONFIGS:
+        return _LINEAR_CONFIGS[(1, n, k, gated)]
+    if m == 1:  # GEMV: small N blocks so every SM streams weights, long K blocks
         if gated:
             return 1, 16, 512 if k >= 2048 else 256, 4, 1, 3
         return 1, 8 if n > 2048 else 4, min(1024, _pow2(k)), 8, 1, 3
-    if bucket == GEMV_ROWS:  # as many products per lane as one row's wider blocks
-        return bucket, 4, min(256 if gated else 512, _pow2(k)), 4 if gated else 8, 1, 3
-    return 16, 64, 128, 8, 1, 3
+    bucket = 16 if m <= 16 else 64  # rows beyond 64 run as more row blocks of the same sizes
+    return _LINEAR_CONFIGS.get((bucket, n, k, gated), (16, 64, 128, 8, 1, 3))
 
 
 def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float = 0.0,
@@ -301,7 +291,7 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
-    pdl = use_pdl(x, block_m < 16)
+    pdl = use_pdl(x, block_m == 1)
     _linear_kernel[grid](
         x, rows if rows is not None else x, norm if norm is not None else x, weight,
         residual if residual is not None else x, out, partial,
@@ -310,7 +300,7 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
         out.stride(0),
         HAS_ROWS=rows is not None, HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
-        PDL=pdl, ONE_BLOCK=block_m < 16 and block_k >= k, num_warps=warps, num_stages=stages, launch_pdl=pdl,
+        PDL=pdl, ONE_BLOCK=block_m == 1 and block_k >= k, num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     if grid[2] > 1:
         block = 256
@@ -438,7 +428,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     b, _, _, head_dim = k_cache.shape
     out = torch.empty(b, n_heads * head_dim, dtype=qkv.dtype, device=qkv.device)  # [B, H * D]
     group = n_heads // n_kv_heads
-    pdl = use_pdl(qkv, b <= GEMV_ROWS)
+    pdl = use_pdl(qkv, b == 1)
     from_ptr = isinstance(positions, Tensor)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
     assert qkv.shape[0] == b and (not from_ptr or positions.stride(0) == 1)  # positions: clamped by the caller
@@ -499,7 +489,7 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor) -> 
     b, v = logits.shape
     out = torch.empty(b, dtype=torch.long, device=logits.device)
     assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1 and temperature.stride(0) == 1 and kth.stride(0) == 1
-    pdl = use_pdl(logits, b <= GEMV_ROWS)
+    pdl = use_pdl(logits, b == 1)
     _sample_kernel[(b,)](logits, temperature, kth, gumbel, out, v, logits.stride(0), gumbel.stride(0),
                          BLOCK_V=_pow2(v), RADIX_BITS=SAMPLE_RADIX_BITS, PDL=pdl, num_warps=SAMPLE_WARPS,
                          launch_pdl=pdl)
@@ -550,7 +540,7 @@ def gumbel_noise(seed: Tensor, frame: Tensor, codebooks: int, tokens: Tensor, te
     b, v = seed.shape[0], tokens.shape[0]
     out = torch.empty(b, codebooks, v, dtype=torch.float32, device=seed.device)  # [B, C, V]
     assert seed.stride(0) == 1 and frame.stride(0) == 1 and temperature.stride(0) == 1 and tokens.stride(0) == 1
-    pdl = use_pdl(seed, b <= GEMV_ROWS)
+    pdl = use_pdl(seed, b == 1)
     _gumbel_noise_kernel[(b, codebooks)](seed, frame, tokens, temperature, out, codebooks, v, out.stride(0),
                                          out.stride(1), BLOCK_V=_pow2(v), LIBDEVICE=not INTERPRET, PDL=pdl, num_warps=4,
                                          launch_pdl=pdl)
@@ -579,7 +569,7 @@ def embed_sum(table: Tensor, codes: Tensor, vocab: int) -> Tensor:
     assert codes.stride(1) == 1 and table.stride(1) == 1
     out = torch.empty(b, d, dtype=table.dtype, device=table.device)  # [B, dim]
     block_d = 1024
-    pdl = use_pdl(table, b <= GEMV_ROWS)
+    pdl = use_pdl(table, b == 1)
     _embed_sum_kernel[(b, triton.cdiv(d, block_d))](table, codes, out, c, d, vocab, table.stride(0), codes.stride(0),
                                                     out.stride(0), BLOCK_D=block_d, PDL=pdl, num_warps=4,
                                                     launch_pdl=pdl)

@@ -21,12 +21,9 @@ SHAPES = {  # name: (N, K, gated)
 
 def candidates(m: int, k: int, gated: bool, stages: bool = False):
     if m == 1 and gated:
-        return [(1, n, kb, w, 1, 3) for n, kb, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
-    if m == kernels.GEMV_ROWS:  # GEMV over several rows: at most ~64 float32 products per lane and weight
-        grid = itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (4, 8))
-        return [(m, n, kb, w, 1, 3) for n, kb, w in grid if m * n * kb * (2 if gated else 1) <= 64 * 32 * w]
+        return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
     if m == 1:  # split K measured no faster at one row (2026-11-23); long K blocks keep more loads in flight
-        return [(1, n, kb, w, 1, 3) for n, kb, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16))]
+        return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16))]
     if stages:  # 64 rows on tensor cores: tile shapes by loads in flight (pipeline stages); split only long K
         splits = (1, 2, 4) if k >= 2048 and not gated else (1,)
         wide = itertools.product((64,), (32, 64) if gated else (32, 64, 128), (64, 128), (4, 8), splits, (3, 4))
@@ -61,8 +58,6 @@ def main(ms=(1, 16, 64)):
     mode = sys.argv[1] if sys.argv[1:] else "all"
     if mode == "gemv":  # one row only
         ms = (1,)
-    if mode == "few":  # the GEMV path over up to GEMV_ROWS rows
-        ms = (kernels.GEMV_ROWS,)
     if mode == "batched":  # 64 rows, with pipeline stages (the depth decoder's shapes, 31 of 32 steps per frame)
         ms = (64,)
     torch.manual_seed(0)
@@ -98,7 +93,7 @@ def main(ms=(1, 16, 64)):
                   f"current {current!s:25s} {now:7.1f} us | cuBLAS+norm {cublas:7.1f} us | "
                   f"top3 {[(round(u, 1), c) for u, c in results[:3]]}", flush=True)
     print("BEST =", best_table)
-    if mode not in ("batched", "few"):
+    if mode != "batched":
         sample_timings()
 
 
