@@ -10,7 +10,8 @@ writes, casts and adds are kernels of their own. Here one layer is five kernels:
   4. RMSNorm + gate/up matmul + SiLU * up (`linear(..., norm=, gated=True)`),
   5. down projection with the residual add;
 
-and a codebook's draw is one kernel (`sample`: top-k threshold by radix select instead of a sort).
+and a codebook's draw is one kernel (`sample`: top-k threshold by radix select instead of a sort), the frame's
+sampling noise another (`gumbel_noise`).
 
 Every kernel rounds where torch rounds (matmul output, RoPE products, softmax probabilities, ...) so results stay
 within bf16 rounding of the torch path, and no reduction mixes rows or depends on timing (split-K partial sums are
