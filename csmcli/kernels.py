@@ -90,9 +90,11 @@ def _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM: tl.constexpr,
 
 
 @triton.jit
-def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
+def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_AB: tl.constexpr):
     if BLOCK_M == 1:  # GEMV: products summed per lane, one reduction after the loop
         acc = acc + xk.to(tl.float32) * w.to(tl.float32)
+    elif SWAP_AB:  # `[BLOCK_N, BLOCK_M]`: weight rows fill the MMA's long side, the few batch rows its short one
+        acc = _dot(w, tl.trans(xk), acc, DOT_F32)
     else:
         acc = _dot(xk, tl.trans(w), acc, DOT_F32)
     return acc
@@ -105,7 +107,7 @@ def _linear_kernel(
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_ROWS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -145,6 +147,9 @@ def _linear_kernel(
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    elif SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -165,23 +170,23 @@ def _linear_kernel(
             rstd = 1.0 / tl.sqrt(squares / K + eps)
         xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
     if BLOCK_M == 1:
-        acc = _accumulate(acc, xk, w, BLOCK_M, DOT_F32)
+        acc = _accumulate(acc, xk, w, BLOCK_M, DOT_F32, SWAP_AB)
         if GATED:
-            acc_up = _accumulate(acc_up, xk, w_up, BLOCK_M, DOT_F32)
+            acc_up = _accumulate(acc_up, xk, w_up, BLOCK_M, DOT_F32, SWAP_AB)
     for k0 in range(k_rest, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
         xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
         w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
         w_ok = n_ok[:, None] & k_ok[None, :]
-        acc = _accumulate(acc, xk, tl.load(w_ptrs, mask=w_ok, other=0.0), BLOCK_M, DOT_F32)
+        acc = _accumulate(acc, xk, tl.load(w_ptrs, mask=w_ok, other=0.0), BLOCK_M, DOT_F32, SWAP_AB)
         if GATED:
             acc_up = _accumulate(acc_up, xk, tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0), BLOCK_M,
-                                 DOT_F32)
+                                 DOT_F32, SWAP_AB)
     if BLOCK_M == 1:
         total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
-        total = acc
+        total = tl.trans(acc) if SWAP_AB else acc
     if PARTIAL:  # split K: float32 partial sums [splits, M, N]; `_split_k_sum_kernel` adds them in a fixed order
         partial = partial_ptr + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(partial, total, mask=out_ok)
@@ -191,7 +196,7 @@ def _linear_kernel(
         if BLOCK_M == 1:
             up = tl.sum(acc_up, axis=1)[None, :].to(dtype)
         else:
-            up = acc_up.to(dtype)
+            up = (tl.trans(acc_up) if SWAP_AB else acc_up).to(dtype)
         gate = out.to(tl.float32)
         out = (gate / (1.0 + tl.exp(-gate))).to(dtype)
         out = (out.to(tl.float32) * up.to(tl.float32)).to(dtype)
@@ -227,6 +232,8 @@ def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, splits, stride_rm, 
         out = (out.to(tl.float32) + tl.load(res_ptr + m * stride_rm + n, mask=ok, other=0.0).to(tl.float32)).to(dtype)
     tl.store(out_ptr + m * stride_om + n, out, mask=ok)
 
+
+SWAP_AB = False  # experiment (scripts/tune_kernels.py): tensor-core tiles as weight @ x.T instead of x @ weight.T
 
 LinearConfig = tuple[int, int, int, int, int, int]
 """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, SPLIT_K, num_stages): num_stages only matters for the tl.dot path (loads
@@ -301,7 +308,8 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
         out.stride(0),
         HAS_ROWS=rows is not None, HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
-        PDL=pdl, ONE_BLOCK=block_m == 1 and block_k >= k, num_warps=warps, num_stages=stages, launch_pdl=pdl,
+        PDL=pdl, ONE_BLOCK=block_m == 1 and block_k >= k, SWAP_AB=SWAP_AB, num_warps=warps, num_stages=stages,
+        launch_pdl=pdl,
     )
     if grid[2] > 1:
         block = 256
