@@ -24,7 +24,6 @@ for step in "$@"; do
     tune) python3 scripts/tune_kernels.py 2>&1 | tee "$out/tune.txt" ;;
     tunegemv) python3 scripts/tune_kernels.py gemv 2>&1 | tee "$out/tunegemv.txt" ;;
     tunebatched) python3 scripts/tune_kernels.py batched 2>&1 | tee "$out/tunebatched.txt" ;;
-    tuneswap) python3 scripts/tune_kernels.py swap 2>&1 | tee "$out/tuneswap.txt" ;;
     buckets) python3 scripts/bucket_timing.py 2>&1 | tee "$out/buckets.txt" ;;
     nopdl) CSMCLI_NO_PDL=1 csm bench --random-weights --batch 1,4,16,64 --chunk-frames 8 --frames 60 --reps 3 \
              -o "$out/nopdl.json" 2>&1 | tee "$out/nopdl.txt" ;;

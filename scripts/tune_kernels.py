@@ -35,44 +35,6 @@ def candidates(m: int, k: int, gated: bool, stages: bool = False):
     return [(bm, n, k, w, s, 3) for bm, n, k, w, s in grid]
 
 
-def swap_candidates(m: int, k: int, gated: bool):
-    """Tensor-core tiles computed as weight @ x.T (kernels.SWAP_AB): weight rows on the MMA's long side."""
-    splits = (1, 2, 4) if k >= 2048 and not gated else (1,)
-    grid = itertools.product((m,), (64, 128), (64, 128), (4, 8), splits, (3, 4))
-    return [c for c in grid if not (gated and c[1] == 128 and c[2] == 128)]
-
-
-def swap_main():
-    """Each 16- and 64-row shape: the current config (x @ weight.T) against swapped tiles."""
-    torch.manual_seed(0)
-    for name, (n, k, gated) in SHAPES.items():
-        rows = 2 * n if gated else n
-        nbytes = rows * k * 2
-        copies = max(4, min(64, (512 << 20) // nbytes))
-        weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-        for m in (16, 64):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            norm = torch.ones(k, device="cuda", dtype=torch.bfloat16)
-            current = kernels.linear_config(m, n, k, gated)
-            results = []
-            for swap, config in [(False, current)] + [(True, c) for c in swap_candidates(m, k, gated)]:
-                kernels.SWAP_AB = swap
-                try:
-                    us = graph_time([lambda w=w, c=config, x=x, norm=norm, gated=gated: kernels.linear(
-                        x, w, norm=norm, eps=1e-5, gated=gated, config=c) for w in weights])
-                except Exception as e:  # a config this Triton cannot build: skip it
-                    print(f"  {name} m={m} {config} swap={swap}: {type(e).__name__}", file=sys.stderr)
-                    continue
-                results.append((us, swap, config))
-            kernels.SWAP_AB = False
-            now = results[0][0]
-            results.sort()
-            us, swap, config = results[0]
-            print(f"{name:9s} m={m:<3d} best swap={swap!s:5s} {config!s:25s} {us:7.1f} us {nbytes / us / 1e3:6.0f} GB/s"
-                  f" | current {current!s:25s} {now:7.1f} us | top3 {[(round(u, 1), s, c) for u, s, c in results[:3]]}",
-                  flush=True)
-
-
 def graph_time(calls) -> float:
     """Microseconds per call of a list of closures, replayed as one CUDA graph."""
     for c in calls[:2]:
@@ -152,4 +114,4 @@ def sample_timings(vocab=2051):
 
 
 if __name__ == "__main__":
-    swap_main() if sys.argv[1:] == ["swap"] else main()
+    main()

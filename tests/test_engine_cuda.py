@@ -60,15 +60,17 @@ def test_slot_joining_mid_run_leaves_others_unchanged(model):
     assert mixed[joiner.id].shape == (10, 32)
 
 
-def test_a_request_alone_and_in_a_full_batch_makes_the_same_codes(model):
-    """With one busy slot the engine replays its 1-row frame graph, with eight its 8-row one: block sizes follow
-    the engine's batch, so the request's codes are the same either way (sampled, bf16, exact)."""
+@pytest.mark.parametrize("max_batch", [8, 64])
+def test_a_request_alone_and_in_a_full_batch_makes_the_same_codes(model, max_batch):
+    """With one busy slot the engine replays its 1-row frame graph, with all slots busy its full one: block sizes
+    follow the engine's batch, so the request's codes are the same either way (sampled, bf16, exact). 64 slots: the
+    64-row tiles computed as weight @ x.T."""
     alone = Request(synthetic_prompt(40, seed=5), SamplingParams(0.9, 50, seed=11), 20)
     crowd = Request(alone.prompt, alone.params, 20)
-    engine = Engine(model, max_batch=8)
-    assert engine.buckets == [1, 2, 4, 8]
+    engine = Engine(model, max_batch=max_batch)
+    assert engine.buckets == [1 << i for i in range(max_batch.bit_length())]
     by_id = {}
-    for reqs in ([alone], [crowd, *requests(7, frames=20, greedy=False)]):
+    for reqs in ([alone], [crowd, *requests(max_batch - 1, frames=20, greedy=False)]):
         for request, chunk in engine.generate(reqs, first_chunk_frames=2, chunk_frames=4):
             by_id.setdefault(request.id, []).append(chunk.codes)
     assert torch.equal(torch.cat(by_id[alone.id]), torch.cat(by_id[crowd.id]))

@@ -38,14 +38,16 @@ def reference_linear(x, weight, norm=None, eps=1e-5, residual=None, gated=False)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("fusion", ["plain", "norm", "residual", "gated", "rows", "transposed"])
-@pytest.mark.parametrize("blocks", ["shape's own", "small", "small, split K"])
+@pytest.mark.parametrize("blocks", ["shape's own", "small", "small, split K", "64-row tiles"])
 def test_linear_matches_torch(dtype, m, fusion, blocks):
     g = torch.Generator().manual_seed(m)
     n, k = 48, 80  # not multiples of the small blocks: masked edges, several K steps
     x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
     weight = (torch.randn(2 * n if fusion == "gated" else n, k, generator=g) / k**0.5).to(DEVICE, dtype)
-    split = 3 if blocks == "small, split K" and fusion != "gated" else 1  # K = 80 in shares of 32, 32, 16
+    split = 3 if blocks in ("small, split K", "64-row tiles") and fusion != "gated" else 1  # K = 80: 32, 32, 16
     config = None if blocks == "shape's own" else ((1 if m == 1 else 16), 16, 32, 4, split, 3)
+    if blocks == "64-row tiles" and m > 1:  # computed as weight @ x.T
+        config = (64, 16, 32, 4, split, 3)
     norm = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
     residual = torch.randn(m, n, generator=g).to(DEVICE, dtype)
     if fusion == "plain":
