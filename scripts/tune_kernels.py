@@ -24,11 +24,9 @@ def candidates(m: int, k: int, gated: bool, stages: bool = False):
         return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
     if m == 1:  # split K measured no faster at one row (2026-11-23); long K blocks keep more loads in flight
         return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16))]
-    if stages:  # 64 rows on tensor cores: tile shapes by loads in flight (pipeline stages); split only long K
-        splits = (1, 2, 4) if k >= 2048 and not gated else (1,)
-        wide = itertools.product((64,), (32, 64) if gated else (32, 64, 128), (64, 128), (4, 8), splits, (3, 4))
-        narrow = itertools.product((16,), (32, 64), (128,), (8,), splits, (3, 4, 5))
-        return list(wide) + list(narrow)
+    if stages:  # 64-row tiles (weight @ x.T: 64 weight rows per MMA), split K for enough programs
+        splits = (1,) if gated else (1, 2, 4, 8, 16)
+        return list(itertools.product((64,), (64,), (64, 128), (4, 8), splits, (3, 4)))
     block_ms = (16,) if m <= 16 else (16, 64)
     splits = (1,) if gated else (1, 2, 4, 8)
     grid = itertools.product(block_ms, (16, 32, 64), (128, 256), (4, 8), splits)
@@ -58,13 +56,11 @@ def main(ms=(1, 16, 64)):
     mode = sys.argv[1] if sys.argv[1:] else "all"
     if mode == "gemv":  # one row only
         ms = (1,)
-    if mode == "batched":  # 64 rows, with pipeline stages (the depth decoder's shapes, 31 of 32 steps per frame)
+    if mode == "batched":  # 64 rows: the current configs against 64-row tiles
         ms = (64,)
     torch.manual_seed(0)
     best_table = {}
     for name, (n, k, gated) in SHAPES.items():
-        if mode == "batched" and not name.startswith("dec"):
-            continue
         rows = 2 * n if gated else n
         nbytes = rows * k * 2
         copies = max(4, min(64, (512 << 20) // nbytes))
