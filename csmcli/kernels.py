@@ -11,7 +11,8 @@ writes, casts and adds are kernels of their own. Here one layer is five kernels:
   5. down projection with the residual add;
 
 and a codebook's draw is one kernel (`sample`: top-k threshold by radix select instead of a sort), the frame's
-sampling noise another (`gumbel_noise`).
+sampling noise another (`gumbel_noise`). A few plain 64-row matmuls (no norm to fold in) go to cuBLAS instead, which
+streams them faster than our tiles (`CUBLAS` in the block table).
 
 Every kernel rounds where torch rounds (matmul output, RoPE products, softmax probabilities, ...) so results stay
 within bf16 rounding of the torch path, and no reduction mixes rows or depends on timing (split-K partial sums are
@@ -239,6 +240,9 @@ in flight in Triton's software pipeline; 3 is its default). Tiles of 64 rows are
 weight's rows on the MMA's long side): 64-row gate/up 18.7 vs 23.3 us on an H100; every other 64- and 16-row shape
 measured as fast or faster with 16-row tiles the usual way round (scripts/tune_kernels.py, 2026-11-23)."""
 
+CUBLAS: LinearConfig = (0, 0, 0, 0, 0, 0)
+"""Not a tile: the product through cuBLAS (plain matmuls, no norm / gate / row gather: those need the kernel)."""
+
 _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # (rows bucket, N, K, gated) of CSM-1B's matmuls: the fastest measured on an H100 (scripts/tune_kernels.py,
     # 2026-11-23, one row with programmatic dependent launch). Long K blocks keep more loads in flight.
@@ -256,12 +260,25 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     (16, 8192, 2048, True): (16, 64, 128, 8, 1, 3), (16, 2048, 8192, False): (16, 64, 128, 8, 8, 3),
     (16, 2051, 2048, False): (16, 64, 128, 8, 4, 3),
     (64, 1536, 1024, False): (16, 64, 128, 8, 1, 3), (64, 1024, 1024, False): (16, 32, 256, 4, 1, 3),
-    (64, 8192, 1024, True): (64, 64, 128, 8, 1, 4), (64, 1024, 8192, False): (16, 64, 128, 8, 4, 3),
+    (64, 8192, 1024, True): (64, 64, 128, 8, 1, 4), (64, 1024, 8192, False): CUBLAS,
     (64, 1024, 2048, False): (16, 64, 128, 8, 4, 3), (64, 2051, 1024, False): (16, 64, 128, 8, 1, 3),
-    (64, 3072, 2048, False): (64, 128, 128, 8, 4, 3), (64, 2048, 2048, False): (16, 64, 128, 8, 1, 3),
-    (64, 8192, 2048, True): (64, 64, 128, 8, 1, 4), (64, 2048, 8192, False): (16, 64, 128, 8, 2, 3),
+    (64, 3072, 2048, False): (64, 128, 128, 8, 4, 3), (64, 2048, 2048, False): CUBLAS,
+    (64, 8192, 2048, True): (64, 64, 128, 8, 1, 4), (64, 2048, 8192, False): CUBLAS,
     (64, 2051, 2048, False): (16, 64, 256, 4, 1, 3),
 }
+
+
+def _cublas_linear(x: Tensor, weight: Tensor, residual: Tensor | None, batch: int) -> Tensor:
+    """`linear` through cuBLAS, always over `batch` rows: cuBLAS picks its algorithm, and with it the summation
+    order, by the row count, so fewer rows would round differently. Rows are independent, so padding rows change
+    nothing in the real ones."""
+    m = x.shape[0]
+    if m < batch:
+        padded = torch.empty(batch, x.shape[1], dtype=x.dtype, device=x.device)  # [batch, K]
+        padded[:m] = x
+        x = padded
+    out = torch.nn.functional.linear(x, weight)[:m]  # [M, N], rounded to x's dtype as the torch path rounds it
+    return out if residual is None else out + residual
 
 
 def linear_config(m: int, n: int, k: int, gated: bool) -> LinearConfig:
@@ -293,8 +310,13 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
     m = rows.shape[0] if rows is not None else x.shape[0]
     n, k = weight.shape
     n = n // 2 if gated else n
+    config = config or linear_config(batch or m, n, k, gated)
+    if config == CUBLAS and norm is None and not gated and rows is None:
+        return _cublas_linear(x, weight, residual, batch or m)
+    if config == CUBLAS:  # a fused product of a shape cuBLAS serves plain: the default tiles
+        config = linear_config(16, 0, 0, False)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    block_m, block_n, block_k, warps, split_k, stages = config or linear_config(batch or m, n, k, gated)
+    block_m, block_n, block_k, warps, split_k, stages = config
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and not (gated and split_k > 1)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out

@@ -73,6 +73,20 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
     torch.testing.assert_close(got, want, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_cublas_linear_runs_every_row_count_as_the_full_batch(residual):
+    """Shapes served by cuBLAS (`kernels.CUBLAS`) always multiply `batch` rows: a slot's row comes out bit for bit
+    the same whether 2 or all 5 slots run, and matches the torch product."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 64, generator=g).to(DEVICE, DTYPES[0])
+    weight = torch.randn(40, 64, generator=g).to(DEVICE, DTYPES[0]) / 8
+    res = torch.randn(5, 40, generator=g).to(DEVICE, DTYPES[0]) if residual else None
+    full = kernels.linear(x, weight, residual=res, batch=5, config=kernels.CUBLAS)
+    fewer = kernels.linear(x[:2], weight, residual=None if res is None else res[:2], batch=5, config=kernels.CUBLAS)
+    assert torch.equal(fewer, full[:2])
+    torch.testing.assert_close(full, reference_linear(x, weight, residual=res), **tolerance(DTYPES[0]))
+
+
 def small_transformer(dtype, max_seq_len=80, seed=0):
     cfg = TransformerConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=96,
                             max_seq_len=max_seq_len)
