@@ -24,9 +24,9 @@ def candidates(m: int, k: int, gated: bool, stages: bool = False):
         return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
     if m == 1:  # split K measured no faster at one row (2026-11-23); long K blocks keep more loads in flight
         return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16))]
-    if stages:  # 64-row tiles (weight @ x.T: 64 weight rows per MMA), split K for enough programs
-        splits = (1,) if gated else (1, 2, 4, 8, 16)
-        return list(itertools.product((64,), (64,), (64, 128), (4, 8), splits, (3, 4)))
+    if stages:  # 32-row tiles: the weight read twice for 64 rows, not four times (16-row) or on fewer programs (64)
+        splits = (1,) if gated else (1, 2, 4)
+        return list(itertools.product((32,), (32, 64), (128, 256), (4, 8), splits, (3,)))
     block_ms = (16,) if m <= 16 else (16, 64)
     splits = (1,) if gated else (1, 2, 4, 8)
     grid = itertools.product(block_ms, (16, 32, 64), (128, 256), (4, 8), splits)
