@@ -314,7 +314,7 @@ def git_commit() -> str | None:
 
 
 def header(device: torch.device, weights: str, preset: str, dtype: str, cuda_graphs: bool, compile: bool,
-           fused_kernels: bool, settings: BenchSettings) -> dict[str, Any]:
+           fused_kernels: bool, settings: BenchSettings, fp8: bool = False) -> dict[str, Any]:
     import transformers
 
     from csmcli.gpu import detect_gpus
@@ -328,7 +328,7 @@ def header(device: torch.device, weights: str, preset: str, dtype: str, cuda_gra
         "driver": gpu.driver_version if gpu else None, "cuda": torch.version.cuda,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "preset": preset, "dtype": dtype, "cuda_graphs": cuda_graphs, "compile": compile,
-        "fused_kernels": fused_kernels, "weights": weights,
+        "fused_kernels": fused_kernels, "fp8": fp8, "weights": weights,
         "warmup_reps": settings.warmup, "reps": settings.reps, "frames": settings.frames,
         "prompt_rows": settings.prompt_rows, "eos": "ignored (every stream makes --frames frames)",
         "meaningful": device.type == "cuda",
@@ -418,7 +418,7 @@ def suggest_preset(report: BenchReport, name: str) -> str:
         f"min_vram_gb = {min_vram_gb}\n"
         f'dtype = "{h["dtype"]}"\nfirst_chunk_frames = {first}\nchunk_frames = {chunk}\nmax_batch = {batch}\n'
         f"cuda_graphs = {str(h['cuda_graphs']).lower()}\ncompile = {str(h['compile']).lower()}\n"
-        f"fused_kernels = {str(h['fused_kernels']).lower()}\n"
+        f"fused_kernels = {str(h['fused_kernels']).lower()}\nfp8 = {str(h.get('fp8', False)).lower()}\n"
     )
 
 
@@ -502,7 +502,8 @@ def render_table(report: BenchReport):
     from rich.table import Table
 
     h = report.header
-    title = (f"csmcli bench: {h.get('gpu') or h['device']}, {h['weights']}, {h['dtype']}, "
+    dtype = f"{h['dtype']} + fp8 weights" if h.get("fp8") else h["dtype"]
+    title = (f"csmcli bench: {h.get('gpu') or h['device']}, {h['weights']}, {dtype}, "
              f"graphs {'on' if h['cuda_graphs'] else 'off'}, torch {h['torch']}, {h['date']}")
     table = Table(title=title, caption=None if h["meaningful"] else "CPU run: these numbers are not meaningful",
                   padding=(0, 1, 0, 0))
@@ -525,7 +526,7 @@ def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
     # Likewise: CUDA, Triton, the env var, and --compile (which means the torch-ops path).
     fused_kernels = fused_kernels_enabled(ctx.preset.fused_kernels, ctx.model, ctx.preset.compile)
     head = header(ctx.device, ctx.weights, ctx.preset.name, str(ctx.model.codebook0_head.weight.dtype).split(".")[-1],
-                  cuda_graphs, ctx.preset.compile, fused_kernels, settings)
+                  cuda_graphs, ctx.preset.compile, fused_kernels, settings, ctx.model.fp8)
     if not settings.decode_audio:
         ctx.decoder = None
     if not head["meaningful"]:

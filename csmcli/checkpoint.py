@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from csmcli.errors import CsmError
-from csmcli.model import CSM_1B, Csm, CsmConfig, RopeScaling, TransformerConfig
+from csmcli.model import CSM_1B, Csm, CsmConfig, Linear, RopeScaling, TransformerConfig
 
 DEFAULT_MODEL = "sesame/csm-1b"
 LICENSE_HINT = (
@@ -464,8 +464,13 @@ def hf_config(cfg: CsmConfig, codec_config: dict | None = None) -> Any:
 
 
 def hf_state_dict(model: Csm) -> dict[str, Tensor]:
-    """Our weights under transformers' names (codec excluded): the inverse of `state_dict_from_hf`."""
+    """Our weights under transformers' names (codec excluded): the inverse of `state_dict_from_hf`. fp8 weights are
+    given dequantized, in the model's dtype."""
     cfg, sd = model.cfg, model.state_dict()
+    dtype = model.codebook0_head.weight.dtype
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.scale is not None:
+            sd[f"{name}.weight"] = (module.weight.float() * module.scale[:, None]).to(dtype)
     out = {
         "embed_text_tokens.weight": sd["text_embeddings.weight"],
         "backbone_model.embed_tokens.embed_audio_tokens.weight": sd["audio_embeddings.weight"],

@@ -90,6 +90,14 @@ FusedKernelsOpt = Annotated[
         help="Triton kernels for the one-token decode steps (CUDA); off: plain torch ops.",
     ),
 ]
+Fp8Opt = Annotated[
+    bool | None,
+    typer.Option(
+        "--fp8/--no-fp8",
+        help="Transformer weights in fp8 (e4m3, a scale per row): about half the bytes per frame, faster on "
+        "Ada/Hopper GPUs, but an approximation of the model (default: preset, off).",
+    ),
+]
 
 
 def preset_overrides(
@@ -100,6 +108,7 @@ def preset_overrides(
     cuda_graphs: bool | None = None,
     compile: bool | None = None,
     fused_kernels: bool | None = None,
+    fp8: bool | None = None,
 ) -> dict[str, Any]:
     """Flag values as `presets.apply_overrides` keywords (None = flag not given)."""
     return {
@@ -110,6 +119,7 @@ def preset_overrides(
         "cuda_graphs": cuda_graphs,
         "compile": compile,
         "fused_kernels": fused_kernels,
+        "fp8": fp8,
     }
 
 
@@ -214,7 +224,7 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
     return pipeline
 
 
-_OVERRIDE_FLAGS = ("first_chunk_frames", "chunk_frames", "dtype", "cuda_graphs", "compile", "fused_kernels")
+_OVERRIDE_FLAGS = ("first_chunk_frames", "chunk_frames", "dtype", "cuda_graphs", "compile", "fused_kernels", "fp8")
 
 
 def _speak(live: bool, params: dict[str, Any]) -> None:
@@ -274,6 +284,7 @@ def say(
     cuda_graphs: CudaGraphsOpt = None,
     compile: CompileOpt = None,
     fused_kernels: FusedKernelsOpt = None,
+    fp8: Fp8Opt = None,
 ) -> None:
     """Speak text into an audio file (and optionally the speakers).
 
@@ -319,6 +330,7 @@ def stream(
     cuda_graphs: CudaGraphsOpt = None,
     compile: CompileOpt = None,
     fused_kernels: FusedKernelsOpt = None,
+    fp8: Fp8Opt = None,
 ) -> None:
     """Speak text live: playback starts with the first chunk while the rest is generated.
 
@@ -385,6 +397,7 @@ def bench(
     cuda_graphs: CudaGraphsOpt = None,
     compile: CompileOpt = None,
     fused_kernels: FusedKernelsOpt = None,
+    fp8: Fp8Opt = None,
 ) -> None:
     """Measure ms/frame, time to first audio, real-time factor and throughput on this machine.
 
@@ -425,6 +438,7 @@ def bench(
             cuda_graphs=cuda_graphs,
             compile=compile,
             fused_kernels=fused_kernels,
+            fp8=fp8,
         ),
     )
     settings = b.BenchSettings(

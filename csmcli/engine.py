@@ -118,13 +118,16 @@ def graphs_enabled(requested: bool, device: torch.device) -> bool:
 
 def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) -> bool:
     """The Triton decode kernels run when asked for, on CUDA (Ampere or newer) with Triton installed, for head
-    sizes they handle (tl.dot needs half a head >= 16), not switched off by CSMCLI_NO_FUSED_KERNELS=1, and not
-    with `compile`: torch.compile makes its own kernels from the torch ops, so compiling means the torch-ops path."""
+    sizes they handle (tl.dot needs half a head >= 16), with fp8 weights on Ada or newer, not switched off by
+    CSMCLI_NO_FUSED_KERNELS=1, and not with `compile`: torch.compile makes its own kernels from the torch ops, so
+    compiling means the torch-ops path."""
     device = model.codebook0_head.weight.device
     if not requested or compile or device.type != "cuda" or os.environ.get(NO_FUSED_ENV) == "1":
         return False
     if importlib.util.find_spec("triton") is None or torch.cuda.get_device_capability(device) < (8, 0):
         return False  # no Triton, or a GPU before Ampere (bf16 tensor-core dots): torch ops
+    if model.fp8 and torch.cuda.get_device_capability(device) < (8, 9):
+        return False  # Triton converts fp8 (e4m3) on Ada / Hopper and newer only
     heads = [model.cfg.backbone.head_dim, model.cfg.decoder.head_dim]
     return all(d >= 32 and d & (d - 1) == 0 for d in heads)
 

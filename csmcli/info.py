@@ -172,4 +172,5 @@ def _preset_summary(p: dict[str, Any]) -> str:
         f"{p['dtype']}, first chunk {p['first_chunk_frames']} frames, then {p['chunk_frames']}, "
         f"batch up to {p['max_batch']}, CUDA graphs {'on' if p['cuda_graphs'] else 'off'}, "
         f"compile {'on' if p['compile'] else 'off'}, fused kernels {'on' if p['fused_kernels'] else 'off'}"
+        + (", fp8 weights" if p.get("fp8") else "")
     )

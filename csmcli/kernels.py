@@ -95,19 +95,19 @@ def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_A
     if BLOCK_M == 1:  # GEMV: products summed per lane, one reduction after the loop
         acc = acc + xk.to(tl.float32) * w.to(tl.float32)
     elif SWAP_AB:  # `[BLOCK_N, BLOCK_M]`: weight rows fill the MMA's long side, the few batch rows its short one
-        acc = _dot(w, tl.trans(xk), acc, DOT_F32)
+        acc = _dot(w.to(xk.dtype), tl.trans(xk), acc, DOT_F32)  # fp8 weights: exact in bf16, as the MMA wants
     else:
-        acc = _dot(xk, tl.trans(w), acc, DOT_F32)
+        acc = _dot(xk, tl.trans(w.to(xk.dtype)), acc, DOT_F32)
     return acc
 
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, rows_ptr, norm_ptr, w_ptr, res_ptr, out_ptr, partial_ptr,
+    x_ptr, rows_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr,
     M, N, K, k_per_split, row_offset, eps,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_ROWS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -134,6 +134,12 @@ def _linear_kernel(
     norm_weight = tl.zeros([BLOCK_K], dtype=tl.float32)
     if ONE_BLOCK and HAS_NORM:
         norm_weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    scale = tl.zeros([BLOCK_N], dtype=tl.float32)
+    scale_up = scale
+    if HAS_SCALE:  # fp8 weights: one float32 scale per weight row (never changes: before the wait)
+        scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+        if GATED:
+            scale_up = tl.load(scale_ptr + N + offs_n, mask=n_ok, other=0.0)
     _wait_for_inputs(PDL)
     out_ok = m_ok[:, None] & n_ok[None, :]
     residual = tl.zeros([BLOCK_M, BLOCK_N], dtype=dtype)
@@ -188,6 +194,8 @@ def _linear_kernel(
         total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         total = tl.trans(acc) if SWAP_AB else acc
+    if HAS_SCALE:  # (x @ w8.T) * scale in float32, rounded once below
+        total = total * scale[None, :]
     if PARTIAL:  # split K: float32 partial sums [splits, M, N]; `_split_k_sum_kernel` adds them in a fixed order
         partial = partial_ptr + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(partial, total, mask=out_ok)
@@ -195,9 +203,12 @@ def _linear_kernel(
     out = total.to(dtype)
     if GATED:  # silu(gate) * up, each step rounded as torch rounds it
         if BLOCK_M == 1:
-            up = tl.sum(acc_up, axis=1)[None, :].to(dtype)
+            up = tl.sum(acc_up, axis=1)[None, :]
         else:
-            up = (tl.trans(acc_up) if SWAP_AB else acc_up).to(dtype)
+            up = tl.trans(acc_up) if SWAP_AB else acc_up
+        if HAS_SCALE:
+            up = up * scale_up[None, :]
+        up = up.to(dtype)
         gate = out.to(tl.float32)
         out = (gate / (1.0 + tl.exp(-gate))).to(dtype)
         out = (out.to(tl.float32) * up.to(tl.float32)).to(dtype)
@@ -281,9 +292,23 @@ def _cublas_linear(x: Tensor, weight: Tensor, residual: Tensor | None, batch: in
     return out if residual is None else out + residual
 
 
-def linear_config(m: int, n: int, k: int, gated: bool) -> LinearConfig:
-    """Block sizes for an `[m, k] x [k, n]` product (n output columns; gated: the weight has 2n rows), from H100
-    measurements (scripts/tune_kernels.py). They fix the summation order, so they depend only on the shape."""
+_FP8_GEMV_CONFIGS: dict[tuple[int, int, bool], LinearConfig] = {
+    # (N, K, gated) with fp8 weights at one row: a weight element is 1 byte, so blocks span more of K (or more
+    # rows where K is spanned already) for the same bytes per load.
+}
+
+
+def linear_config(m: int, n: int, k: int, gated: bool, fp8: bool = False) -> LinearConfig:
+    """Block sizes for an `[m, k] x [k, n]` product (n output columns; gated: the weight has 2n rows; fp8: 1-byte
+    weights), from H100 measurements (scripts/tune_kernels.py). They fix the summation order, so they depend only
+    on the shape."""
+    if m == 1 and fp8:
+        if (n, k, gated) in _FP8_GEMV_CONFIGS:
+            return _FP8_GEMV_CONFIGS[(n, k, gated)]
+        _, block_n, block_k, warps, _, stages = linear_config(1, n, k, gated)
+        if block_k < _pow2(k):
+            return 1, block_n, 2 * block_k, warps, 1, stages
+        return 1, 2 * block_n, block_k, warps, 1, stages
     if m == 1 and (1, n, k, gated) in _LINEAR_CONFIGS:
         return _LINEAR_CONFIGS[(1, n, k, gated)]
     if m == 1:  # GEMV: small N blocks so every SM streams weights, long K blocks
@@ -291,14 +316,19 @@ def linear_config(m: int, n: int, k: int, gated: bool) -> LinearConfig:
             return 1, 16, 512 if k >= 2048 else 256, 4, 1, 3
         return 1, 8 if n > 2048 else 4, min(1024, _pow2(k)), 8, 1, 3
     bucket = 16 if m <= 16 else 64  # rows beyond 64 run as more row blocks of the same sizes
-    return _LINEAR_CONFIGS.get((bucket, n, k, gated), (16, 64, 128, 8, 1, 3))
+    config = _LINEAR_CONFIGS.get((bucket, n, k, gated), (16, 64, 128, 8, 1, 3))
+    if config == CUBLAS and fp8:  # cuBLAS has no fp8-weight x bf16 product: the 16-row tiles of the shape
+        return linear_config(16, n, k, gated)
+    return config
 
 
-def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float = 0.0,
+def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tensor | None = None, eps: float = 0.0,
            residual: Tensor | None = None, gated: bool = False, rows: Tensor | None = None, row_offset: int = 0,
            batch: int | None = None, config: LinearConfig | None = None) -> Tensor:
     """`x [M, K] @ weight.T` for `weight [N, K]` (any strides), with optional fusions:
 
+    - `scale [N]` (float32): `weight` holds fp8 values and the product is `(x @ weight.T) * scale`, in float32,
+      rounded once (`model.Linear`'s fp8 weights);
     - `norm [K]`: RMSNorm of x's rows (weight `norm`, `eps`) first;
     - `gated`: `weight` holds gate rows then up rows `[2I, K]`; returns `silu(x @ gate.T) * (x @ up.T)` `[M, I]`;
     - `residual [M, N]`: added to the result;
@@ -310,11 +340,13 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
     m = rows.shape[0] if rows is not None else x.shape[0]
     n, k = weight.shape
     n = n // 2 if gated else n
-    config = config or linear_config(batch or m, n, k, gated)
+    fp8 = scale is not None
+    config = config or linear_config(batch or m, n, k, gated, fp8)
     if config == CUBLAS and norm is None and not gated and rows is None:
         return _cublas_linear(x, weight, residual, batch or m)
-    if config == CUBLAS:  # a fused product of a shape cuBLAS serves plain: the default tiles
-        config = linear_config(16, 0, 0, False)
+    if config == CUBLAS:  # a fused product of a shape cuBLAS serves plain: the shape's 16-row tiles
+        config = linear_config(16, n, k, gated)
+    assert not fp8 or (scale.dtype == torch.float32 and scale.shape == (weight.shape[0],) and scale.stride(0) == 1)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     block_m, block_n, block_k, warps, split_k, stages = config
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and not (gated and split_k > 1)
@@ -324,12 +356,12 @@ def linear(x: Tensor, weight: Tensor, *, norm: Tensor | None = None, eps: float 
     pdl = use_pdl(x, block_m == 1)
     _linear_kernel[grid](
         x, rows if rows is not None else x, norm if norm is not None else x, weight,
-        residual if residual is not None else x, out, partial,
+        scale if fp8 else x, residual if residual is not None else x, out, partial,
         m, n, k, k_per_split, row_offset, eps,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
         HAS_ROWS=rows is not None, HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
+        HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=block_m == 1 and block_k >= k, SWAP_AB=block_m >= 64, num_warps=warps,
         num_stages=stages, launch_pdl=pdl,
     )

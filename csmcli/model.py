@@ -89,6 +89,37 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer whose weight may be stored in fp8 (`to_fp8`): e4m3 values and one float32 scale per
+    output row, `y = (x @ weight.T) * scale`. A one-token step is bound by the bytes of its weights, and this
+    halves them; but each weight keeps only 3 mantissa bits, so the model is an approximation of the bf16 one,
+    used only when asked for (`--fp8`)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.register_buffer("scale", None)  # [out_features] float32 with fp8 weights
+
+    @torch.no_grad()
+    def to_fp8(self) -> None:
+        """Quantize the weight in place: each row scaled so its largest magnitude is e4m3's largest value, then
+        rounded to nearest (torch's conversion)."""
+        w = self.weight.float()  # [N, K]
+        scale = w.abs().amax(dim=1) / FP8_MAX  # [N]
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+        self.weight = nn.Parameter((w / scale[:, None]).to(torch.float8_e4m3fn), requires_grad=False)
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scale is None:
+            return super().forward(x)
+        # The stored values are exact in x's dtype; the scale is applied in float32 (in bf16 after the product's
+        # own rounding: at most one bf16 ulp from the fused kernels, which round once).
+        return (F.linear(x, self.weight.to(x.dtype)).float() * self.scale).to(x.dtype)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -153,8 +184,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # q, k, v fused into one matmul: one kernel instead of three per layer and step.
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
                 rows: Tensor | None, cache: KVCache):
@@ -173,8 +204,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size)  # gate and up, fused
+        self.w2 = Linear(cfg.intermediate_size, cfg.dim)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
@@ -201,13 +232,13 @@ class Block(nn.Module):
         from csmcli import kernels
 
         a, f = self.attention, self.feed_forward
-        qkv = kernels.linear(x, a.wqkv.weight, norm=self.attention_norm.weight, eps=self.attention_norm.eps,
-                             batch=batch)
+        qkv = kernels.linear(x, a.wqkv.weight, scale=a.wqkv.scale, norm=self.attention_norm.weight,
+                             eps=self.attention_norm.eps, batch=batch)
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads)
-        x = kernels.linear(out, a.wo.weight, residual=x, batch=batch)
-        hidden = kernels.linear(x, f.w13.weight, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps, gated=True,
-                                batch=batch)
-        return kernels.linear(hidden, f.w2.weight, residual=x, batch=batch)
+        x = kernels.linear(out, a.wo.weight, scale=a.wo.scale, residual=x, batch=batch)
+        hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps,
+                                gated=True, batch=batch)
+        return kernels.linear(hidden, f.w2.weight, scale=f.w2.scale, residual=x, batch=batch)
 
 
 class Transformer(nn.Module):
@@ -308,6 +339,20 @@ class Csm(nn.Module):
         self.codebook_offsets = torch.arange(self.cfg.num_codebooks, device=device) * self.cfg.audio_vocab_size
         for t in (self.backbone, self.decoder):
             t.set_rope(device, dtype)
+
+    def linears(self) -> list[Linear]:
+        """The transformer layers' matmuls (backbone and depth decoder): ~97% of the weight bytes a frame reads."""
+        return [m for t in (self.backbone, self.decoder) for m in t.modules() if isinstance(m, Linear)]
+
+    def to_fp8(self) -> None:
+        """Store the transformer layers' weights in fp8 (`Linear.to_fp8`). Embeddings, the projection and the
+        codebook heads stay as they are: they are few bytes per frame, and the heads make the logits."""
+        for linear in self.linears():
+            linear.to_fp8()
+
+    @property
+    def fp8(self) -> bool:
+        return any(linear.scale is not None for linear in self.linears())
 
     def new_caches(self, batch: int) -> Caches:
         """Zeroed KV caches for `batch` independent rows, in the weights' dtype and device."""

@@ -99,12 +99,15 @@ def load_model_and_codec(source: str | None, preset: Preset, *, device: str | No
                          random_weights: bool = False, codec_path: str | None = None,
                          tokenizer_path: str | None = None, config=None,
                          codec_config=None) -> tuple[Checkpoint, MimiCodec | None, torch.device]:
-    """Checkpoint and codec on the device the preset (or `--torch-device`) selects, in the preset's dtype."""
+    """Checkpoint and codec on the device the preset (or `--torch-device`) selects, in the preset's dtype (the
+    transformer layers' weights in fp8 with the preset's `fp8`)."""
     dev = pick_device(device, preset)
     dtype = DTYPES[preset.dtype] if dev.type == "cuda" else torch.float32
     kwargs = {"config": config} if config is not None else {}
     ck = load(source, device=dev, dtype=dtype, tokenizer_path=tokenizer_path, random_weights=random_weights,
               **kwargs)
+    if preset.fp8:
+        ck.model.to_fp8()
     return ck, load_codec(ck, codec_path, dev, codec_config), dev
 
 

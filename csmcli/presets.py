@@ -17,7 +17,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 CPU_PRESET = "cpu"
 
 # Fields a command-line flag may change; the rest describe the tier itself.
-OVERRIDABLE = ("dtype", "first_chunk_frames", "chunk_frames", "max_batch", "cuda_graphs", "compile", "fused_kernels")
+OVERRIDABLE = ("dtype", "first_chunk_frames", "chunk_frames", "max_batch", "cuda_graphs", "compile", "fused_kernels",
+               "fp8")
 
 # Memory model behind the tiers' max_batch (checked by tests/test_presets.py).
 MODEL_PARAMS = 1.77e9  # backbone + depth decoder + embeddings/heads + Mimi, as in the HF checkpoint
@@ -39,6 +40,7 @@ class Preset:
     cuda_graphs: bool
     compile: bool
     fused_kernels: bool
+    fp8: bool  # the transformer layers' weights in fp8 (`Csm.to_fp8`): an approximation, so off unless asked
 
 
 _FIELD_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Preset)}  # type: ignore[misc]
@@ -76,7 +78,7 @@ def load_presets(directory: Path | str | None = None) -> dict[str, Preset]:
 
 
 # Keys newer than the preset format: files written before them (bench --write-preset) load with these values.
-_ADDED_LATER: dict[str, Any] = {"fused_kernels": True}  # the Triton kernels only ever run on CUDA
+_ADDED_LATER: dict[str, Any] = {"fused_kernels": True, "fp8": False}  # the Triton kernels only ever run on CUDA
 
 
 def load_preset_file(path: Path) -> Preset:

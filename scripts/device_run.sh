@@ -24,6 +24,8 @@ for step in "$@"; do
     tune) python3 scripts/tune_kernels.py 2>&1 | tee "$out/tune.txt" ;;
     tunegemv) python3 scripts/tune_kernels.py gemv 2>&1 | tee "$out/tunegemv.txt" ;;
     tunebatched) python3 scripts/tune_kernels.py batched 2>&1 | tee "$out/tunebatched.txt" ;;
+    tunefp8) python3 scripts/tune_kernels.py fp8 2>&1 | tee "$out/tunefp8.txt" ;;
+    tunefp8batched) python3 scripts/tune_kernels.py fp8batched 2>&1 | tee "$out/tunefp8batched.txt" ;;
     buckets) python3 scripts/bucket_timing.py 2>&1 | tee "$out/buckets.txt" ;;
     nopdl) CSMCLI_NO_PDL=1 csm bench --random-weights --batch 1,4,16,64 --chunk-frames 8 --frames 60 --reps 3 \
              -o "$out/nopdl.json" 2>&1 | tee "$out/nopdl.txt" ;;
@@ -31,6 +33,10 @@ for step in "$@"; do
                 -o "$out/torchops.json" 2>&1 | tee "$out/torchops.txt" ;;
     bench1) csm bench --random-weights --batch 1 --chunk-frames 2,8 --frames 100 --reps 3 \
               -o "$out/bench1.json" 2>&1 | tee "$out/bench1.txt" ;;
+    bench1fp8) csm bench --random-weights --fp8 --batch 1 --chunk-frames 2,8 --frames 100 --reps 3 \
+                 -o "$out/bench1fp8.json" 2>&1 | tee "$out/bench1fp8.txt" ;;
+    sweepfp8) csm bench --random-weights --fp8 --batch 1,4,16,64 --chunk-frames 8 --frames 60 --reps 3 \
+                -o "$out/sweepfp8.json" 2>&1 | tee "$out/sweepfp8.txt" ;;
     sweep) csm bench --random-weights --batch 1,4,16,64 --chunk-frames 8 --frames 60 --reps 3 \
              -o "$out/sweep.json" 2>&1 | tee "$out/sweep.txt" ;;
     compile) csm bench --random-weights --compile --batch 1 --chunk-frames 8 --frames 100 --reps 3 \

@@ -1,7 +1,10 @@
 """Block sizes for csmcli.kernels.linear on this GPU (CUDA): every CSM matmul shape at batch rows 1 / 16 / 64,
 each candidate config timed inside a CUDA graph over enough weight copies to defeat L2 (as in a real frame,
 where ~9 GB of weights stream through per frame). Prints the best config per shape next to the current choice
-and cuBLAS (torch.nn.functional.linear), in microseconds and weight GB/s."""
+and cuBLAS (torch.nn.functional.linear), in microseconds and weight GB/s.
+
+Modes (first argument): all (default), gemv (one row), batched (64 rows), fp8 (one row, fp8 weights), fp8batched
+(64 rows, fp8 weights: cuBLAS is then timed on bf16 weights, for reference)."""
 
 import itertools
 import sys
@@ -19,7 +22,10 @@ SHAPES = {  # name: (N, K, gated)
 }
 
 
-def candidates(m: int, k: int, gated: bool, stages: bool = False):
+def candidates(m: int, k: int, gated: bool, stages: bool = False, fp8: bool = False):
+    if m == 1 and fp8:  # 1-byte weights: blocks up to twice as long for the same bytes per load
+        grid = itertools.product((4, 8) if gated else (2, 4, 8), (1024, 2048, 4096, 8192), (4, 8))
+        return [(1, n, bk, w, 1, 3) for n, bk, w in grid if bk <= max(1024, 2 * k)]
     if m == 1 and gated:
         return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
     if m == 1:  # split K measured no faster at one row (2026-11-23); long K blocks keep more loads in flight
@@ -56,25 +62,32 @@ def main(ms=(1, 16, 64)):
     mode = sys.argv[1] if sys.argv[1:] else "all"
     if mode == "gemv":  # one row only
         ms = (1,)
-    if mode == "batched":  # 64 rows: the current configs against 64-row tiles
+    if mode in ("batched", "fp8batched"):  # 64 rows: the current configs against 64-row tiles
         ms = (64,)
+    if mode == "fp8":
+        ms = (1,)
+    fp8 = mode.startswith("fp8")
     torch.manual_seed(0)
     best_table = {}
     for name, (n, k, gated) in SHAPES.items():
+        if fp8 and ("head" in name or "proj" in name):  # not quantized (`Csm.to_fp8`)
+            continue
         rows = 2 * n if gated else n
-        nbytes = rows * k * 2
+        nbytes = rows * k * (1 if fp8 else 2)
         copies = max(4, min(64, (512 << 20) // nbytes))
         weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        stored = [w.to(torch.float8_e4m3fn) for w in weights] if fp8 else weights
+        scale = torch.ones(rows, device="cuda") if fp8 else None
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             norm = torch.ones(k, device="cuda", dtype=torch.bfloat16)
             results = []
-            configs = candidates(m, k, gated, stages=mode == "batched")
-            current = kernels.linear_config(m, n, k, gated)
+            configs = candidates(m, k, gated, stages=mode == "batched", fp8=mode == "fp8")
+            current = kernels.linear_config(m, n, k, gated, fp8)
             for config in configs + [current] * (current not in configs):
                 try:
-                    us = graph_time([lambda w=w, c=config, x=x, norm=norm, gated=gated: kernels.linear(
-                        x, w, norm=norm, eps=1e-5, gated=gated, config=c) for w in weights])
+                    us = graph_time([lambda w=w, c=config, x=x, norm=norm, gated=gated, scale=scale: kernels.linear(
+                        x, w, scale=scale, norm=norm, eps=1e-5, gated=gated, config=c) for w in stored])
                 except Exception as e:  # a config this Triton cannot build: skip it
                     print(f"  {name} m={m} {config}: {type(e).__name__}", file=sys.stderr)
                     continue
@@ -89,7 +102,7 @@ def main(ms=(1, 16, 64)):
                   f"current {current!s:25s} {now:7.1f} us | cuBLAS+norm {cublas:7.1f} us | "
                   f"top3 {[(round(u, 1), c) for u, c in results[:3]]}", flush=True)
     print("BEST =", best_table)
-    if mode != "batched":
+    if mode in ("all", "gemv"):
         sample_timings()
 
 

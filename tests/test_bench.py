@@ -404,7 +404,7 @@ def _transformer_params(t) -> int:
     return t.n_layers * (attention + feed_forward + 2 * t.dim) + t.dim  # + two norms per layer, final norm
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bfloat16 + fp8"])
 def test_weight_bytes_per_frame_by_hand(tiny_model, dtype):
     cfg = bench.TINY
     bb, dd, vocab = cfg.backbone, cfg.decoder, cfg.audio_vocab_size
@@ -413,9 +413,22 @@ def test_weight_bytes_per_frame_by_hand(tiny_model, dtype):
     audio_head = (cfg.num_codebooks - 1) * dd.dim * vocab
     codebook0_head = bb.dim * vocab
     embeddings = cfg.text_vocab_size * bb.dim + cfg.num_codebooks * vocab * bb.dim
-    model = tiny_model if dtype == torch.float32 else random_model(cfg, "cpu", dtype)
+    model = tiny_model if dtype == torch.float32 else random_model(cfg, "cpu", torch.bfloat16)
     # the hand count misses no parameter: with the embeddings (left out of a frame's reads) it is the model's size
     assert sum(p.numel() for p in model.parameters()) == (
         backbone + decoder + projection + audio_head + codebook0_head + embeddings)
     per_frame = backbone + 31 * (decoder + projection) + audio_head + codebook0_head
+    if dtype == "bfloat16 + fp8":  # the layers' matmuls at 1 byte, norms, projection and heads at 2
+        model.to_fp8()
+        matmuls = [_transformer_params(t) - t.n_layers * 2 * t.dim - t.dim for t in (bb, dd)]
+        one_byte = matmuls[0] + 31 * matmuls[1]
+        assert bench.weight_bytes_per_frame(model) == one_byte + 2 * (per_frame - one_byte)
+        return
     assert bench.weight_bytes_per_frame(model) == per_frame * (4 if dtype == torch.float32 else 2)
+
+
+def test_fp8_run_says_so_in_header_and_title(tmp_path):
+    path = tmp_path / "r.json"
+    result = run_ok("--no-decode", "--fp8", "-o", str(path))
+    assert json.loads(path.read_text())["header"]["fp8"] is True
+    assert "float32 + fp8 weights" in " ".join(result.stderr.split())  # the table's title, however it wraps

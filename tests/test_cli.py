@@ -7,6 +7,7 @@ import textwrap
 from typing import Annotated
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -17,6 +18,7 @@ from csmcli.cli import (
     CudaGraphsOpt,
     DtypeOpt,
     FirstChunkFramesOpt,
+    Fp8Opt,
     FusedKernelsOpt,
     PresetOpt,
     app,
@@ -202,9 +204,10 @@ def _options_app() -> typer.Typer:
         cuda_graphs: CudaGraphsOpt = None,
         compile: CompileOpt = None,
         fused_kernels: FusedKernelsOpt = None,
+        fp8: Fp8Opt = None,
     ) -> None:
         overrides = preset_overrides(
-            first_chunk_frames, chunk_frames, batch, dtype, cuda_graphs, compile, fused_kernels
+            first_chunk_frames, chunk_frames, batch, dtype, cuda_graphs, compile, fused_kernels, fp8
         )
         typer.echo(repr((preset, overrides)))
 
@@ -214,31 +217,32 @@ def _options_app() -> typer.Typer:
 def test_preset_flags_default_to_not_given():
     result = CliRunner().invoke(_options_app(), [])
     assert result.exit_code == 0, result.output
-    keys = ["first_chunk_frames", "chunk_frames", "max_batch", "dtype", "cuda_graphs", "compile", "fused_kernels"]
+    keys = ["first_chunk_frames", "chunk_frames", "max_batch", "dtype", "cuda_graphs", "compile", "fused_kernels",
+            "fp8"]
     assert result.output.strip() == repr((None, dict.fromkeys(keys)))
 
 
 def test_preset_flags_parse_to_override_values():
     args = ["--preset", "8gb", "--first-chunk-frames", "1", "--chunk-frames", "8", "--batch", "3"]
-    args += ["--dtype", "float16", "--no-cuda-graphs", "--compile", "--no-fused-kernels"]
+    args += ["--dtype", "float16", "--no-cuda-graphs", "--compile", "--no-fused-kernels", "--fp8"]
     result = CliRunner().invoke(_options_app(), args)
     assert result.exit_code == 0, result.output
     expected = {"first_chunk_frames": 1, "chunk_frames": 8, "max_batch": 3, "dtype": "float16"}
-    flags = {"cuda_graphs": False, "compile": True, "fused_kernels": False}
+    flags = {"cuda_graphs": False, "compile": True, "fused_kernels": False, "fp8": True}
     assert result.output.strip() == repr(("8gb", {**expected, **flags}))
     result = CliRunner().invoke(_options_app(), ["--fused-kernels"])
     assert result.exit_code == 0, result.output
     assert "'fused_kernels': True" in result.output
 
 
-def test_every_command_with_compile_takes_fused_kernels():
+def test_every_command_with_compile_takes_fused_kernels_and_fp8():
     commands = typer.main.get_command(app).commands
     with_compile = []
     for name, command in commands.items():
         flags = {flag for param in command.params for flag in (*param.opts, *param.secondary_opts)}
         if "--compile" in flags:
             with_compile.append(name)
-            assert {"--no-compile", "--fused-kernels", "--no-fused-kernels"} <= flags, name
+            assert {"--no-compile", "--fused-kernels", "--no-fused-kernels", "--fp8", "--no-fp8"} <= flags, name
     assert sorted(with_compile) == ["bench", "say", "stream"]
 
 
@@ -266,6 +270,32 @@ def test_fused_kernels_reaches_the_engine(args, expected, hf_checkpoint, tmp_pat
     result = CliRunner().invoke(app, [command, "Hello.", *rest, "--torch-device", "cpu", "--model", str(hf_checkpoint)])
     assert result.exit_code == 2 and "stopped by the test" in result.output, result.output
     assert [kw["fused_kernels"] for kw in asked] == [expected]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["say"], False),  # no preset stores weights in fp8 unless asked
+        (["say", "--fp8"], True),
+        (["stream", "--no-play", "-o", "out.wav", "--preset", "8gb", "--fp8"], True),
+        (["say", "--fp8", "--no-fp8"], False),
+    ],
+)
+def test_fp8_flag_quantizes_the_model_the_engine_gets(args, expected, hf_checkpoint, tmp_path, monkeypatch):
+    from csmcli import pipeline
+
+    got = []
+
+    def engine(model, **kwargs):
+        got.append((model.fp8, model.backbone.layers[0].attention.wqkv.weight.dtype))
+        raise CsmError("stopped by the test")
+
+    monkeypatch.setattr(pipeline, "Engine", engine)
+    monkeypatch.chdir(tmp_path)
+    command, *rest = args
+    result = CliRunner().invoke(app, [command, "Hello.", *rest, "--torch-device", "cpu", "--model", str(hf_checkpoint)])
+    assert result.exit_code == 2 and "stopped by the test" in result.output, result.output
+    assert got == [(expected, torch.float8_e4m3fn if expected else torch.float32)]
 
 
 @pytest.mark.parametrize("args", [["--batch", "0"], ["--chunk-frames", "x"], ["--dtype", "float64"]])

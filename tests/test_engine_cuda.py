@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 import torch
 
@@ -90,3 +92,62 @@ def test_programmatic_dependent_launch_changes_no_code(model, monkeypatch):
     without = run(model, reqs, 1, True)
     for r in reqs:
         assert torch.equal(with_pdl[r.id], without[r.id]), r.id
+
+
+@pytest.fixture(scope="module")
+def fp8_model():
+    model = random_model(CSM_1B, "cuda", torch.bfloat16, seed=1)
+    model.to_fp8()
+    return model
+
+
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_fp8_graph_equals_eager(fp8_model, max_batch):
+    """fp8 weights (`--fp8`): the fused kernels' fp8 paths (GEMV at one row, converted tensor-core tiles at 8),
+    graphed against eager, sampled and greedy, exact."""
+    reqs = requests(max_batch, frames=20, greedy=False)
+    eager, graphed = run(fp8_model, reqs, max_batch, False), run(fp8_model, reqs, max_batch, True)
+    for r in reqs:
+        assert torch.equal(eager[r.id], graphed[r.id]), r.id
+
+
+def test_fp8_programmatic_dependent_launch_changes_no_code(fp8_model, monkeypatch):
+    """The fp8 GEMV loads its per-row scales before waiting for the previous kernel; with PDL == without."""
+    from csmcli import kernels
+
+    reqs = requests(2, frames=16, greedy=False)
+    monkeypatch.setattr(kernels, "pdl_allowed", True)
+    with_pdl = run(fp8_model, reqs, 1, True)
+    monkeypatch.setattr(kernels, "pdl_allowed", False)
+    without = run(fp8_model, reqs, 1, True)
+    for r in reqs:
+        assert torch.equal(with_pdl[r.id], without[r.id]), r.id
+
+
+def test_fp8_request_alone_and_in_a_full_batch_of_64_makes_the_same_codes(fp8_model):
+    """At 64 slots the shapes cuBLAS serves in bf16 run on the kernel's tiles with fp8 weights: still one row's
+    result whatever the other rows are."""
+    alone = Request(synthetic_prompt(40, seed=5), SamplingParams(0.9, 50, seed=11), 12)
+    crowd = Request(alone.prompt, alone.params, 12)
+    engine = Engine(fp8_model, max_batch=64)
+    by_id = {}
+    for reqs in ([alone], [crowd, *requests(63, frames=12, greedy=False)]):
+        for request, chunk in engine.generate(reqs, first_chunk_frames=2, chunk_frames=4):
+            by_id.setdefault(request.id, []).append(chunk.codes)
+    assert torch.equal(torch.cat(by_id[alone.id]), torch.cat(by_id[crowd.id]))
+
+
+def test_fp8_model_follows_the_bf16_model(model, fp8_model):
+    """Full size: after the same prompt, the fp8 model's backbone state and codebook-0 logits point where the bf16
+    model's do (an approximation, so close, not equal)."""
+    states = []
+    for m in (model, fp8_model):
+        engine = Engine(m, max_batch=1)
+        engine.admit(deque([Request(synthetic_prompt(120, seed=3), SamplingParams(0.0), 4)]))
+        hidden = engine.stepper.hidden.float()
+        states.append((hidden, m.codebook0_head(engine.stepper.hidden).float()))
+    (hidden, logits), (hidden8, logits8) = states
+    assert not torch.equal(hidden, hidden8)
+    similarity = [torch.nn.functional.cosine_similarity(a, b).min().item() for a, b in ((hidden, hidden8),
+                                                                                       (logits, logits8))]
+    assert min(similarity) > 0.98, similarity

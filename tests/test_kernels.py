@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from csmcli import kernels
 from csmcli.checkpoint import random_model
 from csmcli.generate import FrameStepper
-from csmcli.model import CsmConfig, Transformer, TransformerConfig
+from csmcli.model import CsmConfig, Linear, Transformer, TransformerConfig
 from csmcli.prompt import synthetic_prompt
 from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, gumbel_noise, sample, token_keys
 
@@ -26,9 +26,10 @@ def tolerance(dtype):
 
 
 def reference_linear(x, weight, norm=None, eps=1e-5, residual=None, gated=False):
+    """`weight`: a tensor, or a `Linear` with fp8 weights (its torch forward is the reference)."""
     if norm is not None:
         x = F.rms_norm(x, (x.shape[-1],), norm, eps)
-    y = x @ weight.T
+    y = weight(x) if isinstance(weight, Linear) else x @ weight.T
     if gated:
         gate, up = y.split(y.shape[-1] // 2, dim=-1)
         y = F.silu(gate) * up
@@ -69,6 +70,33 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
         rows = torch.randint(0, 30, (m,), generator=g).to(DEVICE)
         got = kernels.linear(table, weight, rows=rows, row_offset=10, config=config)
         want = reference_linear(table[rows + 10], weight)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("fusion", ["residual", "gated"])
+@pytest.mark.parametrize("blocks", ["shape's own", "small, split K", "64-row tiles", "cuBLAS's shape"])
+def test_fp8_linear_matches_torch(dtype, m, fusion, blocks):
+    """fp8 weights with a scale per row (`Linear.to_fp8`): the kernel's `(x @ w8.T) * scale` against the layer's
+    torch forward, on the GEMV path, tensor-core tiles (fp8 converted for the MMA), split K and swapped tiles. A
+    shape cuBLAS serves in bf16 has no fp8 cuBLAS product: the kernel's tiles run it."""
+    g = torch.Generator().manual_seed(m)
+    n, k = 48, 80
+    gated = fusion == "gated"
+    layer = Linear(k, 2 * n if gated else n)
+    layer.weight.data = torch.randn(layer.weight.shape, generator=g) / k**0.5
+    layer.to_fp8()
+    layer = layer.to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    norm = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
+    residual = None if gated else torch.randn(m, n, generator=g).to(DEVICE, dtype)
+    config = {"shape's own": None, "small, split K": ((1 if m == 1 else 16), 16, 32, 4, 1 if gated else 3, 3),
+              "64-row tiles": ((1 if m == 1 else 64), 16, 32, 4, 1, 3), "cuBLAS's shape": kernels.CUBLAS}[blocks]
+    got = kernels.linear(x, layer.weight, scale=layer.scale, norm=norm, eps=1e-5, residual=residual, gated=gated,
+                         config=config)
+    want = reference_linear(x, layer, norm=norm, residual=residual, gated=gated)
     assert got.shape == want.shape and got.dtype == dtype
     torch.testing.assert_close(got, want, **tolerance(dtype))
 
@@ -219,17 +247,20 @@ def run_frames(model, fused, frames=2, slots=3):
     return torch.stack([stepper.step().clone() for _ in range(frames)]), stepper.hidden.clone()
 
 
-@pytest.mark.parametrize("slots", [3, 1])
-def test_fused_frame_step_equals_torch_frame_step(slots, monkeypatch):
+@pytest.mark.parametrize(("slots", "weights"), [(3, "float32"), (1, "float32"), (1, "fp8")])
+def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
     """Whole frames (codebook 0, the depth decoder's 31 steps, sampling, the backbone step) through the fused
     kernels give the same codes as the torch path for greedy and sampled slots at different positions (float32:
     the two differ only by summation order, far below any sampling decision). One slot: the one-row (GEMV)
-    kernels, as `say` and `stream` run them."""
+    kernels, as `say` and `stream` run them. fp8: the transformer layers' weights in fp8 in both paths (batched
+    fp8 tiles: test_fp8_linear_matches_torch)."""
     if DEVICE == "cpu":  # wide one-row blocks: the interpreter runs programs one by one
         config = kernels.linear_config
-        monkeypatch.setattr(kernels, "linear_config", lambda m, n, k, gated: (1, 64, 128, 4, 1, 3) if m == 1
-                            else config(m, n, k, gated))
+        monkeypatch.setattr(kernels, "linear_config", lambda m, n, k, gated, fp8=False: (1, 64, 128, 4, 1, 3)
+                            if m == 1 else config(m, n, k, gated, fp8))
     model = tiny_csm(torch.float32)
+    if weights == "fp8":
+        model.to_fp8()
     want_codes, want_hidden = run_frames(model, fused=False, slots=slots)
     got_codes, got_hidden = run_frames(model, fused=True, slots=slots)
     assert torch.equal(got_codes, want_codes)
