@@ -494,6 +494,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     pdl = use_pdl(qkv, b == 1)
     from_ptr = isinstance(positions, Tensor)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
+    assert k_cache.dtype == v_cache.dtype == qkv.dtype  # this step's k / v stand in for cache entries
     assert qkv.shape[0] == b and (not from_ptr or positions.stride(0) == 1)  # positions: clamped by the caller
     _decode_attention_kernel[(b, n_kv_heads)](
         qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
