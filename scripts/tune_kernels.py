@@ -24,8 +24,8 @@ SHAPES = {  # name: (N, K, gated)
 
 def candidates(m: int, k: int, gated: bool, stages: bool = False, fp8: bool = False):
     if m == 1 and fp8:  # 1-byte weights: blocks up to twice as long for the same bytes per load
-        grid = itertools.product((4, 8) if gated else (2, 4, 8), (1024, 2048, 4096, 8192), (4, 8))
-        return [(1, n, bk, w, 1, 3) for n, bk, w in grid if bk <= max(1024, 2 * k)]
+        grid = itertools.product((2, 4, 8), (256, 512, 1024, 2048, 4096), (2, 4, 8))
+        return [(1, n, bk, w, 1, 3) for n, bk, w in grid if bk <= k and (bk >= 1024 or w <= 4)]
     if m == 1 and gated:
         return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
     if m == 1:  # split K measured no faster at one row (2026-11-23); long K blocks keep more loads in flight
@@ -33,6 +33,9 @@ def candidates(m: int, k: int, gated: bool, stages: bool = False, fp8: bool = Fa
     if stages:  # 32-row tiles: the weight read twice for 64 rows, not four times (16-row) or on fewer programs (64)
         splits = (1,) if gated else (1, 2, 4)
         return list(itertools.product((32,), (32, 64), (128, 256), (4, 8), splits, (3,)))
+    if fp8:  # 64 rows, fp8 weights: a small grid around the bf16 table's winners
+        grid = itertools.product((16, 64), (32, 64), (128, 256), (8,), (1,) if gated else (1, 4))
+        return [(bm, n, bk, w, s, 4 if bm == 64 else 3) for bm, n, bk, w, s in grid]
     block_ms = (16,) if m <= 16 else (16, 64)
     splits = (1,) if gated else (1, 2, 4, 8)
     grid = itertools.product(block_ms, (16, 32, 64), (128, 256), (4, 8), splits)
@@ -82,7 +85,7 @@ def main(ms=(1, 16, 64)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             norm = torch.ones(k, device="cuda", dtype=torch.bfloat16)
             results = []
-            configs = candidates(m, k, gated, stages=mode == "batched", fp8=mode == "fp8")
+            configs = candidates(m, k, gated, stages=mode == "batched", fp8=fp8)
             current = kernels.linear_config(m, n, k, gated, fp8)
             for config in configs + [current] * (current not in configs):
                 try:

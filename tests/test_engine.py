@@ -124,9 +124,9 @@ def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(m
     from csmcli import engine
     from csmcli.model import CSM_1B, CsmConfig, TransformerConfig
 
-    def model(device: str, cfg: CsmConfig = CSM_1B):
+    def model(device: str, cfg: CsmConfig = CSM_1B, fp8: bool = False):
         weight = SimpleNamespace(device=torch.device(device))
-        return SimpleNamespace(cfg=cfg, codebook0_head=SimpleNamespace(weight=weight))
+        return SimpleNamespace(cfg=cfg, codebook0_head=SimpleNamespace(weight=weight), fp8=fp8)
 
     monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: object())  # Triton "installed"
     monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (9, 0))
@@ -141,6 +141,11 @@ def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(m
     monkeypatch.setenv(engine.NO_FUSED_ENV, "1")
     assert not engine.fused_kernels_enabled(True, model("cuda"))
     monkeypatch.delenv(engine.NO_FUSED_ENV)
+    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (8, 0))  # Ampere
+    assert engine.fused_kernels_enabled(True, model("cuda"))
+    assert not engine.fused_kernels_enabled(True, model("cuda", fp8=True))  # Triton's fp8 wants Ada or newer
+    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (8, 9))  # Ada
+    assert engine.fused_kernels_enabled(True, model("cuda", fp8=True))
     monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (7, 5))  # Turing: no bf16 dots
     assert not engine.fused_kernels_enabled(True, model("cuda"))
     monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (9, 0))
