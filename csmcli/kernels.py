@@ -292,14 +292,18 @@ def _cublas_linear(x: Tensor, weight: Tensor, residual: Tensor | None, batch: in
     return out if residual is None else out + residual
 
 
-_FP8_GEMV_CONFIGS: dict[tuple[int, int, bool], LinearConfig] = {
-    # (N, K, gated) with fp8 weights at one row, the layers' shapes: the fastest measured on an H100 with PDL
-    # (scripts/tune_kernels.py fp8, 2026-11-24). Shorter blocks than bf16's (in bytes) won: each weight byte
-    # costs more instructions (a conversion before the float32 product), so more programs in flight pay.
-    (1536, 1024, False): (1, 8, 1024, 8, 1, 3), (1024, 1024, False): (1, 8, 1024, 8, 1, 3),
-    (8192, 1024, True): (1, 4, 1024, 4, 1, 3), (1024, 8192, False): (1, 4, 4096, 8, 1, 3),
-    (3072, 2048, False): (1, 4, 1024, 4, 1, 3), (2048, 2048, False): (1, 8, 2048, 8, 1, 3),
-    (8192, 2048, True): (1, 4, 1024, 4, 1, 3), (2048, 8192, False): (1, 8, 2048, 8, 1, 3),
+_FP8_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
+    # (rows bucket, N, K, gated) with fp8 weights, the layers' shapes, where they differ from bf16's: the fastest
+    # measured on an H100 (scripts/tune_kernels.py fp8 / fp8batched, 2026-11-24). One row: shorter blocks (in
+    # bytes) than bf16's, on fewer warps: each weight byte costs more instructions (a conversion before the
+    # float32 product), so more, smaller programs in flight pay.
+    (1, 1536, 1024, False): (1, 4, 1024, 2, 1, 3), (1, 1024, 1024, False): (1, 4, 1024, 2, 1, 3),
+    (1, 8192, 1024, True): (1, 4, 512, 2, 1, 3), (1, 1024, 8192, False): (1, 4, 4096, 8, 1, 3),
+    (1, 3072, 2048, False): (1, 4, 1024, 4, 1, 3), (1, 2048, 2048, False): (1, 8, 2048, 8, 1, 3),
+    (1, 8192, 2048, True): (1, 8, 512, 4, 1, 3), (1, 2048, 8192, False): (1, 8, 2048, 8, 1, 3),
+    # 64 rows: the shapes bf16 sends to cuBLAS (which has no fp8-weight product) on the kernel's 16-row tiles.
+    (64, 1024, 8192, False): (16, 64, 128, 8, 4, 3), (64, 2048, 2048, False): (16, 64, 128, 8, 1, 3),
+    (64, 2048, 8192, False): (16, 64, 128, 8, 4, 3),
 }
 
 
@@ -307,20 +311,15 @@ def linear_config(m: int, n: int, k: int, gated: bool, fp8: bool = False) -> Lin
     """Block sizes for an `[m, k] x [k, n]` product (n output columns; gated: the weight has 2n rows; fp8: 1-byte
     weights), from H100 measurements (scripts/tune_kernels.py). They fix the summation order, so they depend only
     on the shape."""
-    if m == 1 and fp8:
-        if (n, k, gated) in _FP8_GEMV_CONFIGS:
-            return _FP8_GEMV_CONFIGS[(n, k, gated)]
-        _, block_n, block_k, warps, _, stages = linear_config(1, n, k, gated)
-        if block_k < _pow2(k):
-            return 1, block_n, 2 * block_k, warps, 1, stages
-        return 1, 2 * block_n, block_k, warps, 1, stages
+    bucket = 1 if m == 1 else 16 if m <= 16 else 64  # rows beyond 64 run as more row blocks of the same sizes
+    if fp8 and (bucket, n, k, gated) in _FP8_CONFIGS:
+        return _FP8_CONFIGS[(bucket, n, k, gated)]
     if m == 1 and (1, n, k, gated) in _LINEAR_CONFIGS:
         return _LINEAR_CONFIGS[(1, n, k, gated)]
     if m == 1:  # GEMV: small N blocks so every SM streams weights, long K blocks
         if gated:
             return 1, 16, 512 if k >= 2048 else 256, 4, 1, 3
         return 1, 8 if n > 2048 else 4, min(1024, _pow2(k)), 8, 1, 3
-    bucket = 16 if m <= 16 else 64  # rows beyond 64 run as more row blocks of the same sizes
     config = _LINEAR_CONFIGS.get((bucket, n, k, gated), (16, 64, 128, 8, 1, 3))
     if config == CUBLAS and fp8:  # cuBLAS has no fp8-weight x bf16 product: the 16-row tiles of the shape
         return linear_config(16, n, k, gated)

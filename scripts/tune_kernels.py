@@ -23,13 +23,9 @@ SHAPES = {  # name: (N, K, gated)
 
 
 def candidates(m: int, k: int, gated: bool, stages: bool = False, fp8: bool = False):
-    if m == 1 and fp8:  # 1-byte weights: blocks up to twice as long for the same bytes per load
+    if m == 1:  # split K measured no faster at one row (2026-11-23); 2 warps and short blocks won for fp8 gate/up
         grid = itertools.product((2, 4, 8), (256, 512, 1024, 2048, 4096), (2, 4, 8))
         return [(1, n, bk, w, 1, 3) for n, bk, w in grid if bk <= k and (bk >= 1024 or w <= 4)]
-    if m == 1 and gated:
-        return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
-    if m == 1:  # split K measured no faster at one row (2026-11-23); long K blocks keep more loads in flight
-        return [(1, n, k, w, 1, 3) for n, k, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16))]
     if stages:  # 32-row tiles: the weight read twice for 64 rows, not four times (16-row) or on fewer programs (64)
         splits = (1,) if gated else (1, 2, 4)
         return list(itertools.product((32,), (32, 64), (128, 256), (4, 8), splits, (3,)))
@@ -105,7 +101,7 @@ def main(ms=(1, 16, 64)):
                   f"current {current!s:25s} {now:7.1f} us | cuBLAS+norm {cublas:7.1f} us | "
                   f"top3 {[(round(u, 1), c) for u, c in results[:3]]}", flush=True)
     print("BEST =", best_table)
-    if mode in ("all", "gemv"):
+    if mode == "all":
         sample_timings()
 
 
