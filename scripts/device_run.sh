@@ -46,16 +46,17 @@ for step in "$@"; do
     compare) csm bench --random-weights --batch 1 --chunk-frames 8 --frames 50 --reps 3 --compare transformers \
                -o "$out/compare.json" 2>&1 | tee "$out/compare.txt" ;;
     profile) python3 scripts/profile_frame.py 2>&1 | tee "$out/profile.txt" ;;
-    say)  # the user's commands end to end on the GPU (random weights, the tests' tiny BPE tokenizer)
+    say|sayfp8)  # the user's commands end to end on the GPU (random weights, the tests' tiny BPE tokenizer)
       python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny, pathlib; tiny.save_tokenizer(pathlib.Path('/tmp/tok'))"
-      csm say --random-weights --tokenizer /tmp/tok --seed 7 --max-seconds 2 -o "$out/say.wav" \
-        --save-codes "$out/say.npy" "Hello there from the GPU. This is a second sentence, spoken after the first." \
-        2>&1 | tee "$out/say.txt"
-      csm stream --random-weights --tokenizer /tmp/tok --seed 7 --max-seconds 2 --no-play -o - --raw \
-        --save-codes "$out/stream.npy" "Streaming straight to standard output." >"$out/stream.raw" 2>"$out/stream.txt"
-      tail -5 "$out/stream.txt"
-      python3 scripts/check_audio_length.py "$out/say.wav" "$out/say.npy" "$out/stream.raw" "$out/stream.npy" \
-        | tee "$out/say_check.txt" ;;
+      flags=(--random-weights --tokenizer /tmp/tok --seed 7 --max-seconds 2)
+      [ "$step" = sayfp8 ] && flags+=(--fp8)
+      csm say "${flags[@]}" -o "$out/$step.wav" --save-codes "$out/$step.npy" \
+        "Hello there from the GPU. This is a second sentence, spoken after the first." 2>&1 | tee "$out/$step.txt"
+      csm stream "${flags[@]}" --no-play -o - --raw --save-codes "$out/${step}_stream.npy" \
+        "Streaming straight to standard output." >"$out/${step}_stream.raw" 2>"$out/${step}_stream.txt"
+      tail -5 "$out/${step}_stream.txt"
+      python3 scripts/check_audio_length.py "$out/$step.wav" "$out/$step.npy" "$out/${step}_stream.raw" \
+        "$out/${step}_stream.npy" | tee "$out/${step}_check.txt" ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
