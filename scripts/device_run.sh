@@ -24,6 +24,7 @@ for step in "$@"; do
     tune) python3 scripts/tune_kernels.py 2>&1 | tee "$out/tune.txt" ;;
     tunegemv) python3 scripts/tune_kernels.py gemv 2>&1 | tee "$out/tunegemv.txt" ;;
     tunebatched) python3 scripts/tune_kernels.py batched 2>&1 | tee "$out/tunebatched.txt" ;;
+    tunesample) python3 scripts/tune_kernels.py sample 2>&1 | tee "$out/tunesample.txt" ;;
     tunefp8) python3 scripts/tune_kernels.py fp8 2>&1 | tee "$out/tunefp8.txt" ;;
     tunefp8batched) python3 scripts/tune_kernels.py fp8batched 2>&1 | tee "$out/tunefp8batched.txt" ;;
     buckets) python3 scripts/bucket_timing.py 2>&1 | tee "$out/buckets.txt" ;;
@@ -46,6 +47,8 @@ for step in "$@"; do
     compare) csm bench --random-weights --batch 1 --chunk-frames 8 --frames 50 --reps 3 --compare transformers \
                -o "$out/compare.json" 2>&1 | tee "$out/compare.txt" ;;
     profile) python3 scripts/profile_frame.py 2>&1 | tee "$out/profile.txt" ;;
+    profilefp8) python3 scripts/profile_frame.py fp8 2>&1 | tee "$out/profilefp8.txt" ;;
+    kerneltests) python3 -m pytest -q tests/test_kernels.py 2>&1 | tee "$out/kerneltests.txt" || true ;;
     say|sayfp8)  # the user's commands end to end on the GPU (random weights, the tests' tiny BPE tokenizer)
       python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny, pathlib; tiny.save_tokenizer(pathlib.Path('/tmp/tok'))"
       flags=(--random-weights --tokenizer /tmp/tok --seed 7 --max-seconds 2)

@@ -1,5 +1,7 @@
 """Where one frame's time goes (CUDA): graphed full step vs its parts, torch ops vs the fused Triton kernels, and
-the eager kernel census of one frame."""
+the eager kernel census of one frame. `profile_frame.py fp8`: the same with fp8 weights (fused kernels only)."""
+
+import sys
 
 import torch
 
@@ -37,8 +39,11 @@ def census(stepper: FrameStepper, label: str) -> None:
 
 def main():
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
-    for fused in (False, True):
-        label = "fused kernels" if fused else "torch ops"
+    fp8 = sys.argv[1:] == ["fp8"]  # the layers' weights in fp8 (`--fp8`): fused kernels only
+    if fp8:
+        model.to_fp8()
+    for fused in (True,) if fp8 else (False, True):
+        label = ("fused fp8" if fp8 else "fused kernels") if fused else "torch ops"
         for batch in (1, 16, 64):
             stepper = FrameStepper(model, batch, fused=fused)
             for slot in range(batch):

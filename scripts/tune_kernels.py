@@ -4,7 +4,7 @@ where ~9 GB of weights stream through per frame). Prints the best config per sha
 and cuBLAS (torch.nn.functional.linear), in microseconds and weight GB/s.
 
 Modes (first argument): all (default), gemv (one row), batched (64 rows), fp8 (one row, fp8 weights), fp8batched
-(64 rows, fp8 weights: cuBLAS is then timed on bf16 weights, for reference)."""
+(64 rows, fp8 weights: cuBLAS is then timed on bf16 weights, for reference), sample (the draw only)."""
 
 import itertools
 import sys
@@ -59,6 +59,8 @@ def graph_time(calls) -> float:
 
 def main(ms=(1, 16, 64)):
     mode = sys.argv[1] if sys.argv[1:] else "all"
+    if mode == "sample":
+        return sample_timings()
     if mode == "gemv":  # one row only
         ms = (1,)
     if mode in ("batched", "fp8batched"):  # 64 rows: the current configs against 64-row tiles
