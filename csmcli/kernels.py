@@ -525,28 +525,20 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, V,
     k = (tl.load(kth_ptr + b) + 1).to(tl.int32)
     # Top k by radix select on order-preserving unsigned keys, RADIX_BITS at a time from the most significant:
     # `threshold` is the largest value with at least k keys >= it, and the search stops as soon as exactly k are
-    # (usually long before the last bit). Each pass takes a histogram of the next digit of the keys still in play
-    # (those sharing the threshold's digits so far): the keys >= threshold | digit are the ones above the
-    # threshold's prefix plus a suffix sum of the histogram.
+    # (usually long before the last bit). Each pass counts the keys above all 2^RADIX_BITS next digits at once.
     bits = scaled.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ 0x80000000  # ordered as the floats
-    R: tl.constexpr = 1 << RADIX_BITS
-    bins = tl.arange(0, R)
-    in_play = ok
+    key = tl.where(ok, key, 0)
+    digits = tl.arange(0, 1 << RADIX_BITS).to(tl.uint32)  # [R]
     threshold = tl.zeros([], dtype=tl.uint32)
-    count = tl.zeros([], dtype=tl.int32) + V  # keys >= threshold
-    above_prefix = tl.zeros([], dtype=tl.int32)  # keys above every key still in play
+    count = tl.zeros([], dtype=tl.int32) + V
     shift = tl.full([], 32 - RADIX_BITS, dtype=tl.int32)
     while (shift >= 0) & (count != k):
-        digit_of = ((key >> shift.to(tl.uint32)) & (R - 1)).to(tl.int32)  # [BLOCK_V]
-        hist = tl.histogram(tl.where(in_play, digit_of, 0), R)  # [R]; keys out of play counted in bin 0 ...
-        hist = tl.where(bins == 0, hist - (BLOCK_V - tl.sum(in_play.to(tl.int32), axis=0)), hist)  # ... taken out
-        above = above_prefix + tl.cumsum(hist, axis=0, reverse=True)  # [R], keys >= threshold | digit
+        candidates = threshold | (digits << shift.to(tl.uint32))  # [R]; digit 0: the current threshold
+        above = tl.sum((key[None, :] >= candidates[:, None]).to(tl.int32), axis=1)  # [R], non-increasing
         digit = tl.sum((above >= k).to(tl.int32), axis=0) - 1  # the largest digit that keeps k keys
         threshold = threshold | (digit.to(tl.uint32) << shift.to(tl.uint32))
-        count = tl.sum(tl.where(bins == digit, above, 0), axis=0)
-        above_prefix = count - tl.sum(tl.where(bins == digit, hist, 0), axis=0)
-        in_play = in_play & (digit_of == digit)
+        count = tl.sum(tl.where(digits == digit.to(tl.uint32), above, 0), axis=0)
         shift -= RADIX_BITS
     # The k-th value as a float, compared as floats: ties with it (and -0.0 against 0.0) kept, as torch keeps them.
     kth = tl.min(tl.where(ok & (key >= threshold), scaled, float("inf")), axis=0)
