@@ -78,13 +78,15 @@ def test_a_request_alone_and_in_a_full_batch_makes_the_same_codes(model, max_bat
     assert torch.equal(torch.cat(by_id[alone.id]), torch.cat(by_id[crowd.id]))
 
 
-def test_programmatic_dependent_launch_changes_no_code(model, monkeypatch):
+@pytest.mark.parametrize("weights", ["model", "fp8_model"])
+def test_programmatic_dependent_launch_changes_no_code(weights, request, monkeypatch):
     """On Hopper the fused kernels start before the previous kernel ends and wait for its results inside
     (`gdc_wait`); a missing wait would read stale activations or caches. A one-slot engine (PDL is for one-row
     work), graphed, three sampled requests one after another: the codes with PDL equal those with every kernel
-    launched after the previous one finished."""
+    launched after the previous one finished. fp8: the GEMV also loads its per-row scales before the wait."""
     from csmcli import kernels
 
+    model = request.getfixturevalue(weights)
     reqs = requests(3, frames=20, greedy=False)
     monkeypatch.setattr(kernels, "pdl_allowed", True)
     with_pdl = run(model, reqs, 1, True)
@@ -109,19 +111,6 @@ def test_fp8_graph_equals_eager(fp8_model, max_batch):
     eager, graphed = run(fp8_model, reqs, max_batch, False), run(fp8_model, reqs, max_batch, True)
     for r in reqs:
         assert torch.equal(eager[r.id], graphed[r.id]), r.id
-
-
-def test_fp8_programmatic_dependent_launch_changes_no_code(fp8_model, monkeypatch):
-    """The fp8 GEMV loads its per-row scales before waiting for the previous kernel; with PDL == without."""
-    from csmcli import kernels
-
-    reqs = requests(2, frames=16, greedy=False)
-    monkeypatch.setattr(kernels, "pdl_allowed", True)
-    with_pdl = run(fp8_model, reqs, 1, True)
-    monkeypatch.setattr(kernels, "pdl_allowed", False)
-    without = run(fp8_model, reqs, 1, True)
-    for r in reqs:
-        assert torch.equal(with_pdl[r.id], without[r.id]), r.id
 
 
 def test_fp8_request_alone_and_in_a_full_batch_of_64_makes_the_same_codes(fp8_model):
