@@ -26,6 +26,7 @@ import torch
 
 from csmcli import __version__
 from csmcli.engine import (
+    FP8_ON_TORCH_OPS,
     ChunkDecoder,
     Engine,
     Request,
@@ -531,6 +532,8 @@ def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
         ctx.decoder = None
     if not head["meaningful"]:
         ui.warn("no GPU: these numbers only check that the benchmark runs; they are not meaningful")
+    if ctx.model.fp8 and not fused_kernels:
+        ui.warn(FP8_ON_TORCH_OPS)
     report = BenchReport(head)
     # Live only on a terminal: to a file or pipe Rich leaves its last line unterminated, so print the table once.
     live = Live(render_table(report), console=ui.console, refresh_per_second=4) \

@@ -202,6 +202,7 @@ SaveCodesOpt = Annotated[
 
 
 def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name, overrides):
+    from csmcli.engine import FP8_ON_TORCH_OPS
     from csmcli.pipeline import Pipeline, choose_preset
 
     preset, reason = choose_preset(preset_name, torch_device, overrides)
@@ -221,6 +222,8 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
         if pipeline.codec is None:  # would write an empty file and report seconds of audio
             raise CsmError("this checkpoint has no Mimi codec: pass --codec DIR (an HF-format Mimi checkpoint)")
         pipeline.warmup()
+    if pipeline.model.fp8 and not pipeline.engine.fused_kernels:
+        ui.warn(FP8_ON_TORCH_OPS)
     return pipeline
 
 

@@ -116,6 +116,11 @@ def graphs_enabled(requested: bool, device: torch.device) -> bool:
     return requested and device.type == "cuda" and os.environ.get(NO_GRAPHS_ENV) != "1"
 
 
+FP8_ON_TORCH_OPS = ("fp8 weights without the fused kernels (those need a CUDA GPU of compute capability 8.9 or newer "
+                    "with Triton, and no --compile / --no-fused-kernels): torch ops convert the weights back at every "
+                    "step, so this runs slower than bf16")
+
+
 def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) -> bool:
     """The Triton decode kernels run when asked for, on CUDA (Ampere or newer) with Triton installed, for head
     sizes they handle (tl.dot needs half a head >= 16), with fp8 weights on Ada or newer, not switched off by

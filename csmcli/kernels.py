@@ -347,10 +347,10 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     n = n // 2 if gated else n
     fp8 = scale is not None
     config = config or linear_config(batch or m, n, k, gated, fp8)
-    if config == CUBLAS and norm is None and not gated and rows is None:
+    if config == CUBLAS and norm is None and not gated and rows is None and not fp8:
         return _cublas_linear(x, weight, residual, batch or m)
-    if config == CUBLAS:  # a fused product of a shape cuBLAS serves plain: the shape's 16-row tiles
-        config = linear_config(16, n, k, gated)
+    if config == CUBLAS:  # a fused or fp8 product of a shape cuBLAS serves plain: the shape's 16-row tiles
+        config = linear_config(16, n, k, gated, fp8)
     assert not fp8 or (scale.dtype == torch.float32 and scale.shape == (weight.shape[0],) and scale.stride(0) == 1)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     block_m, block_n, block_k, warps, split_k, stages = config

@@ -105,7 +105,10 @@ class Linear(nn.Linear):
     @torch.no_grad()
     def to_fp8(self) -> None:
         """Quantize the weight in place: each row scaled so its largest magnitude is e4m3's largest value, then
-        rounded to nearest (torch's conversion)."""
+        rounded to nearest (torch's conversion). Quantizing twice is a no-op. Quantize after the last
+        `.to(dtype)`: a dtype cast converts the fp8 values and the float32 scale like any other tensor."""
+        if self.scale is not None:
+            return
         w = self.weight.float()  # [N, K]
         scale = w.abs().amax(dim=1) / FP8_MAX  # [N]
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
@@ -115,6 +118,10 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.scale is None:
             return super().forward(x)
+        if x.dtype == torch.float16:
+            # float16's range (65504) cannot hold products with the unscaled e4m3 values (up to 448): float32
+            # throughout, as the fused kernels do.
+            return (F.linear(x.float(), self.weight.float()) * self.scale).to(x.dtype)
         # The stored values are exact in x's dtype; the scale is applied in float32 (in bf16 after the product's
         # own rounding: at most one bf16 ulp from the fused kernels, which round once).
         return (F.linear(x, self.weight.to(x.dtype)).float() * self.scale).to(x.dtype)

@@ -202,6 +202,12 @@ def test_suggest_writes_a_loadable_preset(tmp_presets, tmp_path):
     assert f"saved preset {tmp_presets / 'mine.toml'}" in result.stderr
 
 
+def test_suggest_after_an_fp8_run_writes_an_fp8_preset(tmp_presets):
+    result = run_ok("--fp8", "--suggest", "--write-preset", "mine8")
+    assert "\nfp8 = true\n" in result.stdout
+    assert presets.load_presets()["mine8"].fp8 is True
+
+
 def test_save_preset_replaces_a_measured_preset_but_not_a_shipped_one(tmp_presets):
     text = (tmp_presets / "cpu.toml").read_text()
     with pytest.raises(CsmError, match="ships with csmcli"):
@@ -431,4 +437,6 @@ def test_fp8_run_says_so_in_header_and_title(tmp_path):
     path = tmp_path / "r.json"
     result = run_ok("--no-decode", "--fp8", "-o", str(path))
     assert json.loads(path.read_text())["header"]["fp8"] is True
-    assert "float32 + fp8 weights" in " ".join(result.stderr.split())  # the table's title, however it wraps
+    stderr = " ".join(result.stderr.split())
+    assert "float32 + fp8 weights" in stderr  # the table's title, however it wraps
+    assert "warning: fp8 weights without the fused kernels" in stderr  # on the CPU: slower than bf16, not faster

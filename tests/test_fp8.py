@@ -59,6 +59,27 @@ def test_forward_is_the_product_with_the_dequantized_weight():
     torch.testing.assert_close(bf16.float(), want, rtol=2e-2, atol=2e-2)
 
 
+def test_float16_activations_do_not_overflow():
+    """float16 tops out at 65504: a product with the unscaled e4m3 values (up to 448) over many inputs would not fit,
+    the scaled result does."""
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(16, 2048, generator=g) / 100
+    layer = quantized(weight)
+    x = (torch.randn(3, 2048, generator=g) * 20).half()  # |x @ stored.T| reaches ~1e5 before the ~1e-4 scale
+    assert (x.float() @ layer.weight.float().T).abs().max() > torch.finfo(torch.float16).max
+    want = x.float() @ (layer.weight.float() * layer.scale[:, None]).T
+    half = layer(x)
+    assert half.dtype == torch.float16 and half.isfinite().all()
+    torch.testing.assert_close(half.float(), want, rtol=1e-3, atol=1e-5)  # float16's own rounding of the result
+
+
+def test_quantizing_twice_changes_nothing():
+    layer = quantized(torch.randn(8, 32, generator=torch.Generator().manual_seed(3)))
+    weight, scale = layer.weight.clone(), layer.scale.clone()
+    layer.to_fp8()
+    assert torch.equal(layer.weight.float(), weight.float()) and torch.equal(layer.scale, scale)
+
+
 def tiny_csm():
     block = dict(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=128)
     cfg = CsmConfig(backbone=TransformerConfig(dim=128, max_seq_len=96, **block),

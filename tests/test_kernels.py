@@ -94,11 +94,23 @@ def test_fp8_linear_matches_torch(dtype, m, fusion, blocks):
     residual = None if gated else torch.randn(m, n, generator=g).to(DEVICE, dtype)
     config = {"shape's own": None, "small, split K": ((1 if m == 1 else 16), 16, 32, 4, 1 if gated else 3, 3),
               "64-row tiles": ((1 if m == 1 else 64), 16, 32, 4, 1, 3), "cuBLAS's shape": kernels.CUBLAS}[blocks]
+    if blocks == "cuBLAS's shape" and not gated:
+        norm = None  # the plain product with a residual (the output projections cuBLAS serves in bf16)
     got = kernels.linear(x, layer.weight, scale=layer.scale, norm=norm, eps=1e-5, residual=residual, gated=gated,
                          config=config)
     want = reference_linear(x, layer, norm=norm, residual=residual, gated=gated)
     assert got.shape == want.shape and got.dtype == dtype
     torch.testing.assert_close(got, want, **tolerance(dtype))
+
+
+def test_fp8_never_picks_cublas():
+    """Every model shape that bf16 sends to cuBLAS at 64 rows gets the kernel's own tiles with fp8 weights."""
+    shapes = [key for key, config in kernels._LINEAR_CONFIGS.items() if config == kernels.CUBLAS]
+    assert shapes  # the table does use cuBLAS somewhere
+    for bucket, n, k, gated in shapes:
+        assert kernels.linear_config(bucket, n, k, gated) == kernels.CUBLAS
+        for m in (17, 64, 128):
+            assert kernels.linear_config(m, n, k, gated, fp8=True) != kernels.CUBLAS, (m, n, k, gated)
 
 
 @pytest.mark.parametrize("residual", [False, True])

@@ -69,6 +69,7 @@ def runs(hf_checkpoint, tmp_path_factory):
     runs, model = session_runs(tmp_path_factory), model_args(hf_checkpoint)
     runs.start("seeded", *seeded_say(hf_checkpoint))
     runs.start("greedy", "say", TEXT, *SHORT, "-t", "0", *TO_FILES, *model)
+    runs.start("fp8", "say", TEXT, *SHORT, "-t", "0", "--fp8", *TO_FILES, *model)
     runs.start("greedy-quiet", "--quiet", "say", TEXT, *SHORT, "-t", "0", *TO_FILES, *model)
     runs.start("seeded-stdout", "say", TEXT, *SHORT, "--seed", "5", "-o", "-", "--save-codes", "codes.npy", *model)
     runs.start("seeded-raw", "say", TEXT, *SHORT, "--seed", "5", "-o", "-", "--raw", *model)
@@ -133,6 +134,15 @@ def test_audio_equals_transformers_decode_of_the_codes(runs, hf_model):
 
 
 # ----------------------------------------------------------------------------------------------- determinism
+
+
+def test_fp8_on_the_cpu_speaks_and_warns_that_it_is_slower(runs):
+    result, greedy = runs("fp8"), runs("greedy")
+    assert_ok(result)
+    assert "warning: fp8 weights without the fused kernels" in " ".join(result.stderr.split())
+    assert "fp8" not in greedy.stderr
+    assert sf.info(result.dir / "out.wav").samplerate == RATE
+    assert len(result.wav()) == len(result.codes()) * FRAME > 0
 
 
 def test_greedy_is_deterministic(runs):
