@@ -27,6 +27,8 @@ for step in "$@"; do
     tunesample) python3 scripts/tune_kernels.py sample 2>&1 | tee "$out/tunesample.txt" ;;
     tunefp8) python3 scripts/tune_kernels.py fp8 2>&1 | tee "$out/tunefp8.txt" ;;
     tunefp8batched) python3 scripts/tune_kernels.py fp8batched 2>&1 | tee "$out/tunefp8batched.txt" ;;
+    tuneprefill) python3 scripts/tune_kernels.py prefill 2>&1 | tee "$out/tuneprefill.txt" ;;
+    tunefp8prefill) python3 scripts/tune_kernels.py fp8prefill 2>&1 | tee "$out/tunefp8prefill.txt" ;;
     buckets) python3 scripts/bucket_timing.py 2>&1 | tee "$out/buckets.txt" ;;
     nopdl) CSMCLI_NO_PDL=1 csm bench --random-weights --batch 1,4,16,64 --chunk-frames 8 --frames 60 --reps 3 \
              -o "$out/nopdl.json" 2>&1 | tee "$out/nopdl.txt" ;;
@@ -48,6 +50,7 @@ for step in "$@"; do
                -o "$out/compare.json" 2>&1 | tee "$out/compare.txt" ;;
     profile) python3 scripts/profile_frame.py 2>&1 | tee "$out/profile.txt" ;;
     profilefp8) python3 scripts/profile_frame.py fp8 2>&1 | tee "$out/profilefp8.txt" ;;
+    profileprefill) python3 scripts/profile_frame.py prefill 2>&1 | tee "$out/profileprefill.txt" ;;
     kerneltests) python3 -m pytest -q tests/test_kernels.py 2>&1 | tee "$out/kerneltests.txt" || true ;;
     say|sayfp8)  # the user's commands end to end on the GPU (random weights, the tests' tiny BPE tokenizer)
       python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny, pathlib; tiny.save_tokenizer(pathlib.Path('/tmp/tok'))"

@@ -1,5 +1,7 @@
 """Where one frame's time goes (CUDA): graphed full step vs its parts, torch ops vs the fused Triton kernels, and
-the eager kernel census of one frame. `profile_frame.py fp8`: the same with fp8 weights (fused kernels only)."""
+the eager kernel census of one frame. `profile_frame.py fp8`: the same with fp8 weights (fused kernels only).
+`profile_frame.py prefill`: a prompt's prefill (graphed per length bucket, as the engine runs it), bf16 and fp8, with
+its kernel census, and the backbone over several prompts at once (what batched admission would cost)."""
 
 import sys
 
@@ -37,8 +39,40 @@ def census(stepper: FrameStepper, label: str) -> None:
         print(f"{e.self_device_time_total / 1000:8.3f} ms {e.count:5d}x  {e.key[:90]}")
 
 
+def prefill_profile(model) -> None:
+    label = "fp8" if model.fp8 else "bf16"
+    stepper = FrameStepper(model, 8)
+    columns = model.cfg.num_codebooks + 1
+    with torch.no_grad():
+        for length in (64, 256, 1024):
+            tokens = torch.zeros(1, length, columns, dtype=torch.long, device="cuda")  # [1, L, 33]
+            mask = torch.ones(1, length, columns, dtype=torch.bool, device="cuda")
+            slot_and_last = torch.tensor([0, length - 1], device="cuda")
+            graph = CapturedCall(stepper.prefill_rows, tokens, mask, slot_and_last)
+            ms = timed(lambda g=graph, a=(tokens, mask, slot_and_last): g(*a))
+            print(f"{label} prefill L={length:5d} graphed {ms:7.2f} ms", flush=True)
+        for prompts in (1, 4, 8):
+            embeds = torch.randn(prompts, 256, model.cfg.backbone.dim, device="cuda", dtype=torch.bfloat16)
+            rows = torch.arange(prompts, device="cuda")
+            graph = CapturedCall(lambda e=embeds, r=rows: model.backbone(e, 0, stepper.caches.backbone, r))
+            print(f"{label} backbone over {prompts} prompts x 256 rows graphed {timed(graph):7.2f} ms", flush=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            stepper.prefill_rows(tokens[:, :256], mask[:, :256], torch.tensor([0, 255], device="cuda"))
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"{label} prefill L=256 eager: {sum(e.count for e in events)} kernels, {total / 1000:.2f} ms of kernel time")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"{e.self_device_time_total / 1000:8.3f} ms {e.count:5d}x  {e.key[:90]}")
+
+
 def main():
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
+    if sys.argv[1:] == ["prefill"]:
+        prefill_profile(model)
+        model.to_fp8()
+        prefill_profile(model)
+        return
     fp8 = sys.argv[1:] == ["fp8"]  # the layers' weights in fp8 (`--fp8`): fused kernels only
     if fp8:
         model.to_fp8()

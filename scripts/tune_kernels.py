@@ -4,7 +4,8 @@ where ~9 GB of weights stream through per frame). Prints the best config per sha
 and cuBLAS (torch.nn.functional.linear), in microseconds and weight GB/s.
 
 Modes (first argument): all (default), gemv (one row), batched (64 rows), fp8 (one row, fp8 weights), fp8batched
-(64 rows, fp8 weights: cuBLAS is then timed on bf16 weights, for reference), sample (the draw only)."""
+(64 rows, fp8 weights: cuBLAS is then timed on bf16 weights, for reference), sample (the draw only), prefill and
+fp8prefill (256 rows, the backbone's shapes: a prompt's prefill)."""
 
 import itertools
 import sys
@@ -23,6 +24,8 @@ SHAPES = {  # name: (N, K, gated)
 
 
 def candidates(m: int, k: int, gated: bool, stages: bool = False, fp8: bool = False):
+    if m >= 256:  # a prompt's prefill: large tiles
+        return list(itertools.product((64, 128), (64, 128), (64, 128), (4, 8), (1,), (3, 4)))
     if m == 1:  # split K measured no faster at one row (2026-11-23); 2 warps and short blocks won for fp8 gate/up
         grid = itertools.product((2, 4, 8), (256, 512, 1024, 2048, 4096), (2, 4, 8))
         return [(1, n, bk, w, 1, 3) for n, bk, w in grid if bk <= k and (bk >= 1024 or w <= 4)]
@@ -67,11 +70,15 @@ def main(ms=(1, 16, 64)):
         ms = (64,)
     if mode == "fp8":
         ms = (1,)
+    if mode.endswith("prefill"):
+        ms = (256,)
     fp8 = mode.startswith("fp8")
     torch.manual_seed(0)
     best_table = {}
     for name, (n, k, gated) in SHAPES.items():
         if fp8 and ("head" in name or "proj" in name):  # not quantized (`Csm.to_fp8`)
+            continue
+        if mode.endswith("prefill") and (not name.startswith("bb") or "head" in name):  # prefill: the layers
             continue
         rows = 2 * n if gated else n
         nbytes = rows * k * (1 if fp8 else 2)
