@@ -186,6 +186,16 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None) -
     return torch.matmul(probs, v).view(b, h, t, d)  # [b, H, T, D]
 
 
+def causal_prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of rows at positions 0..T-1 over themselves, q `[b, H, T, D]`, k, v `[b, Hkv, T, D]`
+    (bf16 / fp16 on CUDA): a prompt's prefill. The flash kernel alone, never cuDNN (see `grouped_attention`):
+    its forward is deterministic, and it is one kernel where the written-out form takes six per layer."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -203,7 +213,10 @@ class Attention(nn.Module):
         qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together: half the kernels
         q, k = qk.split([h, hkv], dim=2)
         k, v = cache.update(rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))  # [b, Hkv, S, D]
-        out = grouped_attention(q.transpose(1, 2), k, v, blocked)  # [b, H, T, D]
+        if isinstance(input_pos, int) and input_pos == 0 and t > 1 and q.is_cuda and q.dtype != torch.float32:
+            out = causal_prompt_attention(q.transpose(1, 2), k, v)  # [b, H, T, D]
+        else:
+            out = grouped_attention(q.transpose(1, 2), k, v, blocked)
         return self.wo(out.transpose(1, 2).reshape(b, t, h * self.head_dim))
 
 
