@@ -146,17 +146,24 @@ class KVCache:
         view.k, view.v = self.k[:n], self.v[:n]
         return view
 
+    def write(self, rows: Tensor | None, start: int, k: Tensor, v: Tensor) -> None:
+        """Write k/v `[b, Hkv, T, D]` at positions `start..+T` of cache rows `rows [b]` (None: all rows)."""
+        end = start + k.shape[2]
+        if rows is None:
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+        else:
+            self.k[rows, :, start:end] = k
+            self.v[rows, :, start:end] = v
+
     def update(self, rows: Tensor | None, input_pos: Tensor | int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v `[b, Hkv, T, D]` at `input_pos [b, T]` (or, all rows alike, at `input_pos..+T`); return the
         cache rows attention reads (for an int position only the written prefix)."""
         if isinstance(input_pos, int):
             end = input_pos + k.shape[2]
+            self.write(rows, input_pos, k, v)
             if rows is None:
-                self.k[:, :, input_pos:end] = k
-                self.v[:, :, input_pos:end] = v
                 return self.k[:, :, :end], self.v[:, :, :end]
-            self.k[rows, :, input_pos:end] = k
-            self.v[rows, :, input_pos:end] = v
             return self.k[rows, :, :end], self.v[rows, :, :end]
         if rows is None:
             batch = torch.arange(self.k.shape[0], device=k.device)[:, None]  # [B, 1]
@@ -212,11 +219,13 @@ class Attention(nn.Module):
         qk, v = qkv.split([h + hkv, hkv], dim=2)  # [b, T, H + Hkv, D], [b, T, Hkv, D]
         qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together: half the kernels
         q, k = qk.split([h, hkv], dim=2)
-        k, v = cache.update(rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))  # [b, Hkv, S, D]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, H or Hkv, T, D]
         if isinstance(input_pos, int) and input_pos == 0 and t > 1 and q.is_cuda and q.dtype != torch.float32:
-            out = causal_prompt_attention(q.transpose(1, 2), k, v)  # [b, H, T, D]
+            cache.write(rows, 0, k, v)  # a prompt from position 0 attends to its own keys only: no read back
+            out = causal_prompt_attention(q, k, v)  # [b, H, T, D]
         else:
-            out = grouped_attention(q.transpose(1, 2), k, v, blocked)
+            k, v = cache.update(rows, input_pos, k, v)  # [b, Hkv, S, D]
+            out = grouped_attention(q, k, v, blocked)
         return self.wo(out.transpose(1, 2).reshape(b, t, h * self.head_dim))
 
 
