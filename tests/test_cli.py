@@ -64,6 +64,7 @@ def test_help_exits_0(command):
     assert "Usage" in result.stdout
     if command:  # every command's help shows at least one example invocation
         assert "Example" in result.stdout and f"csmcli {command}" in result.stdout.split("Example", 1)[1]
+    assert "<bool>" not in result.stdout  # an on/off flag takes no value (Typer 0.29 labels them as if it did)
 
 
 def test_no_arguments_shows_help():
