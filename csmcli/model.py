@@ -124,7 +124,17 @@ class Linear(nn.Linear):
             return (F.linear(x.float(), self.weight.float()) * self.scale).to(x.dtype)
         # The stored values are exact in x's dtype; the scale is applied in float32 (in bf16 after the product's
         # own rounding: at most one bf16 ulp from the fused kernels, which round once).
-        return (F.linear(x, self.weight.to(x.dtype)).float() * self.scale).to(x.dtype)
+        return (F.linear(x, _widen(self.weight, x.dtype)) * self.scale).to(x.dtype)
+
+
+def _widen(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp8 `weight` as `dtype` (exact): a Triton kernel on GPUs whose Triton converts e4m3 (Ada, Hopper and newer),
+    torch's conversion elsewhere."""
+    if weight.is_cuda and torch.cuda.get_device_capability(weight.device) >= (8, 9):
+        from csmcli import kernels  # here, so CPU-only installs never need Triton
+
+        return kernels.widen(weight, dtype)
+    return weight.to(dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:

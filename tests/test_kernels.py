@@ -103,6 +103,19 @@ def test_fp8_linear_matches_torch(dtype, m, fusion, blocks):
     torch.testing.assert_close(got, want, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_widen_converts_every_fp8_value_as_torch_does(dtype):
+    """`kernels.widen` (the prefill's fp8 -> bf16 conversion) against torch's: every finite e4m3 code (quantized
+    weights hold no NaN; Triton's interpreter reads the NaN codes as +-480), in a tensor whose size is no multiple
+    of the kernel's block."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    codes = codes[codes.float().isfinite()].repeat(40)[:10_000]  # 254 finite codes
+    weight = codes.view(40, 250).to(DEVICE)
+    got = kernels.widen(weight, dtype)
+    assert got.dtype == dtype and got.shape == weight.shape
+    torch.testing.assert_close(got, weight.to(dtype), rtol=0, atol=0)
+
+
 def test_fp8_never_picks_cublas():
     """Every model shape that bf16 sends to cuBLAS at 64 rows gets the kernel's own tiles with fp8 weights."""
     shapes = [key for key, config in kernels._LINEAR_CONFIGS.items() if config == kernels.CUBLAS]
