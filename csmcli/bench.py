@@ -122,8 +122,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def weight_bytes_per_frame(model: Csm) -> int:
-    """Bytes of weights one frame step must read: the backbone once, the depth decoder (+ projection) 31 times,
-    each head once. Embedding lookups touch a few rows and are left out."""
+    """Bytes of weights one frame step must read: the backbone once, the depth decoder 31 times, the projection
+    and each head once. Embedding lookups touch a few rows and are left out (so is the projected table the fused
+    path takes the depth decoder's inputs from; the torch path projects at every step)."""
 
     def size(module_or_param) -> int:
         params = [module_or_param] if isinstance(module_or_param, torch.Tensor) else module_or_param.parameters()
@@ -131,7 +132,7 @@ def weight_bytes_per_frame(model: Csm) -> int:
 
     steps = model.cfg.num_codebooks - 1
     backbone = size(model.backbone) + size(model.codebook0_head)
-    decoder = steps * (size(model.decoder) + size(model.projection)) + size(model.audio_head)
+    decoder = steps * size(model.decoder) + size(model.projection) + size(model.audio_head)
     return backbone + decoder
 
 

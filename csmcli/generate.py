@@ -44,6 +44,9 @@ class FrameStepper:
         # The fused codebook heads read their weights row by row: a transposed copy (130 MB at full size), taken
         # now: weights loaded into the model later are not seen (load them before building an engine).
         self.audio_head_rows = model.audio_head.transpose(1, 2).contiguous() if fused else None  # [C-1, V, dim]
+        # Likewise every code's depth-decoder input, projected once (130 MB): the draws copy out their rows.
+        with torch.no_grad():
+            self.code_inputs = model.projected_code_embeddings() if fused else None  # [(C-1) * V, decoder dim]
 
     @torch.no_grad()
     def prefill(self, slot: int, prompt: Prompt, params: SamplingParams, length: int | None = None,
@@ -99,8 +102,12 @@ class FrameStepper:
         if self.fused:
             from csmcli import kernels
 
-            def draw_fused(logits: Tensor, codebook: int) -> Tensor:
-                return kernels.sample(logits, settings.temperature, settings.kth, settings.gumbel[:, codebook])
+            last = self.model.cfg.num_codebooks - 1
+
+            def draw_fused(logits: Tensor, codebook: int) -> tuple[Tensor, Tensor | None]:
+                return kernels.sample(logits, settings.temperature, settings.kth, settings.gumbel[:, codebook],
+                                      self.code_inputs if codebook < last else None,
+                                      codebook * self.model.cfg.audio_vocab_size)
 
             return self.model.decode_frame_fused(self.hidden[:n], draw_fused, caches, self.audio_head_rows,
                                                  self.max_batch)

@@ -353,6 +353,10 @@ class Caches:
 SampleFn = Callable[[Tensor, int], Tensor]
 """`sample(logits [B, V], codebook) -> tokens [B]`: the frame stepper binds per-request sampling state."""
 
+SampleEmbedFn = Callable[[Tensor, int], tuple[Tensor, Tensor | None]]
+"""`sample(logits [B, V], codebook) -> (tokens [B], next input [B, decoder dim])`: `SampleFn` that also returns
+the tokens' rows of `Csm.projected_code_embeddings` (None after the last codebook)."""
+
 
 class Csm(nn.Module):
     def __init__(self, cfg: CsmConfig):
@@ -425,25 +429,31 @@ class Csm(nn.Module):
             decoder_in = self.audio_embeddings(ci + i * self.cfg.audio_vocab_size)[:, None]  # [B, 1, dim]
         return torch.stack(codes, dim=1)  # [B, 32]
 
-    def decode_frame_fused(self, hidden: Tensor, sample: SampleFn, caches: list[KVCache],
+    def projected_code_embeddings(self) -> Tensor:
+        """Every depth-decoder input a code can become, `projection(audio_embeddings)` for codebooks 0..C-2
+        `[(C-1) * V, decoder dim]` (130 MB at full size): a decoder step then starts from a table row instead of
+        a matmul."""
+        rows = (self.cfg.num_codebooks - 1) * self.cfg.audio_vocab_size
+        return self.projection(self.audio_embeddings.weight[:rows])
+
+    def decode_frame_fused(self, hidden: Tensor, sample: SampleEmbedFn, caches: list[KVCache],
                            audio_head_rows: Tensor, batch: int | None = None) -> Tensor:
         """`decode_frame` through the fused kernels (csmcli.kernels): the same computation, one token per
-        decoder step (positions 0 and 1 as two steps; causal attention makes that the 2-token prefill), embedding
-        lookups folded into the projection and the decoder's final norm into each codebook head.
-        `audio_head_rows [C-1, V, dim]` is `audio_head` transposed and contiguous: the GEMV reads it row-major.
-        `batch`: see `kernels.linear`."""
+        decoder step (positions 0 and 1 as two steps; causal attention makes that the 2-token prefill), each
+        step's input a row of `projected_code_embeddings` that the draw before it copies out, and the decoder's
+        final norm folded into each codebook head. `audio_head_rows [C-1, V, dim]` is `audio_head` transposed and
+        contiguous: the GEMV reads it row-major. `batch`: see `kernels.linear`."""
         from csmcli import kernels
 
-        vocab, dec = self.cfg.audio_vocab_size, self.decoder
-        c0 = sample(kernels.linear(hidden, self.codebook0_head.weight, batch=batch), 0)  # [B]
+        dec = self.decoder
+        c0, x = sample(kernels.linear(hidden, self.codebook0_head.weight, batch=batch), 0)  # [B], [B, dim]
         # Position 0 only fills the cache: its output is not needed.
         dec.step(kernels.linear(hidden, self.projection.weight, batch=batch), 0, caches, batch)
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
-            x = kernels.linear(self.audio_embeddings.weight, self.projection.weight, rows=codes[-1],
-                               row_offset=(i - 1) * vocab, batch=batch)  # codebook i-1's embedding, projected
             x = dec.step(x, i, caches, batch)
             logits = kernels.linear(x, audio_head_rows[i - 1], norm=dec.norm.weight, eps=dec.norm.eps,
                                     batch=batch)  # [B, V]
-            codes.append(sample(logits, i))
+            code, x = sample(logits, i)
+            codes.append(code)
         return torch.stack(codes, dim=1)  # [B, 32]

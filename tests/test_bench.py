@@ -423,7 +423,7 @@ def test_weight_bytes_per_frame_by_hand(tiny_model, dtype):
     # the hand count misses no parameter: with the embeddings (left out of a frame's reads) it is the model's size
     assert sum(p.numel() for p in model.parameters()) == (
         backbone + decoder + projection + audio_head + codebook0_head + embeddings)
-    per_frame = backbone + 31 * (decoder + projection) + audio_head + codebook0_head
+    per_frame = backbone + 31 * decoder + projection + audio_head + codebook0_head
     if dtype == "bfloat16 + fp8":  # the layers' matmuls at 1 byte, norms, projection and heads at 2
         model.to_fp8()
         matmuls = [_transformer_params(t) - t.n_layers * 2 * t.dim - t.dim for t in (bb, dd)]

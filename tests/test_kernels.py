@@ -209,8 +209,12 @@ def test_sample_kernel_equals_sort_based_sampling(logits_dtype, radix_bits, monk
             logits = torch.where(torch.rand(8, vocab, generator=g) < 0.01, logits, zeros)
         logits = logits.to(DEVICE, logits_dtype)
         want = sample(logits.float(), settings, codebook)
-        got = kernels.sample(logits, settings.temperature, settings.kth, settings.gumbel[:, codebook])
+        # odd codebooks also copy out each token's row of a table (the next decoder input), at the codebook's offset
+        table = torch.randn(codebooks * vocab, 48, generator=g).to(DEVICE, logits_dtype) if codebook % 2 else None
+        got, rows = kernels.sample(logits, settings.temperature, settings.kth, settings.gumbel[:, codebook], table,
+                                   codebook * vocab)
         assert torch.equal(got, want), codebook
+        assert rows is None if table is None else torch.equal(rows, table[codebook * vocab + want])
 
 
 def test_sample_kernel_divides_by_temperature_as_torch_does():
@@ -226,7 +230,7 @@ def test_sample_kernel_divides_by_temperature_as_torch_does():
     kth = torch.tensor([[2050]])
     logits, temperature, kth, gumbel = (t.to(DEVICE) for t in (logits, temperature, kth, gumbel))
     want = sample(logits, FrameSampling(temperature, kth, gumbel[:, None]), 0)
-    assert torch.equal(kernels.sample(logits, temperature, kth, gumbel), want)
+    assert torch.equal(kernels.sample(logits, temperature, kth, gumbel)[0], want)
 
 
 def test_gumbel_noise_kernel_equals_torch_noise():
