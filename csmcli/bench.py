@@ -121,10 +121,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def weight_bytes_per_frame(model: Csm) -> int:
-    """Bytes of weights one frame step must read: the backbone once, the depth decoder 31 times, the projection
-    and each head once. Embedding lookups touch a few rows and are left out (so is the projected table the fused
-    path takes the depth decoder's inputs from; the torch path projects at every step)."""
+def weight_bytes_per_frame(model: Csm, fused_kernels: bool = True) -> int:
+    """Bytes of weights one frame step reads: the backbone once, the depth decoder 31 times, each head once, the
+    projection once with the fused kernels (the other steps' inputs are rows of a projected table) or at every
+    step with torch ops. Embedding and table lookups touch a few rows and are left out."""
 
     def size(module_or_param) -> int:
         params = [module_or_param] if isinstance(module_or_param, torch.Tensor) else module_or_param.parameters()
@@ -132,7 +132,8 @@ def weight_bytes_per_frame(model: Csm) -> int:
 
     steps = model.cfg.num_codebooks - 1
     backbone = size(model.backbone) + size(model.codebook0_head)
-    decoder = steps * size(model.decoder) + size(model.projection) + size(model.audio_head)
+    projections = 1 if fused_kernels else steps
+    decoder = steps * size(model.decoder) + projections * size(model.projection) + size(model.audio_head)
     return backbone + decoder
 
 
@@ -428,7 +429,7 @@ def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, comp
         head: dict[str, Any], on_row=None) -> BenchReport:
     """Every (batch, chunk) combination, one engine per batch size (its graph is captured for that batch)."""
     report = BenchReport(head)
-    bytes_per_frame = weight_bytes_per_frame(model)
+    bytes_per_frame = weight_bytes_per_frame(model, fused_kernels)
     hf_ms = transformers_ms_per_frame(model, min(settings.frames, 50), settings.prompt_rows) \
         if settings.compare_transformers else None
     for batch in settings.batches:

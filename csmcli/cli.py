@@ -221,9 +221,9 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
         )
         if pipeline.codec is None:  # would write an empty file and report seconds of audio
             raise CsmError("this checkpoint has no Mimi codec: pass --codec DIR (an HF-format Mimi checkpoint)")
+        if pipeline.model.fp8 and not pipeline.engine.fused_kernels:  # before a --compile warm-up's minutes
+            ui.warn(FP8_ON_TORCH_OPS)
         pipeline.warmup()
-    if pipeline.model.fp8 and not pipeline.engine.fused_kernels:
-        ui.warn(FP8_ON_TORCH_OPS)
     return pipeline
 
 

@@ -117,8 +117,8 @@ def graphs_enabled(requested: bool, device: torch.device) -> bool:
 
 
 FP8_ON_TORCH_OPS = ("fp8 weights without the fused kernels (those need a CUDA GPU of compute capability 8.9 or newer "
-                    "with Triton, and no --compile / --no-fused-kernels): torch ops convert the weights back at every "
-                    "step, so this runs slower than bf16")
+                    "with Triton, and no --compile / --no-fused-kernels / CSMCLI_NO_FUSED_KERNELS=1): torch ops "
+                    "convert the weights back at every step, so this runs slower than bf16")
 
 
 def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) -> bool:

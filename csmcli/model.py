@@ -7,6 +7,8 @@ owns them (the frame stepper), so several engines can share one model's weights.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,7 +109,7 @@ class Linear(nn.Linear):
         """Quantize the weight in place: each row scaled so its largest magnitude is e4m3's largest value, then
         rounded to nearest (torch's conversion). Quantizing twice is a no-op. Quantize after the last
         `.to(dtype)`: a dtype cast converts the fp8 values and the float32 scale like any other tensor."""
-        if self.scale is not None:
+        if self.scale is not None:  # quantized already (perhaps cast since: its values and scale still multiply)
             return
         w = self.weight.float()  # [N, K]
         scale = w.abs().amax(dim=1) / FP8_MAX  # [N]
@@ -121,16 +123,28 @@ class Linear(nn.Linear):
         if x.dtype == torch.float16:
             # float16's range (65504) cannot hold products with the unscaled e4m3 values (up to 448): float32
             # throughout, as the fused kernels do.
-            return (F.linear(x.float(), self.weight.float()) * self.scale).to(x.dtype)
+            return (F.linear(x.float(), _widen(self.weight, torch.float32)) * self.scale).to(x.dtype)
         # The stored values are exact in x's dtype; the scale is applied in float32 (in bf16 after the product's
         # own rounding: at most one bf16 ulp from the fused kernels, which round once).
         return (F.linear(x, _widen(self.weight, x.dtype)) * self.scale).to(x.dtype)
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability, asked once (it is read on every layer's forward)."""
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _widen(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """fp8 `weight` as `dtype` (exact): a Triton kernel on GPUs whose Triton converts e4m3 (Ada, Hopper and newer),
-    torch's conversion elsewhere."""
-    if weight.is_cuda and torch.cuda.get_device_capability(weight.device) >= (8, 9):
+    torch's conversion elsewhere (without Triton, and under torch.compile, which makes its own kernel)."""
+    if (weight.is_cuda and weight.dtype == torch.float8_e4m3fn and not torch.compiler.is_compiling()
+            and _capability(weight.device) >= (8, 9) and _has_triton()):
         from csmcli import kernels  # here, so CPU-only installs never need Triton
 
         return kernels.widen(weight, dtype)
@@ -203,9 +217,18 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None) -
     return torch.matmul(probs, v).view(b, h, t, d)  # [b, H, T, D]
 
 
+def flash_prompt(q: Tensor, input_pos: Tensor | int) -> bool:
+    """Whether rows `q [b, H, T, D]` at `input_pos` take `causal_prompt_attention`: several rows from position 0
+    (a prompt's prefill; with torch ops also the depth decoder's 2-row first step), in bf16 / fp16 on a GPU that
+    SDPA's flash kernel runs on (Ampere or newer, head size up to 256), and not under torch.compile."""
+    t, d = q.shape[-2:]
+    return (isinstance(input_pos, int) and input_pos == 0 and t > 1 and q.is_cuda and q.dtype != torch.float32
+            and d % 8 == 0 and d <= 256 and not torch.compiler.is_compiling() and _capability(q.device) >= (8, 0))
+
+
 def causal_prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention of rows at positions 0..T-1 over themselves, q `[b, H, T, D]`, k, v `[b, Hkv, T, D]`
-    (bf16 / fp16 on CUDA): a prompt's prefill. The flash kernel alone, never cuDNN (see `grouped_attention`):
+    (where `flash_prompt` says so). The flash kernel alone, never cuDNN (see `grouped_attention`):
     its forward is deterministic, and it is one kernel where the written-out form takes six per layer."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -230,7 +253,7 @@ class Attention(nn.Module):
         qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together: half the kernels
         q, k = qk.split([h, hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, H or Hkv, T, D]
-        if isinstance(input_pos, int) and input_pos == 0 and t > 1 and q.is_cuda and q.dtype != torch.float32:
+        if flash_prompt(q, input_pos):
             cache.write(rows, 0, k, v)  # a prompt from position 0 attends to its own keys only: no read back
             out = causal_prompt_attention(q, k, v)  # [b, H, T, D]
         else:
@@ -312,7 +335,8 @@ class Transformer(nn.Module):
 
         An int `input_pos` means every row is at positions input_pos..input_pos+T-1 (a prompt prefill, the depth
         decoder): the cache is written and read through slices up to the last position only, the causal mask is a
-        `[T, end]` triangle, and a one-token step needs no mask at all."""
+        `[T, end]` triangle (unused where `flash_prompt` picks SDPA's causal flash kernel), and a one-token step
+        needs no mask at all."""
         t = x.shape[1]
         if isinstance(input_pos, int):
             end = input_pos + t

@@ -431,6 +431,9 @@ def test_weight_bytes_per_frame_by_hand(tiny_model, dtype):
         assert bench.weight_bytes_per_frame(model) == one_byte + 2 * (per_frame - one_byte)
         return
     assert bench.weight_bytes_per_frame(model) == per_frame * (4 if dtype == torch.float32 else 2)
+    # torch ops project every step's input: the projection 31 times
+    assert bench.weight_bytes_per_frame(model, fused_kernels=False) == (per_frame + 30 * projection) * (
+        4 if dtype == torch.float32 else 2)
 
 
 def test_fp8_run_says_so_in_header_and_title(tmp_path):

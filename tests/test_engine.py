@@ -151,3 +151,23 @@ def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(m
     monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (9, 0))
     monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: None)  # no Triton
     assert not engine.fused_kernels_enabled(True, model("cuda"))
+
+
+def test_flash_attention_only_where_sdpa_has_its_kernel(monkeypatch):
+    """Prompt rows from position 0 in bf16 / fp16 on an Ampere-or-newer GPU take SDPA's flash kernel; a T4 or V100
+    (no flash kernel: pinning it would raise), float32, a one-row step, per-row positions or a head over 256 take the
+    written-out attention."""
+    from csmcli import model
+
+    class Rows:  # stands in for q on a GPU: flash_prompt reads only these
+        def __init__(self, t=200, d=64, dtype=torch.bfloat16):
+            self.shape, self.dtype, self.is_cuda, self.device = (1, 32, t, d), dtype, True, torch.device("cuda", 0)
+
+    monkeypatch.setattr(model, "_capability", lambda device: (9, 0))
+    assert model.flash_prompt(Rows(), 0) and model.flash_prompt(Rows(dtype=torch.float16), 0)
+    assert not model.flash_prompt(Rows(dtype=torch.float32), 0)
+    assert not model.flash_prompt(Rows(t=1), 0) and not model.flash_prompt(Rows(), 5)
+    assert not model.flash_prompt(Rows(), torch.arange(200)[None]) and not model.flash_prompt(Rows(d=320), 0)
+    monkeypatch.setattr(model, "_capability", lambda device: (7, 5))  # T4
+    assert not model.flash_prompt(Rows(), 0)
+    assert not model.flash_prompt(torch.zeros(1, 32, 200, 64, dtype=torch.bfloat16), 0)  # on the CPU

@@ -78,6 +78,13 @@ def test_quantizing_twice_changes_nothing():
     weight, scale = layer.weight.clone(), layer.scale.clone()
     layer.to_fp8()
     assert torch.equal(layer.weight.float(), weight.float()) and torch.equal(layer.scale, scale)
+    # cast after quantizing: the stored values and scale are converted, still multiply to the same layer, and a
+    # second quantization must not take the unscaled values for the weights
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    want = layer(x)
+    layer.to(torch.float64).to_fp8()
+    assert layer.weight.dtype == torch.float64
+    torch.testing.assert_close(layer(x.double()).float(), want, rtol=1e-6, atol=1e-6)
 
 
 def tiny_csm():

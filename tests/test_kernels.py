@@ -117,7 +117,9 @@ def test_widen_converts_every_fp8_value_as_torch_does(dtype):
 
 
 def test_fp8_never_picks_cublas():
-    """Every model shape that bf16 sends to cuBLAS at 64 rows gets the kernel's own tiles with fp8 weights."""
+    """Every model shape that bf16 sends to cuBLAS at 64 rows gets the kernel's own tiles with fp8 weights (the
+    block table's rule; `linear` refusing the cuBLAS shortcut for an explicit config is the "cuBLAS's shape" case of
+    test_fp8_linear_matches_torch)."""
     shapes = [key for key, config in kernels._LINEAR_CONFIGS.items() if config == kernels.CUBLAS]
     assert shapes  # the table does use cuBLAS somewhere
     for bucket, n, k, gated in shapes:
