@@ -8,7 +8,6 @@ once per chunk. `ChunkDecoder` is the same idea for streaming Mimi decode: one g
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import time
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 from csmcli.generate import FrameChunk, FrameStepper, is_eos
-from csmcli.model import Csm
+from csmcli.model import Csm, compute_capability, has_triton, triton_converts_fp8
 from csmcli.prompt import Prompt
 from csmcli.sampling import SamplingParams
 
@@ -129,10 +128,10 @@ def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) ->
     device = model.codebook0_head.weight.device
     if not requested or compile or device.type != "cuda" or os.environ.get(NO_FUSED_ENV) == "1":
         return False
-    if importlib.util.find_spec("triton") is None or torch.cuda.get_device_capability(device) < (8, 0):
+    if not has_triton() or compute_capability(device) < (8, 0):
         return False  # no Triton, or a GPU before Ampere (bf16 tensor-core dots): torch ops
-    if model.fp8 and torch.cuda.get_device_capability(device) < (8, 9):
-        return False  # Triton converts fp8 (e4m3) on Ada / Hopper and newer only
+    if model.fp8 and not triton_converts_fp8(device):
+        return False
     heads = [model.cfg.backbone.head_dim, model.cfg.decoder.head_dim]
     return all(d >= 32 and d & (d - 1) == 0 for d in heads)
 

@@ -130,21 +130,26 @@ class Linear(nn.Linear):
 
 
 @functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
+def compute_capability(device: torch.device) -> tuple[int, int]:
     """The CUDA device's compute capability, asked once (it is read on every layer's forward)."""
     return torch.cuda.get_device_capability(device)
 
 
 @functools.cache
-def _has_triton() -> bool:
+def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def triton_converts_fp8(device: torch.device) -> bool:
+    """Triton is installed and converts fp8 (e4m3) on this CUDA device: Ada / Hopper and newer."""
+    return compute_capability(device) >= (8, 9) and has_triton()
 
 
 def _widen(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """fp8 `weight` as `dtype` (exact): a Triton kernel on GPUs whose Triton converts e4m3 (Ada, Hopper and newer),
     torch's conversion elsewhere (without Triton, and under torch.compile, which makes its own kernel)."""
     if (weight.is_cuda and weight.dtype == torch.float8_e4m3fn and not torch.compiler.is_compiling()
-            and _capability(weight.device) >= (8, 9) and _has_triton()):
+            and triton_converts_fp8(weight.device)):
         from csmcli import kernels  # here, so CPU-only installs never need Triton
 
         return kernels.widen(weight, dtype)
@@ -223,7 +228,8 @@ def flash_prompt(q: Tensor, input_pos: Tensor | int) -> bool:
     SDPA's flash kernel runs on (Ampere or newer, head size up to 256), and not under torch.compile."""
     t, d = q.shape[-2:]
     return (isinstance(input_pos, int) and input_pos == 0 and t > 1 and q.is_cuda and q.dtype != torch.float32
-            and d % 8 == 0 and d <= 256 and not torch.compiler.is_compiling() and _capability(q.device) >= (8, 0))
+            and d % 8 == 0 and d <= 256 and not torch.compiler.is_compiling()
+            and compute_capability(q.device) >= (8, 0))
 
 
 def causal_prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

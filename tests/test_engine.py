@@ -122,14 +122,19 @@ def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(m
     from types import SimpleNamespace
 
     from csmcli import engine
+    from csmcli import model as model_module
     from csmcli.model import CSM_1B, CsmConfig, TransformerConfig
 
     def model(device: str, cfg: CsmConfig = CSM_1B, fp8: bool = False):
         weight = SimpleNamespace(device=torch.device(device))
         return SimpleNamespace(cfg=cfg, codebook0_head=SimpleNamespace(weight=weight), fp8=fp8)
 
-    monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: object())  # Triton "installed"
-    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (9, 0))
+    def gpu(capability: tuple[int, int], triton: bool = True) -> None:  # the facts the engine's rule reads
+        for module in (engine, model_module):
+            monkeypatch.setattr(module, "compute_capability", lambda device: capability)
+            monkeypatch.setattr(module, "has_triton", lambda: triton)
+
+    gpu((9, 0))  # Hopper, Triton installed
     monkeypatch.delenv(engine.NO_FUSED_ENV, raising=False)
     assert engine.fused_kernels_enabled(True, model("cuda"))
     assert not engine.fused_kernels_enabled(False, model("cuda"))
@@ -141,15 +146,14 @@ def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(m
     monkeypatch.setenv(engine.NO_FUSED_ENV, "1")
     assert not engine.fused_kernels_enabled(True, model("cuda"))
     monkeypatch.delenv(engine.NO_FUSED_ENV)
-    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (8, 0))  # Ampere
+    gpu((8, 0))  # Ampere
     assert engine.fused_kernels_enabled(True, model("cuda"))
     assert not engine.fused_kernels_enabled(True, model("cuda", fp8=True))  # Triton's fp8 wants Ada or newer
-    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (8, 9))  # Ada
+    gpu((8, 9))  # Ada
     assert engine.fused_kernels_enabled(True, model("cuda", fp8=True))
-    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (7, 5))  # Turing: no bf16 dots
+    gpu((7, 5))  # Turing: no bf16 dots
     assert not engine.fused_kernels_enabled(True, model("cuda"))
-    monkeypatch.setattr(engine.torch.cuda, "get_device_capability", lambda device: (9, 0))
-    monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: None)  # no Triton
+    gpu((9, 0), triton=False)  # no Triton
     assert not engine.fused_kernels_enabled(True, model("cuda"))
 
 
@@ -163,11 +167,11 @@ def test_flash_attention_only_where_sdpa_has_its_kernel(monkeypatch):
         def __init__(self, t=200, d=64, dtype=torch.bfloat16):
             self.shape, self.dtype, self.is_cuda, self.device = (1, 32, t, d), dtype, True, torch.device("cuda", 0)
 
-    monkeypatch.setattr(model, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(model, "compute_capability", lambda device: (9, 0))
     assert model.flash_prompt(Rows(), 0) and model.flash_prompt(Rows(dtype=torch.float16), 0)
     assert not model.flash_prompt(Rows(dtype=torch.float32), 0)
     assert not model.flash_prompt(Rows(t=1), 0) and not model.flash_prompt(Rows(), 5)
     assert not model.flash_prompt(Rows(), torch.arange(200)[None]) and not model.flash_prompt(Rows(d=320), 0)
-    monkeypatch.setattr(model, "_capability", lambda device: (7, 5))  # T4
+    monkeypatch.setattr(model, "compute_capability", lambda device: (7, 5))  # T4
     assert not model.flash_prompt(Rows(), 0)
     assert not model.flash_prompt(torch.zeros(1, 32, 200, 64, dtype=torch.bfloat16), 0)  # on the CPU
