@@ -103,10 +103,10 @@ def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_A
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, rows_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr,
-    M, N, K, k_per_split, row_offset, eps,
+    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr,
+    M, N, K, k_per_split, eps,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
-    HAS_ROWS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
@@ -145,11 +145,7 @@ def _linear_kernel(
     residual = tl.zeros([BLOCK_M, BLOCK_N], dtype=dtype)
     if HAS_RESIDUAL and BLOCK_M == 1:  # loaded now, in flight with the activations, not after the products
         residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
-    if HAS_ROWS:  # x rows gathered from a table (an embedding lookup folded into the matmul)
-        x_rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0) + row_offset
-    else:
-        x_rows = offs_m
-    x_base = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -252,7 +248,7 @@ weight's rows on the MMA's long side): 64-row gate/up 18.7 vs 23.3 us on an H100
 measured as fast or faster with 16-row tiles the usual way round (scripts/tune_kernels.py, 2026-11-23)."""
 
 CUBLAS: LinearConfig = (0, 0, 0, 0, 0, 0)
-"""Not a tile: the product through cuBLAS (plain matmuls, no norm / gate / row gather: those need the kernel)."""
+"""Not a tile: the product through cuBLAS (plain matmuls, no norm / gate: those need the kernel)."""
 
 _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # (rows bucket, N, K, gated) of CSM-1B's matmuls: the fastest measured on an H100 (scripts/tune_kernels.py,
@@ -328,26 +324,25 @@ def linear_config(m: int, n: int, k: int, gated: bool, fp8: bool = False) -> Lin
 
 
 def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tensor | None = None, eps: float = 0.0,
-           residual: Tensor | None = None, gated: bool = False, rows: Tensor | None = None, row_offset: int = 0,
-           batch: int | None = None, config: LinearConfig | None = None) -> Tensor:
+           residual: Tensor | None = None, gated: bool = False, batch: int | None = None,
+           config: LinearConfig | None = None) -> Tensor:
     """`x [M, K] @ weight.T` for `weight [N, K]` (any strides), with optional fusions:
 
     - `scale [N]` (float32): `weight` holds fp8 values and the product is `(x @ weight.T) * scale`, in float32,
       rounded once (`model.Linear`'s fp8 weights);
     - `norm [K]`: RMSNorm of x's rows (weight `norm`, `eps`) first;
     - `gated`: `weight` holds gate rows then up rows `[2I, K]`; returns `silu(x @ gate.T) * (x @ up.T)` `[M, I]`;
-    - `residual [M, N]`: added to the result;
-    - `rows [M]`: x is a table and row i of the product uses table row `rows[i] + row_offset`.
+    - `residual [M, N]`: added to the result.
 
     Block sizes follow `batch` (default M): an engine passes its slot count, so a row's result is the same however
     many of the slots run (the frame graphs for fewer active slots compute exactly what the full batch would).
     """
-    m = rows.shape[0] if rows is not None else x.shape[0]
+    m = x.shape[0]
     n, k = weight.shape
     n = n // 2 if gated else n
     fp8 = scale is not None
     config = config or linear_config(batch or m, n, k, gated, fp8)
-    if config == CUBLAS and norm is None and not gated and rows is None and not fp8:
+    if config == CUBLAS and norm is None and not gated and not fp8:
         return _cublas_linear(x, weight, residual, batch or m)
     if config == CUBLAS:  # a fused or fp8 product of a shape cuBLAS serves plain: the shape's 16-row tiles
         config = linear_config(16, n, k, gated, fp8)
@@ -360,12 +355,12 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
     pdl = use_pdl(x, block_m == 1)
     _linear_kernel[grid](
-        x, rows if rows is not None else x, norm if norm is not None else x, weight,
+        x, norm if norm is not None else x, weight,
         scale if fp8 else x, residual if residual is not None else x, out, partial,
-        m, n, k, k_per_split, row_offset, eps,
+        m, n, k, k_per_split, eps,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
-        HAS_ROWS=rows is not None, HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
+        HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=block_m == 1 and block_k >= k, SWAP_AB=block_m >= 64, num_warps=warps,
         num_stages=stages, launch_pdl=pdl,
