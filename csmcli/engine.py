@@ -1,9 +1,10 @@
 """The engine: many requests share one frame step (continuous batching), replayed from a CUDA graph on GPU.
 
 Requests join a free slot between chunks (their prompt prefill runs outside the frame graph: on CUDA padded to a
-length bucket with a graph of its own) and leave on EOS, on their frame limit, or when cancelled, without disturbing
-the other slots: every slot's state lives in its own rows of the stepper's static tensors. The host reads codes
-once per chunk. `ChunkDecoder` is the same idea for streaming Mimi decode: one graph per chunk size.
+length bucket, several prompts in one pass, with a graph per bucket) and leave on EOS, on their frame limit, or when
+cancelled, without disturbing the other slots: every slot's state lives in its own rows of the stepper's static
+tensors. The host reads codes once per chunk. `ChunkDecoder` is the same idea for streaming Mimi decode: one graph
+per chunk size.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def state_kept(tensors: list[Tensor]) -> Iterator[None]:
 PREFILL_BUCKETS = (64, 128, 256, 512, 1024)
 """Prompt lengths with a captured prefill graph on CUDA; longer prompts run eagerly at their own length."""
 
+PREFILL_GROUP = 4
+"""Prompts prefilled together on CUDA (engines of 4 slots or more; fewer slots: that many): four 256-row prompts in
+one pass take 4.9 ms on an H100 against 4 x 2.1 alone. A group is always this size, a short one filled up with
+copies of its last entry, so a prompt's rounding is the same whoever it is admitted with."""
+
 
 def prefill_length(rows: int, max_seq_len: int) -> int | None:
     """The padded length a `rows`-row prompt is prefilled at on CUDA: the smallest bucket that holds it (None:
@@ -164,7 +170,10 @@ class Engine:
         self.compiled = compile
         self.buckets = batch_buckets(max_batch, self.fused_kernels)
         self._graphs: dict[int, CapturedCall] = {}  # frame step by bucket
-        self._prefill_graphs: dict[int, CapturedCall] = {}
+        self._prefill_graphs: dict[int, CapturedCall] = {}  # by prompt length bucket
+        # On CUDA prompts are padded to a length bucket and prefilled in fixed-size groups (graphable shapes).
+        self.pad_prompts = self.device.type == "cuda"
+        self.prefill_group = min(PREFILL_GROUP, max_batch) if self.pad_prompts else 1
         self._warm = False
         self.slots: list[_Active | None] = [None] * max_batch
 
@@ -204,28 +213,36 @@ class Engine:
     def _capture_prefills(self) -> None:
         pool = torch.cuda.graph_pool_handle()  # one pool: a prefill's output is copied out before the next runs
         columns = self.stepper.model.cfg.num_codebooks + 1
+        group = self.prefill_group
         for length in PREFILL_BUCKETS:
             if length <= self.stepper.max_seq_len:
-                tokens = torch.zeros(1, length, columns, dtype=torch.long, device=self.device)  # [1, L, 33]
-                mask = torch.ones(1, length, columns, dtype=torch.bool, device=self.device)
-                slot_and_last = torch.tensor([0, length - 1], device=self.device)
-                self._prefill_graphs[length] = CapturedCall(self.stepper.prefill_rows, tokens, mask, slot_and_last,
+                tokens = torch.zeros(group, length, columns, dtype=torch.long, device=self.device)  # [G, L, 33]
+                mask = torch.ones(group, length, columns, dtype=torch.bool, device=self.device)
+                slots = torch.arange(group, device=self.device)  # [G]
+                last = torch.full((group,), length - 1, device=self.device)
+                self._prefill_graphs[length] = CapturedCall(self.stepper.prefill_rows, tokens, mask, slots, last,
                                                             pool=pool)
 
     def admit(self, waiting: deque[Request]) -> list[Request]:
-        """Prefill waiting requests into free slots (outside the frame graph: prompts vary in length). On CUDA a
-        prompt is padded to its length bucket, graphed or not, so graphed and eager runs compute the same."""
+        """Prefill waiting requests into free slots (outside the frame graph: prompts vary in length). On CUDA
+        prompts are padded to their length bucket and prefilled `prefill_group` at a time, graphed or not, so
+        graphed and eager runs compute the same; prompts too long for a bucket run alone at their own length."""
         self.warmup()
+        by_length: dict[int | None, list[tuple[int, Prompt, SamplingParams]]] = {}
         admitted = []
         for slot, active in enumerate(self.slots):
             if active is None and waiting:
                 request = waiting.popleft()
-                length = None
-                if self.device.type == "cuda":
-                    length = prefill_length(request.prompt.rows, self.stepper.max_seq_len)
-                self.stepper.prefill(slot, request.prompt, request.params, length, self._prefill_graphs.get(length))
+                length = prefill_length(request.prompt.rows, self.stepper.max_seq_len) if self.pad_prompts else None
+                by_length.setdefault(length, []).append((slot, request.prompt, request.params))
                 self.slots[slot] = _Active(request)
                 admitted.append(request)
+        for length, entries in by_length.items():
+            size = self.prefill_group if length is not None else 1
+            for start in range(0, len(entries), size):
+                group = entries[start : start + size]
+                group += [group[-1]] * (size - len(group))  # a fixed group size: copies of the last entry
+                self.stepper.prefill_group(group, length, self._prefill_graphs.get(length))
         return admitted
 
     def release(self, request: Request) -> None:

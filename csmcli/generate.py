@@ -48,34 +48,46 @@ class FrameStepper:
         with torch.no_grad():
             self.code_inputs = model.projected_code_embeddings() if fused else None  # [(C-1) * V, decoder dim]
 
-    @torch.no_grad()
     def prefill(self, slot: int, prompt: Prompt, params: SamplingParams, length: int | None = None,
                 run: Callable[..., Tensor] | None = None) -> None:
-        """Run the prompt through the backbone into `slot`'s cache rows (variable length: outside the frame graph).
+        """One prompt into `slot` (`prefill_group` of one)."""
+        self.prefill_group([(slot, prompt, params)], length, run)
 
-        `length` pads the prompt with empty rows (the engine's length buckets on CUDA): causal attention keeps
-        them out of every real row, and the cache positions they fill are rewritten by the frames that follow.
-        `run` replaces `prefill_rows` (a captured graph of it)."""
-        rows = prompt.rows
-        length = length or rows
-        tokens = torch.zeros(1, length, prompt.tokens.shape[-1], dtype=torch.long)  # [1, L, 33]
-        mask = torch.zeros(1, length, prompt.tokens.shape[-1], dtype=torch.bool)
-        tokens[0, :rows], mask[0, :rows] = prompt.tokens, prompt.mask
-        slot_and_last = torch.tensor([slot, rows - 1])
-        hidden = (run or self.prefill_rows)(tokens.to(self.device), mask.to(self.device), slot_and_last.to(self.device))
-        self.hidden[slot] = hidden[0]
-        self.positions[slot] = rows
-        self.frame_index[slot] = 0
-        self.temperature[slot] = params.temperature
-        self.topk[slot] = params.topk
-        self.seed[slot] = params.seed & 0x7FFF_FFFF_FFFF_FFFF
+    @torch.no_grad()
+    def prefill_group(self, entries: list[tuple[int, Prompt, SamplingParams]], length: int | None = None,
+                      run: Callable[..., Tensor] | None = None) -> None:
+        """Run prompts through the backbone into their slots' cache rows, in one pass (variable length: outside the
+        frame graph). `entries`: (slot, prompt, sampling params); an entry may repeat (same slot, same prompt: the
+        same values written twice), which fills a group to the fixed size its graph was captured for.
 
-    def prefill_rows(self, tokens: Tensor, mask: Tensor, slot_and_last: Tensor) -> Tensor:
-        """Prompt rows `tokens, mask [1, L, 33]` into the cache rows of slot `slot_and_last[0]`; returns the hidden
-        state `[1, dim]` of row `slot_and_last[1]`. Fixed shapes, no host sync: capturable per length."""
+        `length` pads every prompt with empty rows (the engine's length buckets on CUDA; default: the longest):
+        causal attention keeps them out of every real row, and the cache positions they fill are rewritten by the
+        frames that follow. `run` replaces `prefill_rows` (a captured graph of it)."""
+        length = length or max(prompt.rows for _, prompt, _ in entries)
+        columns = entries[0][1].tokens.shape[-1]
+        tokens = torch.zeros(len(entries), length, columns, dtype=torch.long)  # [G, L, 33]
+        mask = torch.zeros(len(entries), length, columns, dtype=torch.bool)
+        for i, (_, prompt, _) in enumerate(entries):
+            tokens[i, : prompt.rows], mask[i, : prompt.rows] = prompt.tokens, prompt.mask
+        slots = torch.tensor([slot for slot, _, _ in entries])  # [G]
+        rows = torch.tensor([prompt.rows for _, prompt, _ in entries])  # [G]
+        hidden = (run or self.prefill_rows)(tokens.to(self.device), mask.to(self.device), slots.to(self.device),
+                                            (rows - 1).to(self.device))  # [G, dim]
+        slots = slots.to(self.device)
+        self.hidden[slots] = hidden
+        self.positions[slots] = rows.to(self.device)
+        self.frame_index[slots] = 0
+        self.temperature[slots] = torch.tensor([p.temperature for _, _, p in entries], dtype=torch.float32,
+                                               device=self.device)
+        self.topk[slots] = torch.tensor([p.topk for _, _, p in entries], device=self.device)
+        self.seed[slots] = torch.tensor([p.seed & 0x7FFF_FFFF_FFFF_FFFF for _, _, p in entries], device=self.device)
+
+    def prefill_rows(self, tokens: Tensor, mask: Tensor, slots: Tensor, last: Tensor) -> Tensor:
+        """Prompt rows `tokens, mask [G, L, 33]` into the cache rows of `slots [G]`; returns the hidden states
+        `[G, dim]` of rows `last [G]`. Fixed shapes, no host sync: capturable per (G, L)."""
         embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
-        hidden = self.model.backbone(embeds, 0, self.caches.backbone, slot_and_last[:1])  # [1, L, dim]: 0..L-1
-        return hidden.index_select(1, slot_and_last[1:])[:, 0]  # [1, dim]
+        hidden = self.model.backbone(embeds, 0, self.caches.backbone, slots)  # [G, L, dim]: positions 0..L-1
+        return hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]  # [G, dim]
 
     def state(self) -> list[Tensor]:
         """The per-slot tensors a step reads and advances (KV caches aside: a step writes only ahead of them)."""

@@ -81,6 +81,31 @@ def test_prefill_padded_to_a_length_bucket_changes_nothing(ck):
     assert torch.equal(runs[0][1], runs[1][1])
 
 
+def test_prompts_prefilled_in_groups_make_what_they_make_alone(ck):
+    """CUDA prefills prompts of one length bucket in fixed-size groups (a short group filled up with copies of its
+    last entry). Here on the CPU with groups of 3: 5 requests of mixed lengths through 4 slots (two buckets, a
+    short group, a later join) make exactly the codes each makes alone in a group of copies of itself."""
+    params = [SamplingParams(0.9, 20, seed=i) for i in range(5)]
+    texts = [*TEXTS, " ".join(["A much longer prompt, for the second length bucket."] * 2)]
+    requests = [Request(build_prompt(ck.tokenizer, [], i % 2, t, None), p, 6)
+                for i, (t, p) in enumerate(zip(texts, params, strict=True))]
+
+    def grouped_engine() -> Engine:
+        engine = Engine(ck.model, max_batch=4)
+        engine.pad_prompts, engine.prefill_group = True, 3
+        return engine
+
+    from csmcli.engine import prefill_length
+
+    assert [prefill_length(r.prompt.rows, 2048) for r in requests] == [64, 64, 64, 64, 128]
+    got = {r.id: [] for r in requests}
+    for request, chunk in grouped_engine().generate(requests, first_chunk_frames=2, chunk_frames=3):
+        got[request.id].append(chunk.codes)
+    for r in requests:
+        alone = torch.cat([c.codes for c in grouped_engine().stream(r.prompt, r.params, r.max_frames, 2, 3)])
+        assert torch.equal(torch.cat(got[r.id]), alone), r.id
+
+
 def test_two_engines_share_a_model_without_sharing_state(ck):
     """Each engine owns its KV caches: a second engine on the same weights cannot disturb a running one."""
     first = Request(build_prompt(ck.tokenizer, [], 0, TEXTS[1], None), SamplingParams(0.0), 8)
