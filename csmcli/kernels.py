@@ -91,6 +91,14 @@ def _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM: tl.constexpr,
 
 
 @triton.jit
+def _row_squares(x_base, k0, K, m_ok, BLOCK_K: tl.constexpr):
+    """Sum of squares of the rows' elements k0..k0+BLOCK_K `[BLOCK_M]` (float32), for their RMS."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    xn = tl.load(x_base + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+    return tl.sum(xn * xn, axis=1)
+
+
+@triton.jit
 def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_AB: tl.constexpr):
     if BLOCK_M == 1:  # GEMV: products summed per lane, one reduction after the loop
         acc = acc + xk.to(tl.float32) * w.to(tl.float32)
@@ -108,7 +116,7 @@ def _linear_kernel(
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr,
+    DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -143,7 +151,7 @@ def _linear_kernel(
     _wait_for_inputs(PDL)
     out_ok = m_ok[:, None] & n_ok[None, :]
     residual = tl.zeros([BLOCK_M, BLOCK_N], dtype=dtype)
-    if HAS_RESIDUAL and BLOCK_M == 1:  # loaded now, in flight with the activations, not after the products
+    if HAS_RESIDUAL and not PARTIAL:  # loaded now, in flight with the activations, not after the products
         residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
     x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -165,11 +173,12 @@ def _linear_kernel(
     else:
         if HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_kn = k0 + tl.arange(0, BLOCK_K)
-                xn = tl.load(x_base + offs_kn[None, :], mask=m_ok[:, None] & (offs_kn < K)[None, :], other=0.0)
-                xn = xn.to(tl.float32)
-                squares += tl.sum(xn * xn, axis=1)
+            if NORM_K > 0:  # unrolled: every block's load in flight at once, not one round trip each (same sum)
+                for k0 in tl.static_range(0, NORM_K, BLOCK_K):
+                    squares += _row_squares(x_base, k0, K, m_ok, BLOCK_K)
+            else:
+                for k0 in range(0, K, BLOCK_K):
+                    squares += _row_squares(x_base, k0, K, m_ok, BLOCK_K)
             rstd = 1.0 / tl.sqrt(squares / K + eps)
         xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
     if BLOCK_M == 1:
@@ -209,8 +218,6 @@ def _linear_kernel(
         out = (gate / (1.0 + tl.exp(-gate))).to(dtype)
         out = (out.to(tl.float32) * up.to(tl.float32)).to(dtype)
     if HAS_RESIDUAL:
-        if BLOCK_M > 1:
-            residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
         out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
 
@@ -354,6 +361,9 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
     pdl = use_pdl(x, block_m == 1)
+    one_block = block_m == 1 and block_k >= k
+    # The RMS pre-pass unrolled where its blocks are few (the layers' K of 1024 and 2048 in 128-wide blocks).
+    norm_k = k if norm is not None and not one_block and triton.cdiv(k, block_k) <= 16 else 0
     _linear_kernel[grid](
         x, norm if norm is not None else x, weight,
         scale if fp8 else x, residual if residual is not None else x, out, partial,
@@ -362,7 +372,7 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
         out.stride(0),
         HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
-        PDL=pdl, ONE_BLOCK=block_m == 1 and block_k >= k, SWAP_AB=block_m >= 64, num_warps=warps,
+        PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, num_warps=warps,
         num_stages=stages, launch_pdl=pdl,
     )
     if grid[2] > 1:
