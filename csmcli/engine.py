@@ -218,9 +218,8 @@ class Engine:
             if length <= self.stepper.max_seq_len:
                 tokens = torch.zeros(group, length, columns, dtype=torch.long, device=self.device)  # [G, L, 33]
                 mask = torch.ones(group, length, columns, dtype=torch.bool, device=self.device)
-                slots = torch.arange(group, device=self.device)  # [G]
-                last = torch.full((group,), length - 1, device=self.device)
-                self._prefill_graphs[length] = CapturedCall(self.stepper.prefill_rows, tokens, mask, slots, last,
+                slots_and_last = torch.stack([torch.arange(group), torch.full((group,), length - 1)]).to(self.device)
+                self._prefill_graphs[length] = CapturedCall(self.stepper.prefill_rows, tokens, mask, slots_and_last,
                                                             pool=pool)
 
     def admit(self, waiting: deque[Request]) -> list[Request]:

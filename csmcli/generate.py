@@ -69,25 +69,27 @@ class FrameStepper:
         mask = torch.zeros(len(entries), length, columns, dtype=torch.bool)
         for i, (_, prompt, _) in enumerate(entries):
             tokens[i, : prompt.rows], mask[i, : prompt.rows] = prompt.tokens, prompt.mask
-        slots = torch.tensor([slot for slot, _, _ in entries])  # [G]
-        rows = torch.tensor([prompt.rows for _, prompt, _ in entries])  # [G]
-        hidden = (run or self.prefill_rows)(tokens.to(self.device), mask.to(self.device), slots.to(self.device),
-                                            (rows - 1).to(self.device))  # [G, dim]
-        slots = slots.to(self.device)
-        self.hidden[slots] = hidden
-        self.positions[slots] = rows.to(self.device)
-        self.frame_index[slots] = 0
-        self.temperature[slots] = torch.tensor([p.temperature for _, _, p in entries], dtype=torch.float32,
-                                               device=self.device)
-        self.topk[slots] = torch.tensor([p.topk for _, _, p in entries], device=self.device)
-        self.seed[slots] = torch.tensor([p.seed & 0x7FFF_FFFF_FFFF_FFFF for _, _, p in entries], device=self.device)
+        slots_and_last = torch.tensor([[slot for slot, _, _ in entries], [p.rows - 1 for _, p, _ in entries]])  # [2, G]
+        hidden = (run or self.prefill_rows)(tokens.to(self.device), mask.to(self.device),
+                                            slots_and_last.to(self.device))  # [G, dim]
+        done = set()
+        for i, (slot, prompt, params) in enumerate(entries):  # scalar writes: no host-to-device copies to wait for
+            if slot not in done:
+                done.add(slot)
+                self.hidden[slot] = hidden[i]
+                self.positions[slot] = prompt.rows
+                self.frame_index[slot] = 0
+                self.temperature[slot] = params.temperature
+                self.topk[slot] = params.topk
+                self.seed[slot] = params.seed & 0x7FFF_FFFF_FFFF_FFFF
 
-    def prefill_rows(self, tokens: Tensor, mask: Tensor, slots: Tensor, last: Tensor) -> Tensor:
-        """Prompt rows `tokens, mask [G, L, 33]` into the cache rows of `slots [G]`; returns the hidden states
-        `[G, dim]` of rows `last [G]`. Fixed shapes, no host sync: capturable per (G, L)."""
+    def prefill_rows(self, tokens: Tensor, mask: Tensor, slots_and_last: Tensor) -> Tensor:
+        """Prompt rows `tokens, mask [G, L, 33]` into the cache rows of slots `slots_and_last[0]`; returns the
+        hidden states `[G, dim]` of rows `slots_and_last[1]`. Fixed shapes, no host sync: capturable per (G, L)."""
         embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
-        hidden = self.model.backbone(embeds, 0, self.caches.backbone, slots)  # [G, L, dim]: positions 0..L-1
-        return hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]  # [G, dim]
+        hidden = self.model.backbone(embeds, 0, self.caches.backbone, slots_and_last[0])  # [G, L, dim]
+        last = slots_and_last[1][:, None, None].expand(-1, 1, hidden.shape[-1])  # [G, 1, dim]
+        return hidden.gather(1, last)[:, 0]  # [G, dim]
 
     def state(self) -> list[Tensor]:
         """The per-slot tensors a step reads and advances (KV caches aside: a step writes only ahead of them)."""

@@ -47,9 +47,9 @@ def prefill_profile(model) -> None:
         for length in (64, 256, 1024):
             tokens = torch.zeros(1, length, columns, dtype=torch.long, device="cuda")  # [1, L, 33]
             mask = torch.ones(1, length, columns, dtype=torch.bool, device="cuda")
-            slots, last = torch.tensor([0], device="cuda"), torch.tensor([length - 1], device="cuda")
-            graph = CapturedCall(stepper.prefill_rows, tokens, mask, slots, last)
-            ms = timed(lambda g=graph, a=(tokens, mask, slots, last): g(*a))
+            slots_and_last = torch.tensor([[0], [length - 1]], device="cuda")
+            graph = CapturedCall(stepper.prefill_rows, tokens, mask, slots_and_last)
+            ms = timed(lambda g=graph, a=(tokens, mask, slots_and_last): g(*a))
             print(f"{label} prefill L={length:5d} graphed {ms:7.2f} ms", flush=True)
         for prompts in (1, 4, 8):
             embeds = torch.randn(prompts, 256, model.cfg.backbone.dim, device="cuda", dtype=torch.bfloat16)
@@ -57,7 +57,7 @@ def prefill_profile(model) -> None:
             graph = CapturedCall(lambda e=embeds, r=rows: model.backbone(e, 0, stepper.caches.backbone, r))
             print(f"{label} backbone over {prompts} prompts x 256 rows graphed {timed(graph):7.2f} ms", flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            stepper.prefill_rows(tokens[:, :256], mask[:, :256], slots, torch.tensor([255], device="cuda"))
+            stepper.prefill_rows(tokens[:, :256], mask[:, :256], torch.tensor([[0], [255]], device="cuda"))
             torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
