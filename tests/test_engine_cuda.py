@@ -172,24 +172,26 @@ def test_fp8_model_follows_the_bf16_model(model, fp8_model):
     assert min(similarity) > 0.95, similarity  # 0.970 and 0.972 on an H100 (2026-11-24)
 
 
-def test_a_prompt_prefills_the_same_in_any_group_and_position(model):
+@pytest.mark.parametrize("rows", [40, 150, 700])  # length buckets 64, 256, 1024
+def test_a_prompt_prefills_the_same_in_any_group_and_position(model, rows):
     """Prompts of one length bucket are prefilled four at a time (`PREFILL_GROUP`), a short group filled up with
     copies of its last entry. A prompt's slot state and cache rows come out the same (exact) alone, first in a group
     of others, and last in a group of different others: cuBLAS rounds by shape, and the shape is fixed."""
     from csmcli.engine import PREFILL_GROUP
 
-    target = Request(synthetic_prompt(150, seed=7), SamplingParams(0.9, 50, seed=3), 4)
-    others = [Request(synthetic_prompt(140 + 9 * i, seed=20 + i), SamplingParams(0.9, 50, seed=i), 4)
+    target = Request(synthetic_prompt(rows, seed=7), SamplingParams(0.9, 50, seed=3), 4)
+    others = [Request(synthetic_prompt(rows - 10 + 3 * i, seed=20 + i), SamplingParams(0.9, 50, seed=i), 4)
               for i in range(6)]
     assert PREFILL_GROUP == 4
-    states = []
+    engine, states = Engine(model, max_batch=8), []
     for companions, position in (([], 0), (others[:3], 0), (others[3:], 3)):
-        engine = Engine(model, max_batch=8)
+        engine.slots = [None] * engine.max_batch  # a fresh admission: the prefill rewrites what it reads
         admitted = [*companions]
         admitted.insert(position, target)
         engine.admit(deque(admitted))
         s, slot = engine.stepper, position
-        caches = [c.k[slot, :, :150] for c in s.caches.backbone] + [c.v[slot, :, :150] for c in s.caches.backbone]
-        states.append([s.hidden[slot], s.positions[slot], s.temperature[slot], s.seed[slot], *caches])
+        caches = [c.k[slot, :, :rows] for c in s.caches.backbone] + [c.v[slot, :, :rows] for c in s.caches.backbone]
+        states.append([t.clone() for t in (s.hidden[slot], s.positions[slot], s.temperature[slot], s.seed[slot],
+                                           *caches)])
     for other in states[1:]:
         assert all(torch.equal(a, b) for a, b in zip(states[0], other, strict=True))
