@@ -70,6 +70,7 @@ class CapturedCall:
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         for captured, given in zip(self.inputs, inputs, strict=True):
+            assert captured.shape == given.shape, (captured.shape, given.shape)  # copy_ would broadcast
             captured.copy_(given)
         self.graph.replay()
         return self.output
@@ -91,9 +92,11 @@ PREFILL_BUCKETS = (64, 128, 256, 512, 1024)
 """Prompt lengths with a captured prefill graph on CUDA; longer prompts run eagerly at their own length."""
 
 PREFILL_GROUP = 4
-"""Prompts prefilled together on CUDA (engines of 4 slots or more; fewer slots: that many): four 256-row prompts in
-one pass take 4.9 ms on an H100 against 4 x 2.1 alone. A group is always this size, a short one filled up with
-copies of its last entry, so a prompt's rounding is the same whoever it is admitted with."""
+"""Prompts prefilled together on CUDA (engines of 4 slots or more; fewer slots: that many), but never more rows in
+one pass than the largest bucket (512-row prompts two at a time, 1024-row ones alone), so the prefill graphs need no
+more memory than one 1024-row prompt. Four 256-row prompts: 4.9 ms through the backbone in one pass on an H100,
+against 2.1 ms each alone. A bucket's group is always the same size, a short one filled up with copies of its last
+entry, so a prompt's rounding is the same whoever it is admitted with (a lone prompt pays for the copies)."""
 
 
 def prefill_length(rows: int, max_seq_len: int) -> int | None:
@@ -173,7 +176,7 @@ class Engine:
         self._prefill_graphs: dict[int, CapturedCall] = {}  # by prompt length bucket
         # On CUDA prompts are padded to a length bucket and prefilled in fixed-size groups (graphable shapes).
         self.pad_prompts = self.device.type == "cuda"
-        self.prefill_group = min(PREFILL_GROUP, max_batch) if self.pad_prompts else 1
+        self.prefill_group = min(PREFILL_GROUP, max_batch) if self.pad_prompts else 1  # at most; see group_size
         self._warm = False
         self.slots: list[_Active | None] = [None] * max_batch
 
@@ -194,7 +197,7 @@ class Engine:
     def warmup(self) -> None:
         """Compile / capture now, so no request's latency includes it. The warm-up runs real steps, so the slots'
         state is saved and restored around it: warming up never changes what any request makes. Prefill graphs
-        are captured before any request is admitted (their warm-up writes slot 0's cache rows)."""
+        are captured before any request is admitted (their warm-up writes the first slots' cache rows)."""
         if self.cuda_graphs and not self._prefill_graphs and all(a is None for a in self.slots):
             self._capture_prefills()
         if self._warm:
@@ -213,36 +216,49 @@ class Engine:
     def _capture_prefills(self) -> None:
         pool = torch.cuda.graph_pool_handle()  # one pool: a prefill's output is copied out before the next runs
         columns = self.stepper.model.cfg.num_codebooks + 1
-        group = self.prefill_group
         for length in PREFILL_BUCKETS:
             if length <= self.stepper.max_seq_len:
+                group = self.group_size(length)
                 tokens = torch.zeros(group, length, columns, dtype=torch.long, device=self.device)  # [G, L, 33]
                 mask = torch.ones(group, length, columns, dtype=torch.bool, device=self.device)
                 slots_and_last = torch.stack([torch.arange(group), torch.full((group,), length - 1)]).to(self.device)
                 self._prefill_graphs[length] = CapturedCall(self.stepper.prefill_rows, tokens, mask, slots_and_last,
                                                             pool=pool)
 
+    def group_size(self, length: int | None) -> int:
+        """How many prompts padded to `length` rows are prefilled in one pass (None: unpadded, one at a time)."""
+        if length is None:
+            return 1
+        return max(1, min(self.prefill_group, PREFILL_BUCKETS[-1] // length))
+
     def admit(self, waiting: deque[Request]) -> list[Request]:
         """Prefill waiting requests into free slots (outside the frame graph: prompts vary in length). On CUDA
-        prompts are padded to their length bucket and prefilled `prefill_group` at a time, graphed or not, so
-        graphed and eager runs compute the same; prompts too long for a bucket run alone at their own length."""
+        prompts are padded to their length bucket and prefilled `group_size` at a time, graphed or not, so graphed
+        and eager runs compute the same; prompts too long for a bucket run alone at their own length. A slot is
+        taken once its prompt is in; if a prefill fails, the requests not yet in go back to the front of `waiting`."""
         self.warmup()
-        by_length: dict[int | None, list[tuple[int, Prompt, SamplingParams]]] = {}
-        admitted = []
-        for slot, active in enumerate(self.slots):
-            if active is None and waiting:
-                request = waiting.popleft()
-                length = prefill_length(request.prompt.rows, self.stepper.max_seq_len) if self.pad_prompts else None
-                by_length.setdefault(length, []).append((slot, request.prompt, request.params))
-                self.slots[slot] = _Active(request)
-                admitted.append(request)
-        for length, entries in by_length.items():
-            size = self.prefill_group if length is not None else 1
-            for start in range(0, len(entries), size):
-                group = entries[start : start + size]
-                group += [group[-1]] * (size - len(group))  # a fixed group size: copies of the last entry
-                self.stepper.prefill_group(group, length, self._prefill_graphs.get(length))
-        return admitted
+        by_length: dict[int | None, list[tuple[int, Request]]] = {}
+        free = [slot for slot, active in enumerate(self.slots) if active is None]
+        taken = [(slot, waiting.popleft()) for slot in free[: len(waiting)]]
+        for slot, request in taken:
+            length = prefill_length(request.prompt.rows, self.stepper.max_seq_len) if self.pad_prompts else None
+            by_length.setdefault(length, []).append((slot, request))
+        admitted: list[Request] = []
+        try:
+            for length, entries in by_length.items():
+                size = self.group_size(length)
+                for start in range(0, len(entries), size):
+                    group = entries[start : start + size]
+                    group += [group[-1]] * (size - len(group))  # a fixed group size: copies of the last entry
+                    self.stepper.prefill_group([(slot, r.prompt, r.params) for slot, r in group], length,
+                                               self._prefill_graphs.get(length))
+                    for slot, request in group[: len(entries) - start]:
+                        if self.slots[slot] is None:
+                            self.slots[slot] = _Active(request)
+                            admitted.append(request)
+        finally:
+            waiting.extendleft(reversed([r for _, r in taken if r not in admitted]))
+        return [r for _, r in taken if r in admitted]  # in slot order
 
     def release(self, request: Request) -> None:
         self.slots = [None if a is not None and a.request is request else a for a in self.slots]

@@ -330,6 +330,11 @@ def linear_config(m: int, n: int, k: int, gated: bool, fp8: bool = False) -> Lin
     return config
 
 
+NORM_UNROLL_BLOCKS = 16
+"""The RMS pre-pass of a tile is unrolled when K spans at most this many blocks (every CSM matmul with a norm: K is
+1024 or 2048, blocks 128 or wider): all its loads in flight at once, the same sum in the same order as the loop."""
+
+
 def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tensor | None = None, eps: float = 0.0,
            residual: Tensor | None = None, gated: bool = False, batch: int | None = None,
            config: LinearConfig | None = None) -> Tensor:
@@ -362,8 +367,7 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
     pdl = use_pdl(x, block_m == 1)
     one_block = block_m == 1 and block_k >= k
-    # The RMS pre-pass unrolled where its blocks are few (the layers' K of 1024 and 2048 in 128-wide blocks).
-    norm_k = k if norm is not None and not one_block and triton.cdiv(k, block_k) <= 16 else 0
+    norm_k = k if norm is not None and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
     _linear_kernel[grid](
         x, norm if norm is not None else x, weight,
         scale if fp8 else x, residual if residual is not None else x, out, partial,

@@ -98,12 +98,39 @@ def test_prompts_prefilled_in_groups_make_what_they_make_alone(ck):
     from csmcli.engine import prefill_length
 
     assert [prefill_length(r.prompt.rows, 2048) for r in requests] == [64, 64, 64, 64, 128]
+    assert grouped_engine().group_size(64) == 3 and grouped_engine().group_size(512) == 2  # <= 1024 rows a pass
     got = {r.id: [] for r in requests}
     for request, chunk in grouped_engine().generate(requests, first_chunk_frames=2, chunk_frames=3):
         got[request.id].append(chunk.codes)
     for r in requests:
         alone = torch.cat([c.codes for c in grouped_engine().stream(r.prompt, r.params, r.max_frames, 2, 3)])
         assert torch.equal(torch.cat(got[r.id]), alone), r.id
+
+
+def test_a_failed_prefill_takes_no_slot_and_loses_no_request(ck, monkeypatch):
+    from collections import deque
+
+    from csmcli.generate import FrameStepper
+
+    engine = Engine(ck.model, max_batch=3)
+    requests = deque(Request(build_prompt(ck.tokenizer, [], 0, t, None), SamplingParams(0.0), 4) for t in TEXTS)
+    order = list(requests)
+    calls = []
+
+    def prefill_group(self, entries, length=None, run=None):
+        calls.append(entries)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(self, entries, length, run)
+
+    real = FrameStepper.prefill_group
+    monkeypatch.setattr(FrameStepper, "prefill_group", prefill_group)
+    with pytest.raises(RuntimeError):
+        engine.admit(requests)
+    assert [a.request for a in engine.slots if a is not None] == order[:1]  # the first got in
+    assert list(requests) == order[1:]  # the rest wait, in order
+    monkeypatch.setattr(FrameStepper, "prefill_group", real)
+    assert engine.admit(requests) == order[1:3] and list(requests) == order[3:]
 
 
 def test_two_engines_share_a_model_without_sharing_state(ck):
