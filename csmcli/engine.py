@@ -249,13 +249,12 @@ class Engine:
                 size = self.group_size(length)
                 for start in range(0, len(entries), size):
                     group = entries[start : start + size]
-                    group += [group[-1]] * (size - len(group))  # a fixed group size: copies of the last entry
-                    self.stepper.prefill_group([(slot, r.prompt, r.params) for slot, r in group], length,
+                    padded = group + [group[-1]] * (size - len(group))  # a fixed group size: copies of the last
+                    self.stepper.prefill_group([(slot, r.prompt, r.params) for slot, r in padded], length,
                                                self._prefill_graphs.get(length))
-                    for slot, request in group[: len(entries) - start]:
-                        if self.slots[slot] is None:
-                            self.slots[slot] = _Active(request)
-                            admitted.append(request)
+                    for slot, request in group:
+                        self.slots[slot] = _Active(request)
+                        admitted.append(request)
         finally:
             waiting.extendleft(reversed([r for _, r in taken if r not in admitted]))
         return [r for _, r in taken if r in admitted]  # in slot order
