@@ -20,11 +20,12 @@ added in a fixed order, never with atomics): a row's result does not depend on t
 not change its neighbours' codes) and replays are bit-exact. Block sizes are fixed per shape and engine batch (no
 autotuning: they decide the summation order, so they must not vary by run).
 
-On Hopper one-row launches (an engine of one slot) use programmatic dependent launch (PDL): a kernel starts while
-the kernel before it is still running, loads what never changes (its weight tile, RoPE tables) and only then waits
-for the earlier kernel's results (`gdc_wait`, which also orders every write after the earlier kernels' reads).
-Without it each of the ~900 kernels of a frame pays a launch ramp of a few microseconds with the memory system
-idle. Batched launches measured slower with it, so they run without (`use_pdl`).
+On Hopper the kernels use programmatic dependent launch (PDL): a kernel starts while the kernel before it is still
+running and only then waits for the earlier kernel's results (`gdc_wait`, which also orders every write after the
+earlier kernels' reads). Without it each of the ~900 kernels of a frame pays a launch ramp of a few microseconds
+with the memory system idle. One-row kernels (an engine of one slot) let the next kernel launch at once and load
+what never changes (weight tiles, RoPE tables) before they wait; batched kernels let it launch only when their main
+loop is done (`use_pdl`).
 
 Runs on CUDA; on the CPU only under `TRITON_INTERPRET=1` (the tests), where `tl.dot` takes float32 inputs.
 """
@@ -45,12 +46,17 @@ NO_PDL_ENV = "CSMCLI_NO_PDL"
 pdl_allowed = os.environ.get(NO_PDL_ENV) != "1"  # tests switch it to compare both launch modes
 
 
-def use_pdl(t: Tensor, one_row: bool) -> bool:
+def use_pdl(t: Tensor, one_row: bool) -> int:
     """Programmatic dependent launch for a kernel on `t`'s device: Hopper or newer (`griddepcontrol`), Triton with
-    `gdc_wait`, not the interpreter, not switched off (`CSMCLI_NO_PDL=1`), and for one-row work only (`one_row`:
-    the GEMV path, or one row of attention / sampling): batched frames measured 1.5-2 ms slower with it on an H100
-    (B=4 9.0 vs 7.5 ms, B=64 13.1 vs 11.1), one-row frames 0.8 ms faster."""
-    return one_row and pdl_allowed and not INTERPRET and t.is_cuda and _pdl_capable(t.device.index or 0)
+    `gdc_wait`, not the interpreter, not switched off (`CSMCLI_NO_PDL=1`). 0: off. 1, one-row work (the GEMV path,
+    one row of attention / sampling): the next kernel may launch as soon as this one starts, and loads its weights
+    before it waits. 2, batched work: the next kernel may launch once this one's main loop is done — launching it
+    at the start (as for one row) measured 1.5-2 ms per frame slower (an H100, B=4 9.0 vs 7.5 ms, B=64 13.1 vs
+    11.1: the waiting programs sit on SMs the running kernel needs); launching it at the end saves ~6% at 4-16
+    streams (H200, B=4 6.11 -> 5.77 ms/frame)."""
+    if not (pdl_allowed and not INTERPRET and t.is_cuda and _pdl_capable(t.device.index or 0)):
+        return 0
+    return 1 if one_row else 2
 
 
 @functools.cache
@@ -62,12 +68,20 @@ def _pdl_capable(device_index: int) -> bool:
 
 @triton.jit
 def _wait_for_inputs(PDL: tl.constexpr):
-    """Let the next kernel launch, then wait until the kernels before this one have finished and their writes are
-    visible. Everything a kernel reads that an earlier kernel writes, and everything it writes, comes after this."""
-    if PDL:
+    """Wait until the kernels before this one have finished and their writes are visible (PDL 1: letting the next
+    kernel launch first). Everything a kernel reads that an earlier kernel writes, and everything it writes, comes
+    after this."""
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
+    if PDL > 0:
         tl.extra.cuda.gdc_wait()
 
+
+@triton.jit
+def _let_next_launch(PDL: tl.constexpr):
+    """PDL 2 (batched): the next kernel may launch now, while this one finishes."""
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -195,6 +209,7 @@ def _linear_kernel(
         if GATED:
             acc_up = _accumulate(acc_up, xk, tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0), BLOCK_M,
                                  DOT_F32, SWAP_AB)
+    _let_next_launch(PDL)
     if BLOCK_M == 1:
         total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
@@ -241,6 +256,7 @@ def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, splits, stride_rm, 
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for split in range(splits):
         total += tl.load(partial_ptr + split * M * N + offs, mask=ok, other=0.0)
+    _let_next_launch(PDL)
     dtype = out_ptr.dtype.element_ty
     out = total.to(dtype)
     if HAS_RESIDUAL:
@@ -377,14 +393,14 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
         HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, num_warps=warps,
-        num_stages=stages, launch_pdl=pdl,
+        num_stages=stages, launch_pdl=pdl > 0,
     )
     if grid[2] > 1:
         block = 256
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
             partial, residual if residual is not None else out, out, m, n, grid[2],
             residual.stride(0) if residual is not None else 0, out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, launch_pdl=pdl,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, launch_pdl=pdl > 0,
         )
     return out
 
@@ -505,6 +521,7 @@ def _decode_attention_kernel(
             value1, value2 = _cache_block(v_row, v1, v2, pos, s0, stride_cs, d, BLOCK_S, HALF)
             acc1 = _dot(probs, value1, acc1, DOT_F32)
             acc2 = _dot(probs, value2, acc2, DOT_F32)
+    _let_next_launch(PDL)
     # The cache write: nothing in this kernel reads it back (this step's entries come from registers above).
     tl.store(k_row + pos * stride_cs + d, k1)
     tl.store(k_row + pos * stride_cs + HALF + d, k2)
@@ -532,7 +549,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
         qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
         head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=64,
-        POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=pdl, num_warps=4, launch_pdl=pdl,
+        POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=pdl, num_warps=4, launch_pdl=pdl > 0,
     )
     return out
 
@@ -569,6 +586,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
         threshold = threshold | (digit.to(tl.uint32) << shift.to(tl.uint32))
         count = tl.sum(tl.where(digits == digit.to(tl.uint32), above, 0), axis=0)
         shift -= RADIX_BITS
+    _let_next_launch(PDL)
     # The k-th value as a float, compared as floats: ties with it (and -0.0 against 0.0) kept, as torch keeps them.
     kth = tl.min(tl.where(ok & (key >= threshold), scaled, float("inf")), axis=0)
     value = tl.where(ok & (scaled >= kth), scaled + gumbel, float("-inf"))
@@ -603,7 +621,7 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, tab
         row_offset, v, table.shape[1] if table is not None else 1, logits.stride(0), gumbel.stride(0),
         table.stride(0) if table is not None else 0, rows.stride(0) if rows is not None else 0,
         BLOCK_V=_pow2(v), BLOCK_D=_pow2(table.shape[1]) if table is not None else 1, RADIX_BITS=SAMPLE_RADIX_BITS,
-        HAS_TABLE=table is not None, PDL=pdl, num_warps=SAMPLE_WARPS, launch_pdl=pdl,
+        HAS_TABLE=table is not None, PDL=pdl, num_warps=SAMPLE_WARPS, launch_pdl=pdl > 0,
     )
     return out, rows
 
@@ -644,6 +662,7 @@ def _gumbel_noise_kernel(seed_ptr, frame_ptr, tokens_ptr, temperature_ptr, out_p
     gumbel = -_log(-_log(uniform, LIBDEVICE), LIBDEVICE)
     greedy = tl.load(temperature_ptr + b) <= 0
     gumbel = tl.where(greedy, 0.0, gumbel)
+    _let_next_launch(PDL)
     tl.store(out_ptr + b * stride_ob + c * stride_oc + offs, gumbel, mask=ok)
 
 
@@ -655,7 +674,7 @@ def gumbel_noise(seed: Tensor, frame: Tensor, codebooks: int, tokens: Tensor, te
     pdl = use_pdl(seed, b == 1)
     _gumbel_noise_kernel[(b, codebooks)](seed, frame, tokens, temperature, out, codebooks, v, out.stride(0),
                                          out.stride(1), BLOCK_V=_pow2(v), LIBDEVICE=not INTERPRET, PDL=pdl, num_warps=4,
-                                         launch_pdl=pdl)
+                                         launch_pdl=pdl > 0)
     return out
 
 
@@ -670,6 +689,7 @@ def _embed_sum_kernel(table_ptr, codes_ptr, out_ptr, C, D, vocab, stride_t, stri
     for c in range(C):  # codebooks in order: the sum's rounding never depends on the batch
         row = tl.load(codes_ptr + b * stride_cb + c) + c * vocab
         total += tl.load(table_ptr + row.to(tl.int64) * stride_t + d, mask=ok, other=0.0).to(tl.float32)
+    _let_next_launch(PDL)
     tl.store(out_ptr + b * stride_ob + d, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -684,5 +704,5 @@ def embed_sum(table: Tensor, codes: Tensor, vocab: int) -> Tensor:
     pdl = use_pdl(table, b == 1)
     _embed_sum_kernel[(b, triton.cdiv(d, block_d))](table, codes, out, c, d, vocab, table.stride(0), codes.stride(0),
                                                     out.stride(0), BLOCK_D=block_d, PDL=pdl, num_warps=4,
-                                                    launch_pdl=pdl)
+                                                    launch_pdl=pdl > 0)
     return out

@@ -80,20 +80,22 @@ def test_a_request_alone_and_in_a_full_batch_makes_the_same_codes(model, max_bat
     assert torch.equal(torch.cat(by_id[alone.id]), torch.cat(by_id[crowd.id]))
 
 
-@pytest.mark.parametrize("weights", ["model", "fp8_model"])
-def test_programmatic_dependent_launch_changes_no_code(weights, request, monkeypatch):
+@pytest.mark.parametrize(("weights", "max_batch"), [("model", 1), ("model", 8), ("model", 64), ("fp8_model", 1),
+                                                   ("fp8_model", 8)])
+def test_programmatic_dependent_launch_changes_no_code(weights, max_batch, request, monkeypatch):
     """On Hopper the fused kernels start before the previous kernel ends and wait for its results inside
-    (`gdc_wait`); a missing wait would read stale activations or caches. A one-slot engine (PDL is for one-row
-    work), graphed, three sampled requests one after another: the codes with PDL equal those with every kernel
-    launched after the previous one finished. fp8: the GEMV also loads its per-row scales before the wait."""
+    (`gdc_wait`); a missing wait would read stale activations or caches. Graphed engines of one slot (the next
+    kernel launches at once; fp8: the GEMV also loads its per-row scales before the wait), 8 and 64 slots (the next
+    kernel launches when the main loop is done; at 64 cuBLAS kernels sit in the chain), three sampled requests: the
+    codes with PDL equal those with every kernel launched after the previous one finished."""
     from csmcli import kernels
 
     model = request.getfixturevalue(weights)
     reqs = requests(3, frames=20, greedy=False)
     monkeypatch.setattr(kernels, "pdl_allowed", True)
-    with_pdl = run(model, reqs, 1, True)
+    with_pdl = run(model, reqs, max_batch, True)
     monkeypatch.setattr(kernels, "pdl_allowed", False)
-    without = run(model, reqs, 1, True)
+    without = run(model, reqs, max_batch, True)
     for r in reqs:
         assert torch.equal(with_pdl[r.id], without[r.id]), r.id
 
