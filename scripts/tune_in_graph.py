@@ -1,0 +1,129 @@
+"""Block sizes for csmcli.kernels.linear measured where they run: inside the whole frame graph (CUDA), with the
+kernels before and after each product (programmatic dependent launch lets neighbours overlap, which
+scripts/tune_kernels.py, timing one product over and over, cannot see).
+
+For every product shape of one rows bucket, each neighbour of its current config (block N / K and warps halved
+or doubled; batched tiles also split K and stages) is captured in its own frame graph over one shared stepper,
+and timed against the current table in back-to-back pairs, several rounds. Then the shapes' winners together
+against the current table. Prints ms/frame; changes nothing.
+
+Usage: tune_in_graph.py [1|16|64] [fp8] [dec]
+  rows bucket (default 1); fp8: the fp8 weights' table; dec: the depth decoder's shapes only"""
+
+import statistics
+import sys
+
+import torch
+
+from csmcli import kernels
+from csmcli.checkpoint import random_model
+from csmcli.engine import CapturedCall, state_kept
+from csmcli.generate import FrameStepper
+from csmcli.model import CSM_1B
+
+FRAMES = 40  # per timing: ~0.2 s at one row
+ROUNDS = 3
+
+
+def neighbours(config: kernels.LinearConfig, k: int, gated: bool) -> list[kernels.LinearConfig]:
+    if config == kernels.CUBLAS:
+        return [(16, 64, 128, 8, 1, 3), (16, 64, 128, 8, 4, 3)]
+    bm, bn, bk, warps, split, stages = config
+    found = []
+    if bm == 1:
+        found += [(1, n, bk, warps, 1, stages) for n in (bn // 2, bn * 2) if 1 <= n <= 32]
+        found += [(1, bn, b, warps, 1, stages) for b in (bk // 2, bk * 2) if 256 <= b <= k]
+        found += [(1, bn, bk, w, 1, stages) for w in (warps // 2, warps * 2) if 1 <= w <= 16]
+        return found
+    found += [(bm, n, bk, warps, split, stages) for n in (bn // 2, bn * 2) if 16 <= n <= 128]
+    found += [(bm, bn, b, warps, split, stages) for b in (bk // 2, bk * 2) if 64 <= b <= 256]
+    found += [(bm, bn, bk, w, split, stages) for w in (warps // 2, warps * 2) if 4 <= w <= 8]
+    found += [(bm, bn, bk, warps, s, stages) for s in (split // 2, split * 2) if 1 <= s <= 8 and not gated]
+    found += [(bm, bn, bk, warps, split, s) for s in (stages - 1, stages + 1) if 2 <= s <= 5]
+    found += [(64 if bm == 16 else 16, bn, bk, warps, split, 4 if bm == 16 else 3)]
+    if not gated and not (bm == 16 and split == 1):
+        found.append(kernels.CUBLAS)
+    return found
+
+
+def main() -> None:
+    rows = int(sys.argv[1]) if sys.argv[1:] and sys.argv[1].isdigit() else 1
+    fp8 = "fp8" in sys.argv[1:]
+    torch.manual_seed(0)
+    model = random_model(CSM_1B, "cuda", torch.bfloat16)
+    if fp8:
+        model.to_fp8()
+    stepper = FrameStepper(model, rows, fused=True)
+    stepper.positions.fill_(200)  # a ~200-row prompt's frames: the backbone attends over that many positions
+    stepper.hidden.normal_()
+    table = kernels._FP8_CONFIGS if fp8 else kernels._LINEAR_CONFIGS
+    keys = [key for key in table if key[0] == rows]
+    if "dec" in sys.argv[1:]:  # the depth decoder's products only (31 steps a frame: most of the time)
+        keys = [(m, n, k, gated) for m, n, k, gated in keys if k == 1024 or (n, k) == (1024, 8192)]
+
+    def capture() -> CapturedCall:
+        with state_kept(stepper.state()):
+            return CapturedCall(lambda: stepper.step(rows))
+
+    def time_ms(graph: CapturedCall) -> float:
+        with state_kept(stepper.state()):
+            graph.graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(FRAMES):
+                graph.graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+        return start.elapsed_time(end) / FRAMES
+
+    def paired(graph: CapturedCall, base: CapturedCall, rounds: int = ROUNDS) -> tuple[float, float, list[float]]:
+        diffs, bases = [], []
+        for _ in range(rounds):
+            b = time_ms(base)
+            diffs.append(time_ms(graph) - b)
+            bases.append(b)
+        return statistics.median(bases), statistics.median(diffs), diffs
+
+    base = capture()
+    print(f"rows {rows}{' fp8' if fp8 else ''}: current table {time_ms(base):.3f} ms/frame", flush=True)
+    winners = {}
+    for key in keys:
+        current = table[key]
+        _, _, k, gated = key
+        results = []
+        for config in neighbours(current, k, gated):
+            table[key] = config
+            try:
+                graph = capture()
+            except Exception as e:  # a config this Triton cannot build
+                print(f"  {key} {config}: {type(e).__name__}", file=sys.stderr)
+                continue
+            finally:
+                table[key] = current
+            base_ms, diff, diffs = paired(graph, base)
+            results.append((diff, config, diffs))
+            del graph
+        results.sort(key=lambda r: r[0])
+        if not results:
+            continue
+        best = results[0]
+        sure = max(best[2]) < 0 and best[0] < -0.002 * base_ms
+        print(f"{key!s:28s} current {current!s:24s} best {best[1]!s:24s} {best[0] * 1000:+7.1f} us/frame "
+              f"{'WIN' if sure else '   '} | {[(round(d * 1000, 1), c) for d, c, _ in results[:4]]}", flush=True)
+        if sure:
+            winners[key] = best[1]
+    if not winners:
+        print("no config beats the current table in the frame graph")
+        return
+    saved = dict(table)
+    table.update(winners)
+    combined = capture()
+    table.clear()
+    table.update(saved)
+    base_ms, diff, diffs = paired(combined, base, rounds=6)
+    print(f"COMBINED {winners}\n  current {base_ms:.3f} ms/frame, winners together {diff * 1000:+.1f} us/frame "
+          f"({diff / base_ms:+.1%}), rounds {[round(d * 1000, 1) for d in diffs]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
