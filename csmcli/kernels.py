@@ -276,12 +276,14 @@ CUBLAS: LinearConfig = (0, 0, 0, 0, 0, 0)
 _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # (rows bucket, N, K, gated) of CSM-1B's matmuls: the fastest measured on an H100 (scripts/tune_kernels.py,
     # one row with programmatic dependent launch: 2026-11-24; batched: 2026-11-23). Long K blocks keep more loads
-    # in flight.
-    (1, 1536, 1024, False): (1, 8, 1024, 4, 1, 3), (1, 1024, 1024, False): (1, 8, 1024, 2, 1, 3),
-    (1, 8192, 1024, True): (1, 4, 1024, 4, 1, 3), (1, 1024, 8192, False): (1, 4, 4096, 4, 1, 3),
+    # in flight. One row, then refined inside the whole frame graph on an H200 (scripts/tune_in_graph.py,
+    # 2026-11-28, two rounds: the decoder's o, gate/up and down, the backbone's qkv, gate/up and down; 4.37 ->
+    # 4.12 ms/frame).
+    (1, 1536, 1024, False): (1, 8, 1024, 4, 1, 3), (1, 1024, 1024, False): (1, 4, 1024, 2, 1, 3),
+    (1, 8192, 1024, True): (1, 2, 1024, 4, 1, 3), (1, 1024, 8192, False): (1, 4, 4096, 8, 1, 3),
     (1, 1024, 2048, False): (1, 8, 2048, 4, 1, 3), (1, 2051, 1024, False): (1, 2, 1024, 2, 1, 3),
-    (1, 3072, 2048, False): (1, 8, 2048, 4, 1, 3), (1, 2048, 2048, False): (1, 8, 2048, 8, 1, 3),
-    (1, 8192, 2048, True): (1, 2, 2048, 8, 1, 3), (1, 2048, 8192, False): (1, 4, 4096, 8, 1, 3),
+    (1, 3072, 2048, False): (1, 8, 2048, 8, 1, 3), (1, 2048, 2048, False): (1, 8, 2048, 8, 1, 3),
+    (1, 8192, 2048, True): (1, 2, 2048, 4, 1, 3), (1, 2048, 8192, False): (1, 4, 2048, 8, 1, 3),
     (1, 2051, 2048, False): (1, 8, 2048, 8, 1, 3),
     # Batched rows: small N with long K is split, 16 rows x 64 columns per program leave most SMs idle otherwise.
     (16, 1536, 1024, False): (16, 16, 256, 4, 1, 3), (16, 1024, 1024, False): (16, 16, 256, 4, 1, 3),
