@@ -534,6 +534,10 @@ def _decode_attention_kernel(
     tl.store(out_ptrs + HALF, acc2.to(dtype), mask=g_ok[:, None])
 
 
+ATTENTION_WARPS = 4
+"""Warps per (row, KV head) program of `decode_attention` (the split of its dots over warps: no effect on the sums)."""
+
+
 def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                      positions: Tensor | int, n_heads: int, n_kv_heads: int) -> Tensor:
     """One token per row: `qkv [B, (H + 2 Hkv) * D]` (q heads, k heads, v heads) at `positions` (`[B]`, or one
@@ -551,7 +555,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
         qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
         head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=64,
-        POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=pdl, num_warps=4, launch_pdl=pdl > 0,
+        POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=pdl, num_warps=ATTENTION_WARPS, launch_pdl=pdl > 0,
     )
     return out
 

@@ -65,6 +65,8 @@ for step in "$@"; do
         "$out/${step}_stream.npy" | tee "$out/${step}_check.txt" ;;
     ingraph) python3 scripts/tune_in_graph.py 1 2>&1 | tee "$out/ingraph.txt" ;;
     ingraphfp8) python3 scripts/tune_in_graph.py 1 fp8 2>&1 | tee "$out/ingraphfp8.txt" ;;
+    ingraphdec) python3 scripts/tune_in_graph.py 1 dec 2>&1 | tee "$out/ingraphdec.txt" ;;
+    ingraph16) python3 scripts/tune_in_graph.py 16 dec 2>&1 | tee "$out/ingraph16.txt" ;;
     ingraph64) python3 scripts/tune_in_graph.py 64 dec 2>&1 | tee "$out/ingraph64.txt" ;;
     tileasm) python3 scripts/tile_asm.py 2>&1 | tee "$out/tileasm.txt" ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;

@@ -5,7 +5,8 @@ scripts/tune_kernels.py, timing one product over and over, cannot see).
 For every product shape of one rows bucket, each neighbour of its current config (block N / K and warps halved
 or doubled; batched tiles also split K and stages) is captured in its own frame graph over one shared stepper,
 and timed against the current table in back-to-back pairs, several rounds. Then the shapes' winners together
-against the current table. Prints ms/frame; changes nothing.
+against the current table. Also the kernels' launch constants in KNOBS (attention and sampling warps, radix
+digit bits), one at a time. Prints ms/frame; changes nothing.
 
 Usage: tune_in_graph.py [1|16|64] [fp8] [dec]
   rows bucket (default 1); fp8: the fp8 weights' table; dec: the depth decoder's shapes only"""
@@ -23,6 +24,9 @@ from csmcli.model import CSM_1B
 
 FRAMES = 40  # per timing: ~0.2 s at one row
 ROUNDS = 3
+KNOBS = {  # kernels' module constants read at launch, with the values to try besides the current one
+    "ATTENTION_WARPS": (2, 8), "SAMPLE_WARPS": (8, 32), "SAMPLE_RADIX_BITS": (1, 4),
+}
 
 
 def neighbours(config: kernels.LinearConfig, k: int, gated: bool) -> list[kernels.LinearConfig]:
@@ -85,44 +89,50 @@ def main() -> None:
         return statistics.median(bases), statistics.median(diffs), diffs
 
     base = capture()
-    print(f"rows {rows}{' fp8' if fp8 else ''}: current table {time_ms(base):.3f} ms/frame", flush=True)
-    winners = {}
-    for key in keys:
-        current = table[key]
-        _, _, k, gated = key
+    base_ms = time_ms(base)
+    print(f"rows {rows}{' fp8' if fp8 else ''}: current table {base_ms:.3f} ms/frame", flush=True)
+
+    def best_of(label: str, current, values, put) -> tuple | None:
+        """The value among `values` that beats `current` in every pair (`put(value)` sets it), or None."""
         results = []
-        for config in neighbours(current, k, gated):
-            table[key] = config
+        for value in values:
+            put(value)
             try:
                 graph = capture()
-            except Exception as e:  # a config this Triton cannot build
-                print(f"  {key} {config}: {type(e).__name__}", file=sys.stderr)
+            except Exception as e:  # a launch this Triton cannot build
+                print(f"  {label} {value}: {type(e).__name__}", file=sys.stderr)
                 continue
             finally:
-                table[key] = current
-            base_ms, diff, diffs = paired(graph, base)
-            results.append((diff, config, diffs))
+                put(current)
+            _, diff, diffs = paired(graph, base)
+            results.append((diff, diffs, value))
             del graph
-        results.sort(key=lambda r: r[0])
         if not results:
-            continue
-        best = results[0]
-        sure = max(best[2]) < 0 and best[0] < -0.002 * base_ms
-        print(f"{key!s:28s} current {current!s:24s} best {best[1]!s:24s} {best[0] * 1000:+7.1f} us/frame "
-              f"{'WIN' if sure else '   '} | {[(round(d * 1000, 1), c) for d, c, _ in results[:4]]}", flush=True)
-        if sure:
-            winners[key] = best[1]
+            return None
+        results.sort(key=lambda r: r[0])
+        diff, diffs, value = results[0]
+        sure = max(diffs) < 0 and diff < -0.002 * base_ms
+        print(f"{label:28s} current {current!s:24s} best {value!s:24s} {diff * 1000:+7.1f} us/frame "
+              f"{'WIN' if sure else '   '} | {[(round(d * 1000, 1), v) for d, _, v in results[:4]]}", flush=True)
+        return (label, put, value, current) if sure else None
+
+    trials = [(str(key), table[key], neighbours(table[key], key[2], key[3]),
+               lambda v, key=key: table.__setitem__(key, v)) for key in keys]
+    trials += [(name, getattr(kernels, name), values, lambda v, name=name: setattr(kernels, name, v))
+               for name, values in KNOBS.items()]
+    winners = [found for trial in trials if (found := best_of(*trial))]
     if not winners:
         print("no config beats the current table in the frame graph")
         return
-    saved = dict(table)
-    table.update(winners)
+    for _, put, value, _ in winners:
+        put(value)
     combined = capture()
-    table.clear()
-    table.update(saved)
-    base_ms, diff, diffs = paired(combined, base, rounds=6)
-    print(f"COMBINED {winners}\n  current {base_ms:.3f} ms/frame, winners together {diff * 1000:+.1f} us/frame "
-          f"({diff / base_ms:+.1%}), rounds {[round(d * 1000, 1) for d in diffs]}", flush=True)
+    for _, put, _, current in winners:
+        put(current)
+    _, diff, diffs = paired(combined, base, rounds=6)
+    rounds = [round(d * 1000, 1) for d in diffs]
+    print(f"COMBINED {[(label, value) for label, _, value, _ in winners]}\n  current {base_ms:.3f} ms/frame, "
+          f"winners together {diff * 1000:+.1f} us/frame ({diff / base_ms:+.1%}), rounds {rounds}", flush=True)
 
 
 if __name__ == "__main__":
