@@ -277,8 +277,8 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # (rows bucket, N, K, gated) of CSM-1B's matmuls: the fastest measured on an H100 (scripts/tune_kernels.py,
     # one row with programmatic dependent launch: 2026-11-24; batched: 2026-11-23). Long K blocks keep more loads
     # in flight. One row, then refined inside the whole frame graph on an H200 (scripts/tune_in_graph.py,
-    # 2026-11-28, two rounds: the decoder's o, gate/up and down, the backbone's qkv, gate/up and down; 4.37 ->
-    # 4.12 ms/frame).
+    # 2026-11-28, two rounds: the decoder's o, gate/up and down, the backbone's qkv, gate/up and down; `bench`
+    # B=1 4.39 -> 4.13 ms/frame).
     (1, 1536, 1024, False): (1, 8, 1024, 4, 1, 3), (1, 1024, 1024, False): (1, 4, 1024, 2, 1, 3),
     (1, 8192, 1024, True): (1, 2, 1024, 4, 1, 3), (1, 1024, 8192, False): (1, 4, 4096, 8, 1, 3),
     (1, 1024, 2048, False): (1, 8, 2048, 4, 1, 3), (1, 2051, 1024, False): (1, 2, 1024, 2, 1, 3),
@@ -535,7 +535,8 @@ def _decode_attention_kernel(
 
 
 ATTENTION_WARPS = 4
-"""Warps per (row, KV head) program of `decode_attention` (the split of its dots over warps: no effect on the sums)."""
+"""Warps per (row, KV head) program of `decode_attention`. It sets how the softmax's max and sum are reduced across
+threads, so a change can round differently: measure it with scripts/tune_in_graph.py, then run the CUDA tests."""
 
 
 def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: Tensor, v_cache: Tensor,
