@@ -80,13 +80,13 @@ def main() -> None:
             torch.cuda.synchronize()
         return start.elapsed_time(end) / FRAMES
 
-    def paired(graph: CapturedCall, base: CapturedCall, rounds: int = ROUNDS) -> tuple[float, float, list[float]]:
-        diffs, bases = [], []
+    def paired(graph: CapturedCall, base: CapturedCall, rounds: int = ROUNDS) -> tuple[float, list[float]]:
+        """`graph`'s ms/frame minus `base`'s, timed back to back each round: the median and every round's."""
+        diffs = []
         for _ in range(rounds):
             b = time_ms(base)
             diffs.append(time_ms(graph) - b)
-            bases.append(b)
-        return statistics.median(bases), statistics.median(diffs), diffs
+        return statistics.median(diffs), diffs
 
     base = capture()
     base_ms = time_ms(base)
@@ -104,7 +104,7 @@ def main() -> None:
                 continue
             finally:
                 put(current)
-            _, diff, diffs = paired(graph, base)
+            diff, diffs = paired(graph, base)
             results.append((diff, diffs, value))
             del graph
         if not results:
@@ -129,7 +129,7 @@ def main() -> None:
     combined = capture()
     for _, put, _, current in winners:
         put(current)
-    _, diff, diffs = paired(combined, base, rounds=6)
+    diff, diffs = paired(combined, base, rounds=6)
     rounds = [round(d * 1000, 1) for d in diffs]
     print(f"COMBINED {[(label, value) for label, _, value, _ in winners]}\n  current {base_ms:.3f} ms/frame, "
           f"winners together {diff * 1000:+.1f} us/frame ({diff / base_ms:+.1%}), rounds {rounds}", flush=True)
