@@ -534,7 +534,7 @@ def _decode_attention_kernel(
     tl.store(out_ptrs + HALF, acc2.to(dtype), mask=g_ok[:, None])
 
 
-ATTENTION_WARPS = 4
+ATTENTION_WARPS = 8
 """Warps per (row, KV head) program of `decode_attention`. It sets how the softmax's max and sum are reduced across
 threads, so a change can round differently: measure it with scripts/tune_in_graph.py, then run the CUDA tests."""
 
