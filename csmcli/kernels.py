@@ -564,8 +564,8 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
 @triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, table_ptr, rows_out_ptr, row_offset,
                    V, D, stride_lb, stride_gb, stride_t, stride_ro,
-                   BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr, HAS_TABLE: tl.constexpr,
-                   PDL: tl.constexpr):
+                   BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr, HISTOGRAM: tl.constexpr,
+                   HAS_TABLE: tl.constexpr, PDL: tl.constexpr):
     _wait_for_inputs(PDL)
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK_V)
@@ -582,17 +582,33 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
     bits = scaled.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ 0x80000000  # ordered as the floats
     key = tl.where(ok, key, 0)
-    digits = tl.arange(0, 1 << RADIX_BITS).to(tl.uint32)  # [R]
     threshold = tl.zeros([], dtype=tl.uint32)
     count = tl.zeros([], dtype=tl.int32) + V
     shift = tl.full([], 32 - RADIX_BITS, dtype=tl.int32)
-    while (shift >= 0) & (count != k):
-        candidates = threshold | (digits << shift.to(tl.uint32))  # [R]; digit 0: the current threshold
-        above = tl.sum((key[None, :] >= candidates[:, None]).to(tl.int32), axis=1)  # [R], non-increasing
-        digit = tl.sum((above >= k).to(tl.int32), axis=0) - 1  # the largest digit that keeps k keys
-        threshold = threshold | (digit.to(tl.uint32) << shift.to(tl.uint32))
-        count = tl.sum(tl.where(digits == digit.to(tl.uint32), above, 0), axis=0)
-        shift -= RADIX_BITS
+    if HISTOGRAM:
+        # One histogram of the next digit over the keys that share the threshold's decided bits (ballots per
+        # warp): one pass over the keys per digit, where comparing with every candidate costs 2^RADIX_BITS.
+        # Triton's histogram wants at least 32 bins; digits above 2^RADIX_BITS stay empty.
+        bins = tl.arange(0, HISTOGRAM)  # [NB]
+        while (shift >= 0) & (count != k):
+            s = shift.to(tl.uint32)
+            same_prefix = (((key ^ threshold) >> s) >> RADIX_BITS) == 0  # two shifts: s + RADIX_BITS may be 32
+            hist = tl.histogram(((key >> s) & ((1 << RADIX_BITS) - 1)).to(tl.int32), HISTOGRAM,
+                                mask=ok & same_prefix)  # [NB]
+            above = count - tl.cumsum(hist, 0) + hist  # keys >= threshold | digit << shift, non-increasing
+            digit = tl.sum(((above >= k) & (bins < (1 << RADIX_BITS))).to(tl.int32), axis=0) - 1
+            threshold = threshold | (digit.to(tl.uint32) << s)
+            count = tl.sum(tl.where(bins == digit, above, 0), axis=0)
+            shift -= RADIX_BITS
+    else:
+        digits = tl.arange(0, 1 << RADIX_BITS).to(tl.uint32)  # [R]
+        while (shift >= 0) & (count != k):
+            candidates = threshold | (digits << shift.to(tl.uint32))  # [R]; digit 0: the current threshold
+            above = tl.sum((key[None, :] >= candidates[:, None]).to(tl.int32), axis=1)  # [R], non-increasing
+            digit = tl.sum((above >= k).to(tl.int32), axis=0) - 1  # the largest digit that keeps k keys
+            threshold = threshold | (digit.to(tl.uint32) << shift.to(tl.uint32))
+            count = tl.sum(tl.where(digits == digit.to(tl.uint32), above, 0), axis=0)
+            shift -= RADIX_BITS
     _let_next_launch(PDL)
     # The k-th value as a float, compared as floats: ties with it (and -0.0 against 0.0) kept, as torch keeps them.
     kth = tl.min(tl.where(ok & (key >= threshold), scaled, float("inf")), axis=0)
@@ -609,6 +625,9 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
 # (2-bit digits; 1 bit: 8.9, 4 bits: 11.9; 8 warps: 9.0).
 SAMPLE_WARPS = 16
 SAMPLE_RADIX_BITS = 2
+SAMPLE_HISTOGRAM_BITS = 0
+"""Nonzero: count each radix pass's digits with one histogram, this many bits a digit (4 or 8, dividing 32),
+instead of comparing with every candidate digit, SAMPLE_RADIX_BITS at a time."""
 
 
 def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, table: Tensor | None = None,
@@ -627,8 +646,10 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, tab
         logits, temperature, kth, gumbel, out, table if table is not None else out, rows if rows is not None else out,
         row_offset, v, table.shape[1] if table is not None else 1, logits.stride(0), gumbel.stride(0),
         table.stride(0) if table is not None else 0, rows.stride(0) if rows is not None else 0,
-        BLOCK_V=_pow2(v), BLOCK_D=_pow2(table.shape[1]) if table is not None else 1, RADIX_BITS=SAMPLE_RADIX_BITS,
-        HAS_TABLE=table is not None, PDL=pdl, num_warps=SAMPLE_WARPS, launch_pdl=pdl > 0,
+        BLOCK_V=_pow2(v), BLOCK_D=_pow2(table.shape[1]) if table is not None else 1,
+        RADIX_BITS=SAMPLE_HISTOGRAM_BITS or SAMPLE_RADIX_BITS,
+        HISTOGRAM=max(32, 1 << SAMPLE_HISTOGRAM_BITS) if SAMPLE_HISTOGRAM_BITS else 0, HAS_TABLE=table is not None,
+        PDL=pdl, num_warps=SAMPLE_WARPS, launch_pdl=pdl > 0,
     )
     return out, rows
 

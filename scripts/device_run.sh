@@ -68,6 +68,9 @@ for step in "$@"; do
     ingraphdec) python3 scripts/tune_in_graph.py 1 dec 2>&1 | tee "$out/ingraphdec.txt" ;;
     ingraph16) python3 scripts/tune_in_graph.py 16 dec 2>&1 | tee "$out/ingraph16.txt" ;;
     ingraph64) python3 scripts/tune_in_graph.py 64 dec 2>&1 | tee "$out/ingraph64.txt" ;;
+    knobs) python3 scripts/tune_in_graph.py 1 knobs 2>&1 | tee "$out/knobs.txt" ;;
+    knobs64) python3 scripts/tune_in_graph.py 64 knobs 2>&1 | tee "$out/knobs64.txt" ;;
+    sampletests) python3 -m pytest -q tests/test_kernels.py -k sample 2>&1 | tee "$out/sampletests.txt" || true ;;
     tileasm) python3 scripts/tile_asm.py 2>&1 | tee "$out/tileasm.txt" ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

@@ -8,8 +8,8 @@ and timed against the current table in back-to-back pairs, several rounds. Then 
 against the current table. Also the kernels' launch constants in KNOBS (attention and sampling warps, radix
 digit bits), one at a time. Prints ms/frame; changes nothing.
 
-Usage: tune_in_graph.py [1|16|64] [fp8] [dec]
-  rows bucket (default 1); fp8: the fp8 weights' table; dec: the depth decoder's shapes only"""
+Usage: tune_in_graph.py [1|16|64] [fp8] [dec|knobs]
+  rows bucket (default 1); fp8: the fp8 weights' table; dec: the depth decoder's shapes only; knobs: only KNOBS"""
 
 import statistics
 import sys
@@ -26,6 +26,7 @@ FRAMES = 40  # per timing: ~0.2 s at one row
 ROUNDS = 3
 KNOBS = {  # kernels' module constants read at launch, with the values to try besides the current one
     "ATTENTION_WARPS": (2, 8, 16), "SAMPLE_WARPS": (8, 32), "SAMPLE_RADIX_BITS": (1, 4),
+    "SAMPLE_HISTOGRAM_BITS": (4, 8),
 }
 
 
@@ -64,6 +65,8 @@ def main() -> None:
     keys = [key for key in table if key[0] == rows]
     if "dec" in sys.argv[1:]:  # the depth decoder's products only (31 steps a frame: most of the time)
         keys = [(m, n, k, gated) for m, n, k, gated in keys if k == 1024 or (n, k) == (1024, 8192)]
+    if "knobs" in sys.argv[1:]:
+        keys = []
 
     def capture() -> CapturedCall:
         with state_kept(stepper.state()):
