@@ -286,8 +286,10 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     (1, 8192, 2048, True): (1, 2, 2048, 4, 1, 3), (1, 2048, 8192, False): (1, 4, 2048, 8, 1, 3),
     (1, 2051, 2048, False): (1, 8, 2048, 8, 1, 3),
     # Batched rows: small N with long K is split, 16 rows x 64 columns per program leave most SMs idle otherwise.
+    # The decoder's 16-row gate/up and down on 4 stages, not 3: in the frame graph on an H200 -14 and -92 us a frame
+    # (scripts/tune_in_graph.py 16 dec, 2026-11-28).
     (16, 1536, 1024, False): (16, 16, 256, 4, 1, 3), (16, 1024, 1024, False): (16, 16, 256, 4, 1, 3),
-    (16, 8192, 1024, True): (16, 64, 128, 8, 1, 3), (16, 1024, 8192, False): (16, 64, 128, 8, 8, 3),
+    (16, 8192, 1024, True): (16, 64, 128, 8, 1, 4), (16, 1024, 8192, False): (16, 64, 128, 8, 8, 4),
     (16, 1024, 2048, False): (16, 64, 128, 8, 8, 3), (16, 2051, 1024, False): (16, 16, 256, 4, 1, 3),
     (16, 3072, 2048, False): (16, 64, 128, 8, 4, 3), (16, 2048, 2048, False): (16, 64, 128, 8, 4, 3),
     (16, 8192, 2048, True): (16, 64, 128, 8, 1, 3), (16, 2048, 8192, False): (16, 64, 128, 8, 8, 3),
@@ -564,7 +566,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
 @triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, table_ptr, rows_out_ptr, row_offset,
                    V, D, stride_lb, stride_gb, stride_t, stride_ro,
-                   BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr, HISTOGRAM: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr, NUM_BINS: tl.constexpr,
                    HAS_TABLE: tl.constexpr, PDL: tl.constexpr):
     _wait_for_inputs(PDL)
     b = tl.program_id(0)
@@ -578,37 +580,25 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
     k = (tl.load(kth_ptr + b) + 1).to(tl.int32)
     # Top k by radix select on order-preserving unsigned keys, RADIX_BITS at a time from the most significant:
     # `threshold` is the largest value with at least k keys >= it, and the search stops as soon as exactly k are
-    # (usually long before the last bit). Each pass counts the keys above all 2^RADIX_BITS next digits at once.
+    # (usually long before the last bit). Each pass counts the next digit of the keys that share the threshold's
+    # decided bits in one histogram (warp ballots; Triton wants at least 32 bins, the ones past 2^RADIX_BITS
+    # stay empty): one look at each key a pass, where comparing it with every candidate digit cost 2^RADIX_BITS.
     bits = scaled.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ 0x80000000  # ordered as the floats
-    key = tl.where(ok, key, 0)
+    bins = tl.arange(0, NUM_BINS)  # [NB]
     threshold = tl.zeros([], dtype=tl.uint32)
-    count = tl.zeros([], dtype=tl.int32) + V
+    count = tl.zeros([], dtype=tl.int32) + V  # keys >= threshold
     shift = tl.full([], 32 - RADIX_BITS, dtype=tl.int32)
-    if HISTOGRAM:
-        # One histogram of the next digit over the keys that share the threshold's decided bits (ballots per
-        # warp): one pass over the keys per digit, where comparing with every candidate costs 2^RADIX_BITS.
-        # Triton's histogram wants at least 32 bins; digits above 2^RADIX_BITS stay empty.
-        bins = tl.arange(0, HISTOGRAM)  # [NB]
-        while (shift >= 0) & (count != k):
-            s = shift.to(tl.uint32)
-            same_prefix = (((key ^ threshold) >> s) >> RADIX_BITS) == 0  # two shifts: s + RADIX_BITS may be 32
-            hist = tl.histogram(((key >> s) & ((1 << RADIX_BITS) - 1)).to(tl.int32), HISTOGRAM,
-                                mask=ok & same_prefix)  # [NB]
-            above = count - tl.cumsum(hist, 0) + hist  # keys >= threshold | digit << shift, non-increasing
-            digit = tl.sum(((above >= k) & (bins < (1 << RADIX_BITS))).to(tl.int32), axis=0) - 1
-            threshold = threshold | (digit.to(tl.uint32) << s)
-            count = tl.sum(tl.where(bins == digit, above, 0), axis=0)
-            shift -= RADIX_BITS
-    else:
-        digits = tl.arange(0, 1 << RADIX_BITS).to(tl.uint32)  # [R]
-        while (shift >= 0) & (count != k):
-            candidates = threshold | (digits << shift.to(tl.uint32))  # [R]; digit 0: the current threshold
-            above = tl.sum((key[None, :] >= candidates[:, None]).to(tl.int32), axis=1)  # [R], non-increasing
-            digit = tl.sum((above >= k).to(tl.int32), axis=0) - 1  # the largest digit that keeps k keys
-            threshold = threshold | (digit.to(tl.uint32) << shift.to(tl.uint32))
-            count = tl.sum(tl.where(digits == digit.to(tl.uint32), above, 0), axis=0)
-            shift -= RADIX_BITS
+    while (shift >= 0) & (count != k):
+        s = shift.to(tl.uint32)
+        same_prefix = (((key ^ threshold) >> s) >> RADIX_BITS) == 0  # two shifts: s + RADIX_BITS may be 32
+        hist = tl.histogram(((key >> s) & ((1 << RADIX_BITS) - 1)).to(tl.int32), NUM_BINS,
+                            mask=ok & same_prefix)  # [NB]
+        above = count - tl.cumsum(hist, 0) + hist  # [NB] keys >= threshold | bin << shift, non-increasing
+        digit = tl.sum(((above >= k) & (bins < (1 << RADIX_BITS))).to(tl.int32), axis=0) - 1  # keeps k keys
+        threshold = threshold | (digit.to(tl.uint32) << s)
+        count = tl.sum(tl.where(bins == digit, above, 0), axis=0)
+        shift -= RADIX_BITS
     _let_next_launch(PDL)
     # The k-th value as a float, compared as floats: ties with it (and -0.0 against 0.0) kept, as torch keeps them.
     kth = tl.min(tl.where(ok & (key >= threshold), scaled, float("inf")), axis=0)
@@ -621,13 +611,11 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
         tl.store(rows_out_ptr + b * stride_ro + cols, row, mask=cols < D)
 
 
-# Measured on an H100 in a PDL chain, before the draw also copied out a table row: 8.0 us per draw at batch 1
-# (2-bit digits; 1 bit: 8.9, 4 bits: 11.9; 8 warps: 9.0).
+# Measured on an H200 inside the frame graph (scripts/tune_in_graph.py knobs): 4-bit digits counted by a histogram
+# took 47 us a frame less at one row than 2-bit digits counted by comparisons (-55 at 64 rows); 8-bit digits +45.
 SAMPLE_WARPS = 16
-SAMPLE_RADIX_BITS = 2
-SAMPLE_HISTOGRAM_BITS = 0
-"""Nonzero: count each radix pass's digits with one histogram, this many bits a digit (4 or 8, dividing 32),
-instead of comparing with every candidate digit, SAMPLE_RADIX_BITS at a time."""
+SAMPLE_RADIX_BITS = 4
+"""Bits of the digit each radix pass of `sample` decides; divides 32."""
 
 
 def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, table: Tensor | None = None,
@@ -641,15 +629,15 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, tab
     rows = torch.empty(b, table.shape[1], dtype=table.dtype, device=logits.device) if table is not None else None
     assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1 and temperature.stride(0) == 1 and kth.stride(0) == 1
     assert table is None or table.stride(1) == 1
+    assert 32 % SAMPLE_RADIX_BITS == 0
     pdl = use_pdl(logits, b == 1)
     _sample_kernel[(b,)](
         logits, temperature, kth, gumbel, out, table if table is not None else out, rows if rows is not None else out,
         row_offset, v, table.shape[1] if table is not None else 1, logits.stride(0), gumbel.stride(0),
         table.stride(0) if table is not None else 0, rows.stride(0) if rows is not None else 0,
-        BLOCK_V=_pow2(v), BLOCK_D=_pow2(table.shape[1]) if table is not None else 1,
-        RADIX_BITS=SAMPLE_HISTOGRAM_BITS or SAMPLE_RADIX_BITS,
-        HISTOGRAM=max(32, 1 << SAMPLE_HISTOGRAM_BITS) if SAMPLE_HISTOGRAM_BITS else 0, HAS_TABLE=table is not None,
-        PDL=pdl, num_warps=SAMPLE_WARPS, launch_pdl=pdl > 0,
+        BLOCK_V=_pow2(v), BLOCK_D=_pow2(table.shape[1]) if table is not None else 1, RADIX_BITS=SAMPLE_RADIX_BITS,
+        NUM_BINS=max(32, 1 << SAMPLE_RADIX_BITS), HAS_TABLE=table is not None, PDL=pdl, num_warps=SAMPLE_WARPS,
+        launch_pdl=pdl > 0,
     )
     return out, rows
 
