@@ -581,7 +581,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
     # Top k by radix select on order-preserving unsigned keys, RADIX_BITS at a time from the most significant:
     # `threshold` is the largest value with at least k keys >= it, and the search stops as soon as exactly k are
     # (usually long before the last bit). Each pass counts the next digit of the keys that share the threshold's
-    # decided bits in one histogram (warp ballots; Triton wants at least 32 bins, the ones past 2^RADIX_BITS
+    # decided bits in one histogram (warp ballots; NUM_BINS >= 32, a bin per lane, the ones past 2^RADIX_BITS
     # stay empty): one look at each key a pass, where comparing it with every candidate digit cost 2^RADIX_BITS.
     bits = scaled.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ 0x80000000  # ordered as the floats
@@ -612,10 +612,11 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
 
 
 # Measured on an H200 inside the frame graph (scripts/tune_in_graph.py knobs): 4-bit digits counted by a histogram
-# took 47 us a frame less at one row than 2-bit digits counted by comparisons (-55 at 64 rows); 8-bit digits +45.
+# took 47 us a frame less at one row than 2-bit digits counted by comparisons (-58 at 64 rows); 8-bit digits +45.
+# (Timed alone, draw after draw, an earlier histogram draw had measured slower at one row on an H100.)
 SAMPLE_WARPS = 16
 SAMPLE_RADIX_BITS = 4
-"""Bits of the digit each radix pass of `sample` decides; divides 32."""
+"""Bits of the digit each radix pass of `sample` decides: 1, 2, 4 or 8."""
 
 
 def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, table: Tensor | None = None,
@@ -629,7 +630,7 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, tab
     rows = torch.empty(b, table.shape[1], dtype=table.dtype, device=logits.device) if table is not None else None
     assert logits.stride(-1) == 1 and gumbel.stride(-1) == 1 and temperature.stride(0) == 1 and kth.stride(0) == 1
     assert table is None or table.stride(1) == 1
-    assert 32 % SAMPLE_RADIX_BITS == 0
+    assert SAMPLE_RADIX_BITS in (1, 2, 4, 8)
     pdl = use_pdl(logits, b == 1)
     _sample_kernel[(b,)](
         logits, temperature, kth, gumbel, out, table if table is not None else out, rows if rows is not None else out,
