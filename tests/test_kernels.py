@@ -202,7 +202,7 @@ def test_transformer_step_matches_forward(dtype, position):
 
 
 @pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("radix_bits", [1, 4, 8])
+@pytest.mark.parametrize("radix_bits", [1, 2, 4, 8])
 def test_sample_kernel_equals_sort_based_sampling(logits_dtype, radix_bits, monkeypatch):
     """The radix-select top-k draw picks exactly the token the sort-based reference picks, for every mix of
     greedy / temperature / top-k settings, including k = 1, k = V / 2 and k = V, heavily tied logits (ties at the
