@@ -302,7 +302,8 @@ class Block(nn.Module):
         a, f = self.attention, self.feed_forward
         qkv = kernels.linear(x, a.wqkv.weight, scale=a.wqkv.scale, norm=self.attention_norm.weight,
                              eps=self.attention_norm.eps, batch=batch)
-        out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads)
+        out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
+                                       batch)
         x = kernels.linear(out, a.wo.weight, scale=a.wo.scale, residual=x, batch=batch)
         hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps,
                                 gated=True, batch=batch)
