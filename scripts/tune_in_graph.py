@@ -25,7 +25,7 @@ from csmcli.model import CSM_1B
 FRAMES = 40  # per timing: ~0.2 s at one row
 ROUNDS = 3
 KNOBS = {  # kernels' module constants read at launch, with the values to try besides the current one
-    "ATTENTION_WARPS": (2, 4, 16), "SAMPLE_WARPS": (4, 8, 32), "SAMPLE_RADIX_BITS": (2, 8),
+    "ATTENTION_WARPS": (2, 4, 16), "SAMPLE_WARPS": (4, 8, 32), "SAMPLE_RADIX_BITS": (2, 8), "TMA_WEIGHTS": (True,),
 }
 
 
