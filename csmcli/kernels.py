@@ -125,12 +125,13 @@ def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_A
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr,
+    x_ptr, norm_ptr, w_ptr, w_desc, scale_ptr, res_ptr, out_ptr, partial_ptr,
     M, N, K, k_per_split, eps,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -203,12 +204,19 @@ def _linear_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
         xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-        w_ok = n_ok[:, None] & k_ok[None, :]
-        acc = _accumulate(acc, xk, tl.load(w_ptrs, mask=w_ok, other=0.0), BLOCK_M, DOT_F32, SWAP_AB)
+        if TMA:  # the weight block by the tensor memory accelerator (zeros past K; N is a multiple of BLOCK_N)
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+        else:
+            w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+            w_ok = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptrs, mask=w_ok, other=0.0)
+        acc = _accumulate(acc, xk, w, BLOCK_M, DOT_F32, SWAP_AB)
         if GATED:
-            acc_up = _accumulate(acc_up, xk, tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0), BLOCK_M,
-                                 DOT_F32, SWAP_AB)
+            if TMA:
+                w_up = w_desc.load([N + pid_n * BLOCK_N, k0])
+            else:
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
+            acc_up = _accumulate(acc_up, xk, w_up, BLOCK_M, DOT_F32, SWAP_AB)
     _let_next_launch(PDL)
     if BLOCK_M == 1:
         total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
@@ -356,6 +364,22 @@ def linear_config(m: int, n: int, k: int, gated: bool, fp8: bool = False) -> Lin
     return config
 
 
+TMA_WEIGHTS = False
+"""64-row tiles of bf16 / float32 weights load their weight blocks through TMA descriptors (Hopper's tensor memory
+accelerator) instead of per-thread copies; the same values reach the same products: the same results, bit for bit."""
+
+
+def _tma_descriptor(weight: Tensor, block_n: int, block_k: int, n: int) -> object | None:
+    """A TMA descriptor of `weight`'s `[block_n, block_k]` blocks where the tile can use one, else None."""
+    size = weight.element_size()
+    if not (TMA_WEIGHTS and n % block_n == 0 and weight.stride(1) == 1 and weight.stride(0) * size % 16 == 0
+            and weight.data_ptr() % 16 == 0 and block_k * size >= 16):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(weight, [block_n, block_k])
+
+
 NORM_UNROLL_BLOCKS = 16
 """The RMS pre-pass of a tile is unrolled when K spans at most this many blocks (every CSM matmul with a norm: K is
 1024 or 2048, blocks 128 or wider): all its loads in flight at once, the same sum in the same order as the loop."""
@@ -394,16 +418,17 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     pdl = use_pdl(x, block_m == 1)
     one_block = block_m == 1 and block_k >= k
     norm_k = k if norm is not None and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
+    w_desc = _tma_descriptor(weight, block_n, block_k, n) if block_m >= 64 and not fp8 else None
     _linear_kernel[grid](
-        x, norm if norm is not None else x, weight,
+        x, norm if norm is not None else x, weight, w_desc if w_desc is not None else weight,
         scale if fp8 else x, residual if residual is not None else x, out, partial,
         m, n, k, k_per_split, eps,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
         HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
-        PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, num_warps=warps,
-        num_stages=stages, launch_pdl=pdl > 0,
+        PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, TMA=w_desc is not None,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
     if grid[2] > 1:
         block = 256

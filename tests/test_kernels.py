@@ -72,6 +72,30 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fusion", ["plain", "norm", "residual", "gated", "split K"])
+def test_linear_64_row_tiles_with_tma_weights_are_the_same(dtype, fusion, monkeypatch):
+    """64-row tiles reading their weight blocks through TMA descriptors compute what pointer loads compute, bit for
+    bit: 70 rows (two row blocks, the second masked), K = 80 (the last K block past the edge: TMA's zeros)."""
+    g = torch.Generator().manual_seed(5)
+    m, n, k = 70, 48, 80
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(2 * n if fusion == "gated" else n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    norm = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
+    residual = torch.randn(m, n, generator=g).to(DEVICE, dtype)
+    config = (64, 16, 32, 4, 3 if fusion == "split K" else 1, 3)
+    kwargs = dict(norm=norm, eps=1e-5) if fusion in ("norm", "gated") else {}
+    kwargs |= dict(residual=residual) if fusion == "residual" else {}
+    results = []
+    for tma in (False, True):
+        monkeypatch.setattr(kernels, "TMA_WEIGHTS", tma)
+        assert (kernels._tma_descriptor(weight, 16, 32, n) is not None) == tma
+        results.append(kernels.linear(x, weight, gated=fusion == "gated", config=config, **kwargs))
+    assert torch.equal(results[0], results[1])
+    want = reference_linear(x, weight, gated=fusion == "gated", **kwargs)
+    torch.testing.assert_close(results[1], want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 17])
 def test_linear_norm_prepass_unrolled_or_looped_is_the_same_sum(dtype, m, monkeypatch):
     """The per-tile RMS pre-pass is unrolled up to `NORM_UNROLL_BLOCKS` K blocks, a loop beyond: the same sum in
