@@ -47,6 +47,12 @@ class FrameStepper:
         # Likewise every code's depth-decoder input, projected once (130 MB): the draws copy out their rows.
         with torch.no_grad():
             self.code_inputs = model.projected_code_embeddings() if fused else None  # [(C-1) * V, decoder dim]
+        if fused and not model.fp8:
+            from csmcli import kernels  # here, so CPU-only installs never need Triton
+
+            if kernels.folds_norms(max_batch):  # normed weights for the batched tiles (1.4 GB at full size, once)
+                model.backbone.fold_norms()
+                model.decoder.fold_norms()
 
     def prefill(self, slot: int, prompt: Prompt, params: SamplingParams, length: int | None = None,
                 run: Callable[..., Tensor] | None = None) -> None:

@@ -131,7 +131,7 @@ def _linear_kernel(
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, NORM_AFTER: tl.constexpr, SQUARES_IN_LOOP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -170,6 +170,7 @@ def _linear_kernel(
         residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
     x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)  # of the rows' elements, for their RMS
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -186,8 +187,7 @@ def _linear_kernel(
             rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=1) / K + eps)
             xk = (x32 * rstd[:, None] * norm_weight[None, :]).to(dtype)
     else:
-        if HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
-            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_NORM and not SQUARES_IN_LOOP:  # every program recomputes the rows' RMS: x is a few KB, from L2
             if NORM_K > 0:  # unrolled: every block's load in flight at once, not one round trip each (same sum)
                 for k0 in tl.static_range(0, NORM_K, BLOCK_K):
                     squares += _row_squares(x_base, k0, K, m_ok, BLOCK_K)
@@ -195,7 +195,7 @@ def _linear_kernel(
                 for k0 in range(0, K, BLOCK_K):
                     squares += _row_squares(x_base, k0, K, m_ok, BLOCK_K)
             rstd = 1.0 / tl.sqrt(squares / K + eps)
-        xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
+        xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM and not NORM_AFTER, dtype)
     if BLOCK_M == 1:
         acc = _accumulate(acc, xk, w, BLOCK_M, DOT_F32, SWAP_AB)
         if GATED:
@@ -203,7 +203,10 @@ def _linear_kernel(
     for k0 in range(k_rest, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
-        xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM, dtype)
+        xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM and not NORM_AFTER, dtype)
+        if SQUARES_IN_LOOP:  # the RMS from the blocks the products read, in the pre-pass's order
+            x32 = xk.to(tl.float32)
+            squares += tl.sum(x32 * x32, axis=1)
         if TMA:  # the weight block by the tensor memory accelerator (zeros past K; N is a multiple of BLOCK_N)
             w = w_desc.load([pid_n * BLOCK_N, k0])
         else:
@@ -218,10 +221,14 @@ def _linear_kernel(
                 w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
             acc_up = _accumulate(acc_up, xk, w_up, BLOCK_M, DOT_F32, SWAP_AB)
     _let_next_launch(PDL)
+    if SQUARES_IN_LOOP:
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
     if BLOCK_M == 1:
         total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         total = tl.trans(acc) if SWAP_AB else acc
+    if NORM_AFTER:  # x @ (w * norm).T scaled by each row's 1 / RMS: the norm's weight is in the weight's columns
+        total = total * rstd[:, None]
     if HAS_SCALE:  # (x @ w8.T) * scale in float32, rounded once below
         total = total * scale[None, :]
     if PARTIAL:  # split K: float32 partial sums [splits, M, N]; `_split_k_sum_kernel` adds them in a fixed order
@@ -236,6 +243,8 @@ def _linear_kernel(
             up = tl.trans(acc_up) if SWAP_AB else acc_up
         if HAS_SCALE:
             up = up * scale_up[None, :]
+        if NORM_AFTER:
+            up = up * rstd[:, None]
         up = up.to(dtype)
         gate = out.to(tl.float32)
         out = (gate / (1.0 + tl.exp(-gate))).to(dtype)
@@ -380,19 +389,40 @@ def _tma_descriptor(weight: Tensor, block_n: int, block_k: int, n: int) -> objec
     return TensorDescriptor.from_tensor(weight, [block_n, block_k])
 
 
+FOLD_NORMS = 2
+"""Engines of more than 16 slots run their RMS-normed products (QKV, gate/up) on copies of the weights with the
+norm's weight multiplied into their columns (`model.Block.fold_norms`; bf16 / float32 weights): the tiles then
+read x as it is, like a plain operand, and scale each row's sums by its 1 / RMS after the product, instead of
+normalising every x block before the MMA. 0: off; 1: the RMS from a pre-pass over the rows; 2: summed in the main
+loop from the blocks the products read (one program per K range only)."""
+
+
+def folds_norms(batch: int) -> bool:
+    """Whether an engine of `batch` slots runs its normed products on folded weights (`FOLD_NORMS`)."""
+    return FOLD_NORMS > 0 and rows_bucket(batch) >= 64
+
+
+def fold_norm(weight: Tensor, norm: Tensor) -> Tensor:
+    """`weight [N, K]` with RMSNorm weight `norm [K]` multiplied into its columns, rounded to its dtype: the weight
+    of `linear(..., norm_folded=True)`."""
+    return (weight.float() * norm.float()).to(weight.dtype)
+
+
 NORM_UNROLL_BLOCKS = 16
 """The RMS pre-pass of a tile is unrolled when K spans at most this many blocks (every CSM matmul with a norm: K is
 1024 or 2048, blocks 128 or wider): all its loads in flight at once, the same sum in the same order as the loop."""
 
 
 def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tensor | None = None, eps: float = 0.0,
-           residual: Tensor | None = None, gated: bool = False, batch: int | None = None,
+           norm_folded: bool = False, residual: Tensor | None = None, gated: bool = False, batch: int | None = None,
            config: LinearConfig | None = None) -> Tensor:
     """`x [M, K] @ weight.T` for `weight [N, K]` (any strides), with optional fusions:
 
     - `scale [N]` (float32): `weight` holds fp8 values and the product is `(x @ weight.T) * scale`, in float32,
       rounded once (`model.Linear`'s fp8 weights);
     - `norm [K]`: RMSNorm of x's rows (weight `norm`, `eps`) first;
+    - `norm_folded`: the same with the norm's weight already in `weight` (`fold_norm`): the product of the rows as
+      they are, each row then scaled by its 1 / RMS (`eps`); batched tiles only (`FOLD_NORMS`);
     - `gated`: `weight` holds gate rows then up rows `[2I, K]`; returns `silu(x @ gate.T) * (x @ up.T)` `[M, I]`;
     - `residual [M, N]`: added to the result.
 
@@ -404,7 +434,7 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     n = n // 2 if gated else n
     fp8 = scale is not None
     config = config or linear_config(batch or m, n, k, gated, fp8)
-    if config == CUBLAS and norm is None and not gated and not fp8:
+    if config == CUBLAS and norm is None and not norm_folded and not gated and not fp8:
         return _cublas_linear(x, weight, residual, batch or m)
     if config == CUBLAS:  # a fused or fp8 product of a shape cuBLAS serves plain: the shape's 16-row tiles
         config = linear_config(16, n, k, gated, fp8)
@@ -412,12 +442,14 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     block_m, block_n, block_k, warps, split_k, stages = config
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and not (gated and split_k > 1)
+    assert not norm_folded or (norm is None and not fp8 and block_m > 1)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
     pdl = use_pdl(x, block_m == 1)
     one_block = block_m == 1 and block_k >= k
-    norm_k = k if norm is not None and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
+    has_norm = norm is not None or norm_folded
+    norm_k = k if has_norm and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
     w_desc = _tma_descriptor(weight, block_n, block_k, n) if block_m >= 64 and not fp8 else None
     _linear_kernel[grid](
         x, norm if norm is not None else x, weight, w_desc if w_desc is not None else weight,
@@ -425,9 +457,10 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
         m, n, k, k_per_split, eps,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
-        HAS_NORM=norm is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
+        HAS_NORM=has_norm, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, TMA=w_desc is not None,
+        NORM_AFTER=norm_folded, SQUARES_IN_LOOP=norm_folded and FOLD_NORMS == 2 and grid[2] == 1,
         num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
     if grid[2] > 1:

@@ -287,6 +287,22 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+        # `fold_norms`: the QKV and gate/up weights with their norms' weights in their columns (batched kernels)
+        self.register_buffer("wqkv_folded", None, persistent=False)
+        self.register_buffer("w13_folded", None, persistent=False)
+
+    @torch.no_grad()
+    def fold_norms(self) -> None:
+        """Copies of the QKV and gate/up weights with the norms' weights folded in (`kernels.fold_norm`), for the
+        batched steps of large engines (`kernels.folds_norms`). Taken once, after the weights are final; bf16 /
+        float32 weights only (fp8 rows have their own scales)."""
+        from csmcli import kernels
+
+        a, f = self.attention, self.feed_forward
+        assert a.wqkv.scale is None and f.w13.scale is None, "fp8 weights are not folded"
+        if self.wqkv_folded is None:
+            self.wqkv_folded = kernels.fold_norm(a.wqkv.weight, self.attention_norm.weight)
+            self.w13_folded = kernels.fold_norm(f.w13.weight, self.ffn_norm.weight)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
                 rows: Tensor | None, cache: KVCache):
@@ -300,13 +316,20 @@ class Block(nn.Module):
         from csmcli import kernels
 
         a, f = self.attention, self.feed_forward
-        qkv = kernels.linear(x, a.wqkv.weight, scale=a.wqkv.scale, norm=self.attention_norm.weight,
-                             eps=self.attention_norm.eps, batch=batch)
+        if self.wqkv_folded is not None and kernels.folds_norms(batch or x.shape[0]):
+            qkv = kernels.linear(x, self.wqkv_folded, norm_folded=True, eps=self.attention_norm.eps, batch=batch)
+        else:
+            qkv = kernels.linear(x, a.wqkv.weight, scale=a.wqkv.scale, norm=self.attention_norm.weight,
+                                 eps=self.attention_norm.eps, batch=batch)
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
         x = kernels.linear(out, a.wo.weight, scale=a.wo.scale, residual=x, batch=batch)
-        hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps,
-                                gated=True, batch=batch)
+        if self.w13_folded is not None and kernels.folds_norms(batch or x.shape[0]):
+            hidden = kernels.linear(x, self.w13_folded, norm_folded=True, eps=self.ffn_norm.eps, gated=True,
+                                    batch=batch)
+        else:
+            hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight,
+                                    eps=self.ffn_norm.eps, gated=True, batch=batch)
         return kernels.linear(hidden, f.w2.weight, scale=f.w2.scale, residual=x, batch=batch)
 
 
@@ -331,6 +354,11 @@ class Transformer(nn.Module):
         freqs = torch.arange(self.cfg.max_seq_len, device=device).float()[:, None] * self.inv_freq  # [S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def fold_norms(self) -> None:
+        """`Block.fold_norms` for every layer."""
+        for layer in self.layers:
+            layer.fold_norms()
 
     def new_caches(self, batch: int, dtype: torch.dtype, device) -> list[KVCache]:
         """One zeroed cache per layer for `batch` rows (the caller owns them)."""
@@ -423,6 +451,8 @@ class Csm(nn.Module):
         codebook heads stay as they are: they are few bytes per frame, and the heads make the logits."""
         for linear in self.linears():
             linear.to_fp8()
+        for layer in [*self.backbone.layers, *self.decoder.layers]:  # copies of the bf16 weights: stale now
+            layer.wqkv_folded = layer.w13_folded = None
 
     @property
     def fp8(self) -> bool:

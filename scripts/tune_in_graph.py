@@ -27,6 +27,7 @@ ROUNDS = 3
 KNOBS = {  # kernels' module constants read at launch, with the values to try besides the current one
     "ATTENTION_WARPS": (2, 4, 16), "ATTENTION_WARPS_64": (2, 8, 16), "SAMPLE_WARPS": (4, 8, 32),
     "SAMPLE_RADIX_BITS": (2, 8), "TMA_WEIGHTS": (True,),
+    "FOLD_NORMS": (0, 1),
 }
 
 
@@ -123,6 +124,14 @@ def main() -> None:
                lambda v, key=key: table.__setitem__(key, v)) for key in keys]
     trials += [(name, getattr(kernels, name), values, lambda v, name=name: setattr(kernels, name, v))
                for name, values in KNOBS.items()]
+    if kernels.folds_norms(rows) and not fp8:  # the backbone's normed products on unfolded weights instead
+        folded = [(layer, layer.wqkv_folded, layer.w13_folded) for layer in model.backbone.layers]
+
+        def fold_backbone(on: bool) -> None:
+            for layer, qkv, w13 in folded:
+                layer.wqkv_folded, layer.w13_folded = (qkv, w13) if on else (None, None)
+
+        trials.append(("fold backbone norms", True, (False,), fold_backbone))
     winners = [found for trial in trials if (found := best_of(*trial))]
     if not winners:
         print("no config beats the current table in the frame graph")

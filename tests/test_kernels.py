@@ -96,6 +96,27 @@ def test_linear_64_row_tiles_with_tma_weights_are_the_same(dtype, fusion, monkey
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("config", [(16, 16, 32, 4, 1, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 1, 3)])
+def test_linear_with_the_norm_folded_into_the_weight_matches_torch(dtype, mode, gated, config, monkeypatch):
+    """`norm_folded`: the norm's weight in the weight's columns, each row scaled by its 1 / RMS after the product
+    (RMS from a pre-pass, or, mode 2, summed from the main loop's blocks; split K: always the pre-pass) gives
+    torch's RMSNorm then matmul: 16- and 64-row tiles, 70 rows (the last row block masked), K = 80 (a masked last
+    K block), gated and plain."""
+    monkeypatch.setattr(kernels, "FOLD_NORMS", mode)
+    g = torch.Generator().manual_seed(7)
+    m, n, k = 70, 48, 80
+    x = (3 * torch.randn(m, k, generator=g)).to(DEVICE, dtype)  # RMS far from 1: a missing scale would show
+    if gated and config[4] > 1:
+        config = (*config[:4], 1, *config[5:])  # gated products are never split
+    weight = (torch.randn(2 * n if gated else n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    norm = (1 + 0.3 * torch.randn(k, generator=g)).to(DEVICE, dtype)
+    got = kernels.linear(x, kernels.fold_norm(weight, norm), norm_folded=True, eps=1e-5, gated=gated, config=config)
+    torch.testing.assert_close(got, reference_linear(x, weight, norm=norm, gated=gated), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 17])
 def test_linear_norm_prepass_unrolled_or_looped_is_the_same_sum(dtype, m, monkeypatch):
     """The per-tile RMS pre-pass is unrolled up to `NORM_UNROLL_BLOCKS` K blocks, a loop beyond: the same sum in
@@ -318,7 +339,8 @@ def run_frames(model, fused, frames=2, slots=3):
     return torch.stack([stepper.step().clone() for _ in range(frames)]), stepper.hidden.clone()
 
 
-@pytest.mark.parametrize(("slots", "weights"), [(3, "float32"), (1, "float32"), (1, "fp8")])
+@pytest.mark.parametrize(("slots", "weights"),
+                         [(3, "float32"), (3, "float32, norms folded"), (1, "float32"), (1, "fp8")])
 def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
     """Whole frames (codebook 0, the depth decoder's 31 steps, sampling, the backbone step) through the fused
     kernels give the same codes as the torch path for greedy and sampled slots at different positions (float32:
@@ -329,6 +351,9 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
         config = kernels.linear_config
         monkeypatch.setattr(kernels, "linear_config", lambda m, n, k, gated, fp8=False: (1, 64, 128, 4, 1, 3)
                             if m == 1 else config(m, n, k, gated, fp8))
+    if weights == "float32, norms folded":  # as engines of 64 slots run (`kernels.folds_norms`), at 3 here
+        monkeypatch.setattr(kernels, "FOLD_NORMS", 2)
+        monkeypatch.setattr(kernels, "folds_norms", lambda batch: batch > 1)
     model = tiny_csm(torch.float32)
     if weights == "fp8":
         model.to_fp8()
@@ -336,6 +361,7 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
     got_codes, got_hidden = run_frames(model, fused=True, slots=slots)
     assert torch.equal(got_codes, want_codes)
     torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-4, atol=1e-4)
+    assert (model.decoder.layers[0].w13_folded is not None) == (weights == "float32, norms folded")
 
 
 def test_fewer_rows_compute_exactly_what_the_full_batch_computes():
