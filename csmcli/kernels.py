@@ -125,13 +125,13 @@ def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_A
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, norm_ptr, w_ptr, w_desc, scale_ptr, res_ptr, out_ptr, partial_ptr,
+    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr,
     M, N, K, k_per_split, eps,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
-    TMA: tl.constexpr, NORM_AFTER: tl.constexpr, SQUARES_IN_LOOP: tl.constexpr,
+    NORM_AFTER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -170,7 +170,6 @@ def _linear_kernel(
         residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
     x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)  # of the rows' elements, for their RMS
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -187,7 +186,8 @@ def _linear_kernel(
             rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=1) / K + eps)
             xk = (x32 * rstd[:, None] * norm_weight[None, :]).to(dtype)
     else:
-        if HAS_NORM and not SQUARES_IN_LOOP:  # every program recomputes the rows' RMS: x is a few KB, from L2
+        if HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
             if NORM_K > 0:  # unrolled: every block's load in flight at once, not one round trip each (same sum)
                 for k0 in tl.static_range(0, NORM_K, BLOCK_K):
                     squares += _row_squares(x_base, k0, K, m_ok, BLOCK_K)
@@ -204,25 +204,13 @@ def _linear_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
         xk = _x_block(x_base, offs_k, k_ok, m_ok, norm_ptr, rstd, HAS_NORM and not NORM_AFTER, dtype)
-        if SQUARES_IN_LOOP:  # the RMS from the blocks the products read, in the pre-pass's order
-            x32 = xk.to(tl.float32)
-            squares += tl.sum(x32 * x32, axis=1)
-        if TMA:  # the weight block by the tensor memory accelerator (zeros past K; N is a multiple of BLOCK_N)
-            w = w_desc.load([pid_n * BLOCK_N, k0])
-        else:
-            w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-            w_ok = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptrs, mask=w_ok, other=0.0)
-        acc = _accumulate(acc, xk, w, BLOCK_M, DOT_F32, SWAP_AB)
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        acc = _accumulate(acc, xk, tl.load(w_ptrs, mask=w_ok, other=0.0), BLOCK_M, DOT_F32, SWAP_AB)
         if GATED:
-            if TMA:
-                w_up = w_desc.load([N + pid_n * BLOCK_N, k0])
-            else:
-                w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
-            acc_up = _accumulate(acc_up, xk, w_up, BLOCK_M, DOT_F32, SWAP_AB)
+            acc_up = _accumulate(acc_up, xk, tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0), BLOCK_M,
+                                 DOT_F32, SWAP_AB)
     _let_next_launch(PDL)
-    if SQUARES_IN_LOOP:
-        rstd = 1.0 / tl.sqrt(squares / K + eps)
     if BLOCK_M == 1:
         total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
@@ -373,33 +361,17 @@ def linear_config(m: int, n: int, k: int, gated: bool, fp8: bool = False) -> Lin
     return config
 
 
-TMA_WEIGHTS = False
-"""64-row tiles of bf16 / float32 weights load their weight blocks through TMA descriptors (Hopper's tensor memory
-accelerator) instead of per-thread copies; the same values reach the same products: the same results, bit for bit."""
-
-
-def _tma_descriptor(weight: Tensor, block_n: int, block_k: int, n: int) -> object | None:
-    """A TMA descriptor of `weight`'s `[block_n, block_k]` blocks where the tile can use one, else None."""
-    size = weight.element_size()
-    if not (TMA_WEIGHTS and n % block_n == 0 and weight.stride(1) == 1 and weight.stride(0) * size % 16 == 0
-            and weight.data_ptr() % 16 == 0 and block_k * size >= 16):
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(weight, [block_n, block_k])
-
-
-FOLD_NORMS = 2
+FOLD_NORMS = True
 """Engines of more than 16 slots run their RMS-normed products (QKV, gate/up) on copies of the weights with the
 norm's weight multiplied into their columns (`model.Block.fold_norms`; bf16 / float32 weights): the tiles then
-read x as it is, like a plain operand, and scale each row's sums by its 1 / RMS after the product, instead of
-normalising every x block before the MMA. 0: off; 1: the RMS from a pre-pass over the rows; 2: summed in the main
-loop from the blocks the products read (one program per K range only)."""
+read x as it is, like a plain operand, and scale each row's sums by its 1 / RMS (from the pre-pass) after the
+product, instead of normalising every x block before the MMA. In the frame graph on an H200 at 64 rows: -330 us a
+frame (the RMS summed in the main loop instead: +330)."""
 
 
 def folds_norms(batch: int) -> bool:
     """Whether an engine of `batch` slots runs its normed products on folded weights (`FOLD_NORMS`)."""
-    return FOLD_NORMS > 0 and rows_bucket(batch) >= 64
+    return FOLD_NORMS and rows_bucket(batch) >= 64
 
 
 def fold_norm(weight: Tensor, norm: Tensor) -> Tensor:
@@ -450,17 +422,15 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     one_block = block_m == 1 and block_k >= k
     has_norm = norm is not None or norm_folded
     norm_k = k if has_norm and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
-    w_desc = _tma_descriptor(weight, block_n, block_k, n) if block_m >= 64 and not fp8 else None
     _linear_kernel[grid](
-        x, norm if norm is not None else x, weight, w_desc if w_desc is not None else weight,
+        x, norm if norm is not None else x, weight,
         scale if fp8 else x, residual if residual is not None else x, out, partial,
         m, n, k, k_per_split, eps,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
         HAS_NORM=has_norm, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
-        PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, TMA=w_desc is not None,
-        NORM_AFTER=norm_folded, SQUARES_IN_LOOP=norm_folded and FOLD_NORMS == 2 and grid[2] == 1,
+        PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, NORM_AFTER=norm_folded,
         num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
     if grid[2] > 1:

@@ -26,8 +26,7 @@ FRAMES = 40  # per timing: ~0.2 s at one row
 ROUNDS = 3
 KNOBS = {  # kernels' module constants read at launch, with the values to try besides the current one
     "ATTENTION_WARPS": (2, 4, 16), "ATTENTION_WARPS_64": (2, 8, 16), "SAMPLE_WARPS": (4, 8, 32),
-    "SAMPLE_RADIX_BITS": (2, 8), "TMA_WEIGHTS": (True,),
-    "FOLD_NORMS": (0, 1),
+    "SAMPLE_RADIX_BITS": (2, 8), "FOLD_NORMS": (False,),
 }
 
 

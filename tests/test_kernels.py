@@ -72,39 +72,12 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fusion", ["plain", "norm", "residual", "gated", "split K"])
-def test_linear_64_row_tiles_with_tma_weights_are_the_same(dtype, fusion, monkeypatch):
-    """64-row tiles reading their weight blocks through TMA descriptors compute what pointer loads compute, bit for
-    bit: 70 rows (two row blocks, the second masked), K = 80 (the last K block past the edge: TMA's zeros)."""
-    g = torch.Generator().manual_seed(5)
-    m, n, k = 70, 48, 80
-    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
-    weight = (torch.randn(2 * n if fusion == "gated" else n, k, generator=g) / k**0.5).to(DEVICE, dtype)
-    norm = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
-    residual = torch.randn(m, n, generator=g).to(DEVICE, dtype)
-    config = (64, 16, 32, 4, 3 if fusion == "split K" else 1, 3)
-    kwargs = dict(norm=norm, eps=1e-5) if fusion in ("norm", "gated") else {}
-    kwargs |= dict(residual=residual) if fusion == "residual" else {}
-    results = []
-    for tma in (False, True):
-        monkeypatch.setattr(kernels, "TMA_WEIGHTS", tma)
-        assert (kernels._tma_descriptor(weight, 16, 32, n) is not None) == tma
-        results.append(kernels.linear(x, weight, gated=fusion == "gated", config=config, **kwargs))
-    assert torch.equal(results[0], results[1])
-    want = reference_linear(x, weight, gated=fusion == "gated", **kwargs)
-    torch.testing.assert_close(results[1], want, **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", [1, 2])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("config", [(16, 16, 32, 4, 1, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 1, 3)])
-def test_linear_with_the_norm_folded_into_the_weight_matches_torch(dtype, mode, gated, config, monkeypatch):
-    """`norm_folded`: the norm's weight in the weight's columns, each row scaled by its 1 / RMS after the product
-    (RMS from a pre-pass, or, mode 2, summed from the main loop's blocks; split K: always the pre-pass) gives
-    torch's RMSNorm then matmul: 16- and 64-row tiles, 70 rows (the last row block masked), K = 80 (a masked last
-    K block), gated and plain."""
-    monkeypatch.setattr(kernels, "FOLD_NORMS", mode)
+def test_linear_with_the_norm_folded_into_the_weight_matches_torch(dtype, gated, config):
+    """`norm_folded`: the norm's weight in the weight's columns, each row scaled by its 1 / RMS after the product,
+    gives torch's RMSNorm then matmul: 16- and 64-row tiles, split K, 70 rows (the last row block masked), K = 80
+    (a masked last K block), gated and plain."""
     g = torch.Generator().manual_seed(7)
     m, n, k = 70, 48, 80
     x = (3 * torch.randn(m, k, generator=g)).to(DEVICE, dtype)  # RMS far from 1: a missing scale would show
@@ -352,7 +325,6 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
         monkeypatch.setattr(kernels, "linear_config", lambda m, n, k, gated, fp8=False: (1, 64, 128, 4, 1, 3)
                             if m == 1 else config(m, n, k, gated, fp8))
     if weights == "float32, norms folded":  # as engines of 64 slots run (`kernels.folds_norms`), at 3 here
-        monkeypatch.setattr(kernels, "FOLD_NORMS", 2)
         monkeypatch.setattr(kernels, "folds_norms", lambda batch: batch > 1)
     model = tiny_csm(torch.float32)
     if weights == "fp8":
