@@ -299,8 +299,8 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     (16, 3072, 2048, False): (16, 64, 128, 8, 4, 3), (16, 2048, 2048, False): (16, 64, 128, 8, 4, 3),
     (16, 8192, 2048, True): (16, 64, 128, 8, 1, 3), (16, 2048, 8192, False): (16, 64, 128, 8, 8, 3),
     (16, 2051, 2048, False): (16, 64, 128, 8, 4, 3),
-    # 64 rows: the normed products on folded weights (FOLD_NORMS); then the decoder's QKV with K blocks of 256 on 4 warps (in
-    # the frame graph on an H200: -85 then -41 us a frame, scripts/tune_in_graph.py 64, 2026-11-28).
+    # 64 rows: the normed products on folded weights (FOLD_NORMS); then the decoder's QKV with K blocks of 256 on 4
+    # warps (in the frame graph on an H200: -85 then -41 us a frame, scripts/tune_in_graph.py 64, 2026-11-28).
     (64, 1536, 1024, False): (16, 64, 256, 4, 1, 3), (64, 1024, 1024, False): (16, 32, 256, 4, 1, 3),
     (64, 8192, 1024, True): (64, 64, 128, 8, 1, 4), (64, 1024, 8192, False): CUBLAS,
     (64, 1024, 2048, False): (16, 64, 128, 8, 4, 3), (64, 2051, 1024, False): (16, 64, 128, 8, 1, 3),
