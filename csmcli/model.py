@@ -290,19 +290,24 @@ class Block(nn.Module):
         # `fold_norms`: the QKV and gate/up weights with their norms' weights in their columns (batched kernels)
         self.register_buffer("wqkv_folded", None, persistent=False)
         self.register_buffer("w13_folded", None, persistent=False)
+        self._folded_from: tuple = ()  # what the copies were made from (`fold_norms`)
 
     @torch.no_grad()
     def fold_norms(self) -> None:
         """Copies of the QKV and gate/up weights with the norms' weights folded in (`kernels.fold_norm`), for the
-        batched steps of large engines (`kernels.folds_norms`). Taken once, after the weights are final; bf16 /
-        float32 weights only (fp8 rows have their own scales)."""
+        batched steps of large engines (`kernels.folds_norms`); bf16 / float32 weights only (fp8 rows have their
+        own scales). Taken again only if those weights changed since (loaded, cast, moved): a new copy, so the
+        graphs of engines built before keep the tensors they captured."""
         from csmcli import kernels
 
         a, f = self.attention, self.feed_forward
         assert a.wqkv.scale is None and f.w13.scale is None, "fp8 weights are not folded"
-        if self.wqkv_folded is None:
+        sources = (a.wqkv.weight, self.attention_norm.weight, f.w13.weight, self.ffn_norm.weight)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        if self.wqkv_folded is None or key != self._folded_from:
             self.wqkv_folded = kernels.fold_norm(a.wqkv.weight, self.attention_norm.weight)
             self.w13_folded = kernels.fold_norm(f.w13.weight, self.ffn_norm.weight)
+            self._folded_from = key
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
                 rows: Tensor | None, cache: KVCache):
@@ -316,7 +321,8 @@ class Block(nn.Module):
         from csmcli import kernels
 
         a, f = self.attention, self.feed_forward
-        if self.wqkv_folded is not None and kernels.folds_norms(batch or x.shape[0]):
+        folded = self.wqkv_folded is not None and kernels.folds_norms(batch or x.shape[0])
+        if folded:
             qkv = kernels.linear(x, self.wqkv_folded, norm_folded=True, eps=self.attention_norm.eps, batch=batch)
         else:
             qkv = kernels.linear(x, a.wqkv.weight, scale=a.wqkv.scale, norm=self.attention_norm.weight,
@@ -324,7 +330,7 @@ class Block(nn.Module):
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
         x = kernels.linear(out, a.wo.weight, scale=a.wo.scale, residual=x, batch=batch)
-        if self.w13_folded is not None and kernels.folds_norms(batch or x.shape[0]):
+        if folded:
             hidden = kernels.linear(x, self.w13_folded, norm_folded=True, eps=self.ffn_norm.eps, gated=True,
                                     batch=batch)
         else:

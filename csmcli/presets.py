@@ -25,6 +25,10 @@ MODEL_PARAMS = 1.77e9  # backbone + depth decoder + embeddings/heads + Mimi, as 
 RUNTIME_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS workspaces, Mimi decode activations
 KV_ELEMENTS_PER_SLOT = 16 * 2 * 8 * 64 * 2048  # backbone: layers x (k, v) x kv heads x head_dim x positions
 SLOT_SLACK = 1.25  # per-slot activations, depth-decoder cache and CUDA-graph pools on top of the KV cache
+# Engines of more than 16 slots keep the QKV and gate/up weights again with their norms folded in
+# (kernels.folds_norms; not with fp8): backbone 16 x (3072 + 16384) x 2048, decoder 4 x (1536 + 16384) x 1024.
+FOLDED_PARAMS = 16 * (3072 + 16384) * 2048 + 4 * (1536 + 16384) * 1024
+FOLDED_ABOVE_SLOTS = 16
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -47,9 +51,12 @@ _FIELD_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Pres
 
 
 def estimate_vram_gb(preset: Preset) -> float:
-    """Rough GPU memory the engine needs with this preset: weights + overhead + max_batch KV-cache slots."""
+    """Rough GPU memory the engine needs with this preset: weights (and their folded copies) + overhead +
+    max_batch KV-cache slots."""
     nbytes = _DTYPE_BYTES[preset.dtype]
     weights = MODEL_PARAMS * nbytes
+    if preset.max_batch > FOLDED_ABOVE_SLOTS and preset.fused_kernels and not preset.fp8:
+        weights += FOLDED_PARAMS * nbytes
     slots = preset.max_batch * KV_ELEMENTS_PER_SLOT * nbytes * SLOT_SLACK
     return (weights + slots) / 2**30 + RUNTIME_OVERHEAD_GB
 

@@ -24,9 +24,10 @@ from csmcli.model import CSM_1B
 
 FRAMES = 40  # per timing: ~0.2 s at one row
 ROUNDS = 3
-KNOBS = {  # kernels' module constants read at launch, with the values to try besides the current one
-    "ATTENTION_WARPS": (2, 4, 16), "ATTENTION_WARPS_64": (2, 8, 16), "SAMPLE_WARPS": (4, 8, 32),
-    "SAMPLE_RADIX_BITS": (2, 8), "FOLD_NORMS": (False,),
+KNOBS = {  # kernels' module constants read at launch: the values to try besides the current one, the rows buckets
+    "ATTENTION_WARPS": ((2, 4, 16), (1, 16)), "ATTENTION_WARPS_64": ((2, 8, 16), (64,)),
+    "SAMPLE_WARPS": ((4, 8, 32), (1, 16, 64)), "SAMPLE_RADIX_BITS": ((2, 8), (1, 16, 64)),
+    "FOLD_NORMS": ((False,), (64,)),
 }
 
 
@@ -122,7 +123,7 @@ def main() -> None:
     trials = [(str(key), table[key], neighbours(table[key], key[2], key[3]),
                lambda v, key=key: table.__setitem__(key, v)) for key in keys]
     trials += [(name, getattr(kernels, name), values, lambda v, name=name: setattr(kernels, name, v))
-               for name, values in KNOBS.items()]
+               for name, (values, buckets) in KNOBS.items() if rows in buckets]
     if kernels.folds_norms(rows) and not fp8:  # the backbone's normed products on unfolded weights instead
         folded = [(layer, layer.wqkv_folded, layer.w13_folded) for layer in model.backbone.layers]
 

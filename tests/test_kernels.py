@@ -72,8 +72,9 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("config", [(16, 16, 32, 4, 1, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 1, 3)])
+@pytest.mark.parametrize(("gated", "config"), [(gated, config) for gated in (False, True) for config in
+                                               [(16, 16, 32, 4, 1, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 1, 3)]
+                                               if not (gated and config[4] > 1)])  # gated products are never split
 def test_linear_with_the_norm_folded_into_the_weight_matches_torch(dtype, gated, config):
     """`norm_folded`: the norm's weight in the weight's columns, each row scaled by its 1 / RMS after the product,
     gives torch's RMSNorm then matmul: 16- and 64-row tiles, split K, 70 rows (the last row block masked), K = 80
@@ -81,8 +82,6 @@ def test_linear_with_the_norm_folded_into_the_weight_matches_torch(dtype, gated,
     g = torch.Generator().manual_seed(7)
     m, n, k = 70, 48, 80
     x = (3 * torch.randn(m, k, generator=g)).to(DEVICE, dtype)  # RMS far from 1: a missing scale would show
-    if gated and config[4] > 1:
-        config = (*config[:4], 1, *config[5:])  # gated products are never split
     weight = (torch.randn(2 * n if gated else n, k, generator=g) / k**0.5).to(DEVICE, dtype)
     norm = (1 + 0.3 * torch.randn(k, generator=g)).to(DEVICE, dtype)
     got = kernels.linear(x, kernels.fold_norm(weight, norm), norm_folded=True, eps=1e-5, gated=gated, config=config)
@@ -324,8 +323,16 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
         config = kernels.linear_config
         monkeypatch.setattr(kernels, "linear_config", lambda m, n, k, gated, fp8=False: (1, 64, 128, 4, 1, 3)
                             if m == 1 else config(m, n, k, gated, fp8))
+    folded_calls = []
     if weights == "float32, norms folded":  # as engines of 64 slots run (`kernels.folds_norms`), at 3 here
         monkeypatch.setattr(kernels, "folds_norms", lambda batch: batch > 1)
+        linear = kernels.linear
+
+        def counted(*args, **kwargs):
+            folded_calls.append(kwargs.get("norm_folded", False))
+            return linear(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, "linear", counted)
     model = tiny_csm(torch.float32)
     g = torch.Generator().manual_seed(4)
     for name, param in model.named_parameters():  # norm weights other than 1: a fold that is not applied shows
@@ -337,7 +344,29 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
     got_codes, got_hidden = run_frames(model, fused=True, slots=slots)
     assert torch.equal(got_codes, want_codes)
     torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-4, atol=1e-4)
-    assert (model.decoder.layers[0].w13_folded is not None) == (weights == "float32, norms folded")
+    if weights == "float32, norms folded":  # every layer step's QKV and gate/up took the folded path
+        frames, layer_steps = 2, 2 * (1 + 32)  # 2 layers; a backbone step and 32 decoder steps a frame
+        assert sum(folded_calls) == frames * layer_steps * 2, sum(folded_calls)
+
+
+def test_folded_copies_follow_the_weights():
+    """`fold_norms` copies once, and again (a new tensor) when the weights were changed, cast or loaded since."""
+    torch.set_grad_enabled(False)
+    block = small_transformer(torch.float32).layers[0]
+    block.fold_norms()
+    first = block.wqkv_folded
+    torch.testing.assert_close(first, block.attention.wqkv.weight * block.attention_norm.weight)
+    block.fold_norms()
+    assert block.wqkv_folded is first  # unchanged weights: the same copy (graphs captured on it stay valid)
+    block.ffn_norm.weight.mul_(2)
+    block.fold_norms()
+    assert block.wqkv_folded is not first
+    torch.testing.assert_close(block.w13_folded, block.feed_forward.w13.weight * block.ffn_norm.weight)
+    block.to(torch.bfloat16)
+    block.fold_norms()
+    assert block.w13_folded.dtype == torch.bfloat16
+    assert torch.equal(block.w13_folded, kernels.fold_norm(block.feed_forward.w13.weight, block.ffn_norm.weight))
+    assert not any("folded" in name for name in block.state_dict())  # never saved with the weights
 
 
 def test_fewer_rows_compute_exactly_what_the_full_batch_computes():

@@ -8,7 +8,9 @@ import pytest
 
 from csmcli.errors import CsmError
 from csmcli.gpu import GpuInfo
+from csmcli.model import CSM_1B
 from csmcli.presets import (
+    FOLDED_PARAMS,
     apply_overrides,
     choose_preset,
     estimate_vram_gb,
@@ -50,8 +52,16 @@ def test_gpu_tiers_fit_their_memory_and_grow(presets):
 def test_estimate_matches_the_kv_cache_arithmetic(presets):
     # 16 layers x 2 x 8 heads x 64 x 2048 positions x 2 bytes = 64 MiB per slot (x1.25 slack) in bf16.
     small, large = presets["8gb"], presets["80gb"]
-    per_slot = (estimate_vram_gb(large) - estimate_vram_gb(small)) / (large.max_batch - small.max_batch)
+    folded_gb = FOLDED_PARAMS * 2 / 2**30  # only the large engine keeps folded copies (1.3 GiB)
+    assert folded_gb == pytest.approx(1.32, abs=0.01)
+    per_slot = (estimate_vram_gb(large) - folded_gb - estimate_vram_gb(small)) / (large.max_batch - small.max_batch)
     assert per_slot == pytest.approx(64 * 1.25 / 1024)
+    layers = (CSM_1B.backbone, CSM_1B.decoder)  # every layer's QKV and gate/up weight, once more
+    folded = sum(c.n_layers * ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 2 * c.intermediate_size) * c.dim
+                 for c in layers)
+    assert folded == FOLDED_PARAMS
+    at_16, at_17 = (dataclasses.replace(large, max_batch=n) for n in (16, 17))
+    assert estimate_vram_gb(at_17) - estimate_vram_gb(at_16) == pytest.approx(folded_gb + 64 * 1.25 / 1024)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +94,7 @@ def test_choose_preset_by_vram(presets, total, free, expected):
 
 
 def test_choose_preset_steps_down_only_as_far_as_needed(presets):
-    preset, reason = choose_preset(79.6, 9.5, presets=presets)
+    preset, reason = choose_preset(79.6, 11.0, presets=presets)  # 80gb needs ~15.6 GB, 40gb ~10.6
     assert preset.name == "40gb"
     assert "free" in reason
 
