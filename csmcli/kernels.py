@@ -124,14 +124,37 @@ def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_A
 
 
 @triton.jit
+def _sum_splits_if_last(partial_ptr, res_ptr, out_ptr, arrivals_ptr, offs_m, offs_n, out_ok, M, N, stride_rm,
+                        stride_om, tile, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split K's epilogue in the tile's last program: each program counts itself in after storing its partial
+    sums, and the one that finds every other split in adds all partials in split order (the same float32 sums as
+    `_split_k_sum_kernel`, whichever program came last), adds the residual and stores. It leaves the count at 0
+    for the next call (graph replays reuse it)."""
+    tl.debug_barrier()  # every thread's partials stored before the count (the release below covers them)
+    arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(2) - 1:
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for split in range(tl.num_programs(2)):  # from L2 (.cg): another SM wrote them
+            total += tl.load(partial_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], mask=out_ok,
+                             other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(arrivals_ptr + tile, 0)
+        dtype = out_ptr.dtype.element_ty
+        out = total.to(dtype)
+        if HAS_RESIDUAL:
+            residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
+            out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
+
+
+@triton.jit
 def _linear_kernel(
-    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr,
+    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr, arrivals_ptr,
     M, N, K, k_per_split, eps,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
-    NORM_AFTER: tl.constexpr,
+    NORM_AFTER: tl.constexpr, LAST_SUMS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -219,9 +242,13 @@ def _linear_kernel(
         total = total * rstd[:, None]
     if HAS_SCALE:  # (x @ w8.T) * scale in float32, rounded once below
         total = total * scale[None, :]
-    if PARTIAL:  # split K: float32 partial sums [splits, M, N]; `_split_k_sum_kernel` adds them in a fixed order
+    if PARTIAL:  # split K: float32 partial sums [splits, M, N], added in split order (a fixed order)
         partial = partial_ptr + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(partial, total, mask=out_ok)
+        if LAST_SUMS:  # by the tile's last program to finish, not by `_split_k_sum_kernel`
+            _sum_splits_if_last(partial_ptr, res_ptr, out_ptr, arrivals_ptr, offs_m, offs_n, out_ok, M, N,
+                                stride_rm, stride_om, pid_m * tl.num_programs(0) + pid_n, HAS_RESIDUAL, BLOCK_M,
+                                BLOCK_N)
         return
     out = total.to(dtype)
     if GATED:  # silu(gate) * up, each step rounded as torch rounds it
@@ -382,6 +409,26 @@ def fold_norm(weight: Tensor, norm: Tensor) -> Tensor:
     return (weight.float() * norm.float()).to(weight.dtype)
 
 
+SPLIT_K_LAST_SUMS = True
+"""Split-K products add their partial sums in the kernel (the last program of each output tile, in split order)
+instead of in a second kernel: the same float32 sums, one launch fewer. Calls on one device must not overlap
+(one stream): they share the arrival counts (`_arrival_counts`)."""
+_ARRIVALS = 1 << 16
+_arrival_counts_by_device: dict[torch.device, Tensor] = {}
+
+
+def _arrival_counts(device: torch.device) -> Tensor:
+    """The device's split-K arrival counts `[_ARRIVALS]` int32, all 0 between calls. Made by the first split-K call,
+    which must not be under graph capture (the zeros would be the graph's, reset every replay): warm-up runs come
+    first."""
+    counts = _arrival_counts_by_device.get(device)
+    if counts is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the first split-K product on a device ran under graph capture: warm up first")
+        counts = _arrival_counts_by_device[device] = torch.zeros(_ARRIVALS, dtype=torch.int32, device=device)
+    return counts
+
+
 NORM_UNROLL_BLOCKS = 16
 """The RMS pre-pass of a tile is unrolled when K spans at most this many blocks (every CSM matmul with a norm: K is
 1024 or 2048, blocks 128 or wider): all its loads in flight at once, the same sum in the same order as the loop."""
@@ -420,22 +467,24 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
+    last_sums = SPLIT_K_LAST_SUMS and grid[2] > 1 and grid[0] * grid[1] <= _ARRIVALS
+    arrivals = _arrival_counts(x.device) if last_sums else out
     pdl = use_pdl(x, block_m == 1)
     one_block = block_m == 1 and block_k >= k
     has_norm = norm is not None or norm_folded
     norm_k = k if has_norm and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
     _linear_kernel[grid](
         x, norm if norm is not None else x, weight,
-        scale if fp8 else x, residual if residual is not None else x, out, partial,
+        scale if fp8 else x, residual if residual is not None else x, out, partial, arrivals,
         m, n, k, k_per_split, eps,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
         HAS_NORM=has_norm, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, NORM_AFTER=norm_folded,
-        num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
+        LAST_SUMS=last_sums, num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
-    if grid[2] > 1:
+    if grid[2] > 1 and not last_sums:
         block = 256
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
             partial, residual if residual is not None else out, out, m, n, grid[2],
@@ -606,27 +655,41 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
 
 
 @triton.jit
+def _order_keys(scaled):
+    """float32 -> uint32 keys that order as the floats do."""
+    bits = scaled.to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ 0x80000000
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, table_ptr, rows_out_ptr, row_offset,
                    V, D, stride_lb, stride_gb, stride_t, stride_ro,
-                   BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr, NUM_BINS: tl.constexpr,
-                   HAS_TABLE: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_V: tl.constexpr, TAIL_V: tl.constexpr, BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr,
+                   NUM_BINS: tl.constexpr, HAS_TABLE: tl.constexpr, PDL: tl.constexpr):
     _wait_for_inputs(PDL)
     b = tl.program_id(0)
+    # The row is a power-of-two block plus a short tail (2051 = 2048 + 3): padding it to one block of 4096 would
+    # double every pass's work. Tail keys are counted by comparison (a few keys), the block's by histogram.
     offs = tl.arange(0, BLOCK_V)
     ok = offs < V
+    tail_offs = BLOCK_V + tl.arange(0, TAIL_V)
+    tail_ok = tail_offs < V
     logits = tl.load(logits_ptr + b * stride_lb + offs, mask=ok, other=0.0).to(tl.float32)
+    tail_logits = tl.load(logits_ptr + b * stride_lb + tail_offs, mask=tail_ok, other=0.0).to(tl.float32)
     gumbel = tl.load(gumbel_ptr + b * stride_gb + offs, mask=ok, other=0.0)  # in flight during the search
+    tail_gumbel = tl.load(gumbel_ptr + b * stride_gb + tail_offs, mask=tail_ok, other=0.0)
     # IEEE division as torch's on CUDA (`/` may be 2 ulp off); div_rn wants operands of one shape.
-    temperature = tl.zeros([BLOCK_V], dtype=tl.float32) + tl.load(temperature_ptr + b)
-    scaled = tl.div_rn(logits, temperature)
+    temperature = tl.load(temperature_ptr + b)
+    scaled = tl.div_rn(logits, tl.zeros([BLOCK_V], dtype=tl.float32) + temperature)
+    tail_scaled = tl.div_rn(tail_logits, tl.zeros([TAIL_V], dtype=tl.float32) + temperature)
     k = (tl.load(kth_ptr + b) + 1).to(tl.int32)
     # Top k by radix select on order-preserving unsigned keys, RADIX_BITS at a time from the most significant:
     # `threshold` is the largest value with at least k keys >= it, and the search stops as soon as exactly k are
     # (usually long before the last bit). Each pass counts the next digit of the keys that share the threshold's
     # decided bits in one histogram (warp ballots; NUM_BINS >= 32, a bin per lane, the ones past 2^RADIX_BITS
     # stay empty): one look at each key a pass, where comparing it with every candidate digit cost 2^RADIX_BITS.
-    bits = scaled.to(tl.int32, bitcast=True)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ 0x80000000  # ordered as the floats
+    key = _order_keys(scaled)
+    tail_key = _order_keys(tail_scaled)
     bins = tl.arange(0, NUM_BINS)  # [NB]
     threshold = tl.zeros([], dtype=tl.uint32)
     count = tl.zeros([], dtype=tl.int32) + V  # keys >= threshold
@@ -636,6 +699,9 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
         same_prefix = (((key ^ threshold) >> s) >> RADIX_BITS) == 0  # two shifts: s + RADIX_BITS may be 32
         hist = tl.histogram(((key >> s) & ((1 << RADIX_BITS) - 1)).to(tl.int32), NUM_BINS,
                             mask=ok & same_prefix)  # [NB]
+        tail_counted = tail_ok & ((((tail_key ^ threshold) >> s) >> RADIX_BITS) == 0)
+        tail_digit = ((tail_key >> s) & ((1 << RADIX_BITS) - 1)).to(tl.int32)
+        hist += tl.sum(((tail_digit[:, None] == bins[None, :]) & tail_counted[:, None]).to(tl.int32), axis=0)
         above = count - tl.cumsum(hist, 0) + hist  # [NB] keys >= threshold | bin << shift, non-increasing
         digit = tl.sum(((above >= k) & (bins < (1 << RADIX_BITS))).to(tl.int32), axis=0) - 1  # keeps k keys
         threshold = threshold | (digit.to(tl.uint32) << s)
@@ -643,9 +709,14 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
         shift -= RADIX_BITS
     _let_next_launch(PDL)
     # The k-th value as a float, compared as floats: ties with it (and -0.0 against 0.0) kept, as torch keeps them.
-    kth = tl.min(tl.where(ok & (key >= threshold), scaled, float("inf")), axis=0)
+    kth = tl.minimum(tl.min(tl.where(ok & (key >= threshold), scaled, float("inf")), axis=0),
+                     tl.min(tl.where(tail_ok & (tail_key >= threshold), tail_scaled, float("inf")), axis=0))
     value = tl.where(ok & (scaled >= kth), scaled + gumbel, float("-inf"))
+    tail_value = tl.where(tail_ok & (tail_scaled >= kth), tail_scaled + tail_gumbel, float("-inf"))
+    # argmax's first index on a tie, as torch's: the block's indices come before the tail's
     token = tl.argmax(value, axis=0).to(tl.int64)
+    tail_token = BLOCK_V + tl.argmax(tail_value, axis=0).to(tl.int64)
+    token = tl.where(tl.max(tail_value, axis=0) > tl.max(value, axis=0), tail_token, token)
     tl.store(out_ptr + b, token)
     if HAS_TABLE:  # the drawn token's table row, the next step's input: no gather kernel of its own
         cols = tl.arange(0, BLOCK_D)
@@ -659,6 +730,19 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
 SAMPLE_WARPS = 16
 SAMPLE_RADIX_BITS = 4
 """Bits of the digit each radix pass of `sample` decides: 1, 2, 4 or 8."""
+SAMPLE_SPLIT_TAIL = True
+"""Draw over a power-of-two block plus a tail of at most `SAMPLE_TAIL_MAX` (2051 = 2048 + 3) instead of one
+block padded to the next power of two (4096)."""
+SAMPLE_TAIL_MAX = 64
+
+
+def sample_blocks(v: int) -> tuple[int, int]:
+    """(block, tail) sizes the draw splits a row of `v` logits into; tail sizes are powers of two >= 2, masked
+    past `v` (an empty tail when `v` fits the block)."""
+    block = 1 << (v.bit_length() - 1)
+    if block == v or not SAMPLE_SPLIT_TAIL or v - block > SAMPLE_TAIL_MAX:
+        return _pow2(v), 2
+    return block, max(2, _pow2(v - block))
 
 
 def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, table: Tensor | None = None,
@@ -674,11 +758,13 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, tab
     assert table is None or table.stride(1) == 1
     assert SAMPLE_RADIX_BITS in (1, 2, 4, 8)
     pdl = use_pdl(logits, b == 1)
+    block_v, tail_v = sample_blocks(v)
     _sample_kernel[(b,)](
         logits, temperature, kth, gumbel, out, table if table is not None else out, rows if rows is not None else out,
         row_offset, v, table.shape[1] if table is not None else 1, logits.stride(0), gumbel.stride(0),
         table.stride(0) if table is not None else 0, rows.stride(0) if rows is not None else 0,
-        BLOCK_V=_pow2(v), BLOCK_D=_pow2(table.shape[1]) if table is not None else 1, RADIX_BITS=SAMPLE_RADIX_BITS,
+        BLOCK_V=block_v, TAIL_V=tail_v, BLOCK_D=_pow2(table.shape[1]) if table is not None else 1,
+        RADIX_BITS=SAMPLE_RADIX_BITS,
         NUM_BINS=max(32, 1 << SAMPLE_RADIX_BITS), HAS_TABLE=table is not None, PDL=pdl, num_warps=SAMPLE_WARPS,
         launch_pdl=pdl > 0,
     )

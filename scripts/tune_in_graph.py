@@ -27,13 +27,14 @@ ROUNDS = 3
 KNOBS = {  # kernels' module constants read at launch: the values to try besides the current one, the rows buckets
     "ATTENTION_WARPS": ((2, 4, 16), (1, 16)), "ATTENTION_WARPS_64": ((2, 8, 16), (64,)),
     "SAMPLE_WARPS": ((4, 8, 32), (1, 16, 64)), "SAMPLE_RADIX_BITS": ((2, 8), (1, 16, 64)),
-    "FOLD_NORMS": ((False,), (64,)),
+    "FOLD_NORMS": ((False,), (64,)), "SAMPLE_SPLIT_TAIL": ((False,), (1, 16, 64)),
+    "SPLIT_K_LAST_SUMS": ((False,), (16, 64)),
 }
 
 
 def neighbours(config: kernels.LinearConfig, k: int, gated: bool) -> list[kernels.LinearConfig]:
     if config == kernels.CUBLAS:
-        return [(16, 64, 128, 8, 1, 3), (16, 64, 128, 8, 4, 3)]
+        return [(16, 64, 128, 8, 1, 3), (16, 64, 128, 8, 4, 3), (64, 64, 128, 8, 4, 3), (64, 64, 128, 8, 8, 3)]
     bm, bn, bk, warps, split, stages = config
     found = []
     if bm == 1:

@@ -72,6 +72,45 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [(1, 16, 32, 4, 3, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 3, 3)])
+@pytest.mark.parametrize("fusion", ["plain", "residual", "norm"])
+def test_split_k_summed_by_each_tiles_last_program_equals_the_sum_kernel(dtype, config, fusion, monkeypatch):
+    """Split K's partial sums added in the kernel by each output tile's last program (`SPLIT_K_LAST_SUMS`) give
+    the separate sum kernel's result bit for bit, call after call with alternating inputs (a program that summed
+    before every partial was in would find the other input's), on CUDA also replayed in a CUDA graph, where
+    programs finish in any order; every arrival count is left at 0; and both match torch. 70 rows: several row
+    blocks and tiles, the last ones masked."""
+    g = torch.Generator().manual_seed(11)
+    m, n, k = (1 if config[0] == 1 else 70), 48, 80
+    inputs = [torch.randn(m, k, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    norm = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype) if fusion == "norm" else None
+    residual = torch.randn(m, n, generator=g).to(DEVICE, dtype) if fusion == "residual" else None
+
+    def product(x):
+        return kernels.linear(x, weight, norm=norm, eps=1e-5, residual=residual, config=config)
+
+    monkeypatch.setattr(kernels, "SPLIT_K_LAST_SUMS", False)
+    wants = [product(x) for x in inputs]
+    assert not torch.equal(wants[0], wants[1])
+    monkeypatch.setattr(kernels, "SPLIT_K_LAST_SUMS", True)
+    for i in range(50 if DEVICE == "cuda" else 4):
+        assert torch.equal(product(inputs[i % 2]), wants[i % 2])
+    if DEVICE == "cuda":
+        x = inputs[0].clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = product(x)
+        for i in range(200):
+            x.copy_(inputs[i % 2])
+            graph.replay()
+            assert torch.equal(got, wants[i % 2])
+    assert not kernels._arrival_counts(inputs[0].device).any()
+    for x, want in zip(inputs, wants, strict=True):
+        torch.testing.assert_close(want, reference_linear(x, weight, norm=norm, residual=residual), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("gated", "config"), [(gated, config) for gated in (False, True) for config in
                                                [(16, 16, 32, 4, 1, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 1, 3)]
                                                if not (gated and config[4] > 1)])  # gated products are never split
@@ -219,14 +258,17 @@ def test_transformer_step_matches_forward(dtype, position):
 
 
 @pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("radix_bits", [1, 2, 4, 8])
-def test_sample_kernel_equals_sort_based_sampling(logits_dtype, radix_bits, monkeypatch):
+@pytest.mark.parametrize(("radix_bits", "split_tail"), [(1, True), (2, True), (4, True), (8, True), (4, False)])
+def test_sample_kernel_equals_sort_based_sampling(logits_dtype, radix_bits, split_tail, monkeypatch):
     """The radix-select top-k draw picks exactly the token the sort-based reference picks, for every mix of
     greedy / temperature / top-k settings, including k = 1, k = V / 2 and k = V, heavily tied logits (ties at the
-    k-th value are kept by both), all-negative logits and a k-th value of +-0.0; whatever digit size the
-    radix passes use."""
+    k-th value are kept by both), all-negative logits and a k-th value of +-0.0, the largest values in the
+    2048-block's 3-logit tail and ties between block and tail; whatever digit size the radix passes use, with the
+    row split into block + tail or padded to 4096."""
     monkeypatch.setattr(kernels, "SAMPLE_RADIX_BITS", radix_bits)
-    vocab, codebooks = 2051, 5
+    monkeypatch.setattr(kernels, "SAMPLE_SPLIT_TAIL", split_tail)
+    vocab, codebooks = 2051, 7
+    assert kernels.sample_blocks(vocab) == ((2048, 4) if split_tail else (4096, 2))
     temperature = torch.tensor([0.0, 0.9, 1.3, 0.7, 0.0, 2.0, 0.5, 1.0], device=DEVICE)
     topk = torch.tensor([50, 50, 1, vocab, 7, 3, vocab // 2, 2], device=DEVICE)
     seed = torch.arange(8, device=DEVICE) * 7919
@@ -242,6 +284,12 @@ def test_sample_kernel_equals_sort_based_sampling(logits_dtype, radix_bits, monk
         elif codebook == 3:  # mostly +0.0 and -0.0, a few larger values: the k-th value is a signed zero
             zeros = torch.where(torch.rand(8, vocab, generator=g) < 0.5, 0.0, -0.0)
             logits = torch.where(torch.rand(8, vocab, generator=g) < 0.01, logits, zeros)
+        elif codebook == 5:  # integers, the tail holding copies of each row's maximum and of other values
+            logits = logits.round()
+            logits[:, 2048] = logits[:, :2048].max(dim=1).values
+            logits[:, 2050] = logits[:, 17]
+        elif codebook == 6:  # the three largest values in the tail, the largest last
+            logits[:, 2048:] = 100 + torch.arange(3.0)
         logits = logits.to(DEVICE, logits_dtype)
         want = sample(logits.float(), settings, codebook)
         # odd codebooks also copy out each token's row of a table (the next decoder input), at the codebook's offset
