@@ -124,37 +124,14 @@ def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_A
 
 
 @triton.jit
-def _sum_splits_if_last(partial_ptr, res_ptr, out_ptr, arrivals_ptr, offs_m, offs_n, out_ok, M, N, stride_rm,
-                        stride_om, tile, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split K's epilogue in the tile's last program: each program counts itself in after storing its partial
-    sums, and the one that finds every other split in adds all partials in split order (the same float32 sums as
-    `_split_k_sum_kernel`, whichever program came last), adds the residual and stores. It leaves the count at 0
-    for the next call (graph replays reuse it)."""
-    tl.debug_barrier()  # every thread's partials stored before the count (the release below covers them)
-    arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.num_programs(2) - 1:
-        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for split in range(tl.num_programs(2)):  # from L2 (.cg): another SM wrote them
-            total += tl.load(partial_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], mask=out_ok,
-                             other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(arrivals_ptr + tile, 0)
-        dtype = out_ptr.dtype.element_ty
-        out = total.to(dtype)
-        if HAS_RESIDUAL:
-            residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
-            out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
-
-
-@triton.jit
 def _linear_kernel(
-    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr,
     M, N, K, k_per_split, eps,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
-    NORM_AFTER: tl.constexpr, LAST_SUMS: tl.constexpr,
+    NORM_AFTER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -242,13 +219,9 @@ def _linear_kernel(
         total = total * rstd[:, None]
     if HAS_SCALE:  # (x @ w8.T) * scale in float32, rounded once below
         total = total * scale[None, :]
-    if PARTIAL:  # split K: float32 partial sums [splits, M, N], added in split order (a fixed order)
+    if PARTIAL:  # split K: float32 partial sums [splits, M, N]; `_split_k_sum_kernel` adds them in a fixed order
         partial = partial_ptr + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(partial, total, mask=out_ok)
-        if LAST_SUMS:  # by the tile's last program to finish, not by `_split_k_sum_kernel`
-            _sum_splits_if_last(partial_ptr, res_ptr, out_ptr, arrivals_ptr, offs_m, offs_n, out_ok, M, N,
-                                stride_rm, stride_om, pid_m * tl.num_programs(0) + pid_n, HAS_RESIDUAL, BLOCK_M,
-                                BLOCK_N)
         return
     out = total.to(dtype)
     if GATED:  # silu(gate) * up, each step rounded as torch rounds it
@@ -409,26 +382,6 @@ def fold_norm(weight: Tensor, norm: Tensor) -> Tensor:
     return (weight.float() * norm.float()).to(weight.dtype)
 
 
-SPLIT_K_LAST_SUMS = True
-"""Split-K products add their partial sums in the kernel (the last program of each output tile, in split order)
-instead of in a second kernel: the same float32 sums, one launch fewer. Calls on one device must not overlap
-(one stream): they share the arrival counts (`_arrival_counts`)."""
-_ARRIVALS = 1 << 16
-_arrival_counts_by_device: dict[torch.device, Tensor] = {}
-
-
-def _arrival_counts(device: torch.device) -> Tensor:
-    """The device's split-K arrival counts `[_ARRIVALS]` int32, all 0 between calls. Made by the first split-K call,
-    which must not be under graph capture (the zeros would be the graph's, reset every replay): warm-up runs come
-    first."""
-    counts = _arrival_counts_by_device.get(device)
-    if counts is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the first split-K product on a device ran under graph capture: warm up first")
-        counts = _arrival_counts_by_device[device] = torch.zeros(_ARRIVALS, dtype=torch.int32, device=device)
-    return counts
-
-
 NORM_UNROLL_BLOCKS = 16
 """The RMS pre-pass of a tile is unrolled when K spans at most this many blocks (every CSM matmul with a norm: K is
 1024 or 2048, blocks 128 or wider): all its loads in flight at once, the same sum in the same order as the loop."""
@@ -467,24 +420,22 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
-    last_sums = SPLIT_K_LAST_SUMS and grid[2] > 1 and grid[0] * grid[1] <= _ARRIVALS
-    arrivals = _arrival_counts(x.device) if last_sums else out
     pdl = use_pdl(x, block_m == 1)
     one_block = block_m == 1 and block_k >= k
     has_norm = norm is not None or norm_folded
     norm_k = k if has_norm and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
     _linear_kernel[grid](
         x, norm if norm is not None else x, weight,
-        scale if fp8 else x, residual if residual is not None else x, out, partial, arrivals,
+        scale if fp8 else x, residual if residual is not None else x, out, partial,
         m, n, k, k_per_split, eps,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
         HAS_NORM=has_norm, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, NORM_AFTER=norm_folded,
-        LAST_SUMS=last_sums, num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
-    if grid[2] > 1 and not last_sums:
+    if grid[2] > 1:
         block = 256
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
             partial, residual if residual is not None else out, out, m, n, grid[2],
@@ -732,7 +683,8 @@ SAMPLE_RADIX_BITS = 4
 """Bits of the digit each radix pass of `sample` decides: 1, 2, 4 or 8."""
 SAMPLE_SPLIT_TAIL = True
 """Draw over a power-of-two block plus a tail of at most `SAMPLE_TAIL_MAX` (2051 = 2048 + 3) instead of one
-block padded to the next power of two (4096)."""
+block padded to the next power of two (4096): in the frame graph on an H200 -108, -150 and -146 us a frame at 1, 16
+and 64 rows (scripts/tune_in_graph.py knobs, 2026-11-28)."""
 SAMPLE_TAIL_MAX = 64
 
 

@@ -72,45 +72,6 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [(1, 16, 32, 4, 3, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 3, 3)])
-@pytest.mark.parametrize("fusion", ["plain", "residual", "norm"])
-def test_split_k_summed_by_each_tiles_last_program_equals_the_sum_kernel(dtype, config, fusion, monkeypatch):
-    """Split K's partial sums added in the kernel by each output tile's last program (`SPLIT_K_LAST_SUMS`) give
-    the separate sum kernel's result bit for bit, call after call with alternating inputs (a program that summed
-    before every partial was in would find the other input's), on CUDA also replayed in a CUDA graph, where
-    programs finish in any order; every arrival count is left at 0; and both match torch. 70 rows: several row
-    blocks and tiles, the last ones masked."""
-    g = torch.Generator().manual_seed(11)
-    m, n, k = (1 if config[0] == 1 else 70), 48, 80
-    inputs = [torch.randn(m, k, generator=g).to(DEVICE, dtype) for _ in range(2)]
-    weight = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
-    norm = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype) if fusion == "norm" else None
-    residual = torch.randn(m, n, generator=g).to(DEVICE, dtype) if fusion == "residual" else None
-
-    def product(x):
-        return kernels.linear(x, weight, norm=norm, eps=1e-5, residual=residual, config=config)
-
-    monkeypatch.setattr(kernels, "SPLIT_K_LAST_SUMS", False)
-    wants = [product(x) for x in inputs]
-    assert not torch.equal(wants[0], wants[1])
-    monkeypatch.setattr(kernels, "SPLIT_K_LAST_SUMS", True)
-    for i in range(50 if DEVICE == "cuda" else 4):
-        assert torch.equal(product(inputs[i % 2]), wants[i % 2])
-    if DEVICE == "cuda":
-        x = inputs[0].clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = product(x)
-        for i in range(200):
-            x.copy_(inputs[i % 2])
-            graph.replay()
-            assert torch.equal(got, wants[i % 2])
-    assert not kernels._arrival_counts(inputs[0].device).any()
-    for x, want in zip(inputs, wants, strict=True):
-        torch.testing.assert_close(want, reference_linear(x, weight, norm=norm, residual=residual), **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("gated", "config"), [(gated, config) for gated in (False, True) for config in
                                                [(16, 16, 32, 4, 1, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 1, 3)]
                                                if not (gated and config[4] > 1)])  # gated products are never split
