@@ -261,6 +261,27 @@ def test_sample_kernel_equals_sort_based_sampling(logits_dtype, radix_bits, spli
         assert rows is None if table is None else torch.equal(rows, table[codebook * vocab + want])
 
 
+@pytest.mark.parametrize("vocab", [1, 2, 3, 64, 65, 100, 129, 192, 200, 1024])
+def test_sample_kernel_equals_sort_based_sampling_for_any_vocabulary_size(vocab):
+    """Rows of any length: a power of two (one block), a block and a short tail (65 = 64 + 1, 100, 129, 192 = 128 +
+    64), a long remainder (200: one block of 256), down to one logit; greedy, k = 1, k = V and k between, with
+    integer logits (ties) in every other row."""
+    kernel_blocks = kernels.sample_blocks(vocab)
+    assert sum(kernel_blocks) >= vocab and kernel_blocks[0] & (kernel_blocks[0] - 1) == 0
+    rows = 6
+    temperature = torch.tensor([0.0, 0.9, 1.3, 0.7, 0.0, 1.0], device=DEVICE)
+    topk = torch.tensor([50, 1, vocab, 2, 1, max(1, vocab // 3)], device=DEVICE)
+    frame = torch.zeros(rows, dtype=torch.long, device=DEVICE)
+    settings = frame_sampling(temperature, topk, torch.arange(rows, device=DEVICE) * 31, frame, 1,
+                              token_keys(vocab, DEVICE))
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    logits[::2] = logits[::2].round()
+    logits = logits.to(DEVICE)
+    want = sample(logits, settings, 0)
+    assert torch.equal(kernels.sample(logits, settings.temperature, settings.kth, settings.gumbel[:, 0])[0], want)
+
+
 def test_sample_kernel_divides_by_temperature_as_torch_does():
     """4.6875 / 0.9375 is exactly 5.0, which ties token 1 with token 0 (logit 0 + noise 5.0). The draw depends on
     the division's last bit, so the kernel must divide as torch does on the same device: on CUDA, IEEE division
