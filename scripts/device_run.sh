@@ -73,8 +73,6 @@ for step in "$@"; do
     knobs16) python3 scripts/tune_in_graph.py 16 knobs 2>&1 | tee "$out/knobs16.txt" ;;
     knobs64) python3 scripts/tune_in_graph.py 64 knobs 2>&1 | tee "$out/knobs64.txt" ;;
     sampletests) python3 -m pytest -q tests/test_kernels.py -k sample 2>&1 | tee "$out/sampletests.txt" || true ;;
-    splittests) python3 -m pytest -q tests/test_kernels.py -k "sample_kernel or last_program" 2>&1 \
-                  | tee "$out/splittests.txt" || true ;;
     tileasm) python3 scripts/tile_asm.py 2>&1 | tee "$out/tileasm.txt" ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
