@@ -11,8 +11,8 @@ writes, casts and adds are kernels of their own. Here one layer is five kernels:
   5. down projection with the residual add;
 
 and a codebook's draw is one kernel (`sample`: top-k threshold by radix select instead of a sort), the frame's
-sampling noise another (`gumbel_noise`). A few plain 64-row matmuls (no norm to fold in) go to cuBLAS instead, which
-streams them faster than our tiles (`CUBLAS` in the block table).
+sampling noise another (`gumbel_noise`). The block table may also send a plain product (no norm to fold in) to
+cuBLAS (`CUBLAS`); since the 64-row split-K tiles, none of CSM-1B's bf16 products measures faster there.
 
 Every kernel rounds where torch rounds (matmul output, RoPE products, softmax probabilities, ...) so results stay
 within bf16 rounding of the torch path, and no reduction mixes rows or depends on timing (split-K partial sums are
@@ -300,12 +300,14 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     (16, 8192, 2048, True): (16, 64, 128, 8, 1, 3), (16, 2048, 8192, False): (16, 64, 128, 8, 8, 3),
     (16, 2051, 2048, False): (16, 64, 128, 8, 4, 3),
     # 64 rows: the normed products on folded weights (FOLD_NORMS); then the decoder's QKV with K blocks of 256 on 4
-    # warps (in the frame graph on an H200: -85 then -41 us a frame, scripts/tune_in_graph.py 64, 2026-11-28).
+    # warps (in the frame graph on an H200: -85 then -41 us a frame, scripts/tune_in_graph.py 64, 2026-11-28); the
+    # decoder's down projection on 64-row tiles split 8 ways instead of cuBLAS (-491 us a frame), then on 4 stages
+    # (-138), and the backbone's o and down the same way (-35, -71; 2026-11-28, fourteenth session).
     (64, 1536, 1024, False): (16, 64, 256, 4, 1, 3), (64, 1024, 1024, False): (16, 32, 256, 4, 1, 3),
-    (64, 8192, 1024, True): (64, 64, 128, 8, 1, 4), (64, 1024, 8192, False): CUBLAS,
+    (64, 8192, 1024, True): (64, 64, 128, 8, 1, 4), (64, 1024, 8192, False): (64, 64, 128, 8, 8, 4),
     (64, 1024, 2048, False): (16, 64, 128, 8, 4, 3), (64, 2051, 1024, False): (16, 64, 128, 8, 1, 3),
-    (64, 3072, 2048, False): (64, 128, 128, 8, 4, 3), (64, 2048, 2048, False): CUBLAS,
-    (64, 8192, 2048, True): (64, 64, 128, 8, 1, 4), (64, 2048, 8192, False): CUBLAS,
+    (64, 3072, 2048, False): (64, 128, 128, 8, 4, 3), (64, 2048, 2048, False): (64, 64, 128, 8, 4, 3),
+    (64, 8192, 2048, True): (64, 64, 128, 8, 1, 4), (64, 2048, 8192, False): (64, 64, 128, 8, 8, 3),
     (64, 2051, 2048, False): (16, 64, 256, 4, 1, 3),
 }
 

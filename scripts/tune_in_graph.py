@@ -44,7 +44,7 @@ def neighbours(config: kernels.LinearConfig, k: int, gated: bool) -> list[kernel
     found += [(bm, n, bk, warps, split, stages) for n in (bn // 2, bn * 2) if 16 <= n <= 128]
     found += [(bm, bn, b, warps, split, stages) for b in (bk // 2, bk * 2) if 64 <= b <= 256]
     found += [(bm, bn, bk, w, split, stages) for w in (warps // 2, warps * 2) if 4 <= w <= 8]
-    found += [(bm, bn, bk, warps, s, stages) for s in (split // 2, split * 2) if 1 <= s <= 8 and not gated]
+    found += [(bm, bn, bk, warps, s, stages) for s in (split // 2, split * 2) if 1 <= s <= 16 and not gated]
     found += [(bm, bn, bk, warps, split, s) for s in (stages - 1, stages + 1) if 2 <= s <= 5]
     found += [(64 if bm == 16 else 16, bn, bk, warps, split, 4 if bm == 16 else 3)]
     if not gated and not (bm == 16 and split == 1):

@@ -86,8 +86,8 @@ def test_programmatic_dependent_launch_changes_no_code(weights, max_batch, reque
     """On Hopper the fused kernels start before the previous kernel ends and wait for its results inside
     (`gdc_wait`); a missing wait would read stale activations or caches. Graphed engines of one slot (the next
     kernel launches at once; fp8: the GEMV also loads its per-row scales before the wait), 8 and 64 slots (the next
-    kernel launches when the main loop is done; at 64 cuBLAS kernels sit in the chain), three sampled requests: the
-    codes with PDL equal those with every kernel launched after the previous one finished."""
+    kernel launches when the main loop is done; at 64 the 64-row split-K tiles and their sums), three sampled
+    requests: the codes with PDL equal those with every kernel launched after the previous one finished."""
     from csmcli import kernels
 
     model = request.getfixturevalue(weights)
@@ -118,8 +118,8 @@ def test_fp8_graph_equals_eager(fp8_model, max_batch):
 
 
 def test_fp8_request_alone_and_in_a_full_batch_of_64_makes_the_same_codes(fp8_model):
-    """At 64 slots the shapes cuBLAS serves in bf16 run on the kernel's tiles with fp8 weights: still one row's
-    result whatever the other rows are."""
+    """At 64 slots the fp8 weights run on their own block sizes (`kernels._FP8_CONFIGS`): still one row's result
+    whatever the other rows are."""
     alone = Request(synthetic_prompt(40, seed=5), SamplingParams(0.9, 50, seed=11), 12)
     crowd = Request(alone.prompt, alone.params, 12)
     engine = Engine(fp8_model, max_batch=64)

@@ -149,16 +149,17 @@ def test_widen_converts_every_fp8_value_as_torch_does(dtype):
     torch.testing.assert_close(got, weight.to(dtype), rtol=0, atol=0)
 
 
-def test_fp8_never_picks_cublas():
-    """Every model shape that bf16 sends to cuBLAS at 64 rows gets the kernel's own tiles with fp8 weights (the
-    block table's rule; `linear` refusing the cuBLAS shortcut for an explicit config is the "cuBLAS's shape" case of
+@pytest.mark.parametrize("shape", [(64, 1024, 8192, False), (64, 2048, 2048, False), (64, 2048, 8192, False)])
+def test_fp8_never_picks_cublas(shape, monkeypatch):
+    """A model shape the block table sends to cuBLAS at 64 rows (`kernels.CUBLAS`; the three shapes it sent there
+    until the kernel's split-K tiles measured faster) gets the kernel's own tiles with fp8 weights (the block table's
+    rule; `linear` refusing the cuBLAS shortcut for an explicit config is the "cuBLAS's shape" case of
     test_fp8_linear_matches_torch)."""
-    shapes = [key for key, config in kernels._LINEAR_CONFIGS.items() if config == kernels.CUBLAS]
-    assert shapes  # the table does use cuBLAS somewhere
-    for bucket, n, k, gated in shapes:
-        assert kernels.linear_config(bucket, n, k, gated) == kernels.CUBLAS
-        for m in (17, 64, 128):
-            assert kernels.linear_config(m, n, k, gated, fp8=True) != kernels.CUBLAS, (m, n, k, gated)
+    monkeypatch.setitem(kernels._LINEAR_CONFIGS, shape, kernels.CUBLAS)
+    bucket, n, k, gated = shape
+    assert kernels.linear_config(bucket, n, k, gated) == kernels.CUBLAS
+    for m in (17, 64, 128):
+        assert kernels.linear_config(m, n, k, gated, fp8=True) != kernels.CUBLAS, (m, n, k, gated)
 
 
 @pytest.mark.parametrize("residual", [False, True])
