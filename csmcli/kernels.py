@@ -615,6 +615,14 @@ def _order_keys(scaled):
 
 
 @triton.jit
+def _radix_digit(key, threshold, s, RADIX_BITS: tl.constexpr):
+    """Each key's RADIX_BITS-bit digit at bit `s` (int32), and whether the key's bits above it equal the
+    threshold's (the keys a radix pass counts)."""
+    same_prefix = (((key ^ threshold) >> s) >> RADIX_BITS) == 0  # two shifts: s + RADIX_BITS may be 32
+    return ((key >> s) & ((1 << RADIX_BITS) - 1)).to(tl.int32), same_prefix
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, table_ptr, rows_out_ptr, row_offset,
                    V, D, stride_lb, stride_gb, stride_t, stride_ro,
                    BLOCK_V: tl.constexpr, TAIL_V: tl.constexpr, BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr,
@@ -649,11 +657,10 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
     shift = tl.full([], 32 - RADIX_BITS, dtype=tl.int32)
     while (shift >= 0) & (count != k):
         s = shift.to(tl.uint32)
-        same_prefix = (((key ^ threshold) >> s) >> RADIX_BITS) == 0  # two shifts: s + RADIX_BITS may be 32
-        hist = tl.histogram(((key >> s) & ((1 << RADIX_BITS) - 1)).to(tl.int32), NUM_BINS,
-                            mask=ok & same_prefix)  # [NB]
-        tail_counted = tail_ok & ((((tail_key ^ threshold) >> s) >> RADIX_BITS) == 0)
-        tail_digit = ((tail_key >> s) & ((1 << RADIX_BITS) - 1)).to(tl.int32)
+        key_digit, same_prefix = _radix_digit(key, threshold, s, RADIX_BITS)
+        hist = tl.histogram(key_digit, NUM_BINS, mask=ok & same_prefix)  # [NB]
+        tail_digit, tail_same_prefix = _radix_digit(tail_key, threshold, s, RADIX_BITS)
+        tail_counted = tail_ok & tail_same_prefix
         hist += tl.sum(((tail_digit[:, None] == bins[None, :]) & tail_counted[:, None]).to(tl.int32), axis=0)
         above = count - tl.cumsum(hist, 0) + hist  # [NB] keys >= threshold | bin << shift, non-increasing
         digit = tl.sum(((above >= k) & (bins < (1 << RADIX_BITS))).to(tl.int32), axis=0) - 1  # keeps k keys
