@@ -334,8 +334,10 @@ _FP8_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     (1, 8192, 1024, True): (1, 4, 512, 2, 1, 3), (1, 1024, 8192, False): (1, 4, 4096, 8, 1, 3),
     (1, 3072, 2048, False): (1, 4, 1024, 4, 1, 3), (1, 2048, 2048, False): (1, 8, 2048, 8, 1, 3),
     (1, 8192, 2048, True): (1, 8, 512, 4, 1, 3), (1, 2048, 8192, False): (1, 8, 2048, 8, 1, 3),
-    # 64 rows: the shapes bf16 sends to cuBLAS (which has no fp8-weight product) on the kernel's 16-row tiles.
-    (64, 1024, 8192, False): (16, 64, 128, 8, 4, 3), (64, 2048, 2048, False): (16, 64, 128, 8, 1, 3),
+    # 64 rows: the shapes bf16 sent to cuBLAS (which has no fp8-weight product) until its 64-row split-K tiles, on
+    # 16-row tiles; the decoder's down with K blocks of 256 (in the frame graph on an H200: -78 us a frame,
+    # scripts/tune_in_graph.py 64 fp8 dec, 2026-11-28).
+    (64, 1024, 8192, False): (16, 64, 256, 8, 4, 3), (64, 2048, 2048, False): (16, 64, 128, 8, 1, 3),
     (64, 2048, 8192, False): (16, 64, 128, 8, 4, 3),
 }
 
