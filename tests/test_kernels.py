@@ -149,12 +149,13 @@ def test_widen_converts_every_fp8_value_as_torch_does(dtype):
     torch.testing.assert_close(got, weight.to(dtype), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(64, 1024, 8192, False), (64, 2048, 2048, False), (64, 2048, 8192, False)])
+@pytest.mark.parametrize("shape", [(64, 1024, 8192, False), (64, 2048, 2048, False), (64, 2048, 8192, False),
+                                   (64, 2051, 1024, False)])
 def test_fp8_never_picks_cublas(shape, monkeypatch):
-    """A model shape the block table sends to cuBLAS at 64 rows (`kernels.CUBLAS`; the three shapes it sent there
-    until the kernel's split-K tiles measured faster) gets the kernel's own tiles with fp8 weights (the block table's
-    rule; `linear` refusing the cuBLAS shortcut for an explicit config is the "cuBLAS's shape" case of
-    test_fp8_linear_matches_torch)."""
+    """A model shape the block table sends to cuBLAS at 64 rows (`kernels.CUBLAS`; the first three it sent there
+    until the kernel's split-K tiles measured faster, with fp8 block sizes of their own; the codebook head has none)
+    gets the kernel's own tiles with fp8 weights (the block table's rule; `linear` refusing the cuBLAS shortcut for
+    an explicit config is the "cuBLAS's shape" case of test_fp8_linear_matches_torch)."""
     monkeypatch.setitem(kernels._LINEAR_CONFIGS, shape, kernels.CUBLAS)
     bucket, n, k, gated = shape
     assert kernels.linear_config(bucket, n, k, gated) == kernels.CUBLAS
