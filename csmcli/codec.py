@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from transformers import MimiConfig
 
 CSM_NUM_CODEBOOKS = 32
+RING_STEPS = 32
+"""Transformer steps (two per frame) decoded together at most: longer chunks go through the transformer in pieces.
+Each layer's key ring holds the window and one piece; 16 frames covers every preset's chunk."""
 _USAGE_EPS = 1e-5  # MimiEuclideanCodebook: embed = embed_sum / cluster_usage.clamp(min=eps)
 
 # (flat prefix, transformers 5.23 nested prefix). Files are flat; 5.23's MimiModel.state_dict() is nested.
@@ -90,8 +93,8 @@ class _ConvTransposeState:
 
 @dataclass
 class _KVState:
-    k: Tensor  # [B, H_kv, window - 1, D]: the last window - 1 keys (rotated), oldest first
-    v: Tensor  # [B, H_kv, window - 1, D]
+    k: Tensor  # [B, H_kv, slots, D]: a ring of rotated keys, position p in slot p % slots
+    v: Tensor  # [B, H_kv, slots, D]
 
 
 @dataclass
@@ -100,22 +103,33 @@ class _PositionState:
 
 
 class _CausalConv1d(_StreamingModule):
-    """Stride-1 causal conv. One-shot Mimi left-pads with zeros; streaming starts from a zero history instead."""
+    """Stride-1 causal conv. One-shot Mimi left-pads with zeros; streaming starts from a zero history instead.
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, dilation: int = 1) -> None:
+    With `elu_input` the conv applies the ELU that precedes it in Mimi itself, writing it straight into the padded
+    input (history, then the chunk): one pass over the chunk instead of an ELU pass and a copy (a concatenation)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, dilation: int = 1, elu_input: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv1d(c_in, c_out, kernel, dilation=dilation)
         self.context = (kernel - 1) * dilation
+        self.elu_input = elu_input
 
     def init_state(self, batch_size: int) -> _ConvState:
         w = self.conv.weight
         return _ConvState(w.new_zeros(batch_size, self.conv.in_channels, self.context))
 
     def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T]
-        history = self.state.history
-        x = torch.cat([history, x], dim=-1)  # [B, C_in, context + T]
-        history.copy_(x[..., x.shape[-1] - self.context :])
-        return self.conv(x)
+        if self.context == 0:  # nothing carried across chunks
+            return self.conv(F.elu(x) if self.elu_input else x)
+        history, t = self.state.history, x.shape[-1]
+        padded = x.new_empty(*x.shape[:-1], self.context + t)  # [B, C_in, context + T]
+        padded[..., : self.context] = history
+        if self.elu_input:  # the same kernel as nn.ELU, so the same values
+            torch.ops.aten.elu.out(x, 1.0, 1, 1, out=padded[..., self.context :])
+        else:
+            padded[..., self.context :] = x
+        history.copy_(padded[..., t:])
+        return self.conv(padded)
 
 
 class _CausalConvTranspose1d(_StreamingModule):
@@ -131,6 +145,9 @@ class _CausalConvTranspose1d(_StreamingModule):
             raise ValueError(f"transposed conv needs kernel <= 2 * stride, got {kernel}, {stride}")
         self.conv = nn.ConvTranspose1d(c_in, c_out, kernel, stride, groups=groups, bias=bias)
         self.overlap = kernel - stride
+        # Mimi's upsampling of the codes (one filter per channel): cuDNN ran it as a generic grouped transposed conv,
+        # 0.96 ms for 64 streams x 8 frames on an H200, more than any other layer; as products and one add, ~10 us.
+        self.depthwise = groups == c_in == c_out and kernel == 2 * stride
 
     def init_state(self, batch_size: int) -> _ConvTransposeState:
         w = self.conv.weight
@@ -138,12 +155,22 @@ class _CausalConvTranspose1d(_StreamingModule):
 
     def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T * stride]
         conv, tail = self.conv, self.state.tail
-        y = F.conv_transpose1d(x, conv.weight, None, conv.stride, groups=conv.groups)  # [B, C_out, T*s + overlap]
+        if self.depthwise:
+            y = self._depthwise(x)
+        else:
+            y = F.conv_transpose1d(x, conv.weight, None, conv.stride, groups=conv.groups)  # [B, C_out, T*s + overlap]
         y[..., : self.overlap] += tail
         n = y.shape[-1] - self.overlap
         tail.copy_(y[..., n:])
         y = y[..., :n]
         return y if conv.bias is None else y + conv.bias[:, None]
+
+    def _depthwise(self, x: Tensor) -> Tensor:  # [B, C, T] -> [B, C, (T + 1) * stride]
+        s = self.conv.stride[0]
+        steps = x[..., None] * self.conv.weight[:, 0][:, None, :]  # [B, C, T, 2s]: each input's 2s outputs
+        y = F.pad(steps[..., :s].flatten(-2), (0, s))  # [B, C, (T + 1) s]
+        y[..., s:] += steps[..., s:].flatten(-2)  # the second half of each input's outputs overlaps the next one's
+        return y
 
 
 # ---------------------------------------------------------------------------------------------------- SEANet
@@ -152,9 +179,11 @@ class _CausalConvTranspose1d(_StreamingModule):
 class _ResnetBlock(nn.Module):
     def __init__(self, dim: int, hidden: int, kernel: int, dilation: int, conv_shortcut: bool) -> None:
         super().__init__()
-        # indices 1 and 3 hold the convs: checkpoint keys are `block.1.conv.*`, `block.3.conv.*`
+        # indices 1 and 3 hold the convs: checkpoint keys are `block.1.conv.*`, `block.3.conv.*`. The ELU before
+        # each conv runs inside it (`elu_input`); indices 0 and 2 stay, empty, for the keys.
         self.block = nn.Sequential(
-            nn.ELU(), _CausalConv1d(dim, hidden, kernel, dilation), nn.ELU(), _CausalConv1d(hidden, dim, 1)
+            nn.Identity(), _CausalConv1d(dim, hidden, kernel, dilation, elu_input=True), nn.Identity(),
+            _CausalConv1d(hidden, dim, 1, elu_input=True),
         )
         self.shortcut = _CausalConv1d(dim, dim, 1) if conv_shortcut else nn.Identity()
 
@@ -182,7 +211,7 @@ class _SeanetDecoder(nn.Module):
                 )
                 for j in range(c.num_residual_layers)
             ]
-        layers += [nn.ELU(), _CausalConv1d(c.num_filters, c.audio_channels, c.last_kernel_size)]
+        layers += [nn.Identity(), _CausalConv1d(c.num_filters, c.audio_channels, c.last_kernel_size, elu_input=True)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, hidden, 2n] -> [B, channels, n * frame_size]
@@ -207,24 +236,26 @@ class _Attention(_StreamingModule):
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=bias)
-        self.context = c.sliding_window - 1  # a step sees itself and the window - 1 steps before it
+        self.slots = c.sliding_window - 1 + RING_STEPS  # the window before a piece's first step, and the piece
 
     def init_state(self, batch_size: int) -> _KVState:
         w = self.k_proj.weight
-        shape = (batch_size, self.n_kv_heads, self.context, self.head_dim)
+        shape = (batch_size, self.n_kv_heads, self.slots, self.head_dim)
         return _KVState(w.new_zeros(shape), w.new_zeros(shape))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
+        """x [B, T, C] at ring slots `slots [T]`; `mask [T, slots]` says which slots each step sees."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        # Written into the ring in place: a shifted cache would copy the whole window twice a chunk (at 64 streams
+        # ~0.5 GB per layer and chunk in float32). The keys' order does not matter to attention, only the mask.
         cache = self.state
-        k = torch.cat([cache.k, k], dim=2)  # [B, H_kv, window - 1 + T, D]
-        v = torch.cat([cache.v, v], dim=2)
-        cache.k.copy_(k[:, :, t:])  # shift by copy: fixed shape, fixed address
-        cache.v.copy_(v[:, :, t:])
+        cache.k.index_copy_(2, slots, k)
+        cache.v.index_copy_(2, slots, v)
+        k, v = cache.k, cache.v  # [B, H_kv, slots, D]
         if self.n_heads != self.n_kv_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -264,8 +295,8 @@ class _TransformerLayer(nn.Module):
         self.mlp = _MLP(c)
         self.mlp_layer_scale = _LayerScale(c.hidden_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
+        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask, slots))
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -288,19 +319,26 @@ class _Transformer(_StreamingModule):
         return _PositionState(torch.zeros((), dtype=torch.long, device=self.inv_freq.device))
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
+        """Pieces of at most RING_STEPS steps (each layer's key ring holds the window and one piece)."""
+        dtype = self.layers[0].input_layernorm.weight.dtype
+        pieces = [self._piece(x[:, i : i + RING_STEPS].to(dtype)) for i in range(0, x.shape[1], RING_STEPS)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def _piece(self, x: Tensor) -> Tensor:  # [B, T <= RING_STEPS, C]
         t, dev, offset = x.shape[1], x.device, self.state.offset
+        slots = self.layers[0].self_attn.slots
         pos = offset + torch.arange(t, device=dev)  # [T]
-        key_pos = offset - (self.window - 1) + torch.arange(self.window - 1 + t, device=dev)  # [window - 1 + T]
+        # the position each ring slot holds once this piece is written (negative: never written)
+        last = offset + t - 1
+        key_pos = last - (last - torch.arange(slots, device=dev)) % slots  # [slots]
         dist = pos[:, None] - key_pos[None, :]
-        # causal, within the window, and not an unwritten cache slot before position 0
-        mask = (dist >= 0) & (dist < self.window) & (key_pos >= 0)  # [T, window - 1 + T]
+        mask = (dist >= 0) & (dist < self.window) & (key_pos >= 0)  # [T, slots]: causal, within the window
         freqs = pos[:, None].float() * self.inv_freq  # [T, D / 2]
         angles = torch.cat([freqs, freqs], dim=-1)  # [T, D]
-        dtype = self.layers[0].input_layernorm.weight.dtype
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        x = x.to(dtype)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        ring = pos % slots  # [T]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, mask, ring)
         offset += t
         return x
 

@@ -51,6 +51,7 @@ for step in "$@"; do
     profile) python3 scripts/profile_frame.py 2>&1 | tee "$out/profile.txt" ;;
     profilefp8) python3 scripts/profile_frame.py fp8 2>&1 | tee "$out/profilefp8.txt" ;;
     profileprefill) python3 scripts/profile_frame.py prefill 2>&1 | tee "$out/profileprefill.txt" ;;
+    mimi) python3 scripts/profile_mimi.py 2>&1 | grep -v Warn | tee "$out/mimi.txt" ;;
     kerneltests) python3 -m pytest -q tests/test_kernels.py 2>&1 | tee "$out/kerneltests.txt" || true ;;
     say|sayfp8)  # the user's commands end to end on the GPU (random weights, the tests' tiny BPE tokenizer)
       python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny, pathlib; tiny.save_tokenizer(pathlib.Path('/tmp/tok'))"

@@ -18,7 +18,7 @@ from torch import nn
 from torch.testing import assert_close
 from transformers import MimiConfig, MimiModel
 
-from csmcli.codec import MimiCodec, StreamingMimiDecoder, flatten_mimi_state_dict
+from csmcli.codec import RING_STEPS, MimiCodec, StreamingMimiDecoder, flatten_mimi_state_dict
 from csmcli.errors import CsmError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,6 +99,18 @@ def test_chunked_decode_equals_transformers(tiny, chunk):
 def test_one_shot_decode_equals_transformers(tiny):
     _, _, codec, codes, reference = tiny
     close(codec.decode(codes), reference)
+
+
+def test_chunks_longer_than_the_key_ring_go_through_in_pieces(tiny):
+    # more transformer steps than RING_STEPS at once: one-shot, and chunks of RING_STEPS / 2 + 1 frames
+    model, _, codec, _, _ = tiny
+    frames = RING_STEPS + 3
+    codes = random_codes(model.config, 1, frames, seed=3)
+    with torch.no_grad():
+        reference = model.decode(codes).audio_values
+    close(codec.decode(codes), reference)
+    with codec.decoder.streaming(1):
+        close(decode_in_chunks(codec.decoder, codes, RING_STEPS // 2 + 1), reference)
 
 
 def test_stateless_chunks_do_not_match(tiny):
