@@ -71,18 +71,13 @@ class FrameStepper:
         frames that follow. `run` replaces `prefill_rows` (a captured graph of it)."""
         length = length or max(prompt.rows for _, prompt, _ in entries)
         columns = entries[0][1].tokens.shape[-1]
-        # Pinned on CUDA: a copy from pageable memory waits for the GPU to finish everything queued before it, so
-        # the GPU would idle while the host prepares each group of a many-prompt admission (~0.9 ms a group, H200).
-        pin = self.device.type == "cuda"
-        tokens = torch.zeros(len(entries), length, columns, dtype=torch.long, pin_memory=pin)  # [G, L, 33]
-        mask = torch.zeros(len(entries), length, columns, dtype=torch.bool, pin_memory=pin)
+        tokens = torch.zeros(len(entries), length, columns, dtype=torch.long)  # [G, L, 33]
+        mask = torch.zeros(len(entries), length, columns, dtype=torch.bool)
         for i, (_, prompt, _) in enumerate(entries):
             tokens[i, : prompt.rows], mask[i, : prompt.rows] = prompt.tokens, prompt.mask
         slots_and_last = torch.tensor([[slot for slot, _, _ in entries], [p.rows - 1 for _, p, _ in entries]])  # [2, G]
-        if pin:
-            slots_and_last = slots_and_last.pin_memory()
-        hidden = (run or self.prefill_rows)(*(t.to(self.device, non_blocking=True)
-                                              for t in (tokens, mask, slots_and_last)))  # [G, dim]
+        hidden = (run or self.prefill_rows)(tokens.to(self.device), mask.to(self.device),
+                                            slots_and_last.to(self.device))  # [G, dim]
         done = set()
         for i, (slot, prompt, params) in enumerate(entries):  # scalar writes: no host-to-device copies to wait for
             if slot not in done:
