@@ -8,8 +8,9 @@ and timed against the current table in back-to-back pairs, several rounds. Then 
 against the current table. Also the kernels' launch constants in KNOBS (attention and sampling warps, radix
 digit bits), one at a time. Prints ms/frame; changes nothing.
 
-Usage: tune_in_graph.py [1|16|64] [fp8] [dec|knobs]
-  rows bucket (default 1); fp8: the fp8 weights' table; dec: the depth decoder's shapes only; knobs: only KNOBS"""
+Usage: tune_in_graph.py [1|16|64] [fp8] [dec|knobs] [knob=NAME]
+  rows bucket (default 1); fp8: the fp8 weights' table; dec: the depth decoder's shapes only; knobs: only KNOBS;
+  knob=NAME: of the knobs only NAME"""
 
 import statistics
 import sys
@@ -123,8 +124,9 @@ def main() -> None:
 
     trials = [(str(key), table[key], neighbours(table[key], key[2], key[3]),
                lambda v, key=key: table.__setitem__(key, v)) for key in keys]
+    only = [a.removeprefix("knob=") for a in sys.argv[1:] if a.startswith("knob=")]
     trials += [(name, getattr(kernels, name), values, lambda v, name=name: setattr(kernels, name, v))
-               for name, (values, buckets) in KNOBS.items() if rows in buckets]
+               for name, (values, buckets) in KNOBS.items() if rows in buckets and name in (only or [name])]
     if kernels.folds_norms(rows) and not fp8:  # the backbone's normed products on unfolded weights instead
         folded = [(layer, layer.wqkv_folded, layer.w13_folded) for layer in model.backbone.layers]
 
