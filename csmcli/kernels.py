@@ -131,7 +131,7 @@ def _linear_kernel(
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
-    NORM_AFTER: tl.constexpr, SUM_IN_TILE: tl.constexpr, SPLITS: tl.constexpr,
+    NORM_AFTER: tl.constexpr, SUM_IN_TILE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -224,7 +224,7 @@ def _linear_kernel(
         tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, total, mask=out_ok)
         if SUM_IN_TILE:  # by the tile's last program to finish (else by `_split_k_sum_kernel`)
             _sum_if_last(partial_ptr, counter_ptr, res_ptr, out_ptr, offs_m, offs_n, offs_mn, out_ok, M, N, stride_rm,
-                         stride_om, HAS_RESIDUAL, BLOCK_M, BLOCK_N, SPLITS)
+                         stride_om, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
         return
     out = total.to(dtype)
     if GATED:  # silu(gate) * up, each step rounded as torch rounds it
@@ -274,19 +274,17 @@ def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, splits, stride_rm, 
 
 @triton.jit
 def _sum_if_last(partial_ptr, counter_ptr, res_ptr, out_ptr, offs_m, offs_n, offs_mn, out_ok, M, N, stride_rm,
-                 stride_om, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SPLITS: tl.constexpr):
+                 stride_om, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Called by each of a tile's split-K programs after storing its partial sums: the last to arrive adds all of
     them in split order, then the residual, exactly as `_split_k_sum_kernel` would, and sets the tile's counter
     back to zero for the next product."""
     tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    splits = tl.num_programs(2)
     tl.debug_barrier()  # every thread's partial sums stored before the count says so (release, below)
     arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLITS - 1:
+    if arrived == splits - 1:
         total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # unrolled: every split's load in flight at once; from L2 (".cg"): the other programs' sums never passed
-        # through this SM's L1
-        for split in tl.static_range(SPLITS):
+        for split in range(splits):  # from L2 (".cg"): the other programs' sums never passed through this SM's L1
             total += tl.load(partial_ptr + split * M * N + offs_mn, mask=out_ok, other=0.0, cache_modifier=".cg")
         tl.store(counter_ptr + tile, 0)
         dtype = out_ptr.dtype.element_ty
@@ -484,8 +482,7 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
         HAS_NORM=has_norm, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, NORM_AFTER=norm_folded,
-        SUM_IN_TILE=sum_in_tile, SPLITS=grid[2] if sum_in_tile else 1, num_warps=warps, num_stages=stages,
-        launch_pdl=pdl > 0,
+        SUM_IN_TILE=sum_in_tile, num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
     if grid[2] > 1 and not sum_in_tile:
         block = 256
