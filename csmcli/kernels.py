@@ -125,13 +125,13 @@ def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_A
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr, counter_ptr,
+    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr,
     M, N, K, k_per_split, eps,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
-    NORM_AFTER: tl.constexpr, SUM_IN_TILE: tl.constexpr,
+    NORM_AFTER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -219,12 +219,9 @@ def _linear_kernel(
         total = total * rstd[:, None]
     if HAS_SCALE:  # (x @ w8.T) * scale in float32, rounded once below
         total = total * scale[None, :]
-    if PARTIAL:  # split K: float32 partial sums [splits, M, N], added in a fixed order
-        offs_mn = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(partial_ptr + tl.program_id(2) * M * N + offs_mn, total, mask=out_ok)
-        if SUM_IN_TILE:  # by the tile's last program to finish (else by `_split_k_sum_kernel`)
-            _sum_if_last(partial_ptr, counter_ptr, res_ptr, out_ptr, offs_m, offs_n, offs_mn, out_ok, M, N, stride_rm,
-                         stride_om, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+    if PARTIAL:  # split K: float32 partial sums [splits, M, N]; `_split_k_sum_kernel` adds them in a fixed order
+        partial = partial_ptr + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(partial, total, mask=out_ok)
         return
     out = total.to(dtype)
     if GATED:  # silu(gate) * up, each step rounded as torch rounds it
@@ -270,46 +267,6 @@ def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, splits, stride_rm, 
     if HAS_RESIDUAL:
         out = (out.to(tl.float32) + tl.load(res_ptr + m * stride_rm + n, mask=ok, other=0.0).to(tl.float32)).to(dtype)
     tl.store(out_ptr + m * stride_om + n, out, mask=ok)
-
-
-@triton.jit
-def _sum_if_last(partial_ptr, counter_ptr, res_ptr, out_ptr, offs_m, offs_n, offs_mn, out_ok, M, N, stride_rm,
-                 stride_om, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Called by each of a tile's split-K programs after storing its partial sums: the last to arrive adds all of
-    them in split order, then the residual, exactly as `_split_k_sum_kernel` would, and sets the tile's counter
-    back to zero for the next product."""
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    splits = tl.num_programs(2)
-    tl.debug_barrier()  # every thread's partial sums stored before the count says so (release, below)
-    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == splits - 1:
-        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for split in range(splits):  # from L2 (".cg"): the other programs' sums never passed through this SM's L1
-            total += tl.load(partial_ptr + split * M * N + offs_mn, mask=out_ok, other=0.0, cache_modifier=".cg")
-        tl.store(counter_ptr + tile, 0)
-        dtype = out_ptr.dtype.element_ty
-        out = total.to(dtype)
-        if HAS_RESIDUAL:
-            residual = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
-            out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
-
-
-SPLIT_SUM_IN_TILE = True
-"""Split-K partial sums are added by the last program of each tile (counted with an atomic), not by a second
-kernel: one launch less per split product. The counters are one buffer per device, set back to zero by the kernel
-that used them, so split products must not run on two streams of one device at once (the engine runs one)."""
-
-_tile_counters: dict[torch.device, list[Tensor]] = {}
-
-
-def tile_counters(device: torch.device, tiles: int) -> Tensor:
-    """The device's zeroed int32 counters, at least `tiles` of them. A larger buffer replaces a smaller one, which
-    is kept: captured graphs still point at it."""
-    buffers = _tile_counters.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < tiles:
-        buffers.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
-    return buffers[-1]
 
 
 LinearConfig = tuple[int, int, int, int, int, int]
@@ -468,23 +425,21 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
     pdl = use_pdl(x, block_m == 1)
-    sum_in_tile = SPLIT_SUM_IN_TILE and grid[2] > 1
-    counters = tile_counters(x.device, grid[0] * grid[1]) if sum_in_tile else out
     one_block = block_m == 1 and block_k >= k
     has_norm = norm is not None or norm_folded
     norm_k = k if has_norm and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
     _linear_kernel[grid](
         x, norm if norm is not None else x, weight,
-        scale if fp8 else x, residual if residual is not None else x, out, partial, counters,
+        scale if fp8 else x, residual if residual is not None else x, out, partial,
         m, n, k, k_per_split, eps,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
         HAS_NORM=has_norm, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, NORM_AFTER=norm_folded,
-        SUM_IN_TILE=sum_in_tile, num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
-    if grid[2] > 1 and not sum_in_tile:
+    if grid[2] > 1:
         block = 256
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
             partial, residual if residual is not None else out, out, m, n, grid[2],

@@ -72,28 +72,6 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [(16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 3, 3), (64, 64, 128, 8, 8, 4)])
-@pytest.mark.parametrize("residual", [False, True])
-def test_split_k_sums_in_the_tile_equal_the_sum_kernel(dtype, config, residual, monkeypatch):
-    """The last of a tile's split-K programs adds the partial sums exactly as `_split_k_sum_kernel` does (same
-    order, same rounding), and sets the tile counters back to zero: a second product with a stale count would not
-    be summed at all. 70 rows: a masked row block; K = 1100: a short last split."""
-    g = torch.Generator().manual_seed(5)
-    m, n, k = 70, 48, 1100
-    weight = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
-    for _ in range(2):
-        x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
-        res = torch.randn(m, n, generator=g).to(DEVICE, dtype) if residual else None
-        monkeypatch.setattr(kernels, "SPLIT_SUM_IN_TILE", False)
-        want = kernels.linear(x, weight, residual=res, config=config)
-        monkeypatch.setattr(kernels, "SPLIT_SUM_IN_TILE", True)
-        got = kernels.linear(x, weight, residual=res, config=config)
-        assert torch.equal(got, want)
-        torch.testing.assert_close(got, reference_linear(x, weight, residual=res), **tolerance(dtype))
-        assert kernels.tile_counters(x.device, 1).count_nonzero() == 0
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("gated", "config"), [(gated, config) for gated in (False, True) for config in
                                                [(16, 16, 32, 4, 1, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 1, 3)]
                                                if not (gated and config[4] > 1)])  # gated products are never split
