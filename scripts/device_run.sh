@@ -74,8 +74,6 @@ for step in "$@"; do
     knobs) python3 scripts/tune_in_graph.py 1 knobs 2>&1 | tee "$out/knobs.txt" ;;
     knobs16) python3 scripts/tune_in_graph.py 16 knobs 2>&1 | tee "$out/knobs16.txt" ;;
     knobs64) python3 scripts/tune_in_graph.py 64 knobs 2>&1 | tee "$out/knobs64.txt" ;;
-    splitsum) for rows in 16 64; do python3 scripts/tune_in_graph.py $rows knobs knob=SPLIT_SUM_IN_TILE 2>&1; done \
-                | tee "$out/splitsum.txt" ;;
     sampletests) python3 -m pytest -q tests/test_kernels.py -k sample 2>&1 | tee "$out/sampletests.txt" || true ;;
     tileasm) python3 scripts/tile_asm.py 2>&1 | tee "$out/tileasm.txt" ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;

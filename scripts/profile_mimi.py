@@ -64,6 +64,16 @@ def parts(decoder, codes) -> None:
                "transformer": lambda: decoder.decoder_transformer(latents), "seanet": lambda: decoder.decoder(steps)}
     for name, fn in timings.items():
         print(f"  part {name:20s} eager {timed(fn):7.2f} ms", flush=True)
+    inputs = {}  # each SEANet layer's input, caught on the way through
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0]))
+             for m in decoder.decoder.layers]
+    decoder.decoder(steps)
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(decoder.decoder.layers):
+        x = inputs[layer]
+        ms = timed(lambda layer=layer, x=x: layer(x))
+        print(f"  seanet layer {i:2d} {type(layer).__name__:24s} in {tuple(x.shape)} {ms:7.3f} ms", flush=True)
 
 
 def admission(batch: int) -> None:
