@@ -145,9 +145,10 @@ class _CausalConvTranspose1d(_StreamingModule):
             raise ValueError(f"transposed conv needs kernel <= 2 * stride, got {kernel}, {stride}")
         self.conv = nn.ConvTranspose1d(c_in, c_out, kernel, stride, groups=groups, bias=bias)
         self.overlap = kernel - stride
-        # Mimi's upsampling of the codes (one filter per channel): cuDNN ran it as a generic grouped transposed conv,
-        # 0.96 ms for 64 streams x 8 frames on an H200, more than any other layer; as products and one add, ~10 us.
-        self.depthwise = groups == c_in == c_out and kernel == 2 * stride
+        # Computed as each input step's outputs (products), overlap-added, instead of through cuDNN: the upsampling
+        # of the codes (one filter per channel), and the SEANet's stride-8 layer as one float32 matmul. cuDNN ran
+        # that one with a generic kernel: 1.0 ms of a 64-stream, 8-frame chunk on an H200, the decoder's slowest.
+        self.by_steps = kernel == 2 * stride and (groups == c_in == c_out or (groups == 1 and stride >= 8))
 
     def init_state(self, batch_size: int) -> _ConvTransposeState:
         w = self.conv.weight
@@ -155,8 +156,8 @@ class _CausalConvTranspose1d(_StreamingModule):
 
     def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T * stride]
         conv, tail = self.conv, self.state.tail
-        if self.depthwise:
-            y = self._depthwise(x)
+        if self.by_steps:
+            y = self._overlap_add(self._steps(x))
         else:
             y = F.conv_transpose1d(x, conv.weight, None, conv.stride, groups=conv.groups)  # [B, C_out, T*s + overlap]
         y[..., : self.overlap] += tail
@@ -165,11 +166,18 @@ class _CausalConvTranspose1d(_StreamingModule):
         y = y[..., :n]
         return y if conv.bias is None else y + conv.bias[:, None]
 
-    def _depthwise(self, x: Tensor) -> Tensor:  # [B, C, T] -> [B, C, (T + 1) * stride]
+    def _steps(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T, 2s]: each input step's outputs
+        w = self.conv.weight  # [C_in, C_out / groups, 2s]
+        if self.conv.groups > 1:  # one filter per channel
+            return x[..., None] * w[:, 0][:, None, :]
+        b, _, t = x.shape
+        steps = x.transpose(1, 2) @ w.flatten(1)  # [B, T, C_out * 2s]
+        return steps.view(b, t, -1, w.shape[-1]).transpose(1, 2)
+
+    def _overlap_add(self, steps: Tensor) -> Tensor:  # [B, C, T, 2s] -> [B, C, (T + 1) s]
         s = self.conv.stride[0]
-        steps = x[..., None] * self.conv.weight[:, 0][:, None, :]  # [B, C, T, 2s]: each input's 2s outputs
-        y = F.pad(steps[..., :s].flatten(-2), (0, s))  # [B, C, (T + 1) s]
-        y[..., s:] += steps[..., s:].flatten(-2)  # the second half of each input's outputs overlaps the next one's
+        y = F.pad(steps[..., :s].flatten(-2), (0, s))
+        y[..., s:] += steps[..., s:].flatten(-2)  # the second half of each step's outputs overlaps the next one's
         return y
 
 
