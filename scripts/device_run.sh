@@ -53,6 +53,7 @@ for step in "$@"; do
     profileprefill) python3 scripts/profile_frame.py prefill 2>&1 | tee "$out/profileprefill.txt" ;;
     mimi) python3 scripts/profile_mimi.py 2>&1 | grep -v Warn | tee "$out/mimi.txt" ;;
     kerneltests) python3 -m pytest -q tests/test_kernels.py 2>&1 | tee "$out/kerneltests.txt" || true ;;
+    codectests) python3 -m pytest -q tests/test_codec_cuda.py tests/test_codec.py 2>&1 | tee "$out/codectests.txt" || true ;;
     say|sayfp8)  # the user's commands end to end on the GPU (random weights, the tests' tiny BPE tokenizer)
       python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny, pathlib; tiny.save_tokenizer(pathlib.Path('/tmp/tok'))"
       flags=(--random-weights --tokenizer /tmp/tok --seed 7 --max-seconds 2)
