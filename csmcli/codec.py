@@ -145,10 +145,9 @@ class _CausalConvTranspose1d(_StreamingModule):
             raise ValueError(f"transposed conv needs kernel <= 2 * stride, got {kernel}, {stride}")
         self.conv = nn.ConvTranspose1d(c_in, c_out, kernel, stride, groups=groups, bias=bias)
         self.overlap = kernel - stride
-        # Computed as each input step's outputs (products), overlap-added, instead of through cuDNN: the upsampling
-        # of the codes (one filter per channel), and the SEANet's stride-8 layer as one float32 matmul. cuDNN ran
-        # that one with a generic kernel: 1.0 ms of a 64-stream, 8-frame chunk on an H200, the decoder's slowest.
-        self.by_steps = kernel == 2 * stride and (groups == c_in == c_out or (groups == 1 and stride >= 8))
+        # The SEANet's stride-8 layer as one float32 matmul (each input step's outputs), overlap-added: cuDNN ran it
+        # with a generic kernel, 1.0 ms of a 64-stream, 8-frame chunk on an H200, the decoder's slowest layer.
+        self.by_steps = kernel == 2 * stride and groups == 1 and stride >= 8
 
     def init_state(self, batch_size: int) -> _ConvTransposeState:
         w = self.conv.weight
@@ -167,11 +166,9 @@ class _CausalConvTranspose1d(_StreamingModule):
         return y if conv.bias is None else y + conv.bias[:, None]
 
     def _steps(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T, 2s]: each input step's outputs
-        w = self.conv.weight  # [C_in, C_out / groups, 2s]
-        if self.conv.groups > 1:  # one filter per channel
-            return x[..., None] * w[:, 0][:, None, :]
-        b, _, t = x.shape
-        steps = x.transpose(1, 2) @ w.flatten(1)  # [B, T, C_out * 2s]
+        w = self.conv.weight  # [C_in, C_out, 2s]
+        b, c_in, t = x.shape
+        steps = x.transpose(1, 2).reshape(b * t, c_in) @ w.flatten(1)  # [B T, C_out 2s]: one GEMM, not B small ones
         return steps.view(b, t, -1, w.shape[-1]).transpose(1, 2)
 
     def _overlap_add(self, steps: Tensor) -> Tensor:  # [B, C, T, 2s] -> [B, C, (T + 1) s]

@@ -75,9 +75,7 @@ def parts(decoder, codes) -> None:
         ms = timed(lambda layer=layer, x=x: layer(x))
         print(f"  seanet layer {i:2d} {type(layer).__name__:24s} in {tuple(x.shape)} {ms:7.3f} ms", flush=True)
     # the transposed convs computed step by step (codec._CausalConvTranspose1d.by_steps) against cuDNN
-    quantized = decoder.quantizer(codes)  # [B, hidden, n]
-    for name, layer, x in (("upsample", decoder.upsample, quantized), ("seanet layer 2", decoder.decoder.layers[2],
-                                                                       inputs[decoder.decoder.layers[2]])):
+    for name, layer, x in (("seanet layer 2", decoder.decoder.layers[2], inputs[decoder.decoder.layers[2]]),):
         for by_steps in (True, False):
             layer.by_steps = by_steps
             ms = timed(lambda layer=layer, x=x: layer(x))
