@@ -7,6 +7,7 @@ from collections import deque
 
 import torch
 
+from csmcli import codec as codec_module
 from csmcli.checkpoint import random_model
 from csmcli.engine import ChunkDecoder, Engine, Request
 from csmcli.model import CSM_1B
@@ -76,11 +77,12 @@ def parts(decoder, codes) -> None:
         print(f"  seanet layer {i:2d} {type(layer).__name__:24s} in {tuple(x.shape)} {ms:7.3f} ms", flush=True)
     # the transposed convs computed step by step (codec._CausalConvTranspose1d.by_steps) against cuDNN
     for name, layer, x in (("seanet layer 2", decoder.decoder.layers[2], inputs[decoder.decoder.layers[2]]),):
-        for by_steps in (True, False):
-            layer.by_steps = by_steps
+        rows = codec_module.BY_STEPS_ROWS
+        for from_rows in (0, 10**9):  # the matmul at any row count, then never
+            codec_module.BY_STEPS_ROWS = from_rows
             ms = timed(lambda layer=layer, x=x: layer(x))
-            print(f"  {name} {'by steps' if by_steps else 'cuDNN'}: {ms:7.3f} ms", flush=True)
-        layer.by_steps = True
+            print(f"  {name} {'by steps' if from_rows == 0 else 'cuDNN'}: {ms:7.3f} ms", flush=True)
+        codec_module.BY_STEPS_ROWS = rows
 
 
 def admission(batch: int) -> None:

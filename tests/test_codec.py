@@ -18,6 +18,7 @@ from torch import nn
 from torch.testing import assert_close
 from transformers import MimiConfig, MimiModel
 
+import csmcli.codec as codec_module
 from csmcli.codec import RING_STEPS, MimiCodec, StreamingMimiDecoder, flatten_mimi_state_dict
 from csmcli.errors import CsmError
 
@@ -111,6 +112,15 @@ def test_chunks_longer_than_the_key_ring_go_through_in_pieces(tiny):
     close(codec.decode(codes), reference)
     with codec.decoder.streaming(1):
         close(decode_in_chunks(codec.decoder, codes, RING_STEPS // 2 + 1), reference)
+
+
+@pytest.mark.parametrize("from_rows", [0, 10**9])
+def test_stride8_layer_as_a_matmul_or_through_cudnn_decodes_the_same(tiny, from_rows, monkeypatch):
+    # the SEANet's stride-8 transposed conv runs as a matmul from BY_STEPS_ROWS streams x steps: force each way
+    monkeypatch.setattr(codec_module, "BY_STEPS_ROWS", from_rows)
+    _, _, codec, codes, reference = tiny
+    with codec.decoder.streaming(1):
+        close(decode_in_chunks(codec.decoder, codes, 2), reference)
 
 
 def test_stateless_chunks_do_not_match(tiny):
