@@ -6,6 +6,7 @@ import time
 from collections import deque
 
 import torch
+from profile_frame import timed  # scripts/ is on the path when a script runs
 
 from csmcli import codec as codec_module
 from csmcli.checkpoint import random_model
@@ -14,18 +15,6 @@ from csmcli.model import CSM_1B
 from csmcli.pipeline import random_codec
 from csmcli.prompt import synthetic_prompt
 from csmcli.sampling import SamplingParams
-
-
-def timed(fn, n=20):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def census(fn, label: str, top: int = 20) -> None:
