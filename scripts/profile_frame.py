@@ -27,16 +27,16 @@ def timed(fn, n=50):
     return start.elapsed_time(end) / n
 
 
-def census(stepper: FrameStepper, label: str) -> None:
+def census(fn, label: str, top: int = 12) -> None:
+    """The CUDA kernels one eager call of `fn` launches: their count and time, the `top` slowest by name."""
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        stepper.step()
+        fn()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
-    count = sum(e.count for e in events)
-    print(f"{label}: eager B={stepper.max_batch} frame {count} kernels, {total / 1000:.2f} ms of kernel time")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
-        print(f"{e.self_device_time_total / 1000:8.3f} ms {e.count:5d}x  {e.key[:90]}")
+    print(f"{label}: {sum(e.count for e in events)} kernels, {total / 1000:.2f} ms of kernel time")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"{e.self_device_time_total / 1000:8.3f} ms {e.count:5d}x  {e.key[:110]}")
 
 
 def prefill_profile(model) -> None:
@@ -56,14 +56,8 @@ def prefill_profile(model) -> None:
             rows = torch.arange(prompts, device="cuda")
             graph = CapturedCall(lambda e=embeds, r=rows: model.backbone(e, 0, stepper.caches.backbone, r))
             print(f"{label} backbone over {prompts} prompts x 256 rows graphed {timed(graph):7.2f} ms", flush=True)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            stepper.prefill_rows(tokens[:, :256], mask[:, :256], torch.tensor([[0], [255]], device="cuda"))
-            torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events)
-    print(f"{label} prefill L=256 eager: {sum(e.count for e in events)} kernels, {total / 1000:.2f} ms of kernel time")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
-        print(f"{e.self_device_time_total / 1000:8.3f} ms {e.count:5d}x  {e.key[:90]}")
+        census(lambda: stepper.prefill_rows(tokens[:, :256], mask[:, :256], torch.tensor([[0], [255]], device="cuda")),
+               f"{label} prefill L=256 eager", top=15)
 
 
 def main():
@@ -89,7 +83,8 @@ def main():
                     graph = CapturedCall(fn)
                     print(f"{label:13s} B={batch:>3} {name:26s} graphed {timed(graph):7.2f} ms", flush=True)
         for batch in (1, 64) if fused else (1,):
-            census(FrameStepper(model, batch, fused=fused), label)
+            stepper = FrameStepper(model, batch, fused=fused)
+            census(stepper.step, f"{label}: eager B={batch} frame")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import time
 from collections import deque
 
 import torch
-from profile_frame import timed  # scripts/ is on the path when a script runs
+from profile_frame import census, timed  # scripts/ is on the path when a script runs
 
 from csmcli import codec as codec_module
 from csmcli.checkpoint import random_model
@@ -15,17 +15,6 @@ from csmcli.model import CSM_1B
 from csmcli.pipeline import random_codec
 from csmcli.prompt import synthetic_prompt
 from csmcli.sampling import SamplingParams
-
-
-def census(fn, label: str, top: int = 20) -> None:
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events)
-    print(f"{label}: {sum(e.count for e in events)} kernels, {total / 1000:.2f} ms of kernel time")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"{e.self_device_time_total / 1000:8.3f} ms {e.count:5d}x  {e.key[:110]}")
 
 
 def mimi(batch: int, chunk: int) -> None:
@@ -41,7 +30,7 @@ def mimi(batch: int, chunk: int) -> None:
         print(f"mimi B={batch:3d} chunk={chunk} {label:17s} graphed {ms:7.2f} ms/chunk", flush=True)
         if label == "as run":
             with torch.no_grad():
-                census(lambda: codec.decoder.decode_chunk(codes), f"mimi B={batch} chunk={chunk} eager")
+                census(lambda: codec.decoder.decode_chunk(codes), f"mimi B={batch} chunk={chunk} eager", top=20)
                 parts(codec.decoder, codes)
         chunks.close()
     torch.backends.cudnn.benchmark = False
@@ -64,14 +53,14 @@ def parts(decoder, codes) -> None:
         x = inputs[layer]
         ms = timed(lambda layer=layer, x=x: layer(x))
         print(f"  seanet layer {i:2d} {type(layer).__name__:24s} in {tuple(x.shape)} {ms:7.3f} ms", flush=True)
-    # the transposed convs computed step by step (codec._CausalConvTranspose1d.by_steps) against cuDNN
-    for name, layer, x in (("seanet layer 2", decoder.decoder.layers[2], inputs[decoder.decoder.layers[2]]),):
-        rows = codec_module.BY_STEPS_ROWS
-        for from_rows in (0, 10**9):  # the matmul at any row count, then never
-            codec_module.BY_STEPS_ROWS = from_rows
-            ms = timed(lambda layer=layer, x=x: layer(x))
-            print(f"  {name} {'by steps' if from_rows == 0 else 'cuDNN'}: {ms:7.3f} ms", flush=True)
-        codec_module.BY_STEPS_ROWS = rows
+    # the stride-8 transposed conv as a matmul (codec.BY_STEPS_ROWS) against cuDNN
+    layer = decoder.decoder.layers[2]
+    rows = codec_module.BY_STEPS_ROWS
+    for from_rows in (0, 10**9):  # the matmul at any row count, then never
+        codec_module.BY_STEPS_ROWS = from_rows
+        ms = timed(lambda: layer(inputs[layer]))
+        print(f"  seanet layer 2 {'by steps' if from_rows == 0 else 'cuDNN'}: {ms:7.3f} ms", flush=True)
+    codec_module.BY_STEPS_ROWS = rows
 
 
 def admission(batch: int) -> None:
