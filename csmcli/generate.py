@@ -71,23 +71,34 @@ class FrameStepper:
         frames that follow. `run` replaces `prefill_rows` (a captured graph of it)."""
         length = length or max(prompt.rows for _, prompt, _ in entries)
         columns = entries[0][1].tokens.shape[-1]
-        tokens = torch.zeros(len(entries), length, columns, dtype=torch.long)  # [G, L, 33]
-        mask = torch.zeros(len(entries), length, columns, dtype=torch.bool)
+        # Pinned host tensors copied without blocking: the host queues the next group while the GPU runs this one
+        # (a pageable copy waits for the stream to drain first). The caching host allocator keeps each buffer
+        # until its copy is done.
+        pinned = self.device.type == "cuda"
+        tokens = torch.zeros(len(entries), length, columns, dtype=torch.long, pin_memory=pinned)  # [G, L, 33]
+        mask = torch.zeros(len(entries), length, columns, dtype=torch.bool, pin_memory=pinned)
         for i, (_, prompt, _) in enumerate(entries):
             tokens[i, : prompt.rows], mask[i, : prompt.rows] = prompt.tokens, prompt.mask
+        # Each slot's state is written once (an entry may repeat): its group row, slot, position and settings.
+        first = {slot: i for i, (slot, _, _) in reversed(list(enumerate(entries)))}
         slots_and_last = torch.tensor([[slot for slot, _, _ in entries], [p.rows - 1 for _, p, _ in entries]])  # [2, G]
-        hidden = (run or self.prefill_rows)(tokens.to(self.device), mask.to(self.device),
-                                            slots_and_last.to(self.device))  # [G, dim]
-        done = set()
-        for i, (slot, prompt, params) in enumerate(entries):  # scalar writes: no host-to-device copies to wait for
-            if slot not in done:
-                done.add(slot)
-                self.hidden[slot] = hidden[i]
-                self.positions[slot] = prompt.rows
-                self.frame_index[slot] = 0
-                self.temperature[slot] = params.temperature
-                self.topk[slot] = params.topk
-                self.seed[slot] = params.seed & 0x7FFF_FFFF_FFFF_FFFF
+        rows = [(i, slot, entries[i][1], entries[i][2]) for slot, i in first.items()]
+        settings = torch.tensor([[i for i, _, _, _ in rows], [slot for _, slot, _, _ in rows],
+                                 [prompt.rows for _, _, prompt, _ in rows], [params.topk for *_, params in rows],
+                                 [params.seed & 0x7FFF_FFFF_FFFF_FFFF for *_, params in rows]])  # [5, n]
+        temperature = torch.tensor([params.temperature for *_, params in rows], dtype=torch.float32)  # [n]
+        if pinned:
+            slots_and_last, settings, temperature = (t.pin_memory() for t in (slots_and_last, settings, temperature))
+        to_device = dict(device=self.device, non_blocking=True)
+        hidden = (run or self.prefill_rows)(tokens.to(**to_device), mask.to(**to_device),
+                                            slots_and_last.to(**to_device))  # [G, dim]
+        group_rows, slots, positions, topk, seed = settings.to(**to_device)
+        self.hidden.index_copy_(0, slots, hidden.index_select(0, group_rows))
+        self.positions.index_copy_(0, slots, positions)
+        self.frame_index.index_fill_(0, slots, 0)
+        self.temperature.index_copy_(0, slots, temperature.to(**to_device))
+        self.topk.index_copy_(0, slots, topk)
+        self.seed.index_copy_(0, slots, seed)
 
     def prefill_rows(self, tokens: Tensor, mask: Tensor, slots_and_last: Tensor) -> Tensor:
         """Prompt rows `tokens, mask [G, L, 33]` into the cache rows of slots `slots_and_last[0]`; returns the

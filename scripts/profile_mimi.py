@@ -1,7 +1,12 @@
 """Where a 64-stream rep's time outside the frame steps goes (CUDA): the Mimi decode of a chunk (graphed, as the
 bench runs it; its eager kernel census; cuDNN autotuning and a bf16 decoder transformer as what-ifs), and the
-admission of 64 prompts (wall time against the prefill graphs' own GPU time: the host's share)."""
+admission of 64 prompts (wall time against the prefill graphs' own GPU time: the host's share; its GPU gaps and
+busiest host calls). `profile_mimi.py admission`: only the admission, with today's length buckets and those of
+before."""
 
+import contextlib
+import itertools
+import sys
 import time
 from collections import deque
 
@@ -9,8 +14,9 @@ import torch
 from profile_frame import census, timed  # scripts/ is on the path when a script runs
 
 from csmcli import codec as codec_module
+from csmcli import engine as engine_module
 from csmcli.checkpoint import random_model
-from csmcli.engine import ChunkDecoder, Engine, Request
+from csmcli.engine import ChunkDecoder, Engine, Request, prefill_length
 from csmcli.model import CSM_1B
 from csmcli.pipeline import random_codec
 from csmcli.prompt import synthetic_prompt
@@ -63,29 +69,62 @@ def parts(decoder, codes) -> None:
     codec_module.BY_STEPS_ROWS = rows
 
 
-def admission(batch: int) -> None:
+def admission(batch: int, rows: int = 200) -> None:
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
     engine = Engine(model, max_batch=batch)
+    start = time.perf_counter()
     engine.warmup()
-    for _ in range(3):
-        waiting = deque(Request(synthetic_prompt(200, seed=i), SamplingParams(0.9, 50, seed=i), 60)
+    print(f"engine warm-up (frame and {len(engine._prefill_graphs)} prefill graphs): "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+
+    def admit_all(profiler=None) -> float:
+        waiting = deque(Request(synthetic_prompt(rows, seed=i), SamplingParams(0.9, 50, seed=i), 60)
                         for i in range(batch))
         torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.admit(waiting)
-        torch.cuda.synchronize()
+        with profiler or contextlib.nullcontext():
+            engine.admit(waiting)
+            torch.cuda.synchronize()
         wall = (time.perf_counter() - start) * 1000
         for slot in engine.slots:
             if slot is not None:
                 engine.release(slot.request)
-        print(f"admit {batch} prompts of 200 rows: {wall:.1f} ms wall ({wall / batch:.2f} per prompt)", flush=True)
-    graph = engine._prefill_graphs[256]
+        return wall
+
+    for _ in range(3):
+        wall = admit_all()
+        print(f"admit {batch} prompts of {rows} rows: {wall:.1f} ms wall ({wall / batch:.2f} per prompt)", flush=True)
+    length = prefill_length(rows, engine.stepper.max_seq_len)
+    graph, size = engine._prefill_graphs[length], engine.group_size(length)
     gpu = timed(lambda: graph.graph.replay())
-    groups = batch // engine.group_size(256)
-    print(f"prefill graph 256 x {engine.group_size(256)}: {gpu:.2f} ms GPU, x {groups} groups = {gpu * groups:.1f} ms")
+    groups = -(-batch // size)
+    print(f"prefill graph {length} x {size}: {gpu:.2f} ms GPU, x {groups} groups = {gpu * groups:.1f} ms")
+    # Where the wall time beyond the graphs goes: the GPU's idle gaps, and the host's busiest calls.
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA])
+    wall = admit_all(profiler)
+    kernels = sorted((e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1000
+    span = (kernels[-1].time_range.end - kernels[0].time_range.start) / 1000
+    gaps = sorted(((b.time_range.start - a.time_range.end) / 1000, a.name[:40], b.name[:40])
+                  for a, b in itertools.pairwise(kernels))[::-1]
+    print(f"profiled admission: {wall:.1f} ms wall, GPU span {span:.1f} ms, kernels busy {busy:.1f} ms, "
+          f"{len(kernels)} kernels; gaps over 0.1 ms: {sum(g for g, *_ in gaps if g > 0.1):.1f} ms in "
+          f"{sum(g > 0.1 for g, *_ in gaps)}")
+    for gap, before, after in gaps[:8]:
+        print(f"  gap {gap:6.3f} ms after {before} before {after}")
+    hosts = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
+    for e in sorted(hosts, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"  host {e.self_cpu_time_total / 1000:7.2f} ms {e.count:5d}x  {e.key[:90]}")
 
 
 def main():
+    if sys.argv[1:] == ["admission"]:  # the admission alone, then with the buckets of before (256 rows for 200)
+        admission(64)
+        engine_module.PREFILL_BUCKETS = (64, 128, 256, 512, 1024)
+        admission(64)
+        return
     torch.backends.cudnn.allow_tf32 = True  # torch's default, as the CLI runs
     for batch, chunk in ((64, 8), (64, 2), (1, 8)):
         mimi(batch, chunk)

@@ -97,7 +97,7 @@ def test_prompts_prefilled_in_groups_make_what_they_make_alone(ck):
 
     from csmcli.engine import prefill_length
 
-    assert [prefill_length(r.prompt.rows, 2048) for r in requests] == [64, 64, 64, 64, 128]
+    assert [prefill_length(r.prompt.rows, 2048) for r in requests] == [32, 32, 32, 32, 96]
     assert grouped_engine().group_size(64) == 3 and grouped_engine().group_size(512) == 2  # <= 1024 rows a pass
     got = {r.id: [] for r in requests}
     for request, chunk in grouped_engine().generate(requests, first_chunk_frames=2, chunk_frames=3):
@@ -147,7 +147,8 @@ def test_two_engines_share_a_model_without_sharing_state(ck):
 def test_prefill_length_buckets():
     from csmcli.engine import prefill_length
 
-    assert prefill_length(200, 2048) == 256 and prefill_length(64, 2048) == 64 and prefill_length(65, 2048) == 128
+    assert prefill_length(200, 2048) == 224 and prefill_length(64, 2048) == 64 and prefill_length(65, 2048) == 96
+    assert prefill_length(513, 2048) == 640 and prefill_length(1024, 2048) == 1024
     assert prefill_length(1025, 2048) is None  # beyond the largest graph: no padding, eager at its own length
     assert prefill_length(100, 100) is None  # a bucket may not exceed the cache
 

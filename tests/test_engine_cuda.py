@@ -100,6 +100,21 @@ def test_programmatic_dependent_launch_changes_no_code(weights, max_batch, reque
         assert torch.equal(with_pdl[r.id], without[r.id]), r.id
 
 
+@pytest.mark.parametrize("max_batch", [1, 16, 64])
+def test_weight_prefetch_changes_no_code(model, max_batch, monkeypatch):
+    """`kernels.PREFETCH_BLOCKS`: every product asks L2 for its first weight blocks before it waits for the
+    kernel before it. Only a hint: the codes (sampled, three requests, graphed) equal those without it."""
+    from csmcli import kernels
+
+    reqs = requests(3, frames=12, greedy=False)
+    monkeypatch.setattr(kernels, "PREFETCH_BLOCKS", max(2, kernels.PREFETCH_BLOCKS))
+    with_prefetch = run(model, reqs, max_batch, True)
+    monkeypatch.setattr(kernels, "PREFETCH_BLOCKS", 0)
+    without = run(model, reqs, max_batch, True)
+    for r in reqs:
+        assert torch.equal(with_prefetch[r.id], without[r.id]), r.id
+
+
 @pytest.fixture(scope="module")
 def fp8_model():
     model = random_model(CSM_1B, "cuda", torch.bfloat16, seed=1)
@@ -175,7 +190,7 @@ def test_fp8_model_follows_the_bf16_model(model, fp8_model):
     assert min(similarity) > 0.95, similarity  # 0.970 and 0.972 on an H100 (2026-11-24)
 
 
-@pytest.mark.parametrize("rows", [40, 150, 400, 700])  # length buckets 64, 256 (groups of 4), 512 (2), 1024 (1)
+@pytest.mark.parametrize("rows", [40, 150, 400, 700])  # length buckets 64, 160 (groups of 4), 416 (2), 768 (1)
 def test_a_prompt_prefills_the_same_in_any_group_and_position(model, rows):
     """Prompts of one length bucket are prefilled together (`PREFILL_GROUP`, at most 1024 rows a pass), a short
     group filled up with copies of its last entry. A prompt's slot state and cache rows come out the same (exact)
