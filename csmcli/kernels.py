@@ -85,17 +85,6 @@ def _let_next_launch(PDL: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_rows(w_ptr, offs_n, n_ok, k_start, k_hi, stride_wn, LINES: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for weight rows `offs_n`, columns k_start.. (LINES lines of LINE elements each, not past k_hi): a
-    hint, nothing waits for it and nothing comes back."""
-    offs_k = k_start + tl.arange(0, LINES) * LINE
-    ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, LINES]
-    inside = (n_ok[:, None] & (offs_k[None, :] < k_hi)).to(tl.int32)
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-                              "=r,l,r", [ptrs, inside], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _dot(a, b, acc, F32: tl.constexpr):
     """`acc + a @ b`; F32: exact float32 products (float32 models, and the interpreter, which lacks bf16 dot)."""
     if F32:
@@ -142,7 +131,7 @@ def _linear_kernel(
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
-    NORM_AFTER: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
+    NORM_AFTER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -174,10 +163,6 @@ def _linear_kernel(
         scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
         if GATED:
             scale_up = tl.load(scale_ptr + N + offs_n, mask=n_ok, other=0.0)
-    if PREFETCH_LINES > 0:  # this program's next weight blocks into L2 while the kernel before it finishes
-        _prefetch_rows(w_ptr, offs_n, n_ok, k_rest, k_hi, stride_wn, PREFETCH_LINES, LINE)
-        if GATED:
-            _prefetch_rows(w_ptr + N * stride_wn, offs_n, n_ok, k_rest, k_hi, stride_wn, PREFETCH_LINES, LINE)
     _wait_for_inputs(PDL)
     out_ok = m_ok[:, None] & n_ok[None, :]
     residual = tl.zeros([BLOCK_M, BLOCK_N], dtype=dtype)
@@ -401,10 +386,6 @@ def fold_norm(weight: Tensor, norm: Tensor) -> Tensor:
     return (weight.float() * norm.float()).to(weight.dtype)
 
 
-PREFETCH_BLOCKS = 0
-"""Weight blocks (of K) each program of a `linear` asks L2 for before it waits for the kernel before it (PDL only;
-after the block a one-row program loads then): HBM starts on them while that kernel finishes. 0: none."""
-
 NORM_UNROLL_BLOCKS = 16
 """The RMS pre-pass of a tile is unrolled when K spans at most this many blocks (every CSM matmul with a norm: K is
 1024 or 2048, blocks 128 or wider): all its loads in flight at once, the same sum in the same order as the loop."""
@@ -447,9 +428,6 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     one_block = block_m == 1 and block_k >= k
     has_norm = norm is not None or norm_folded
     norm_k = k if has_norm and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
-    line = 128 // weight.element_size()  # elements per 128-byte line
-    prefetch = PREFETCH_BLOCKS and pdl and weight.stride(1) == 1
-    prefetch_lines = _pow2(PREFETCH_BLOCKS * block_k // line) if prefetch else 0
     _linear_kernel[grid](
         x, norm if norm is not None else x, weight,
         scale if fp8 else x, residual if residual is not None else x, out, partial,
@@ -459,7 +437,7 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
         HAS_NORM=has_norm, HAS_RESIDUAL=residual is not None, GATED=gated,
         HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, NORM_AFTER=norm_folded,
-        PREFETCH_LINES=prefetch_lines, LINE=line, num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
     if grid[2] > 1:
         block = 256

@@ -53,8 +53,6 @@ for step in "$@"; do
     profileprefill) python3 scripts/profile_frame.py prefill 2>&1 | tee "$out/profileprefill.txt" ;;
     mimi) python3 scripts/profile_mimi.py 2>&1 | grep -v Warn | tee "$out/mimi.txt" ;;
     admission) python3 scripts/profile_mimi.py admission 2>&1 | grep -v Warn | tee "$out/admission.txt" ;;
-    prefetch) for rows in 1 16 64; do python3 scripts/tune_in_graph.py $rows knobs knob=PREFETCH_BLOCKS; done 2>&1 \
-                | tee "$out/prefetch.txt" ;;
     enginetests) python3 -m pytest -q tests/test_engine_cuda.py 2>&1 | tee "$out/enginetests.txt" || true ;;
     kerneltests) python3 -m pytest -q tests/test_kernels.py 2>&1 | tee "$out/kerneltests.txt" || true ;;
     codectests) python3 -m pytest -q tests/test_codec_cuda.py tests/test_codec.py 2>&1 | tee "$out/codectests.txt" || true ;;

@@ -114,6 +114,11 @@ def admission(batch: int, rows: int = 200) -> None:
           f"{sum(g > 0.1 for g, *_ in gaps)}")
     for gap, before, after in gaps[:8]:
         print(f"  gap {gap:6.3f} ms after {before} before {after}")
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1000)
+    for name, times in sorted(by_name.items(), key=lambda item: -sum(item[1]))[:16]:
+        print(f"  kernel {sum(times):7.2f} ms {len(times):5d}x  {name[:100]}")
     hosts = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
     for e in sorted(hosts, key=lambda e: -e.self_cpu_time_total)[:12]:
         print(f"  host {e.self_cpu_time_total / 1000:7.2f} ms {e.count:5d}x  {e.key[:90]}")

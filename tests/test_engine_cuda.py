@@ -100,21 +100,6 @@ def test_programmatic_dependent_launch_changes_no_code(weights, max_batch, reque
         assert torch.equal(with_pdl[r.id], without[r.id]), r.id
 
 
-@pytest.mark.parametrize("max_batch", [1, 16, 64])
-def test_weight_prefetch_changes_no_code(model, max_batch, monkeypatch):
-    """`kernels.PREFETCH_BLOCKS`: every product asks L2 for its first weight blocks before it waits for the
-    kernel before it. Only a hint: the codes (sampled, three requests, graphed) equal those without it."""
-    from csmcli import kernels
-
-    reqs = requests(3, frames=12, greedy=False)
-    monkeypatch.setattr(kernels, "PREFETCH_BLOCKS", max(2, kernels.PREFETCH_BLOCKS))
-    with_prefetch = run(model, reqs, max_batch, True)
-    monkeypatch.setattr(kernels, "PREFETCH_BLOCKS", 0)
-    without = run(model, reqs, max_batch, True)
-    for r in reqs:
-        assert torch.equal(with_prefetch[r.id], without[r.id]), r.id
-
-
 @pytest.fixture(scope="module")
 def fp8_model():
     model = random_model(CSM_1B, "cuda", torch.bfloat16, seed=1)
