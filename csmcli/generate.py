@@ -18,6 +18,7 @@ from csmcli.prompt import Prompt
 from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, sample, token_keys
 
 FRAME_SECONDS = 0.08
+PIN_PROMPTS = False
 SAMPLE_RATE = 24_000
 
 
@@ -71,10 +72,9 @@ class FrameStepper:
         frames that follow. `run` replaces `prefill_rows` (a captured graph of it)."""
         length = length or max(prompt.rows for _, prompt, _ in entries)
         columns = entries[0][1].tokens.shape[-1]
-        # Pinned host tensors copied without blocking: the host queues the next group while the GPU runs this one
-        # (a pageable copy waits for the stream to drain first). The caching host allocator keeps each buffer
-        # until its copy is done.
-        pinned = self.device.type == "cuda"
+        # Copied without blocking: a blocking copy waits for the stream to drain, so the GPU would idle while the
+        # host prepares each group. From pageable memory the driver stages the bytes before the call returns.
+        pinned = PIN_PROMPTS and self.device.type == "cuda"
         tokens = torch.zeros(len(entries), length, columns, dtype=torch.long, pin_memory=pinned)  # [G, L, 33]
         mask = torch.zeros(len(entries), length, columns, dtype=torch.bool, pin_memory=pinned)
         for i, (_, prompt, _) in enumerate(entries):
@@ -104,7 +104,7 @@ class FrameStepper:
         """Prompt rows `tokens, mask [G, L, 33]` into the cache rows of slots `slots_and_last[0]`; returns the
         hidden states `[G, dim]` of rows `slots_and_last[1]`. Fixed shapes, no host sync: capturable per (G, L)."""
         embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
-        hidden = self.model.backbone(embeds, 0, self.caches.backbone, slots_and_last[0])  # [G, L, dim]
+        hidden = self.model.backbone(embeds, 0, self.caches.backbone, slots_and_last[0], self.fused)  # [G, L, dim]
         last = slots_and_last[1][:, None, None].expand(-1, 1, hidden.shape[-1])  # [G, 1, dim]
         return hidden.gather(1, last)[:, 0]  # [G, dim]
 

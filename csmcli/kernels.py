@@ -476,6 +476,69 @@ def _rope(x1, x2, cos1, cos2, sin1, sin2, dtype: tl.constexpr):
 
 
 @triton.jit
+def _rope_rows_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, T, heads, stride_xb, stride_xt, stride_xh, stride_cb,
+                      stride_ct, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0)  # b * T + t
+    b, t = row // T, row % T
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HALF)
+    ok = (h < heads)[:, None]
+    x = x_ptr + b.to(tl.int64) * stride_xb + t.to(tl.int64) * stride_xt + h[:, None] * stride_xh + d[None, :]
+    x1 = tl.load(x, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_H, HALF]
+    x2 = tl.load(x + HALF, mask=ok, other=0.0).to(tl.float32)
+    table = b.to(tl.int64) * stride_cb + t.to(tl.int64) * stride_ct + d
+    cos1, cos2 = tl.load(cos_ptr + table).to(tl.float32), tl.load(cos_ptr + table + HALF).to(tl.float32)
+    sin1, sin2 = tl.load(sin_ptr + table).to(tl.float32), tl.load(sin_ptr + table + HALF).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    out1, out2 = _rope(x1, x2, cos1[None, :], cos2[None, :], sin1[None, :], sin2[None, :], dtype)
+    out = out_ptr + row.to(tl.int64) * heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
+    tl.store(out, out1, mask=ok)
+    tl.store(out + HALF, out2, mask=ok)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`x * cos + rotate_half(x) * sin` for `x [b, T, heads, D]` (any strides but the last) and `cos, sin` as
+    the torch path broadcasts them, `[T, 1, D]` or `[b, T, 1, D]`: bit for bit torch's three roundings, in one
+    pass instead of five kernels (three of them strided). Returns a contiguous `[b, T, heads, D]`."""
+    b, t, heads, d = x.shape
+    assert x.stride(-1) == 1 and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.stride(-1) == 1
+    stride_cb = cos.stride(0) if cos.dim() == 4 else 0
+    out = torch.empty(b, t, heads, d, dtype=x.dtype, device=x.device)  # [b, T, heads, D]
+    block_h = min(16, _pow2(heads))
+    _rope_rows_kernel[(b * t, triton.cdiv(heads, block_h))](
+        x, cos, sin, out, t, heads, x.stride(0), x.stride(1), x.stride(2), stride_cb, cos.stride(-3),
+        HALF=d // 2, BLOCK_H=block_h, num_warps=4)
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(h_ptr, out_ptr, inner, stride_h, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < inner
+    gate = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + row * stride_h + inner + offs, mask=ok, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    # torch's silu: x / (1 + expf(-x)) in float32, IEEE division (tl's `/` may approximate), then rounded
+    exp = libdevice.exp(-gate) if LIBDEVICE else tl.exp(-gate)
+    silu = tl.math.div_rn(gate, 1.0 + exp).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * inner + offs, (silu * up).to(dtype), mask=ok)
+
+
+def silu_mul(h: Tensor) -> Tensor:
+    """`silu(gate) * up` of `h [..., 2I]` = (gate, up) side by side (the fused gate/up projection's output), in
+    one pass: the torch ops read the two strided halves in separate, unvectorised kernels. torch's roundings."""
+    inner = h.shape[-1] // 2
+    rows = h.reshape(-1, 2 * inner)  # [R, 2I]
+    assert rows.stride(-1) == 1
+    out = torch.empty(*h.shape[:-1], inner, dtype=h.dtype, device=h.device)  # [..., I]
+    block = 1024
+    _silu_mul_kernel[(rows.shape[0], triton.cdiv(inner, block))](rows, out, inner, rows.stride(0), BLOCK=block,
+                                                                LIBDEVICE=not INTERPRET, num_warps=4)
+    return out
+
+
+@triton.jit
 def _cache_block(row, cur1, cur2, pos, s0, stride_cs, d, BLOCK_S: tl.constexpr, HALF: tl.constexpr):
     """Cached keys or values `[BLOCK_S, HALF]` (both halves) for positions s0..: earlier steps' from the cache, this
     step's (`cur1`, `cur2`, `[HALF]`) from registers, so no read waits for this kernel's own cache write."""

@@ -251,12 +251,17 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
-                rows: Tensor | None, cache: KVCache):
+                rows: Tensor | None, cache: KVCache, fused: bool = False):
         b, t, _ = x.shape
         h, hkv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(b, t, h + 2 * hkv, self.head_dim)
         qk, v = qkv.split([h + hkv, hkv], dim=2)  # [b, T, H + Hkv, D], [b, T, Hkv, D]
-        qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together: half the kernels
+        if fused:  # one kernel, the same roundings
+            from csmcli import kernels
+
+            qk = kernels.rope(qk, cos, sin)
+        else:
+            qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together: half the kernels
         q, k = qk.split([h, hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, H or Hkv, T, D]
         if flash_prompt(q, input_pos):
@@ -275,7 +280,11 @@ class FeedForward(nn.Module):
         self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size)  # gate and up, fused
         self.w2 = Linear(cfg.intermediate_size, cfg.dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if fused:  # one kernel, the same roundings
+            from csmcli import kernels
+
+            return self.w2(kernels.silu_mul(self.w13(x)))
         gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
         return self.w2(F.silu(gate) * up)
 
@@ -310,9 +319,9 @@ class Block(nn.Module):
             self._folded_from = key
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
-                rows: Tensor | None, cache: KVCache):
-        x = x + self.attention(self.attention_norm(x), cos, sin, blocked, input_pos, rows, cache)
-        return x + self.feed_forward(self.ffn_norm(x))
+                rows: Tensor | None, cache: KVCache, fused: bool = False):
+        x = x + self.attention(self.attention_norm(x), cos, sin, blocked, input_pos, rows, cache, fused)
+        return x + self.feed_forward(self.ffn_norm(x), fused)
 
     def step(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, position: Tensor | int, cache: KVCache,
              batch: int | None = None) -> Tensor:
@@ -371,8 +380,10 @@ class Transformer(nn.Module):
         c = self.cfg
         return [KVCache(batch, c.n_kv_heads, c.max_seq_len, c.head_dim, dtype, device) for _ in self.layers]
 
-    def forward(self, x: Tensor, input_pos: Tensor | int, caches: list[KVCache], rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor | int, caches: list[KVCache], rows: Tensor | None = None,
+                fused: bool = False) -> Tensor:
         """x `[b, T, dim]` at positions `input_pos [b, T]`, into rows `rows [b]` of `caches` (None: all rows, b == B).
+        `fused`: RoPE and silu * up through csmcli.kernels (CUDA, Triton), bit for bit the torch ops.
 
         An int `input_pos` means every row is at positions input_pos..input_pos+T-1 (a prompt prefill, the depth
         decoder): the cache is written and read through slices up to the last position only, the causal mask is a
@@ -391,7 +402,7 @@ class Transformer(nn.Module):
             positions = torch.arange(self.cfg.max_seq_len, device=x.device)
             blocked = (positions > input_pos[..., None])[:, None, None]  # [b, 1, 1, T, S]: causal over the cache
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, blocked, input_pos, rows, cache)
+            x = layer(x, cos, sin, blocked, input_pos, rows, cache, fused)
         return self.norm(x)
 
     def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache], batch: int | None = None) -> Tensor:

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from csmcli import kernels
 from csmcli.checkpoint import random_model
 from csmcli.generate import FrameStepper
-from csmcli.model import CsmConfig, Linear, Transformer, TransformerConfig
+from csmcli.model import CsmConfig, Linear, Transformer, TransformerConfig, _rotate_half
 from csmcli.prompt import synthetic_prompt
 from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, gumbel_noise, sample, token_keys
 
@@ -147,6 +147,51 @@ def test_widen_converts_every_fp8_value_as_torch_does(dtype):
     got = kernels.widen(weight, dtype)
     assert got.dtype == dtype and got.shape == weight.shape
     torch.testing.assert_close(got, weight.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("positions", ["a prompt from 0", "per row"])
+def test_rope_kernel_equals_torch_rope(dtype, positions):
+    """`kernels.rope` (the prefill's RoPE, `fused`) against the torch ops it replaces, bit for bit: the q and k
+    heads of a fused QKV output as the model passes them (a strided view), `cos, sin` broadcast as `[T, 1, D]`
+    (a prompt) or `[b, T, 1, D]` (a position per row), more heads than one program's block. The interpreter
+    converts to bf16 in its own way, so there bf16 is compared within a tolerance."""
+    g = torch.Generator().manual_seed(7)
+    b, t, heads, kv, d = 3, 11, 20, 4, 64
+    qkv = torch.randn(b, t, heads + 2 * kv, d, generator=g).to(DEVICE, dtype)
+    qk = qkv[:, :, : heads + kv]  # [b, T, H + Hkv, D], strided
+    cos_table, sin_table = (torch.randn(40, d, generator=g).to(DEVICE, dtype) for _ in range(2))  # [S, D]
+    if positions == "a prompt from 0":
+        cos, sin = cos_table[:t, None], sin_table[:t, None]  # [T, 1, D]
+    else:
+        pos = torch.randint(0, 40, (b, t), generator=g).to(DEVICE)
+        cos, sin = cos_table[pos][:, :, None], sin_table[pos][:, :, None]  # [b, T, 1, D]
+    want = qk * cos + _rotate_half(qk) * sin
+    got = kernels.rope(qk, cos, sin)
+    assert got.is_contiguous() and got.shape == want.shape
+    if DEVICE == "cuda" or dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:  # the interpreter's bf16 conversions are its own
+        torch.testing.assert_close(got, want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_kernel_equals_torch(dtype):
+    """`kernels.silu_mul` (the prefill's MLP gate, `fused`) against `F.silu(gate) * up` on the halves of a
+    gate/up output, rows of a width no multiple of the block. On CUDA bit for bit (CUDA's expf and an IEEE
+    division, as torch); the interpreter's exp is numpy's, which may differ from torch's CPU exp in the last bit,
+    and its bf16 conversions are its own."""
+    g = torch.Generator().manual_seed(8)
+    h = (3 * torch.randn(2, 5, 2 * 1100, generator=g)).to(DEVICE, dtype)  # [b, T, 2I]
+    gate, up = h.split(1100, dim=-1)
+    want = F.silu(gate) * up
+    got = kernels.silu_mul(h)
+    assert got.shape == want.shape == (2, 5, 1100)
+    if DEVICE == "cuda":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, **(dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32
+                                                 else tolerance(dtype)))
 
 
 @pytest.mark.parametrize("shape", [(64, 1024, 8192, False), (64, 2048, 2048, False), (64, 2048, 8192, False),
