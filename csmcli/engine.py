@@ -180,6 +180,7 @@ class Engine:
         self.pad_prompts = self.device.type == "cuda"
         self.prefill_group = min(PREFILL_GROUP, max_batch) if self.pad_prompts else 1  # at most; see group_size
         self._warm = False
+        self._admission_warm = False
         self.slots: list[_Active | None] = [None] * max_batch
 
     def active_rows(self) -> int:
@@ -199,9 +200,12 @@ class Engine:
     def warmup(self) -> None:
         """Compile / capture now, so no request's latency includes it. The warm-up runs real steps, so the slots'
         state is saved and restored around it: warming up never changes what any request makes. Prefill graphs
-        are captured before any request is admitted (their warm-up writes the first slots' cache rows)."""
-        if self.cuda_graphs and not self._prefill_graphs and all(a is None for a in self.slots):
-            self._capture_prefills()
+        are captured, and one admission made, before any request is admitted (their warm-up writes the first slots'
+        cache rows)."""
+        if self.pad_prompts and not self._admission_warm and all(a is None for a in self.slots):
+            if self.cuda_graphs:
+                self._capture_prefills()
+            self._warm_admission()
         if self._warm:
             return
         with state_kept(self.stepper.state()):
@@ -226,6 +230,20 @@ class Engine:
                 slots_and_last = torch.stack([torch.arange(group), torch.full((group,), length - 1)]).to(self.device)
                 self._prefill_graphs[length] = CapturedCall(self.stepper.prefill_rows, tokens, mask, slots_and_last,
                                                             pool=pool)
+
+    @torch.no_grad()
+    def _warm_admission(self) -> None:
+        """One admission of an empty prompt into slot 0, now: the first use of a CUDA kernel loads its module
+        (tens of ms), which would otherwise land in the first request's time to first audio. Slot 0's state is
+        put back; its cache rows are rewritten by the prompt that takes the slot."""
+        columns = self.stepper.model.cfg.num_codebooks + 1
+        prompt = Prompt(torch.zeros(1, columns, dtype=torch.long), torch.zeros(1, columns, dtype=torch.bool))
+        length = prefill_length(prompt.rows, self.stepper.max_seq_len)
+        stepper = self.stepper
+        with state_kept([*stepper.state(), stepper.temperature, stepper.topk, stepper.seed]):
+            stepper.prefill_group([(0, prompt, SamplingParams())] * self.group_size(length), length,
+                                  self._prefill_graphs.get(length))
+        self._admission_warm = True
 
     def group_size(self, length: int | None) -> int:
         """How many prompts padded to `length` rows are prefilled in one pass (None: unpadded, one at a time)."""

@@ -18,7 +18,6 @@ from csmcli.prompt import Prompt
 from csmcli.sampling import FrameSampling, SamplingParams, frame_sampling, sample, token_keys
 
 FRAME_SECONDS = 0.08
-PIN_PROMPTS = False
 SAMPLE_RATE = 24_000
 
 
@@ -72,11 +71,8 @@ class FrameStepper:
         frames that follow. `run` replaces `prefill_rows` (a captured graph of it)."""
         length = length or max(prompt.rows for _, prompt, _ in entries)
         columns = entries[0][1].tokens.shape[-1]
-        # Copied without blocking: a blocking copy waits for the stream to drain, so the GPU would idle while the
-        # host prepares each group. From pageable memory the driver stages the bytes before the call returns.
-        pinned = PIN_PROMPTS and self.device.type == "cuda"
-        tokens = torch.zeros(len(entries), length, columns, dtype=torch.long, pin_memory=pinned)  # [G, L, 33]
-        mask = torch.zeros(len(entries), length, columns, dtype=torch.bool, pin_memory=pinned)
+        tokens = torch.zeros(len(entries), length, columns, dtype=torch.long)  # [G, L, 33]
+        mask = torch.zeros(len(entries), length, columns, dtype=torch.bool)
         for i, (_, prompt, _) in enumerate(entries):
             tokens[i, : prompt.rows], mask[i, : prompt.rows] = prompt.tokens, prompt.mask
         # Each slot's state is written once (an entry may repeat): its group row, slot, position and settings.
@@ -87,8 +83,8 @@ class FrameStepper:
                                  [prompt.rows for _, _, prompt, _ in rows], [params.topk for *_, params in rows],
                                  [params.seed & 0x7FFF_FFFF_FFFF_FFFF for *_, params in rows]])  # [5, n]
         temperature = torch.tensor([params.temperature for *_, params in rows], dtype=torch.float32)  # [n]
-        if pinned:
-            slots_and_last, settings, temperature = (t.pin_memory() for t in (slots_and_last, settings, temperature))
+        # Copied without blocking: a blocking copy waits for the stream to drain, so the GPU would idle while the
+        # host prepares each group. From pageable memory the driver stages the bytes before the call returns.
         to_device = dict(device=self.device, non_blocking=True)
         hidden = (run or self.prefill_rows)(tokens.to(**to_device), mask.to(**to_device),
                                             slots_and_last.to(**to_device))  # [G, dim]

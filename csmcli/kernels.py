@@ -507,7 +507,7 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     block_h = min(16, _pow2(heads))
     _rope_rows_kernel[(b * t, triton.cdiv(heads, block_h))](
         x, cos, sin, out, t, heads, x.stride(0), x.stride(1), x.stride(2), stride_cb, cos.stride(-3),
-        HALF=d // 2, BLOCK_H=block_h, num_warps=4)
+        HALF=d // 2, BLOCK_H=block_h, num_warps=4, enable_fp_fusion=False)  # a fused multiply-add rounds once
     return out
 
 

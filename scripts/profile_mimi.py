@@ -1,8 +1,7 @@
 """Where a 64-stream rep's time outside the frame steps goes (CUDA): the Mimi decode of a chunk (graphed, as the
 bench runs it; its eager kernel census; cuDNN autotuning and a bf16 decoder transformer as what-ifs), and the
 admission of 64 prompts (wall time against the prefill graphs' own GPU time: the host's share; its GPU gaps and
-busiest host calls). `profile_mimi.py admission`: only the admission, its prompts copied from pageable memory, then
-from pinned."""
+busiest host calls). `profile_mimi.py admission`: only the admission."""
 
 import contextlib
 import itertools
@@ -14,7 +13,6 @@ import torch
 from profile_frame import census, timed  # scripts/ is on the path when a script runs
 
 from csmcli import codec as codec_module
-from csmcli import generate as generate_module
 from csmcli.checkpoint import random_model
 from csmcli.engine import ChunkDecoder, Engine, Request, prefill_length
 from csmcli.model import CSM_1B
@@ -125,9 +123,7 @@ def admission(batch: int, rows: int = 200) -> None:
 
 
 def main():
-    if sys.argv[1:] == ["admission"]:  # the admission alone, then with the buckets of before (256 rows for 200)
-        admission(64)
-        generate_module.PIN_PROMPTS = True
+    if sys.argv[1:] == ["admission"]:
         admission(64)
         return
     torch.backends.cudnn.allow_tf32 = True  # torch's default, as the CLI runs
