@@ -107,6 +107,36 @@ def test_prompts_prefilled_in_groups_make_what_they_make_alone(ck):
         assert torch.equal(torch.cat(got[r.id]), alone), r.id
 
 
+def test_the_warm_up_admission_changes_no_request(ck, monkeypatch):
+    """On CUDA the warm-up admits an empty prompt into slot 0 (so the first request pays no kernel loading) and
+    puts the slot's state back. Here on the CPU with padded prompts: sampled requests, slot 0 among them, make the
+    same codes with that admission as without, and the stepper's state comes back as it was."""
+    requests = [Request(build_prompt(ck.tokenizer, [], i, t, None), SamplingParams(0.9, 20, seed=i), 6)
+                for i, t in enumerate(TEXTS[:3])]
+
+    def padded_engine() -> Engine:
+        engine = Engine(ck.model, max_batch=3)
+        engine.pad_prompts = True
+        return engine
+
+    engine = padded_engine()
+    s = engine.stepper
+    s.temperature.fill_(0.5), s.topk.fill_(7), s.seed.fill_(3), s.positions.fill_(2), s.hidden.normal_()
+    before = [t.clone() for t in (*s.state(), s.temperature, s.topk, s.seed)]
+    engine.warmup()
+    assert engine._admission_warm
+    assert all(torch.equal(a, b) for a, b in zip(before, (*s.state(), s.temperature, s.topk, s.seed), strict=True))
+    with_warm_up = {r.id: [] for r in requests}
+    for request, chunk in padded_engine().generate(requests, first_chunk_frames=2, chunk_frames=2):
+        with_warm_up[request.id].append(chunk.codes)
+    monkeypatch.setattr(Engine, "_warm_admission", lambda self: setattr(self, "_admission_warm", True))
+    without = {r.id: [] for r in requests}
+    for request, chunk in padded_engine().generate(requests, first_chunk_frames=2, chunk_frames=2):
+        without[request.id].append(chunk.codes)
+    for r in requests:
+        assert torch.equal(torch.cat(with_warm_up[r.id]), torch.cat(without[r.id])), r.id
+
+
 def test_a_failed_prefill_takes_no_slot_and_loses_no_request(ck, monkeypatch):
     from collections import deque
 
