@@ -520,8 +520,7 @@ def _silu_mul_kernel(h_ptr, out_ptr, inner, stride_h, BLOCK: tl.constexpr, LIBDE
     up = tl.load(h_ptr + row * stride_h + inner + offs, mask=ok, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
     # torch's silu: x / (1 + expf(-x)) in float32, IEEE division (tl's `/` may approximate), then rounded
-    exp = libdevice.exp(-gate) if LIBDEVICE else tl.exp(-gate)
-    silu = tl.math.div_rn(gate, 1.0 + exp).to(dtype).to(tl.float32)
+    silu = tl.math.div_rn(gate, 1.0 + _exp(-gate, LIBDEVICE)).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * inner + offs, (silu * up).to(dtype), mask=ok)
 
 
@@ -813,6 +812,15 @@ def _log(x, LIBDEVICE: tl.constexpr):
         return libdevice.log(x)
     else:
         return tl.log(x)
+
+
+@triton.jit
+def _exp(x, LIBDEVICE: tl.constexpr):
+    """CUDA's own expf, as torch's kernels call it: `_log`'s twin."""
+    if LIBDEVICE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
 
 
 @triton.jit
