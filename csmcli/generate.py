@@ -75,10 +75,12 @@ class FrameStepper:
         mask = torch.zeros(len(entries), length, columns, dtype=torch.bool)
         for i, (_, prompt, _) in enumerate(entries):
             tokens[i, : prompt.rows], mask[i, : prompt.rows] = prompt.tokens, prompt.mask
-        # Each slot's state is written once (an entry may repeat): its group row, slot, position and settings.
-        first = {slot: i for i, (slot, _, _) in reversed(list(enumerate(entries)))}
         slots_and_last = torch.tensor([[slot for slot, _, _ in entries], [p.rows - 1 for _, p, _ in entries]])  # [2, G]
-        rows = [(i, slot, entries[i][1], entries[i][2]) for slot, i in first.items()]
+        # Each slot's state is written once (an entry may repeat): its group row, slot, position and settings.
+        first: dict[int, tuple[int, int, Prompt, SamplingParams]] = {}  # by slot: its first entry
+        for i, (slot, prompt, params) in enumerate(entries):
+            first.setdefault(slot, (i, slot, prompt, params))
+        rows = list(first.values())
         settings = torch.tensor([[i for i, _, _, _ in rows], [slot for _, slot, _, _ in rows],
                                  [prompt.rows for _, _, prompt, _ in rows], [params.topk for *_, params in rows],
                                  [params.seed & 0x7FFF_FFFF_FFFF_FFFF for *_, params in rows]])  # [5, n]
