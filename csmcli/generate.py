@@ -101,7 +101,16 @@ class FrameStepper:
     def prefill_rows(self, tokens: Tensor, mask: Tensor, slots_and_last: Tensor) -> Tensor:
         """Prompt rows `tokens, mask [G, L, 33]` into the cache rows of slots `slots_and_last[0]`; returns the
         hidden states `[G, dim]` of rows `slots_and_last[1]`. Fixed shapes, no host sync: capturable per (G, L)."""
-        embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
+        if self.fused:  # one kernel, summed as a generated frame's row is (`kernels.embed_sum`)
+            from csmcli import kernels
+
+            g, length, columns = tokens.shape  # [G, L, 33] -> G * L rows
+            m = self.model
+            embeds = kernels.embed_sum(m.audio_embeddings.weight, tokens.view(-1, columns), m.cfg.audio_vocab_size,
+                                       mask.view(-1, columns), m.text_embeddings.weight).view(g, length, -1)
+        else:
+            embeds = self.model.embed_rows(tokens, mask)
+        embeds = embeds.to(self.dtype)
         hidden = self.model.backbone(embeds, 0, self.caches.backbone, slots_and_last[0], self.fused)  # [G, L, dim]
         last = slots_and_last[1][:, None, None].expand(-1, 1, hidden.shape[-1])  # [G, 1, dim]
         return hidden.gather(1, last)[:, 0]  # [G, dim]

@@ -251,22 +251,31 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
-def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, splits, stride_rm, stride_om,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, stride_rm, stride_om,
+                        SPLITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     _wait_for_inputs(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     m = offs // N
     n = offs % N
+    residual = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_RESIDUAL:  # in flight with the partial sums
+        residual = tl.load(res_ptr + m * stride_rm + n, mask=ok, other=0.0).to(tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in range(splits):
+    # Unrolled: every split's load in flight at once. A loop over a runtime count waited for each in turn (one
+    # L2 round trip per split); the sum is the same, split 0 first.
+    for split in tl.static_range(SPLITS):
         total += tl.load(partial_ptr + split * M * N + offs, mask=ok, other=0.0)
     _let_next_launch(PDL)
     dtype = out_ptr.dtype.element_ty
     out = total.to(dtype)
     if HAS_RESIDUAL:
-        out = (out.to(tl.float32) + tl.load(res_ptr + m * stride_rm + n, mask=ok, other=0.0).to(tl.float32)).to(dtype)
+        out = (out.to(tl.float32) + residual).to(dtype)
     tl.store(out_ptr + m * stride_om + n, out, mask=ok)
+
+
+SPLIT_SUM_BLOCK = 256
+"""Outputs per program of `_split_k_sum_kernel` (4 warps)."""
 
 
 LinearConfig = tuple[int, int, int, int, int, int]
@@ -440,11 +449,10 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
         num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
     if grid[2] > 1:
-        block = 256
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            partial, residual if residual is not None else out, out, m, n, grid[2],
+        _split_k_sum_kernel[(triton.cdiv(m * n, SPLIT_SUM_BLOCK),)](
+            partial, residual if residual is not None else out, out, m, n,
             residual.stride(0) if residual is not None else 0, out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, launch_pdl=pdl > 0,
+            SPLITS=grid[2], HAS_RESIDUAL=residual is not None, BLOCK=SPLIT_SUM_BLOCK, PDL=pdl, launch_pdl=pdl > 0,
         )
     return out
 
@@ -858,30 +866,50 @@ def gumbel_noise(seed: Tensor, frame: Tensor, codebooks: int, tokens: Tensor, te
 
 
 @triton.jit
-def _embed_sum_kernel(table_ptr, codes_ptr, out_ptr, C, D, vocab, stride_t, stride_cb, stride_ob,
+def _embed_sum_kernel(table_ptr, codes_ptr, mask_ptr, text_ptr, out_ptr, D, vocab, stride_t, stride_cb, stride_mb,
+                      stride_tt, stride_ob, C: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TEXT: tl.constexpr,
                       BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     _wait_for_inputs(PDL)
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = d < D
     total = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for c in range(C):  # codebooks in order: the sum's rounding never depends on the batch
-        row = tl.load(codes_ptr + b * stride_cb + c) + c * vocab
-        total += tl.load(table_ptr + row.to(tl.int64) * stride_t + d, mask=ok, other=0.0).to(tl.float32)
+    # Codebooks in order (the sum's rounding never depends on the batch), unrolled: every row's load in flight at
+    # once instead of one round trip per codebook. Masked-out entries are never read: they add nothing.
+    for c in tl.static_range(C + HAS_TEXT):
+        token = tl.load(codes_ptr + b * stride_cb + c)
+        keep = ok
+        if HAS_MASK:  # (broadcast before the compare: the interpreter cannot mask with a scalar's bool)
+            keep = keep & ((tl.load(mask_ptr + b * stride_mb + c).to(tl.int32) + tl.zeros_like(d)) != 0)
+        if c < C:
+            row = table_ptr + (token + c * vocab).to(tl.int64) * stride_t
+        else:  # the text column, last
+            row = text_ptr + token.to(tl.int64) * stride_tt
+        total += tl.load(row + d, mask=keep, other=0.0).to(tl.float32)
     _let_next_launch(PDL)
     tl.store(out_ptr + b * stride_ob + d, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def embed_sum(table: Tensor, codes: Tensor, vocab: int) -> Tensor:
+def embed_sum(table: Tensor, codes: Tensor, vocab: int, mask: Tensor | None = None,
+              text_table: Tensor | None = None) -> Tensor:
     """`sum_c table[codes[:, c] + c * vocab]`: a frame's codes `[B, C]` as one embedding row each `[B, dim]`
-    (`Csm.embed_frame` in one kernel, summed in codebook order)."""
-    b, c = codes.shape
+    (`Csm.embed_frame` in one kernel, summed in codebook order, in float32, rounded once). Prompt rows
+    (`Csm.embed_rows`): with `text_table`, the last column of `codes` is a text token whose row of `text_table` is
+    added last; with `mask` (bool, `codes`' shape), only the entries it keeps are summed."""
+    b, columns = codes.shape
     d = table.shape[1]
     assert codes.stride(1) == 1 and table.stride(1) == 1
+    assert mask is None or (mask.shape == codes.shape and mask.stride(1) == 1 and mask.dtype == torch.bool)
+    assert text_table is None or (text_table.stride(1) == 1 and text_table.shape[1] == d)
     out = torch.empty(b, d, dtype=table.dtype, device=table.device)  # [B, dim]
     block_d = 1024
     pdl = use_pdl(table, b == 1)
-    _embed_sum_kernel[(b, triton.cdiv(d, block_d))](table, codes, out, c, d, vocab, table.stride(0), codes.stride(0),
-                                                    out.stride(0), BLOCK_D=block_d, PDL=pdl, num_warps=4,
-                                                    launch_pdl=pdl > 0)
+    has_text = text_table is not None
+    _embed_sum_kernel[(b, triton.cdiv(d, block_d))](
+        table, codes, mask.view(torch.uint8) if mask is not None else codes, text_table if has_text else table, out,
+        d, vocab,
+        table.stride(0), codes.stride(0), mask.stride(0) if mask is not None else 0,
+        text_table.stride(0) if has_text else 0, out.stride(0),
+        C=columns - has_text, HAS_MASK=mask is not None, HAS_TEXT=has_text, BLOCK_D=block_d, PDL=pdl, num_warps=4,
+        launch_pdl=pdl > 0)
     return out

@@ -79,6 +79,12 @@ for step in "$@"; do
     knobs64) python3 scripts/tune_in_graph.py 64 knobs 2>&1 | tee "$out/knobs64.txt" ;;
     sampletests) python3 -m pytest -q tests/test_kernels.py -k sample 2>&1 | tee "$out/sampletests.txt" || true ;;
     tileasm) python3 scripts/tile_asm.py 2>&1 | tee "$out/tileasm.txt" ;;
+    persist) python3 scripts/persist_probe.py 2>&1 | grep -v Warn | tee "$out/persist.txt" ;;
+    census) python3 scripts/persist_probe.py census 2>&1 | grep -v Warn | tee "$out/census.txt" ;;
+    bigk16|bigk64) python3 scripts/tune_in_graph.py "${step#bigk}" bigk 2>&1 | tee "$out/$step.txt" ;;
+    knob[0-9]*=*)  # knobROWS=NAME: one of tune_in_graph.py's KNOBS at one rows bucket
+      rows=${step#knob}; rows=${rows%%=*}
+      python3 scripts/tune_in_graph.py "$rows" knobs "knob=${step#*=}" 2>&1 | tee "$out/$step.txt" ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -8,9 +8,10 @@ and timed against the current table in back-to-back pairs, several rounds. Then 
 against the current table. Also the kernels' launch constants in KNOBS (attention and sampling warps, radix
 digit bits), one at a time. Prints ms/frame; changes nothing.
 
-Usage: tune_in_graph.py [1|16|64] [fp8] [dec|knobs] [knob=NAME]
+Usage: tune_in_graph.py [1|16|64] [fp8] [dec|knobs|bigk] [knob=NAME]
   rows bucket (default 1); fp8: the fp8 weights' table; dec: the depth decoder's shapes only; knobs: only KNOBS;
-  knob=NAME: of the knobs only NAME"""
+  knob=NAME: of the knobs only NAME; bigk: the batched K = 1024 products without a gate (QKV, o, heads) on K blocks
+  of 512 and 1024 (1-3 stages) instead of the neighbours"""
 
 import statistics
 import sys
@@ -29,6 +30,7 @@ KNOBS = {  # kernels' module constants read at launch: the values to try besides
     "ATTENTION_WARPS": ((2, 4, 16), (1, 16)), "ATTENTION_WARPS_64": ((2, 8, 16), (64,)),
     "SAMPLE_WARPS": ((4, 8, 32), (1, 16, 64)), "SAMPLE_RADIX_BITS": ((2, 8), (1, 16, 64)),
     "FOLD_NORMS": ((False,), (64,)), "SAMPLE_SPLIT_TAIL": ((False,), (1, 16, 64)),
+    "SPLIT_SUM_BLOCK": ((128, 512, 1024, 2048), (16, 64)),
 }
 
 
@@ -121,12 +123,22 @@ def main() -> None:
               f"{'WIN' if sure else '   '} | {[(round(d * 1000, 1), v) for d, _, v in results[:4]]}", flush=True)
         return (label, put, value, current) if sure else None
 
-    trials = [(str(key), table[key], neighbours(table[key], key[2], key[3]),
-               lambda v, key=key: table.__setitem__(key, v)) for key in keys]
+    def candidates(key) -> list[kernels.LinearConfig]:
+        if "bigk" not in sys.argv[1:]:
+            return neighbours(table[key], key[2], key[3])
+        # bigk: the whole K (or half) in one block, all its loads in flight at once, on 1-3 stages
+        bm, bn, _, warps, split, _ = table[key]
+        return [(bm, bn, b, warps, split, s) for b in (512, 1024) if b <= key[2] for s in (1, 2, 3)]
+
+    if "bigk" in sys.argv[1:]:  # the batched products with K = 1024 that are not gated (QKV, o, the heads)
+        keys = [key for key in keys if key[0] > 1 and key[2] == 1024 and not key[3]]
+    trials = [(str(key), table[key], candidates(key), lambda v, key=key: table.__setitem__(key, v)) for key in keys]
     only = [a.removeprefix("knob=") for a in sys.argv[1:] if a.startswith("knob=")]
     trials += [(name, getattr(kernels, name), values, lambda v, name=name: setattr(kernels, name, v))
-               for name, (values, buckets) in KNOBS.items() if rows in buckets and name in (only or [name])]
-    if kernels.folds_norms(rows) and not fp8:  # the backbone's normed products on unfolded weights instead
+               for name, (values, buckets) in KNOBS.items()
+               if rows in buckets and name in (only or [name]) and "bigk" not in sys.argv[1:]]
+    # the backbone's normed products on unfolded weights instead
+    if kernels.folds_norms(rows) and not fp8 and "bigk" not in sys.argv[1:]:
         folded = [(layer, layer.wqkv_folded, layer.w13_folded) for layer in model.backbone.layers]
 
         def fold_backbone(on: bool) -> None:

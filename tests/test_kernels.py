@@ -372,6 +372,28 @@ def test_embed_sum_matches_embed_frame(dtype):
     torch.testing.assert_close(got, model.embed_frame(codes)[:, 0], **tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embed_sum_of_prompt_rows_matches_embed_rows(dtype):
+    """The prefill's embedding: audio codes and a text token per row, summed where the mask keeps them."""
+    model = tiny_csm(dtype)
+    gen = torch.Generator().manual_seed(4)
+    rows, columns = 7, model.cfg.num_codebooks + 1
+    tokens = torch.randint(0, model.cfg.audio_vocab_size, (rows, columns), generator=gen)
+    tokens[:, -1] = torch.randint(0, model.cfg.text_vocab_size, (rows,), generator=gen)
+    mask = torch.rand(rows, columns, generator=gen) < 0.6
+    mask[0] = False  # a padding row: zeros
+    mask[1, :-1], mask[1, -1] = False, True  # a text row
+    mask[2, :-1], mask[2, -1] = True, False  # an audio row
+    tokens, mask = tokens.to(DEVICE), mask.to(DEVICE)
+    got = kernels.embed_sum(model.audio_embeddings.weight, tokens, model.cfg.audio_vocab_size, mask,
+                            model.text_embeddings.weight)
+    want = model.embed_rows(tokens[None], mask[None])[0]
+    assert (got[0] == 0).all() and torch.equal(got[1], model.text_embeddings.weight[tokens[1, -1]])
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+    if DEVICE == "cuda":  # torch sums the 33 entries in order too
+        assert torch.equal(got, want)
+
+
 def tiny_csm(dtype):
     block = dict(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=96)
     cfg = CsmConfig(backbone=TransformerConfig(dim=64, max_seq_len=96, **block),
