@@ -311,8 +311,9 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # 64 rows: the normed products on folded weights (FOLD_NORMS); then the decoder's QKV with K blocks of 256 on 4
     # warps (in the frame graph on an H200: -85 then -41 us a frame, scripts/tune_in_graph.py 64, 2026-11-28); the
     # decoder's down projection on 64-row tiles split 8 ways instead of cuBLAS (-491 us a frame), then on 4 stages
-    # (-138), and the backbone's o and down the same way (-35, -71; 2026-11-28, fourteenth session).
-    (64, 1536, 1024, False): (16, 64, 256, 4, 1, 3), (64, 1024, 1024, False): (16, 32, 256, 4, 1, 3),
+    # (-138), and the backbone's o and down the same way (-35, -71; 2026-11-28, fourteenth session); the decoder's
+    # o on K blocks of 512 (-31; K blocks of 512 / 1024 lost for QKV and the heads: scripts/tune_in_graph.py 64 bigk).
+    (64, 1536, 1024, False): (16, 64, 256, 4, 1, 3), (64, 1024, 1024, False): (16, 32, 512, 4, 1, 3),
     (64, 8192, 1024, True): (64, 64, 128, 8, 1, 4), (64, 1024, 8192, False): (64, 64, 128, 8, 8, 4),
     (64, 1024, 2048, False): (16, 64, 128, 8, 4, 3), (64, 2051, 1024, False): (16, 64, 128, 8, 1, 3),
     (64, 3072, 2048, False): (64, 128, 128, 8, 4, 3), (64, 2048, 2048, False): (64, 64, 128, 8, 4, 3),
