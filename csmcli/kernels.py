@@ -667,13 +667,16 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     group = n_heads // n_kv_heads
     pdl = use_pdl(qkv, b == 1)
     from_ptr = isinstance(positions, Tensor)
+    # One block of positions; at a known position (the depth decoder's steps) only as wide as it needs to be, so
+    # no lanes go to masked-out positions (16 at least: tl.dot's smallest side).
+    block_s = 64 if from_ptr else min(64, max(16, _pow2(positions + 1)))
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
     assert k_cache.dtype == v_cache.dtype == qkv.dtype  # this step's k / v stand in for cache entries
     assert qkv.shape[0] == b and (not from_ptr or positions.stride(0) == 1)  # positions: clamped by the caller
     _decode_attention_kernel[(b, n_kv_heads)](
         qkv, rope_cos, rope_sin, k_cache, v_cache, out, positions if from_ptr else qkv, 0 if from_ptr else positions,
         head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=64,
+        H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=block_s,
         POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=pdl,
         num_warps=ATTENTION_WARPS if rows_bucket(batch or b) <= 16 else ATTENTION_WARPS_64, launch_pdl=pdl > 0,
     )

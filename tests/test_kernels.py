@@ -244,12 +244,12 @@ def filled_caches(t, batch, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("position", ["per row", 45, 70])
+@pytest.mark.parametrize("position", ["per row", 5, 20, 45, 70])
 def test_transformer_step_matches_forward(dtype, position):
     """One token per row through the fused step (norm+QKV, RoPE + cache write + attention, ...) against the torch
     forward: same outputs and the same cache entries, with each row at its own position (the backbone) or all at
-    one int position (the depth decoder). Positions below 64 take attention's one-block path, later ones the
-    two-pass loop over blocks of 64."""
+    one int position (the depth decoder). Positions below 64 take attention's one-block path (an int position's
+    block 16, 32 or 64 positions wide), later ones the two-pass loop over blocks of 64."""
     per_row = position == "per row"
     torch.set_grad_enabled(False)
     t = small_transformer(dtype)
