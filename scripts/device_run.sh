@@ -77,6 +77,8 @@ for step in "$@"; do
     knobs) python3 scripts/tune_in_graph.py 1 knobs 2>&1 | tee "$out/knobs.txt" ;;
     knobs16) python3 scripts/tune_in_graph.py 16 knobs 2>&1 | tee "$out/knobs16.txt" ;;
     knobs64) python3 scripts/tune_in_graph.py 64 knobs 2>&1 | tee "$out/knobs64.txt" ;;
+    steptests) python3 -m pytest -q tests/test_kernels.py -k "transformer_step or fused_frame or embed_sum" 2>&1 \
+                 | tee "$out/steptests.txt" || true ;;
     sampletests) python3 -m pytest -q tests/test_kernels.py -k sample 2>&1 | tee "$out/sampletests.txt" || true ;;
     tileasm) python3 scripts/tile_asm.py 2>&1 | tee "$out/tileasm.txt" ;;
     persist) python3 scripts/persist_probe.py 2>&1 | grep -v Warn | tee "$out/persist.txt" ;;
