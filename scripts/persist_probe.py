@@ -19,6 +19,7 @@ import tempfile
 import torch
 import triton
 import triton.language as tl
+from layer_probe import graph_ms  # scripts/ is on the path when a script there runs
 
 
 def census(rows: int = 64) -> None:
@@ -99,23 +100,6 @@ def _tiny_kernel(data_ptr, BLOCK: tl.constexpr):
     tl.store(data_ptr + pid * BLOCK + offs, v + 1)
 
 
-def timed_graph(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1000  # us
-
-
 def barrier() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     block = 128
@@ -124,12 +108,12 @@ def barrier() -> None:
     for programs in (64, 128, sms):
         for warps in (4, 8):
             data = torch.zeros(programs, block, dtype=torch.float32, device="cuda")
-            us = timed_graph(lambda p=programs, d=data, w=warps: _barrier_kernel[(p,)](
+            us = 1000 * graph_ms(lambda p=programs, d=data, w=warps: _barrier_kernel[(p,)](
                 counters[0:1], counters[1:2], d, rounds, BLOCK=block, num_warps=w))
             ok = bool((data == data[0, 0]).all())
             print(f"barrier: {programs:4d} programs {warps} warps: {us / (2 * rounds):6.2f} us per barrier "
                   f"(counts agree: {ok})", flush=True)
-            us = timed_graph(lambda p=programs, d=data, w=warps: [
+            us = 1000 * graph_ms(lambda p=programs, d=data, w=warps: [
                 _tiny_kernel[(p,)](d, BLOCK=block, num_warps=w, launch_pdl=True) for _ in range(chain)])
             print(f"chain:   {programs:4d} programs {warps} warps: {us / chain:6.2f} us per PDL kernel", flush=True)
 
