@@ -47,12 +47,18 @@ class FrameStepper:
         # Likewise every code's depth-decoder input, projected once (130 MB): the draws copy out their rows.
         with torch.no_grad():
             self.code_inputs = model.projected_code_embeddings() if fused else None  # [(C-1) * V, decoder dim]
-        if fused and not model.fp8:
+        self.heads_folded = False
+        if fused:
             from csmcli import kernels  # here, so CPU-only installs never need Triton
 
-            if kernels.folds_norms(max_batch):  # normed weights for the batched tiles (1.4 GB at full size, once)
-                model.backbone.fold_norms()
-                model.decoder.fold_norms()
+            if kernels.folds_norms(max_batch):
+                # The decoder's final norm into the heads' rows (our own copy: no memory added); they stay bf16
+                # with fp8 layers.
+                self.audio_head_rows = kernels.fold_norm(self.audio_head_rows, model.decoder.norm.weight)
+                self.heads_folded = True
+                if not model.fp8:  # normed weights for the batched tiles (1.4 GB at full size, once)
+                    model.backbone.fold_norms()
+                    model.decoder.fold_norms()
 
     def prefill(self, slot: int, prompt: Prompt, params: SamplingParams, length: int | None = None,
                 run: Callable[..., Tensor] | None = None) -> None:
@@ -148,7 +154,7 @@ class FrameStepper:
                                       codebook * self.model.cfg.audio_vocab_size)
 
             return self.model.decode_frame_fused(self.hidden[:n], draw_fused, caches, self.audio_head_rows,
-                                                 self.max_batch)
+                                                 self.max_batch, self.heads_folded)
 
         def draw(logits: Tensor, codebook: int) -> Tensor:
             return sample(logits.float(), settings, codebook)

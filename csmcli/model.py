@@ -515,12 +515,13 @@ class Csm(nn.Module):
         return self.projection(self.audio_embeddings.weight[:rows])
 
     def decode_frame_fused(self, hidden: Tensor, sample: SampleEmbedFn, caches: list[KVCache],
-                           audio_head_rows: Tensor, batch: int | None = None) -> Tensor:
+                           audio_head_rows: Tensor, batch: int | None = None, heads_folded: bool = False) -> Tensor:
         """`decode_frame` through the fused kernels (csmcli.kernels): the same computation, one token per
         decoder step (positions 0 and 1 as two steps; causal attention makes that the 2-token prefill), each
         step's input a row of `projected_code_embeddings` that the draw before it copies out, and the decoder's
         final norm folded into each codebook head. `audio_head_rows [C-1, V, dim]` is `audio_head` transposed and
-        contiguous: the GEMV reads it row-major. `batch`: see `kernels.linear`."""
+        contiguous: the GEMV reads it row-major; `heads_folded`: with the final norm's weight already in its columns
+        (`kernels.fold_norm`, batched tiles only). `batch`: see `kernels.linear`."""
         from csmcli import kernels
 
         dec = self.decoder
@@ -530,8 +531,8 @@ class Csm(nn.Module):
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
             x = dec.step(x, i, caches, batch)
-            logits = kernels.linear(x, audio_head_rows[i - 1], norm=dec.norm.weight, eps=dec.norm.eps,
-                                    batch=batch)  # [B, V]
+            logits = kernels.linear(x, audio_head_rows[i - 1], norm=None if heads_folded else dec.norm.weight,
+                                    norm_folded=heads_folded, eps=dec.norm.eps, batch=batch)  # [B, V]
             code, x = sample(logits, i)
             codes.append(code)
         return torch.stack(codes, dim=1)  # [B, 32]
