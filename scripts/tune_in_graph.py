@@ -58,6 +58,7 @@ def neighbours(config: kernels.LinearConfig, k: int, gated: bool) -> list[kernel
 def main() -> None:
     rows = int(sys.argv[1]) if sys.argv[1:] and sys.argv[1].isdigit() else 1
     fp8 = "fp8" in sys.argv[1:]
+    bigk = "bigk" in sys.argv[1:]  # only the K-block trials below: no neighbours, knobs or backbone fold
     torch.manual_seed(0)
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
     if fp8:
@@ -124,21 +125,21 @@ def main() -> None:
         return (label, put, value, current) if sure else None
 
     def candidates(key) -> list[kernels.LinearConfig]:
-        if "bigk" not in sys.argv[1:]:
+        if not bigk:
             return neighbours(table[key], key[2], key[3])
         # bigk: the whole K (or half) in one block, all its loads in flight at once, on 1-3 stages
         bm, bn, _, warps, split, _ = table[key]
         return [(bm, bn, b, warps, split, s) for b in (512, 1024) if b <= key[2] for s in (1, 2, 3)]
 
-    if "bigk" in sys.argv[1:]:  # the batched products with K = 1024 that are not gated (QKV, o, the heads)
+    if bigk:  # the batched products with K = 1024 that are not gated (QKV, o, the heads)
         keys = [key for key in keys if key[0] > 1 and key[2] == 1024 and not key[3]]
     trials = [(str(key), table[key], candidates(key), lambda v, key=key: table.__setitem__(key, v)) for key in keys]
     only = [a.removeprefix("knob=") for a in sys.argv[1:] if a.startswith("knob=")]
     trials += [(name, getattr(kernels, name), values, lambda v, name=name: setattr(kernels, name, v))
                for name, (values, buckets) in KNOBS.items()
-               if rows in buckets and name in (only or [name]) and "bigk" not in sys.argv[1:]]
+               if rows in buckets and name in (only or [name]) and not bigk]
     # the backbone's normed products on unfolded weights instead
-    if kernels.folds_norms(rows) and not fp8 and "bigk" not in sys.argv[1:]:
+    if kernels.folds_norms(rows) and not fp8 and not bigk:
         folded = [(layer, layer.wqkv_folded, layer.w13_folded) for layer in model.backbone.layers]
 
         def fold_backbone(on: bool) -> None:
