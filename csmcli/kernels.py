@@ -702,7 +702,7 @@ def _radix_digit(key, threshold, s, RADIX_BITS: tl.constexpr):
 def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, table_ptr, rows_out_ptr, row_offset,
                    V, D, stride_lb, stride_gb, stride_t, stride_ro,
                    BLOCK_V: tl.constexpr, TAIL_V: tl.constexpr, BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr,
-                   NUM_BINS: tl.constexpr, HAS_TABLE: tl.constexpr, PDL: tl.constexpr):
+                   NUM_BINS: tl.constexpr, HAS_TABLE: tl.constexpr, KEY_LOW_BIT: tl.constexpr, PDL: tl.constexpr):
     _wait_for_inputs(PDL)
     b = tl.program_id(0)
     # The row is a power-of-two block plus a short tail (2051 = 2048 + 3): padding it to one block of 4096 would
@@ -721,17 +721,21 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, gumbel_ptr, out_ptr, ta
     tail_scaled = tl.div_rn(tail_logits, tl.zeros([TAIL_V], dtype=tl.float32) + temperature)
     k = (tl.load(kth_ptr + b) + 1).to(tl.int32)
     # Top k by radix select on order-preserving unsigned keys, RADIX_BITS at a time from the most significant:
-    # `threshold` is the largest value with at least k keys >= it, and the search stops as soon as exactly k are
-    # (usually long before the last bit). Each pass counts the next digit of the keys that share the threshold's
-    # decided bits in one histogram (warp ballots; NUM_BINS >= 32, a bin per lane, the ones past 2^RADIX_BITS
-    # stay empty): one look at each key a pass, where comparing it with every candidate digit cost 2^RADIX_BITS.
-    key = _order_keys(scaled)
-    tail_key = _order_keys(tail_scaled)
+    # `threshold` is the largest value with at least k keys >= it, and the search stops as soon as exactly k are,
+    # or at KEY_LOW_BIT. Each pass counts the next digit of the keys that share the threshold's decided bits in
+    # one histogram (warp ballots; NUM_BINS >= 32, a bin per lane, the ones past 2^RADIX_BITS stay empty): one
+    # look at each key a pass, where comparing it with every candidate digit cost 2^RADIX_BITS.
+    # The keys are the logits' own, not the scaled values': dividing by T > 0 keeps their order (and makes equal
+    # only what it rounds together, which the float comparisons below keep, as torch does), so the k-th logit
+    # gives the k-th scaled value. bf16 logits are the top 16 bits of their float32 keys (KEY_LOW_BIT 16): when
+    # several tie at the k-th value, as bf16 logits often do, the search ends after 16 bits instead of 32.
+    key = _order_keys(logits)
+    tail_key = _order_keys(tail_logits)
     bins = tl.arange(0, NUM_BINS)  # [NB]
     threshold = tl.zeros([], dtype=tl.uint32)
     count = tl.zeros([], dtype=tl.int32) + V  # keys >= threshold
     shift = tl.full([], 32 - RADIX_BITS, dtype=tl.int32)
-    while (shift >= 0) & (count != k):
+    while (shift >= KEY_LOW_BIT) & (count != k):
         s = shift.to(tl.uint32)
         key_digit, same_prefix = _radix_digit(key, threshold, s, RADIX_BITS)
         hist = tl.histogram(key_digit, NUM_BINS, mask=ok & same_prefix)  # [NB]
@@ -801,8 +805,8 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, tab
         row_offset, v, table.shape[1] if table is not None else 1, logits.stride(0), gumbel.stride(0),
         table.stride(0) if table is not None else 0, rows.stride(0) if rows is not None else 0,
         BLOCK_V=block_v, TAIL_V=tail_v, BLOCK_D=_pow2(table.shape[1]) if table is not None else 1,
-        RADIX_BITS=SAMPLE_RADIX_BITS,
-        NUM_BINS=max(32, 1 << SAMPLE_RADIX_BITS), HAS_TABLE=table is not None, PDL=pdl, num_warps=SAMPLE_WARPS,
+        RADIX_BITS=SAMPLE_RADIX_BITS, NUM_BINS=max(32, 1 << SAMPLE_RADIX_BITS), HAS_TABLE=table is not None,
+        KEY_LOW_BIT=16 if logits.dtype == torch.bfloat16 else 0, PDL=pdl, num_warps=SAMPLE_WARPS,
         launch_pdl=pdl > 0,
     )
     return out, rows

@@ -87,6 +87,19 @@ for step in "$@"; do
     knob[0-9]*=*)  # knobROWS=NAME: one of tune_in_graph.py's KNOBS at one rows bucket
       rows=${step#knob}; rows=${rows%%=*}
       python3 scripts/tune_in_graph.py "$rows" knobs "knob=${step#*=}" 2>&1 | tee "$out/$step.txt" ;;
+    overlap) python3 scripts/overlap_probe.py 2>&1 | grep -v Warn | tee "$out/overlap.txt" ;;
+    ncu)  # Nsight Compute on one 64-row decoder layer step, head, draw and backbone layer step (scripts/ncu_probe.py)
+      ncu_bin=$(command -v ncu || find /opt/nvidia -name ncu -type f | head -1)
+      CSMCLI_NO_PDL=1 "$ncu_bin" --profile-from-start off --clock-control none --set full -f -o "$out/ncu" \
+        python3 scripts/ncu_probe.py 2>&1 | grep -v Warn | tail -5
+      "$ncu_bin" --import "$out/ncu.ncu-rep" --page details > "$out/ncu_details.txt"
+      "$ncu_bin" --import "$out/ncu.ncu-rep" --page raw --csv > "$out/ncu_raw.csv"
+      # per-instruction stall samples of the 64-row decoder gate/up (the 4th kernel profiled)
+      "$ncu_bin" --import "$out/ncu.ncu-rep" --page source --print-source sass --csv --launch-skip 3 \
+        --launch-count 1 > "$out/ncu_src_gateup.csv" || true
+      grep -E "^  [a-z_]+kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Shared Memory Config" \
+        "$out/ncu_details.txt" | head -150 ;;
+    folded) python3 scripts/layer_probe.py folded 2>&1 | tee "$out/folded.txt" ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -170,5 +170,25 @@ def norm_or_plain() -> None:
         print(f"{name:8s} B=64 cuBLAS plain {cublas:6.1f} us", flush=True)
 
 
+def folded_or_plain() -> None:
+    """64-row normed products as the engine runs them (folded norm: a per-program RMS pre-pass over x, then the
+    product, each row scaled after) against the same tile with no norm at all (cold weights): what the pre-pass
+    costs, and so what an RMS handed over by the kernel that wrote x could save."""
+    dev, bf = "cuda", torch.bfloat16
+    shapes = {"dec qkv": (1536, 1024, False), "dec w13": (8192, 1024, True), "dec head": (2051, 1024, False),
+              "bb qkv": (3072, 2048, False), "bb w13": (8192, 2048, True)}
+    for name, (n, k, gated) in shapes.items():
+        rows = 2 * n if gated else n
+        copies = [torch.randn(rows, k, device=dev, dtype=bf) * 0.02 for _ in range(16)]
+        x = torch.randn(64, k, device=dev, dtype=bf)
+        times = {}
+        for label, folded in (("folded", True), ("plain", False)):
+            times[label] = graph_ms(lambda f=folded: [kernels.linear(x, c, norm_folded=f, eps=1e-5, gated=gated,
+                                                                     batch=64) for c in copies]) * 1000 / 16
+        print(f"{name:8s} B=64 folded {times['folded']:6.2f} us  plain {times['plain']:6.2f} us  "
+              f"pre-pass {times['folded'] - times['plain']:5.2f} us", flush=True)
+
+
 if __name__ == "__main__":
-    {"hotcold": hot_cold, "norm": norm_or_plain}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    modes = {"hotcold": hot_cold, "norm": norm_or_plain, "folded": folded_or_plain}
+    modes.get(sys.argv[1] if sys.argv[1:] else "", main)()
