@@ -174,7 +174,7 @@ class FrameStepper:
             from csmcli import kernels
 
             embeds = kernels.embed_sum(self.model.audio_embeddings.weight, codes, self.model.cfg.audio_vocab_size)
-            self.hidden[:n] = backbone.norm(backbone.step(embeds, positions, caches, self.max_batch))
+            self.hidden[:n] = backbone.norm(backbone.step(embeds, positions, caches, self.max_batch)[0])
         else:
             self.hidden[:n] = backbone(self.model.embed_frame(codes), positions[:, None], caches)[:, -1]
         self.positions[:n] += 1

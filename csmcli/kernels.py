@@ -125,13 +125,13 @@ def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, SWAP_A
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr,
-    M, N, K, k_per_split, eps,
+    x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, partial_ptr, squares_in_ptr, squares_out_ptr,
+    M, N, K, k_per_split, eps, parts_in,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,
     HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr, ONE_BLOCK: tl.constexpr, SWAP_AB: tl.constexpr, NORM_K: tl.constexpr,
-    NORM_AFTER: tl.constexpr,
+    NORM_AFTER: tl.constexpr, PARTS_IN: tl.constexpr, SQUARES_OUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -186,7 +186,12 @@ def _linear_kernel(
             rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=1) / K + eps)
             xk = (x32 * rstd[:, None] * norm_weight[None, :]).to(dtype)
     else:
-        if HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
+        if HAS_NORM and PARTS_IN > 0:  # the kernel that wrote x summed its rows' squares: `parts_in` partial sums
+            parts = tl.arange(0, PARTS_IN)
+            part_sums = tl.load(squares_in_ptr + parts[:, None] * M + offs_m[None, :],
+                                mask=(parts < parts_in)[:, None] & m_ok[None, :], other=0.0)  # [PARTS_IN, BLOCK_M]
+            rstd = 1.0 / tl.sqrt(tl.sum(part_sums, axis=0) / K + eps)
+        elif HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
             if NORM_K > 0:  # unrolled: every block's load in flight at once, not one round trip each (same sum)
                 for k0 in tl.static_range(0, NORM_K, BLOCK_K):
@@ -240,6 +245,9 @@ def _linear_kernel(
     if HAS_RESIDUAL:
         out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
+    if SQUARES_OUT:  # the output rows' squares over this program's columns, for the next normed product
+        out32 = tl.where(out_ok, out.to(tl.float32), 0.0)
+        tl.store(squares_out_ptr + pid_n * M + offs_m, tl.sum(out32 * out32, axis=1), mask=m_ok)
 
 
 def _dot_f32(x: Tensor) -> bool:
@@ -251,8 +259,9 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
-def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, stride_rm, stride_om,
-                        SPLITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, squares_out_ptr, M, N, stride_rm, stride_om,
+                        SPLITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                        SQUARES_OUT: tl.constexpr, PDL: tl.constexpr):
     _wait_for_inputs(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
@@ -272,6 +281,10 @@ def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, M, N, stride_rm, stride_o
     if HAS_RESIDUAL:
         out = (out.to(tl.float32) + residual).to(dtype)
     tl.store(out_ptr + m * stride_om + n, out, mask=ok)
+    if SQUARES_OUT:  # BLOCK divides N: the program's outputs are one part of one row
+        start = tl.program_id(0) * BLOCK
+        out32 = tl.where(ok, out.to(tl.float32), 0.0)
+        tl.store(squares_out_ptr + (start % N) // BLOCK * M + start // N, tl.sum(out32 * out32, axis=0))
 
 
 SPLIT_SUM_BLOCK = 256
@@ -401,9 +414,23 @@ NORM_UNROLL_BLOCKS = 16
 1024 or 2048, blocks 128 or wider): all its loads in flight at once, the same sum in the same order as the loop."""
 
 
+SHARE_SQUARES = True
+"""In engines of more than 16 slots, the products that write a layer's residual stream (output and down
+projections) also write its rows' sums of squares, by parts (`linear_with_squares`), and the normed product after
+each takes its RMS from those instead of every program re-reading x for a pre-pass: 64-row tiles read all of x, 128
+KB (decoder) or 256 KB (backbone), before their first weight block. The pre-pass alone, in an H200's graph at 64
+rows: decoder gate/up 1.4 us of 12.9, head 0.4, backbone QKV 2.4, gate/up 3.8 (`scripts/layer_probe.py folded`)."""
+
+
+def shares_squares(batch: int) -> bool:
+    """Whether an engine of `batch` slots hands its rows' sums of squares to the next normed product
+    (`SHARE_SQUARES`)."""
+    return SHARE_SQUARES and rows_bucket(batch) >= 64
+
+
 def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tensor | None = None, eps: float = 0.0,
-           norm_folded: bool = False, residual: Tensor | None = None, gated: bool = False, batch: int | None = None,
-           config: LinearConfig | None = None) -> Tensor:
+           norm_folded: bool = False, squares: Tensor | None = None, residual: Tensor | None = None,
+           gated: bool = False, batch: int | None = None, config: LinearConfig | None = None) -> Tensor:
     """`x [M, K] @ weight.T` for `weight [N, K]` (any strides), with optional fusions:
 
     - `scale [N]` (float32): `weight` holds fp8 values and the product is `(x @ weight.T) * scale`, in float32,
@@ -411,19 +438,35 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     - `norm [K]`: RMSNorm of x's rows (weight `norm`, `eps`) first;
     - `norm_folded`: the same with the norm's weight already in `weight` (`fold_norm`): the product of the rows as
       they are, each row then scaled by its 1 / RMS (`eps`); batched tiles only (`FOLD_NORMS`);
+    - `squares [P, M]` (with a norm): x's rows' sums of squares in P parts, as `linear_with_squares` returns them,
+      for the RMS (the parts are added in a fixed order); without, each program sums x's squares itself;
     - `gated`: `weight` holds gate rows then up rows `[2I, K]`; returns `silu(x @ gate.T) * (x @ up.T)` `[M, I]`;
     - `residual [M, N]`: added to the result.
 
     Block sizes follow `batch` (default M): an engine passes its slot count, so a row's result is the same however
     many of the slots run (the frame graphs for fewer active slots compute exactly what the full batch would).
     """
+    return _linear(x, weight, scale, norm, eps, norm_folded, squares, residual, gated, batch, config, False)[0]
+
+
+def linear_with_squares(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, residual: Tensor | None = None,
+                        batch: int | None = None, config: LinearConfig | None = None) -> tuple[Tensor, Tensor | None]:
+    """`linear` (a plain product, optionally fp8 and with a residual), and its output rows' sums of squares (of the
+    rounded values it stores) in parts `[P, M]` float32, for a normed product of the result (`linear(...,
+    squares=)`); None where the product's tiles cannot split its rows into parts (cuBLAS)."""
+    return _linear(x, weight, scale, None, 0.0, False, None, residual, False, batch, config, True)
+
+
+def _linear(x: Tensor, weight: Tensor, scale: Tensor | None, norm: Tensor | None, eps: float, norm_folded: bool,
+            squares: Tensor | None, residual: Tensor | None, gated: bool, batch: int | None,
+            config: LinearConfig | None, squares_out: bool) -> tuple[Tensor, Tensor | None]:
     m = x.shape[0]
     n, k = weight.shape
     n = n // 2 if gated else n
     fp8 = scale is not None
     config = config or linear_config(batch or m, n, k, gated, fp8)
     if config == CUBLAS and norm is None and not norm_folded and not gated and not fp8:
-        return _cublas_linear(x, weight, residual, batch or m)
+        return _cublas_linear(x, weight, residual, batch or m), None
     if config == CUBLAS:  # a fused or fp8 product of a shape cuBLAS serves plain: the shape's 16-row tiles
         config = linear_config(16, n, k, gated, fp8)
     assert not fp8 or (scale.dtype == torch.float32 and scale.shape == (weight.shape[0],) and scale.stride(0) == 1)
@@ -431,31 +474,41 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     block_m, block_n, block_k, warps, split_k, stages = config
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and not (gated and split_k > 1)
     assert not norm_folded or (norm is None and not fp8 and block_m > 1)
+    assert squares is None or (squares.dtype == torch.float32 and squares.shape[1] == m and squares.is_contiguous())
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
+    split = grid[2] > 1
+    out_squares = None
+    if squares_out and not (split and n % SPLIT_SUM_BLOCK):  # parts: the split-K sum's programs, or the tiles'
+        parts = n // SPLIT_SUM_BLOCK if split else grid[0]
+        out_squares = torch.empty(parts, m, dtype=torch.float32, device=x.device)  # [P, M]
     pdl = use_pdl(x, block_m == 1)
     one_block = block_m == 1 and block_k >= k
     has_norm = norm is not None or norm_folded
     norm_k = k if has_norm and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
+    parts_in = squares.shape[0] if squares is not None and has_norm else 0
     _linear_kernel[grid](
         x, norm if norm is not None else x, weight,
         scale if fp8 else x, residual if residual is not None else x, out, partial,
-        m, n, k, k_per_split, eps,
+        squares if parts_in else x, out_squares if out_squares is not None and not split else x,
+        m, n, k, k_per_split, eps, parts_in,
         x.stride(0), weight.stride(0), weight.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0),
         HAS_NORM=has_norm, HAS_RESIDUAL=residual is not None, GATED=gated,
-        HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=grid[2] > 1, DOT_F32=_dot_f32(x),
+        HAS_SCALE=fp8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PARTIAL=split, DOT_F32=_dot_f32(x),
         PDL=pdl, ONE_BLOCK=one_block, SWAP_AB=block_m >= 64, NORM_K=norm_k, NORM_AFTER=norm_folded,
+        PARTS_IN=max(2, _pow2(parts_in)) if parts_in else 0, SQUARES_OUT=out_squares is not None and not split,
         num_warps=warps, num_stages=stages, launch_pdl=pdl > 0,
     )
-    if grid[2] > 1:
+    if split:
         _split_k_sum_kernel[(triton.cdiv(m * n, SPLIT_SUM_BLOCK),)](
-            partial, residual if residual is not None else out, out, m, n,
-            residual.stride(0) if residual is not None else 0, out.stride(0),
-            SPLITS=grid[2], HAS_RESIDUAL=residual is not None, BLOCK=SPLIT_SUM_BLOCK, PDL=pdl, launch_pdl=pdl > 0,
+            partial, residual if residual is not None else out, out, out_squares if out_squares is not None else out,
+            m, n, residual.stride(0) if residual is not None else 0, out.stride(0),
+            SPLITS=grid[2], HAS_RESIDUAL=residual is not None, BLOCK=SPLIT_SUM_BLOCK,
+            SQUARES_OUT=out_squares is not None, PDL=pdl, launch_pdl=pdl > 0,
         )
-    return out
+    return out, out_squares
 
 
 @triton.jit

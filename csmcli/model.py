@@ -324,28 +324,36 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x), fused)
 
     def step(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, position: Tensor | int, cache: KVCache,
-             batch: int | None = None) -> Tensor:
+             batch: int | None = None, squares: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """`forward` for one token per row, `x [B, dim]` at `position` (`[B]` or one int), in five fused kernels
-        (csmcli.kernels; imported here so CPU-only installs never need Triton). `batch`: see `kernels.linear`."""
+        (csmcli.kernels; imported here so CPU-only installs never need Triton). `batch`: see `kernels.linear`.
+        `squares`: x's rows' sums of squares in parts, if the kernel that wrote x made them. Returns the output
+        and, in engines that share them (`kernels.shares_squares`), its rows' sums of squares (else None)."""
         from csmcli import kernels
 
         a, f = self.attention, self.feed_forward
-        folded = self.wqkv_folded is not None and kernels.folds_norms(batch or x.shape[0])
+        rows = batch or x.shape[0]
+        folded = self.wqkv_folded is not None and kernels.folds_norms(rows)
+        share = kernels.shares_squares(rows)
         if folded:
-            qkv = kernels.linear(x, self.wqkv_folded, norm_folded=True, eps=self.attention_norm.eps, batch=batch)
+            qkv = kernels.linear(x, self.wqkv_folded, norm_folded=True, eps=self.attention_norm.eps, squares=squares,
+                                 batch=batch)
         else:
             qkv = kernels.linear(x, a.wqkv.weight, scale=a.wqkv.scale, norm=self.attention_norm.weight,
-                                 eps=self.attention_norm.eps, batch=batch)
+                                 eps=self.attention_norm.eps, squares=squares, batch=batch)
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
-        x = kernels.linear(out, a.wo.weight, scale=a.wo.scale, residual=x, batch=batch)
+        x, squares = kernels.linear_with_squares(out, a.wo.weight, scale=a.wo.scale, residual=x, batch=batch) \
+            if share else (kernels.linear(out, a.wo.weight, scale=a.wo.scale, residual=x, batch=batch), None)
         if folded:
-            hidden = kernels.linear(x, self.w13_folded, norm_folded=True, eps=self.ffn_norm.eps, gated=True,
-                                    batch=batch)
+            hidden = kernels.linear(x, self.w13_folded, norm_folded=True, eps=self.ffn_norm.eps, squares=squares,
+                                    gated=True, batch=batch)
         else:
             hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight,
-                                    eps=self.ffn_norm.eps, gated=True, batch=batch)
-        return kernels.linear(hidden, f.w2.weight, scale=f.w2.scale, residual=x, batch=batch)
+                                    eps=self.ffn_norm.eps, squares=squares, gated=True, batch=batch)
+        if share:
+            return kernels.linear_with_squares(hidden, f.w2.weight, scale=f.w2.scale, residual=x, batch=batch)
+        return kernels.linear(hidden, f.w2.weight, scale=f.w2.scale, residual=x, batch=batch), None
 
 
 class Transformer(nn.Module):
@@ -405,13 +413,16 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, blocked, input_pos, rows, cache, fused)
         return self.norm(x)
 
-    def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache], batch: int | None = None) -> Tensor:
+    def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache],
+             batch: int | None = None) -> tuple[Tensor, Tensor | None]:
         """One token per row through the fused kernels: `x [B, dim]` at `position` (`[B]`, or one int for all
         rows) into all rows of `caches`. Returns the last layer's output *before* the final norm `[B, dim]`, so
-        the caller can fold that norm into the next matmul. `batch`: see `kernels.linear`."""
+        the caller can fold that norm into the next matmul, with its rows' sums of squares for that norm's RMS
+        (None where not shared: `Block.step`). `batch`: see `kernels.linear`."""
+        squares = None
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer.step(x, self.rope_cos, self.rope_sin, position, cache, batch)
-        return x
+            x, squares = layer.step(x, self.rope_cos, self.rope_sin, position, cache, batch, squares)
+        return x, squares
 
 
 @dataclass(frozen=True)
@@ -530,9 +541,10 @@ class Csm(nn.Module):
         dec.step(kernels.linear(hidden, self.projection.weight, batch=batch), 0, caches, batch)
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
-            x = dec.step(x, i, caches, batch)
+            x, squares = dec.step(x, i, caches, batch)
             logits = kernels.linear(x, audio_head_rows[i - 1], norm=None if heads_folded else dec.norm.weight,
-                                    norm_folded=heads_folded, eps=dec.norm.eps, batch=batch)  # [B, V]
+                                    norm_folded=heads_folded, eps=dec.norm.eps, squares=squares,
+                                    batch=batch)  # [B, V]
             code, x = sample(logits, i)
             codes.append(code)
         return torch.stack(codes, dim=1)  # [B, 32]

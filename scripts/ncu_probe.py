@@ -31,9 +31,9 @@ def main() -> None:
     def work():
         from csmcli import kernels
 
-        y = dec.layers[0].step(x_dec, dec.rope_cos, dec.rope_sin, 20, stepper.caches.decoder[0], rows)
+        y, squares = dec.layers[0].step(x_dec, dec.rope_cos, dec.rope_sin, 20, stepper.caches.decoder[0], rows)
         logits = kernels.linear(y, stepper.audio_head_rows[19], norm=None if stepper.heads_folded else dec.norm.weight,
-                                norm_folded=stepper.heads_folded, eps=dec.norm.eps, batch=rows)
+                                norm_folded=stepper.heads_folded, eps=dec.norm.eps, squares=squares, batch=rows)
         kernels.sample(logits, sampling.temperature, sampling.kth, sampling.gumbel[:, 20], stepper.code_inputs,
                        20 * model.cfg.audio_vocab_size)
         backbone.layers[0].step(x_bb, backbone.rope_cos, backbone.rope_sin, positions, stepper.caches.backbone[0], rows)

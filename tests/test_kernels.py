@@ -89,6 +89,43 @@ def test_linear_with_the_norm_folded_into_the_weight_matches_torch(dtype, gated,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "producer"), [(3, (16, 32, 32, 4, 1, 3)), (70, (64, 64, 32, 4, 1, 3)),
+                                             (3, (16, 64, 32, 4, 3, 3)), (70, (64, 64, 32, 4, 3, 3)),
+                                             (1, (1, 64, 32, 4, 1, 3))])
+@pytest.mark.parametrize("consumer", ["norm", "norm folded", "gated, norm folded"])
+def test_rows_squares_from_the_producer_give_the_same_normed_product(dtype, m, producer, consumer):
+    """`linear_with_squares` writes its output rows' sums of squares in parts (per column tile, or per split-K sum
+    program: N = 512 is two 256-wide parts), and a normed product given them (`squares=`) matches the same product
+    that sums x's squares itself, and torch: 1, 3 and 70 rows (masked row blocks), 16- and 64-row tiles, split K."""
+    g = torch.Generator().manual_seed(11)
+    k, n, n2 = 96, 512, 48
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    residual = (3 * torch.randn(m, n, generator=g)).to(DEVICE, dtype)  # RMS far from 1
+    hidden, squares = kernels.linear_with_squares(x, weight, residual=residual, config=producer)
+    assert torch.equal(hidden, kernels.linear(x, weight, residual=residual, config=producer))
+    parts = 2 if producer[4] > 1 else n // producer[1]
+    assert squares.shape == (parts, m)
+    torch.testing.assert_close(squares.sum(0), (hidden.float() ** 2).sum(1), rtol=1e-5, atol=1e-5)
+    gated = consumer.startswith("gated")
+    w2 = (torch.randn(2 * n2 if gated else n2, n, generator=g) / n**0.5).to(DEVICE, dtype)
+    norm = (1 + 0.3 * torch.randn(n, generator=g)).to(DEVICE, dtype)
+    config = (1 if m == 1 else 64 if m > 16 else 16, 16, 128, 4, 1, 3)
+    if consumer == "norm":
+        weight2, options = w2, dict(norm=norm)
+    elif m == 1:
+        return  # folded norms are for batched tiles only
+    else:
+        weight2, options = kernels.fold_norm(w2, norm), dict(norm_folded=True)
+    got = kernels.linear(hidden, weight2, eps=1e-5, squares=squares, gated=gated, config=config, **options)
+    own = kernels.linear(hidden, weight2, eps=1e-5, gated=gated, config=config, **options)
+    torch.testing.assert_close(got, own, **tolerance(dtype))
+    torch.testing.assert_close(got, reference_linear(hidden, w2, norm=norm, gated=gated), **tolerance(dtype))
+    wrong = kernels.linear(hidden, weight2, eps=1e-5, squares=squares * 4, gated=gated, config=config, **options)
+    assert not torch.allclose(wrong, own, **tolerance(dtype))  # the squares given are the ones used
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 17])
 def test_linear_norm_prepass_unrolled_or_looped_is_the_same_sum(dtype, m, monkeypatch):
     """The per-tile RMS pre-pass is unrolled up to `NORM_UNROLL_BLOCKS` K blocks, a loop beyond: the same sum in
@@ -258,7 +295,7 @@ def test_transformer_step_matches_forward(dtype, position):
     positions = torch.tensor([0, 37, 79], device=DEVICE) if per_row else position
     ref_caches, fused_caches = filled_caches(t, batch, dtype), filled_caches(t, batch, dtype)
     want = t(x[:, None], positions[:, None] if per_row else positions, ref_caches)[:, 0]
-    got = t.norm(t.step(x, positions, fused_caches))
+    got = t.norm(t.step(x, positions, fused_caches)[0])
     torch.testing.assert_close(got, want, **tolerance(dtype))
     for ref, fused in zip(ref_caches, fused_caches, strict=True):
         torch.testing.assert_close(fused.k, ref.k, **tolerance(dtype))
@@ -411,7 +448,8 @@ def run_frames(model, fused, frames=2, slots=3):
 
 
 @pytest.mark.parametrize(("slots", "weights"),
-                         [(3, "float32"), (3, "float32, norms folded"), (1, "float32"), (1, "fp8")])
+                         [(3, "float32"), (3, "float32, norms folded"), (3, "float32, norms folded, squares shared"),
+                          (1, "float32"), (1, "fp8")])
 def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
     """Whole frames (codebook 0, the depth decoder's 31 steps, sampling, the backbone step) through the fused
     kernels give the same codes as the torch path for greedy and sampled slots at different positions (float32:
@@ -422,13 +460,15 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
         config = kernels.linear_config
         monkeypatch.setattr(kernels, "linear_config", lambda m, n, k, gated, fp8=False: (1, 64, 128, 4, 1, 3)
                             if m == 1 else config(m, n, k, gated, fp8))
-    folded_calls = []
-    if weights == "float32, norms folded":  # as engines of 64 slots run (`kernels.folds_norms`), at 3 here
+    folded_calls, squares_calls = [], []
+    if weights.startswith("float32, norms folded"):  # as engines of 64 slots run (`kernels.folds_norms`), at 3 here
         monkeypatch.setattr(kernels, "folds_norms", lambda batch: batch > 1)
+        monkeypatch.setattr(kernels, "shares_squares", lambda batch: "squares" in weights and batch > 1)
         linear = kernels.linear
 
         def counted(*args, **kwargs):
             folded_calls.append(kwargs.get("norm_folded", False))
+            squares_calls.append(kwargs.get("squares") is not None)
             return linear(*args, **kwargs)
 
         monkeypatch.setattr(kernels, "linear", counted)
@@ -443,9 +483,12 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
     got_codes, got_hidden = run_frames(model, fused=True, slots=slots)
     assert torch.equal(got_codes, want_codes)
     torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-4, atol=1e-4)
-    if weights == "float32, norms folded":  # every layer step's QKV and gate/up, and every head, took the folded path
+    if weights.startswith("float32, norms folded"):  # every layer step's QKV and gate/up, and every head, folded
         frames, layer_steps = 2, 2 * (1 + 32)  # 2 layers; a backbone step and 32 decoder steps a frame
         assert sum(folded_calls) == frames * (layer_steps * 2 + 31), sum(folded_calls)
+        # shared squares: every normed product but a step's first QKV (x from the embedding or the draw)
+        shared = frames * ((1 + 32) * (2 * 2 - 1) + 31) if "squares" in weights else 0
+        assert sum(squares_calls) == shared, sum(squares_calls)
 
 
 def test_folded_copies_follow_the_weights():
