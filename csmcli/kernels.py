@@ -700,6 +700,11 @@ def _decode_attention_kernel(
     tl.store(out_ptrs + HALF, acc2.to(dtype), mask=g_ok[:, None])
 
 
+ATTENTION_POSITIONS = 64
+"""Cached positions per block of `decode_attention` when positions vary by row (the backbone): each block is one
+link of the chain of dependent loads, dots and reductions a (row, KV head) program walks, twice (the two-pass
+softmax), so longer blocks mean fewer links but more masked-out lanes in the last one."""
+
 ATTENTION_WARPS = 8
 """Warps per (row, KV head) program of `decode_attention` in engines of up to 16 slots. It sets how the softmax's
 max and sum are reduced across threads, so a change can round differently: measure it with
@@ -722,7 +727,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     from_ptr = isinstance(positions, Tensor)
     # One block of positions; at a known position (the depth decoder's steps) only as wide as it needs to be, so
     # no lanes go to masked-out positions (16 at least: tl.dot's smallest side).
-    block_s = 64 if from_ptr else min(64, max(16, _pow2(positions + 1)))
+    block_s = ATTENTION_POSITIONS if from_ptr else min(64, max(16, _pow2(positions + 1)))
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
     assert k_cache.dtype == v_cache.dtype == qkv.dtype  # this step's k / v stand in for cache entries
     assert qkv.shape[0] == b and (not from_ptr or positions.stride(0) == 1)  # positions: clamped by the caller

@@ -281,13 +281,16 @@ def filled_caches(t, batch, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("position", ["per row", 5, 20, 45, 70])
-def test_transformer_step_matches_forward(dtype, position):
+@pytest.mark.parametrize("position", ["per row", "per row, blocks of 16", 5, 20, 45, 70])
+def test_transformer_step_matches_forward(dtype, position, monkeypatch):
     """One token per row through the fused step (norm+QKV, RoPE + cache write + attention, ...) against the torch
     forward: same outputs and the same cache entries, with each row at its own position (the backbone) or all at
-    one int position (the depth decoder). Positions below 64 take attention's one-block path (an int position's
-    block 16, 32 or 64 positions wide), later ones the two-pass loop over blocks of 64."""
-    per_row = position == "per row"
+    one int position (the depth decoder). Positions below the block take attention's one-block path (an int
+    position's block 16, 32 or 64 positions wide), later ones the two-pass loop over blocks (of 64 for an int
+    position, `ATTENTION_POSITIONS` per row: 16 makes rows 37 and 79 walk 3 and 5 blocks)."""
+    per_row = position.startswith("per row") if isinstance(position, str) else False
+    if position == "per row, blocks of 16":
+        monkeypatch.setattr(kernels, "ATTENTION_POSITIONS", 16)
     torch.set_grad_enabled(False)
     t = small_transformer(dtype)
     batch = 3
