@@ -701,9 +701,16 @@ def _decode_attention_kernel(
 
 
 ATTENTION_POSITIONS = 64
-"""Cached positions per block of `decode_attention` when positions vary by row (the backbone): each block is one
-link of the chain of dependent loads, dots and reductions a (row, KV head) program walks, twice (the two-pass
-softmax), so longer blocks mean fewer links but more masked-out lanes in the last one."""
+"""Cached positions per block of `decode_attention` when positions vary by row (the backbone), in engines of more
+than one slot: each block is one link of the chain of dependent loads, dots and reductions a (row, KV head)
+program walks, twice (the two-pass softmax; a position below the block takes the one-pass path), so longer blocks
+mean fewer links but more masked-out lanes. In the frame graph on an H200 at 64 rows, against 64: 32 +30 us a
+frame, 128 +83, 256 +97 (scripts/tune_in_graph.py 64 knobs, 2026-11-29; 16 rows not measured)."""
+
+ATTENTION_POSITIONS_ONE_ROW = 256
+"""`ATTENTION_POSITIONS` for an engine of one slot, whose 8 backbone attention programs leave the GPU idle but
+for them: against 64, 256 -52 us a frame (six rounds -44 ... -57), 128 -11, 32 +60 (H200, 200-row prompts, so
+positions up to ~260 take the one-pass path; 2026-11-29)."""
 
 ATTENTION_WARPS = 8
 """Warps per (row, KV head) program of `decode_attention` in engines of up to 16 slots. It sets how the softmax's
@@ -727,7 +734,9 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     from_ptr = isinstance(positions, Tensor)
     # One block of positions; at a known position (the depth decoder's steps) only as wide as it needs to be, so
     # no lanes go to masked-out positions (16 at least: tl.dot's smallest side).
-    block_s = ATTENTION_POSITIONS if from_ptr else min(64, max(16, _pow2(positions + 1)))
+    one_row = rows_bucket(batch or b) == 1
+    block_s = (ATTENTION_POSITIONS_ONE_ROW if one_row else ATTENTION_POSITIONS) if from_ptr \
+        else min(64, max(16, _pow2(positions + 1)))
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
     assert k_cache.dtype == v_cache.dtype == qkv.dtype  # this step's k / v stand in for cache entries
     assert qkv.shape[0] == b and (not from_ptr or positions.stride(0) == 1)  # positions: clamped by the caller
