@@ -842,6 +842,8 @@ SAMPLE_SPLIT_TAIL = True
 block padded to the next power of two (4096): in the frame graph on an H200 -108, -150 and -146 us a frame at 1, 16
 and 64 rows (scripts/tune_in_graph.py knobs, 2026-11-28)."""
 SAMPLE_TAIL_MAX = 64
+SAMPLE_BF16_KEY_LOW_BIT = 16
+"""The lowest key bit the draw's radix search decides for bf16 logits (their float32 keys' low 16 bits say nothing)."""
 
 
 def sample_blocks(v: int) -> tuple[int, int]:
@@ -873,7 +875,8 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, tab
         table.stride(0) if table is not None else 0, rows.stride(0) if rows is not None else 0,
         BLOCK_V=block_v, TAIL_V=tail_v, BLOCK_D=_pow2(table.shape[1]) if table is not None else 1,
         RADIX_BITS=SAMPLE_RADIX_BITS, NUM_BINS=max(32, 1 << SAMPLE_RADIX_BITS), HAS_TABLE=table is not None,
-        KEY_LOW_BIT=16 if logits.dtype == torch.bfloat16 else 0, PDL=pdl, num_warps=SAMPLE_WARPS,
+        KEY_LOW_BIT=SAMPLE_BF16_KEY_LOW_BIT if logits.dtype == torch.bfloat16 else 0, PDL=pdl,
+        num_warps=SAMPLE_WARPS,
         launch_pdl=pdl > 0,
     )
     return out, rows

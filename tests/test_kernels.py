@@ -515,11 +515,16 @@ def test_folded_copies_follow_the_weights():
     assert not any("folded" in name for name in block.state_dict())  # never saved with the weights
 
 
-def test_fewer_rows_compute_exactly_what_the_full_batch_computes():
+@pytest.mark.parametrize("large", [False, True])
+def test_fewer_rows_compute_exactly_what_the_full_batch_computes(large, monkeypatch):
     """The engine steps only the lowest `n` slots while only they are busy. With the fused kernels' block sizes
     set by the engine's batch (not by `n`), those rows must come out bit for bit as in a full-batch step, whatever
-    the other slots hold: each row is computed on its own."""
+    the other slots hold: each row is computed on its own. `large`: as engines of 64 slots run, norms folded and
+    rows' squares handed on (at 3 slots here)."""
     torch.set_grad_enabled(False)
+    if large:
+        monkeypatch.setattr(kernels, "folds_norms", lambda batch: batch > 1)
+        monkeypatch.setattr(kernels, "shares_squares", lambda batch: batch > 1)
     model = tiny_csm(torch.float32)
     full, fewer = FrameStepper(model, 3, fused=True), FrameStepper(model, 3, fused=True)
     for slot in range(3):  # one row alone would take the GEMV path if block sizes followed the row count
