@@ -9,4 +9,5 @@ from csmcli import kernels
 name, value = sys.argv[1], int(sys.argv[2])
 setattr(kernels, name, bool(value) if name == "SHARE_SQUARES" else value)
 print(name, "=", getattr(kernels, name), flush=True)
-sys.exit(pytest.main(["-q", "-x", "tests/test_engine_cuda.py", "-k", "alone_and_in_a_full and 64", "-p", "no:cacheprovider"]))
+sys.exit(pytest.main(["-q", "-x", "tests/test_engine_cuda.py", "-k", "alone_and_in_a_full and 64",
+                      "-p", "no:cacheprovider"]))
