@@ -187,10 +187,12 @@ def _linear_kernel(
             xk = (x32 * rstd[:, None] * norm_weight[None, :]).to(dtype)
     else:
         if HAS_NORM and PARTS_IN > 0:  # the kernel that wrote x summed its rows' squares: `parts_in` partial sums
+            # Row-major [M, parts]: M never sets a stride here, so the load's layout, and with it the order the
+            # parts are added in, is the same for any row count (Triton compiles M == 1 as a constant of its own).
             parts = tl.arange(0, PARTS_IN)
-            part_sums = tl.load(squares_in_ptr + parts[:, None] * M + offs_m[None, :],
-                                mask=(parts < parts_in)[:, None] & m_ok[None, :], other=0.0)  # [PARTS_IN, BLOCK_M]
-            rstd = 1.0 / tl.sqrt(tl.sum(part_sums, axis=0) / K + eps)
+            part_sums = tl.load(squares_in_ptr + offs_m[:, None] * parts_in + parts[None, :],
+                                mask=m_ok[:, None] & (parts < parts_in)[None, :], other=0.0)  # [BLOCK_M, PARTS_IN]
+            rstd = 1.0 / tl.sqrt(tl.sum(part_sums, axis=1) / K + eps)
         elif HAS_NORM:  # every program recomputes the rows' RMS: x is a few KB, read from L2
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
             if NORM_K > 0:  # unrolled: every block's load in flight at once, not one round trip each (same sum)
@@ -247,7 +249,7 @@ def _linear_kernel(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=out_ok)
     if SQUARES_OUT:  # the output rows' squares over this program's columns, for the next normed product
         out32 = tl.where(out_ok, out.to(tl.float32), 0.0)
-        tl.store(squares_out_ptr + pid_n * M + offs_m, tl.sum(out32 * out32, axis=1), mask=m_ok)
+        tl.store(squares_out_ptr + offs_m * tl.num_programs(0) + pid_n, tl.sum(out32 * out32, axis=1), mask=m_ok)
 
 
 def _dot_f32(x: Tensor) -> bool:
@@ -284,7 +286,7 @@ def _split_k_sum_kernel(partial_ptr, res_ptr, out_ptr, squares_out_ptr, M, N, st
     if SQUARES_OUT:  # BLOCK divides N: the program's outputs are one part of one row
         start = tl.program_id(0) * BLOCK
         out32 = tl.where(ok, out.to(tl.float32), 0.0)
-        tl.store(squares_out_ptr + (start % N) // BLOCK * M + start // N, tl.sum(out32 * out32, axis=0))
+        tl.store(squares_out_ptr + start // BLOCK, tl.sum(out32 * out32, axis=0))  # [M, N // BLOCK] row-major
 
 
 SPLIT_SUM_BLOCK = 256
@@ -438,7 +440,7 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     - `norm [K]`: RMSNorm of x's rows (weight `norm`, `eps`) first;
     - `norm_folded`: the same with the norm's weight already in `weight` (`fold_norm`): the product of the rows as
       they are, each row then scaled by its 1 / RMS (`eps`); batched tiles only (`FOLD_NORMS`);
-    - `squares [P, M]` (with a norm): x's rows' sums of squares in P parts, as `linear_with_squares` returns them,
+    - `squares [M, P]` (with a norm): x's rows' sums of squares in P parts, as `linear_with_squares` returns them,
       for the RMS (the parts are added in a fixed order); without, each program sums x's squares itself;
     - `gated`: `weight` holds gate rows then up rows `[2I, K]`; returns `silu(x @ gate.T) * (x @ up.T)` `[M, I]`;
     - `residual [M, N]`: added to the result.
@@ -452,7 +454,7 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
 def linear_with_squares(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, residual: Tensor | None = None,
                         batch: int | None = None, config: LinearConfig | None = None) -> tuple[Tensor, Tensor | None]:
     """`linear` (a plain product, optionally fp8 and with a residual), and its output rows' sums of squares (of the
-    rounded values it stores) in parts `[P, M]` float32, for a normed product of the result (`linear(...,
+    rounded values it stores) in parts `[M, P]` float32, for a normed product of the result (`linear(...,
     squares=)`); None where the product's tiles cannot split its rows into parts (cuBLAS)."""
     return _linear(x, weight, scale, None, 0.0, False, None, residual, False, batch, config, True)
 
@@ -474,7 +476,7 @@ def _linear(x: Tensor, weight: Tensor, scale: Tensor | None, norm: Tensor | None
     block_m, block_n, block_k, warps, split_k, stages = config
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and not (gated and split_k > 1)
     assert not norm_folded or (norm is None and not fp8 and block_m > 1)
-    assert squares is None or (squares.dtype == torch.float32 and squares.shape[1] == m and squares.is_contiguous())
+    assert squares is None or (squares.dtype == torch.float32 and squares.shape[0] == m and squares.is_contiguous())
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_per_split))
@@ -482,12 +484,12 @@ def _linear(x: Tensor, weight: Tensor, scale: Tensor | None, norm: Tensor | None
     out_squares = None
     if squares_out and not (split and n % SPLIT_SUM_BLOCK):  # parts: the split-K sum's programs, or the tiles'
         parts = n // SPLIT_SUM_BLOCK if split else grid[0]
-        out_squares = torch.empty(parts, m, dtype=torch.float32, device=x.device)  # [P, M]
+        out_squares = torch.empty(m, parts, dtype=torch.float32, device=x.device)  # [M, P]
     pdl = use_pdl(x, block_m == 1)
     one_block = block_m == 1 and block_k >= k
     has_norm = norm is not None or norm_folded
     norm_k = k if has_norm and not one_block and triton.cdiv(k, block_k) <= NORM_UNROLL_BLOCKS else 0
-    parts_in = squares.shape[0] if squares is not None and has_norm else 0
+    parts_in = squares.shape[1] if squares is not None and has_norm else 0
     _linear_kernel[grid](
         x, norm if norm is not None else x, weight,
         scale if fp8 else x, residual if residual is not None else x, out, partial,

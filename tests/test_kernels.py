@@ -105,8 +105,8 @@ def test_rows_squares_from_the_producer_give_the_same_normed_product(dtype, m, p
     hidden, squares = kernels.linear_with_squares(x, weight, residual=residual, config=producer)
     assert torch.equal(hidden, kernels.linear(x, weight, residual=residual, config=producer))
     parts = 2 if producer[4] > 1 else n // producer[1]
-    assert squares.shape == (parts, m)
-    torch.testing.assert_close(squares.sum(0), (hidden.float() ** 2).sum(1), rtol=1e-5, atol=1e-5)
+    assert squares.shape == (m, parts)
+    torch.testing.assert_close(squares.sum(1), (hidden.float() ** 2).sum(1), rtol=1e-5, atol=1e-5)
     gated = consumer.startswith("gated")
     w2 = (torch.randn(2 * n2 if gated else n2, n, generator=g) / n**0.5).to(DEVICE, dtype)
     norm = (1 + 0.3 * torch.randn(n, generator=g)).to(DEVICE, dtype)
