@@ -100,6 +100,7 @@ for step in "$@"; do
       grep -E "^  [a-z_]+kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Shared Memory Config" \
         "$out/ncu_details.txt" | head -150 ;;
     folded) python3 scripts/layer_probe.py folded 2>&1 | tee "$out/folded.txt" ;;
+    squarestests) python3 scripts/engine_tests_with.py SHARE_SQUARES 1 2>&1 | tee "$out/squarestests.txt" || true ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
