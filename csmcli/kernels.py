@@ -884,8 +884,7 @@ def sample(logits: Tensor, temperature: Tensor, kth: Tensor, gumbel: Tensor, tab
         BLOCK_V=block_v, TAIL_V=tail_v, BLOCK_D=_pow2(table.shape[1]) if table is not None else 1,
         RADIX_BITS=SAMPLE_RADIX_BITS, NUM_BINS=max(32, 1 << SAMPLE_RADIX_BITS), HAS_TABLE=table is not None,
         KEY_LOW_BIT=SAMPLE_BF16_KEY_LOW_BIT if logits.dtype == torch.bfloat16 else 0, PDL=pdl,
-        num_warps=SAMPLE_WARPS,
-        launch_pdl=pdl > 0,
+        num_warps=SAMPLE_WARPS, launch_pdl=pdl > 0,
     )
     return out, rows
 
