@@ -335,6 +335,13 @@ class Block(nn.Module):
         rows = batch or x.shape[0]
         folded = self.wqkv_folded is not None and kernels.folds_norms(rows)
         share = kernels.shares_squares(rows)
+
+        def plus_residual(inputs: Tensor, linear: Linear, residual: Tensor) -> tuple[Tensor, Tensor | None]:
+            if share:
+                return kernels.linear_with_squares(inputs, linear.weight, scale=linear.scale, residual=residual,
+                                                   batch=batch)
+            return kernels.linear(inputs, linear.weight, scale=linear.scale, residual=residual, batch=batch), None
+
         if folded:
             qkv = kernels.linear(x, self.wqkv_folded, norm_folded=True, eps=self.attention_norm.eps, squares=squares,
                                  batch=batch)
@@ -343,17 +350,14 @@ class Block(nn.Module):
                                  eps=self.attention_norm.eps, squares=squares, batch=batch)
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
-        x, squares = kernels.linear_with_squares(out, a.wo.weight, scale=a.wo.scale, residual=x, batch=batch) \
-            if share else (kernels.linear(out, a.wo.weight, scale=a.wo.scale, residual=x, batch=batch), None)
+        x, squares = plus_residual(out, a.wo, x)
         if folded:
             hidden = kernels.linear(x, self.w13_folded, norm_folded=True, eps=self.ffn_norm.eps, squares=squares,
                                     gated=True, batch=batch)
         else:
             hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight,
                                     eps=self.ffn_norm.eps, squares=squares, gated=True, batch=batch)
-        if share:
-            return kernels.linear_with_squares(hidden, f.w2.weight, scale=f.w2.scale, residual=x, batch=batch)
-        return kernels.linear(hidden, f.w2.weight, scale=f.w2.scale, residual=x, batch=batch), None
+        return plus_residual(hidden, f.w2, x)
 
 
 class Transformer(nn.Module):
