@@ -1,13 +1,14 @@
-"""The batched products compiled for Hopper (sm_90; on the CPU, no GPU needed): the row count must not change how
-any of them adds numbers up.
+"""A 64-slot engine's frame step compiled for Hopper (sm_90; on the CPU, no GPU needed): the number of busy slots
+must not change how any kernel adds numbers up.
 
 An engine of 64 slots with one busy slot replays its 1-row frame graph with the 64-row block sizes, and that slot
 must draw the same codes as in a full batch (tests/test_engine_cuda.py checks it on a GPU). Block sizes follow the
 engine, but Triton also compiles every int argument equal to 1 as a constant, so with one row M is a constant: a
 load whose address uses M as a stride can get another register layout, and a reduction over it another order of
 additions. That happened to the rows' sums of squares stored `[parts, M]` (the GPU test failed); stored `[M, parts]`,
-M is no stride. Here each product the engine runs at 64 rows is compiled as Triton specializes it for 64 rows and
-for one, and the layouts of its values and of every reduction's input must be the same."""
+M is no stride. Here every kernel launch of a full-size frame step (a CSM-1B on the meta device: nothing runs) is
+compiled as Triton specializes it for 64 rows and for one, and the layouts of its values and of every reduction's
+input must be the same."""
 
 from __future__ import annotations
 
@@ -25,20 +26,22 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from csmcli import kernels
-from csmcli.model import CSM_1B
+from csmcli.generate import FrameStepper
+from csmcli.model import CSM_1B, Csm
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.int32: "*i32"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
 
 
 class Recorder:
-    """Stands in for a Triton kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+    """Stands in for a Triton kernel: `kernel[grid](*args, **kwargs)` appends the launch to `launches` instead of
+    running it."""
 
-    def __init__(self, fn):
-        self.fn, self.launches = fn, []
+    def __init__(self, fn, launches: list):
+        self.fn, self.launches = fn, launches
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
 def ttgir(fn, args, kwargs) -> str:
@@ -84,58 +87,69 @@ def layouts(ir: str) -> tuple[list[str], list[list[str]]]:
     return sorted(set(definitions.values())), reductions
 
 
-def engine_products(rows: int) -> list[tuple[object, tuple, dict]]:
-    """The launches of every 64-slot engine product that makes or takes rows' sums of squares, at `rows` rows, as
-    `model.Block.step` and the codebook heads call them (CSM-1B's shapes; nothing runs)."""
-    recorders = {name: Recorder(getattr(kernels, name)) for name in ("_linear_kernel", "_split_k_sum_kernel")}
-    for name, recorder in recorders.items():
-        setattr(kernels, name, recorder)
+def frame_launches(stepper: FrameStepper, rows: int | None) -> list[tuple[object, tuple, dict]]:
+    """Every kernel launch of `stepper.step(rows)`, recorded instead of run."""
+    launches: list[tuple[object, tuple, dict]] = []
+    originals = {name: getattr(kernels, name) for name in dir(kernels) if name.startswith("_")
+                 and name.endswith("_kernel")}
+    for name, fn in originals.items():
+        setattr(kernels, name, Recorder(fn, launches))
     try:
-        bf16 = dict(dtype=torch.bfloat16)
-        for cfg in (CSM_1B.backbone, CSM_1B.decoder):
-            dim, inner, attended_dim = cfg.dim, cfg.intermediate_size, cfg.n_heads * cfg.head_dim
-            qkv_rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-            x, attended = torch.empty(rows, dim, **bf16), torch.empty(rows, attended_dim, **bf16)
-            x, squares = kernels.linear_with_squares(attended, torch.empty(dim, attended_dim, **bf16), residual=x,
-                                                     batch=64)
-            hidden = kernels.linear(x, torch.empty(2 * inner, dim, **bf16), norm_folded=True, eps=1e-5,
-                                    squares=squares, gated=True, batch=64)
-            x, squares = kernels.linear_with_squares(hidden, torch.empty(dim, inner, **bf16), residual=x, batch=64)
-            kernels.linear(x, torch.empty(qkv_rows, dim, **bf16), norm_folded=True, eps=1e-5, squares=squares,
-                           batch=64)
-            if cfg is CSM_1B.decoder:  # a codebook head, on the decoder's last rows
-                head = torch.empty(CSM_1B.audio_vocab_size, dim, **bf16)
-                kernels.linear(x, head, norm_folded=True, eps=1e-5, squares=squares, batch=64)
+        stepper.step(rows)
     finally:
-        for name, recorder in recorders.items():
-            setattr(kernels, name, recorder.fn)
-    return [(recorder.fn, args, kwargs) for recorder in recorders.values() for args, kwargs in recorder.launches]
+        for name, fn in originals.items():
+            setattr(kernels, name, fn)
+    return launches
+
+
+def specialization(args: tuple) -> tuple:
+    """What Triton compiles a launch's non-constexpr arguments as: dtypes, ints equal to 1, ints divisible by 16."""
+
+    def kind(value):
+        if isinstance(value, torch.Tensor):
+            return str(value.dtype)
+        if isinstance(value, int):
+            return "one" if value == 1 else "int, 16 | it" if value % 16 == 0 else "int"
+        return "fp32"
+
+    return tuple(kind(a) for a in args)
 
 
 def check_layouts() -> None:
-    full, alone = engine_products(64), engine_products(1)
-    assert len(full) == len(alone)
-    # squares taken by gate/up and QKV of both transformers and by the head; made by their output and down
-    # projections (by the split-K sum where the product is split)
-    assert sum(bool(kwargs.get("PARTS_IN")) for _, _, kwargs in full) == 5
-    assert sum(bool(kwargs.get("SQUARES_OUT")) for _, _, kwargs in full) == 4
+    with torch.device("meta"):
+        model = Csm(CSM_1B).to(torch.bfloat16)
+    stepper = FrameStepper(model, 64, fused=True)
     compiled: dict = {}
 
     def compiled_layouts(fn, args, kwargs):
-        key = (fn.fn.__name__, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
-               tuple(sorted(kwargs.items())))
+        key = (fn.fn.__name__, specialization(args), tuple(sorted(kwargs.items())))
         if key not in compiled:
             compiled[key] = layouts(ttgir(fn, args, kwargs))
         return compiled[key]
 
-    for (fn, args_full, kwargs_full), (_, args_alone, kwargs_alone) in zip(full, alone, strict=True):
-        assert kwargs_full == kwargs_alone  # the same block sizes: they follow the engine's 64 slots
-        assert args_alone[fn.arg_names.index("M")] == 1 and args_full[fn.arg_names.index("M")] == 64
-        assert compiled_layouts(fn, args_full, kwargs_full) == compiled_layouts(fn, args_alone, kwargs_full), \
-            (fn.fn.__name__, kwargs_full)
+    shared = kernels.SHARE_SQUARES
+    try:
+        for share in (False, True):
+            kernels.SHARE_SQUARES = share
+            with torch.no_grad():
+                full, alone = frame_launches(stepper, None), frame_launches(stepper, 1)
+            assert len(full) == len(alone) > 900  # a frame: the backbone's step and 32 depth-decoder steps
+            # with the squares shared, 5 products a layer step take or make them (per transformer: 2 take, 2 make)
+            assert any(kwargs.get("PARTS_IN") for _, _, kwargs in full) == share
+            apart = 0
+            for (fn, args_full, kwargs_full), (_, args_alone, kwargs_alone) in zip(full, alone, strict=True):
+                assert kwargs_full == kwargs_alone  # the same block sizes: they follow the engine's 64 slots
+                if specialization(args_full) == specialization(args_alone):
+                    continue  # compiled as one kernel
+                apart += 1
+                assert compiled_layouts(fn, args_full, kwargs_full) == compiled_layouts(fn, args_alone, kwargs_full), \
+                    (fn.fn.__name__, kwargs_full)
+            assert apart > 0  # one row does compile apart (M == 1)
+    finally:
+        kernels.SHARE_SQUARES = shared
 
 
-def test_no_product_adds_up_differently_for_one_row():
+def test_one_busy_slot_adds_up_as_a_full_batch():
     if kernels.INTERPRET:  # the interpreter's kernels cannot be compiled: check in a process without it
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
