@@ -22,6 +22,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -30,7 +31,7 @@ from csmcli.generate import FrameStepper
 from csmcli.model import CSM_1B, Csm
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.int32: "*i32"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
+COMPILE_OPTIONS = ("num_warps", "num_stages")  # of a launch's keywords; the rest are the kernel's constexprs
 
 
 class Recorder:
@@ -44,34 +45,36 @@ class Recorder:
         return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
+def kind(value) -> str:
+    """What Triton's launcher compiles a non-constexpr argument as: a pointer of its dtype (aligned), an int equal
+    to 1 as a constant, an int divisible by 16 marked so, other ints and floats plain."""
+    if isinstance(value, torch.Tensor):
+        return POINTER_TYPES[value.dtype]
+    if isinstance(value, int):
+        return "one" if value == 1 else "i32, 16 | it" if value % 16 == 0 else "i32"
+    return "fp32"
+
+
+def specialization(args: tuple) -> tuple:
+    """A launch's arguments as Triton compiles them: launches with equal specializations share one kernel."""
+    return tuple(kind(a) for a in args)
+
+
 def ttgir(fn, args, kwargs) -> str:
-    """`fn` compiled for sm_90 with the arguments of one launch, specialized as Triton's launcher specializes them:
-    an int equal to 1 becomes a constant, ints and pointers divisible by 16 are marked so."""
+    """`fn` compiled for sm_90 with the arguments of one launch, specialized as `kind` says."""
     signature, constexprs, attrs = {}, {}, {}
     for index, (name, value) in enumerate(zip(fn.arg_names, args, strict=False)):
-        if isinstance(value, torch.Tensor):
-            signature[name] = POINTER_TYPES[value.dtype]
+        compiled_as = kind(value)
+        if compiled_as == "one":
+            signature[name], constexprs[(index,)] = "constexpr", 1
+            continue
+        signature[name] = "i32" if compiled_as.startswith("i32") else compiled_as
+        if isinstance(value, torch.Tensor) or compiled_as == "i32, 16 | it":
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, int) and value == 1:
-            signature[name] = "constexpr"
-            constexprs[(index,)] = value
-        elif isinstance(value, int):
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32"
     for index, name in enumerate(fn.arg_names[len(args):], start=len(args)):
-        signature[name] = "constexpr"
-        constexprs[(index,)] = kwargs[name]
-    options = {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS[:2]}
+        signature[name], constexprs[(index,)] = "constexpr", kwargs[name]
+    options = {k: v for k, v in kwargs.items() if k in COMPILE_OPTIONS}
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    return triton_compile(source, options)
-
-
-def triton_compile(source, options) -> str:
-    import triton
-
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ttgir"]
 
 
@@ -102,19 +105,6 @@ def frame_launches(stepper: FrameStepper, rows: int | None) -> list[tuple[object
     return launches
 
 
-def specialization(args: tuple) -> tuple:
-    """What Triton compiles a launch's non-constexpr arguments as: dtypes, ints equal to 1, ints divisible by 16."""
-
-    def kind(value):
-        if isinstance(value, torch.Tensor):
-            return str(value.dtype)
-        if isinstance(value, int):
-            return "one" if value == 1 else "int, 16 | it" if value % 16 == 0 else "int"
-        return "fp32"
-
-    return tuple(kind(a) for a in args)
-
-
 def check_layouts() -> None:
     with torch.device("meta"):
         model = Csm(CSM_1B).to(torch.bfloat16)
@@ -134,7 +124,7 @@ def check_layouts() -> None:
             with torch.no_grad():
                 full, alone = frame_launches(stepper, None), frame_launches(stepper, 1)
             assert len(full) == len(alone) > 900  # a frame: the backbone's step and 32 depth-decoder steps
-            # with the squares shared, 5 products a layer step take or make them (per transformer: 2 take, 2 make)
+            # the squares path is in the frame exactly when shared
             assert any(kwargs.get("PARTS_IN") for _, _, kwargs in full) == share
             apart = 0
             for (fn, args_full, kwargs_full), (_, args_alone, kwargs_alone) in zip(full, alone, strict=True):
