@@ -416,7 +416,7 @@ NORM_UNROLL_BLOCKS = 16
 1024 or 2048, blocks 128 or wider): all its loads in flight at once, the same sum in the same order as the loop."""
 
 
-SHARE_SQUARES = False
+SHARE_SQUARES = True
 """In engines of more than 16 slots, the products that write a layer's residual stream (output and down
 projections) also write its rows' sums of squares, by parts (`linear_with_squares`), and the normed product after
 each takes its RMS from those instead of every program re-reading x for a pre-pass: 64-row tiles read all of x, 128
@@ -424,10 +424,9 @@ KB (decoder) or 256 KB (backbone), before their first weight block. The pre-pass
 rows: decoder gate/up 1.4 us of 12.9, head 0.4, backbone QKV 2.4, gate/up 3.8 (`scripts/layer_probe.py folded`);
 in the frame graph -149 us a frame (2026-11-29).
 
-Off until the engine's CUDA tests pass with it on (`scripts/device_run.sh OUT squarestests`): its first form stored
-the squares `[parts, M]`, and a slot alone in a 64-slot engine then drew other codes than in a full batch (M == 1
-compiles apart and set the load's layout, tests/test_kernel_layouts.py); the `[M, parts]` form has the same layouts
-for any M when compiled for sm_90, but has not run on a GPU yet."""
+The squares are stored `[M, parts]`: stored `[parts, M]`, a slot alone in a 64-slot engine drew other codes than in
+a full batch (M == 1 compiles apart and set the load's layout; tests/test_kernel_layouts.py). The engine's CUDA
+tests pass with it (`scripts/device_run.sh OUT squarestests`, H200, 2026-11-29)."""
 
 
 def shares_squares(batch: int) -> bool:

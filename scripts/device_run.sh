@@ -84,6 +84,7 @@ for step in "$@"; do
     persist) python3 scripts/persist_probe.py 2>&1 | grep -v Warn | tee "$out/persist.txt" ;;
     census) python3 scripts/persist_probe.py census 2>&1 | grep -v Warn | tee "$out/census.txt" ;;
     bigk16|bigk64) python3 scripts/tune_in_graph.py "${step#bigk}" bigk 2>&1 | tee "$out/$step.txt" ;;
+    deep64) python3 scripts/tune_in_graph.py 64 deep 2>&1 | tee "$out/deep64.txt" ;;
     knob[0-9]*=*)  # knobROWS=NAME: one of tune_in_graph.py's KNOBS at one rows bucket
       rows=${step#knob}; rows=${rows%%=*}
       python3 scripts/tune_in_graph.py "$rows" knobs "knob=${step#*=}" 2>&1 | tee "$out/$step.txt" ;;

@@ -60,6 +60,7 @@ def main() -> None:
     rows = int(sys.argv[1]) if sys.argv[1:] and sys.argv[1].isdigit() else 1
     fp8 = "fp8" in sys.argv[1:]
     bigk = "bigk" in sys.argv[1:]  # only the K-block trials below: no neighbours, knobs or backbone fold
+    deep = "deep" in sys.argv[1:]  # only the deep-pipeline trials below: the decoder's 64-row tiles on more stages
     torch.manual_seed(0)
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
     if fp8:
@@ -126,21 +127,28 @@ def main() -> None:
         return (label, put, value, current) if sure else None
 
     def candidates(key) -> list[kernels.LinearConfig]:
+        if deep:  # shorter K blocks on more stages: the first block lands sooner, the same bytes stay in flight
+            bm, bn, bk, warps, split, stages = table[key]
+            stage_bytes = {b: (bm + bn * (2 if key[3] else 1)) * b * 2 for b in (64, 128)}
+            return [(bm, bn, b, warps, split, s) for b in (64, 128) for s in range(4, 9)
+                    if (b, s) != (bk, stages) and s * stage_bytes[b] <= 200_000]
         if not bigk:
             return neighbours(table[key], key[2], key[3])
         # bigk: the whole K (or half) in one block, all its loads in flight at once, on 1-3 stages
         bm, bn, _, warps, split, _ = table[key]
         return [(bm, bn, b, warps, split, s) for b in (512, 1024) if b <= key[2] for s in (1, 2, 3)]
 
+    if deep:  # the depth decoder's 64-row tiles (gate/up, down)
+        keys = [key for key in keys if table[key][0] == 64 and (key[2] == 1024 or key[1:3] == (1024, 8192))]
     if bigk:  # the batched products with K = 1024 that are not gated (QKV, o, the heads)
         keys = [key for key in keys if key[0] > 1 and key[2] == 1024 and not key[3]]
     trials = [(str(key), table[key], candidates(key), lambda v, key=key: table.__setitem__(key, v)) for key in keys]
     only = [a.removeprefix("knob=") for a in sys.argv[1:] if a.startswith("knob=")]
     trials += [(name, getattr(kernels, name), values, lambda v, name=name: setattr(kernels, name, v))
                for name, (values, buckets) in KNOBS.items()
-               if rows in buckets and name in (only or [name]) and not bigk]
+               if rows in buckets and name in (only or [name]) and not (bigk or deep)]
     # the backbone's normed products on unfolded weights instead
-    if kernels.folds_norms(rows) and not fp8 and not bigk:
+    if kernels.folds_norms(rows) and not fp8 and not (bigk or deep):
         folded = [(layer, layer.wqkv_folded, layer.w13_folded) for layer in model.backbone.layers]
 
         def fold_backbone(on: bool) -> None:
