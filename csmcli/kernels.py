@@ -327,9 +327,11 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # warps (in the frame graph on an H200: -85 then -41 us a frame, scripts/tune_in_graph.py 64, 2026-11-28); the
     # decoder's down projection on 64-row tiles split 8 ways instead of cuBLAS (-491 us a frame), then on 4 stages
     # (-138), and the backbone's o and down the same way (-35, -71; 2026-11-28, fourteenth session); the decoder's
-    # o on K blocks of 512 (-31; K blocks of 512 / 1024 lost for QKV and the heads: scripts/tune_in_graph.py 64 bigk).
+    # o on K blocks of 512 (-31; K blocks of 512 / 1024 lost for QKV and the heads: scripts/tune_in_graph.py 64 bigk);
+    # the decoder's down on 5 stages (-14; its gate/up on K blocks of 64 and 4-8 stages lost: tune_in_graph.py 64
+    # deep, 2026-11-29).
     (64, 1536, 1024, False): (16, 64, 256, 4, 1, 3), (64, 1024, 1024, False): (16, 32, 512, 4, 1, 3),
-    (64, 8192, 1024, True): (64, 64, 128, 8, 1, 4), (64, 1024, 8192, False): (64, 64, 128, 8, 8, 4),
+    (64, 8192, 1024, True): (64, 64, 128, 8, 1, 4), (64, 1024, 8192, False): (64, 64, 128, 8, 8, 5),
     (64, 1024, 2048, False): (16, 64, 128, 8, 4, 3), (64, 2051, 1024, False): (16, 64, 128, 8, 1, 3),
     (64, 3072, 2048, False): (64, 128, 128, 8, 4, 3), (64, 2048, 2048, False): (64, 64, 128, 8, 4, 3),
     (64, 8192, 2048, True): (64, 64, 128, 8, 1, 4), (64, 2048, 8192, False): (64, 64, 128, 8, 8, 3),
@@ -707,17 +709,18 @@ def _decode_attention_kernel(
     tl.store(out_ptrs + HALF, acc2.to(dtype), mask=g_ok[:, None])
 
 
-ATTENTION_POSITIONS = 64
-"""Cached positions per block of `decode_attention` when positions vary by row (the backbone), in engines of more
-than one slot: each block is one link of the chain of dependent loads, dots and reductions a (row, KV head)
-program walks, twice (the two-pass softmax; a position below the block takes the one-pass path), so longer blocks
-mean fewer links but more masked-out lanes. In the frame graph on an H200 at 64 rows, against 64: 32 +30 us a
-frame, 128 +83, 256 +97 (scripts/tune_in_graph.py 64 knobs, 2026-11-29; 16 rows not measured)."""
+ATTENTION_POSITIONS = 256
+"""Cached positions per block of `decode_attention` when positions vary by row (the backbone), in engines of up to
+16 slots: each block is one link of the chain of dependent loads, dots and reductions a (row, KV head) program
+walks, twice (the two-pass softmax; a position below the block takes the one-pass path), so longer blocks mean
+fewer links but more masked-out lanes. With at most 16 x 8 programs the GPU is mostly idle but for them: in the
+frame graph on an H200 (200-row prompts, so positions up to ~260 take the one-pass path), against 64: one row 256
+-52 us a frame (six rounds -44 ... -57), 128 -11, 32 +60; 16 rows 256 -61 (six rounds -59 ... -63), 128 -10, 32
++53 (scripts/tune_in_graph.py R knobs, 2026-11-29)."""
 
-ATTENTION_POSITIONS_ONE_ROW = 256
-"""`ATTENTION_POSITIONS` for an engine of one slot, whose 8 backbone attention programs leave the GPU idle but
-for them: against 64, 256 -52 us a frame (six rounds -44 ... -57), 128 -11, 32 +60 (H200, 200-row prompts, so
-positions up to ~260 take the one-pass path; 2026-11-29)."""
+ATTENTION_POSITIONS_64 = 64
+"""`ATTENTION_POSITIONS` for engines of more than 16 slots (512 programs at 64 rows): against 64, 32 +30 us a frame,
+128 +83, 256 +97 (H200, 2026-11-29)."""
 
 ATTENTION_WARPS = 8
 """Warps per (row, KV head) program of `decode_attention` in engines of up to 16 slots. It sets how the softmax's
@@ -741,8 +744,8 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
     from_ptr = isinstance(positions, Tensor)
     # One block of positions; at a known position (the depth decoder's steps) only as wide as it needs to be, so
     # no lanes go to masked-out positions (16 at least: tl.dot's smallest side).
-    one_row = rows_bucket(batch or b) == 1
-    block_s = (ATTENTION_POSITIONS_ONE_ROW if one_row else ATTENTION_POSITIONS) if from_ptr \
+    few_rows = rows_bucket(batch or b) <= 16
+    block_s = (ATTENTION_POSITIONS if few_rows else ATTENTION_POSITIONS_64) if from_ptr \
         else min(64, max(16, _pow2(positions + 1)))
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
     assert k_cache.dtype == v_cache.dtype == qkv.dtype  # this step's k / v stand in for cache entries
@@ -752,7 +755,7 @@ def decode_attention(qkv: Tensor, rope_cos: Tensor, rope_sin: Tensor, k_cache: T
         head_dim**-0.5, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         H=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, G_PAD=max(16, _pow2(group)), BLOCK_S=block_s,
         POS_FROM_PTR=from_ptr, DOT_F32=_dot_f32(qkv), PDL=pdl,
-        num_warps=ATTENTION_WARPS if rows_bucket(batch or b) <= 16 else ATTENTION_WARPS_64, launch_pdl=pdl > 0,
+        num_warps=ATTENTION_WARPS if few_rows else ATTENTION_WARPS_64, launch_pdl=pdl > 0,
     )
     return out
 

@@ -31,7 +31,7 @@ KNOBS = {  # kernels' module constants read at launch: the values to try besides
     "SAMPLE_WARPS": ((4, 8, 32), (1, 16, 64)), "SAMPLE_RADIX_BITS": ((2, 8), (1, 16, 64)),
     "FOLD_NORMS": ((False,), (64,)), "SAMPLE_SPLIT_TAIL": ((False,), (1, 16, 64)),
     "SPLIT_SUM_BLOCK": ((128, 512, 1024, 2048), (16, 64)), "SHARE_SQUARES": ((False,), (64,)),
-    "ATTENTION_POSITIONS": ((32, 128, 256), (16, 64)), "ATTENTION_POSITIONS_ONE_ROW": ((64, 128, 512), (1,)),
+    "ATTENTION_POSITIONS": ((64, 128, 512), (1, 16)), "ATTENTION_POSITIONS_64": ((32, 128, 256), (64,)),
 }
 
 
