@@ -291,7 +291,6 @@ def test_transformer_step_matches_forward(dtype, position, monkeypatch):
     per_row = position.startswith("per row") if isinstance(position, str) else False
     if position == "per row, blocks of 16":
         monkeypatch.setattr(kernels, "ATTENTION_POSITIONS", 16)
-        monkeypatch.setattr(kernels, "ATTENTION_POSITIONS_64", 16)
     torch.set_grad_enabled(False)
     t = small_transformer(dtype)
     batch = 3
