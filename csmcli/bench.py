@@ -35,6 +35,7 @@ from csmcli.engine import (
     graphs_enabled,
     next_chunk_frames,
 )
+from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS
 from csmcli.model import Csm, CsmConfig, TransformerConfig
 from csmcli.prompt import synthetic_prompt
@@ -386,17 +387,20 @@ REPORT_FORMATS = {".json": lambda r: json.dumps(r.to_dict(), indent=2) + "\n", "
 
 def check_report_path(path: Path) -> None:
     """Refuse a bad `-o` before measuring, not after minutes of it."""
-    from csmcli.errors import CsmError
-
     if path.suffix not in REPORT_FORMATS:
         raise CsmError(f"{path}: unknown report format (use .json, .md or .csv)")
+    if path.is_dir():
+        raise CsmError(f"cannot write {path}: it is a directory")
     if not path.parent.is_dir():
         raise CsmError(f"{path}: directory {path.parent} does not exist")
 
 
 def write_report(report: BenchReport, path: Path) -> None:
     check_report_path(path)
-    path.write_text(REPORT_FORMATS[path.suffix](report))
+    try:
+        path.write_text(REPORT_FORMATS[path.suffix](report))
+    except OSError as e:
+        raise CsmError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 MEASURED_MARK = "measured by `csmcli bench --suggest`"  # first line of a written preset: it may be overwritten
@@ -475,6 +479,8 @@ def prepare(*, model: str | None, random_weights: bool, tiny: bool, codec: str |
     from csmcli.info import checkpoint_cache_status
     from csmcli.pipeline import choose_preset, load_model_and_codec
 
+    if (tiny or random_weights) and model is not None:
+        raise CsmError(f"--model and {'--tiny' if tiny else '--random-weights'} exclude each other: give one")
     if tiny:
         torch_device = torch_device or "cpu"
         random_weights = True
@@ -487,7 +493,7 @@ def prepare(*, model: str | None, random_weights: bool, tiny: bool, codec: str |
     tiny_sizes = {"config": TINY, "codec_config": tiny_mimi_config()} if tiny else {}
     # Not a Pipeline: that would build a batch-1 Engine (and its caches) bench never uses.
     ck, mimi, device = load_model_and_codec(model, preset, device=torch_device, random_weights=random_weights,
-                                            codec_path=codec, **tiny_sizes)
+                                            codec_path=codec, warn=ui.warn, **tiny_sizes)
     decoder = mimi.decoder if mimi is not None else None
     weights = ("random weights (tiny config)" if tiny else "random weights") if random_weights else "real weights"
     return BenchContext(ck.model, decoder, preset, weights, device)
@@ -557,7 +563,6 @@ def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
 def check_preset_name(name: str) -> None:
     """Refuse, before measuring, a --write-preset NAME that is not a plain name or that would replace a shipped
     preset (one written by an earlier --suggest may be replaced)."""
-    from csmcli.errors import CsmError
     from csmcli.presets import presets_dir
 
     if not _PRESET_NAME.fullmatch(name):
@@ -578,5 +583,8 @@ def save_preset(text: str, name: str) -> Path:
         trial = Path(tmp) / path.name
         trial.write_text(text, encoding="utf-8")
         load_preset_file(trial)
-    path.write_text(text, encoding="utf-8")
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise CsmError(f"cannot write preset {path}: {e.strerror or e}") from None
     return path

@@ -4,6 +4,7 @@ Nothing heavy is imported at module level (torch above all), so `csmcli --help` 
 """
 
 import contextlib
+import math
 import os
 import sys
 from enum import StrEnum
@@ -75,9 +76,12 @@ FirstChunkFramesOpt = Annotated[
 ]
 ChunkFramesOpt = Annotated[
     int | None,
-    typer.Option("--chunk-frames", min=1, help="Largest audio chunk (frames): after the first, sizes double up to it."),
+    typer.Option("--chunk-frames", min=1,
+                 help="Largest audio chunk (frames): after the first, sizes double, capped at this."),
 ]
-DtypeOpt = Annotated[Dtype | None, typer.Option("--dtype", help="Weight and activation dtype.")]
+DtypeOpt = Annotated[
+    Dtype | None, typer.Option("--dtype", help="Weight and activation dtype on CUDA (the CPU runs float32).")
+]
 CudaGraphsOpt = Annotated[
     bool | None,
     typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay each frame step as a CUDA graph (default: preset)."),
@@ -159,7 +163,9 @@ ModelOpt = Annotated[
     ),
 ]
 RandomWeightsOpt = Annotated[
-    bool, typer.Option("--random-weights", help="Full-size CSM-1B with random weights: no download, noise audio.")
+    bool,
+    typer.Option("--random-weights", help="Full-size CSM-1B with random weights: no download, noise audio "
+                 "(say / stream: with --tokenizer DIR)."),
 ]
 CodecOpt = Annotated[
     str | None, typer.Option("--codec", metavar="DIR", help="HF-format Mimi checkpoint (for original-format models).")
@@ -185,11 +191,26 @@ ContextOpt = Annotated[
         "--context", metavar="FILE", help="JSON/YAML list of earlier turns: {speaker, text, audio (optional path)}."
     ),
 ]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")]
+def _finite(flag: str):
+    """A callback refusing NaN (it passes Click's min= check) and inf, which would fail only after the model loads."""
+
+    def check(value: float) -> float:
+        if not math.isfinite(value):
+            raise CsmError(f"{flag} {value}: not a finite number")
+        return value
+
+    return check
+
+
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", "-t", min=0.0, callback=_finite("--temperature"), help="0 = greedy.")
+]
 TopkOpt = Annotated[int, typer.Option("--topk", min=1, help="Sample among the k most likely codes.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, help="Seed; printed when chosen at random.")]
 MaxSecondsOpt = Annotated[
-    float, typer.Option("--max-seconds", min=0.08, help="Stop a sentence after this much audio (runaway guard).")
+    float,
+    typer.Option("--max-seconds", min=0.08, callback=_finite("--max-seconds"),
+                 help="Stop a sentence after this much audio (runaway guard)."),
 ]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Headerless s16le PCM instead of WAV (stdout or any file name).")]
 AudioDeviceOpt = Annotated[
@@ -205,6 +226,10 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
     from csmcli.engine import FP8_ON_TORCH_OPS
     from csmcli.pipeline import Pipeline, choose_preset
 
+    if random_weights and model is not None:
+        raise CsmError("--model and --random-weights exclude each other: give one")
+    if random_weights and tokenizer is None:  # found out only after building 1B random weights otherwise
+        raise CsmError("random weights come without a tokenizer: pass --tokenizer DIR (a Llama-3 tokenizer.json)")
     preset, reason = choose_preset(preset_name, torch_device, overrides)
     ui.debug(f"preset {preset.name}: {reason}")
     if random_weights:
@@ -218,6 +243,7 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
             random_weights=random_weights,
             codec_path=codec,
             tokenizer_path=tokenizer,
+            warn=ui.warn,
         )
         if pipeline.codec is None:  # would write an empty file and report seconds of audio
             raise CsmError("this checkpoint has no Mimi codec: pass --codec DIR (an HF-format Mimi checkpoint)")

@@ -97,12 +97,14 @@ def load_codec(ck: Checkpoint, codec_path: str | None, device: torch.device, ran
 
 def load_model_and_codec(source: str | None, preset: Preset, *, device: str | None = None,
                          random_weights: bool = False, codec_path: str | None = None,
-                         tokenizer_path: str | None = None, config=None,
-                         codec_config=None) -> tuple[Checkpoint, MimiCodec | None, torch.device]:
+                         tokenizer_path: str | None = None, config=None, codec_config=None,
+                         warn: Warn | None = None) -> tuple[Checkpoint, MimiCodec | None, torch.device]:
     """Checkpoint and codec on the device the preset (or `--torch-device`) selects, in the preset's dtype (the
-    transformer layers' weights in fp8 with the preset's `fp8`)."""
+    transformer layers' weights in fp8 with the preset's `fp8`); off CUDA always float32, with a warning."""
     dev = pick_device(device, preset)
     dtype = DTYPES[preset.dtype] if dev.type == "cuda" else torch.float32
+    if dtype != DTYPES[preset.dtype] and warn is not None:
+        warn(f"dtype {preset.dtype} runs as float32 on the {dev.type}")
     kwargs = {"config": config} if config is not None else {}
     ck = load(source, device=dev, dtype=dtype, tokenizer_path=tokenizer_path, random_weights=random_weights,
               **kwargs)
@@ -144,11 +146,11 @@ class Pipeline:
     @classmethod
     def load(cls, source: str | None, preset: Preset, *, device: str | None = None, random_weights: bool = False,
              codec_path: str | None = None, tokenizer_path: str | None = None, config=None,
-             codec_config=None) -> Pipeline:
+             codec_config=None, warn: Warn | None = None) -> Pipeline:
         """`config` / `codec_config` choose the sizes of random weights (default: the real CSM-1B and Mimi)."""
         ck, codec, dev = load_model_and_codec(source, preset, device=device, random_weights=random_weights,
                                               codec_path=codec_path, tokenizer_path=tokenizer_path, config=config,
-                                              codec_config=codec_config)
+                                              codec_config=codec_config, warn=warn)
         return cls(ck, codec, preset, dev)
 
     @property
@@ -172,9 +174,11 @@ class Pipeline:
                 else s for s in context]
 
     def check_prompt(self, context: list[Segment], speaker: int, text: str) -> None:
-        """Raise now what the first sentence's prompt would raise later (no tokenizer, codec or room)."""
-        prompt = self.prompt(context, speaker, split_sentences(text)[0])
-        frame_budget(prompt.rows, 1, self.model.cfg.backbone.max_seq_len)
+        """Raise now what any sentence's prompt would raise later (no tokenizer, codec or room for even one frame
+        after the given context), before the first sentence is written."""
+        for sentence in split_sentences(text):
+            prompt = self.prompt(context, speaker, sentence)
+            frame_budget(prompt.rows, 1, self.model.cfg.backbone.max_seq_len)
 
     def close(self) -> None:
         """Free the Mimi decoder's streaming state (and its graphs): the codec can then be used on its own again."""

@@ -79,6 +79,10 @@ def read_text(text: str | None, text_file: str | None, stdin) -> str:
         text = stdin.read()
     if not text.strip():  # would load the model, then write an empty file and exit 0
         raise CsmError("text is empty: give the words to speak")
+    try:  # bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer rejects with a TypeError
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CsmError("text is not valid UTF-8") from None
     return text
 
 
@@ -86,8 +90,14 @@ def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str |
     """Refuse a bad -o, --save-codes or --device now, not after the seconds it takes to load the model."""
     if output is not None:
         audio.check_output(output, raw)
-    if save_codes is not None and not Path(save_codes).parent.is_dir():
-        raise CsmError(f"cannot write {save_codes}: directory {Path(save_codes).parent} does not exist")
+    if save_codes is not None:
+        path = Path(save_codes)
+        if path.suffix != ".npy":  # numpy would append .npy and write another file than the one named
+            raise CsmError(f"--save-codes {save_codes}: the file name must end in .npy")
+        if path.is_dir():
+            raise CsmError(f"cannot write {save_codes}: it is a directory")
+        if not path.parent.is_dir():
+            raise CsmError(f"cannot write {save_codes}: directory {path.parent} does not exist")
     if play:
         audio.resolve_device(audio_device)
 
@@ -190,10 +200,12 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
                 totals.underruns = player.underruns
     except audio.OutputClosed:
         pass  # the reader went away (`| head -c 1000`): not an error
-    except KeyboardInterrupt:
-        _finish(job, totals, codes, start)
+    except (KeyboardInterrupt, CsmError):  # Ctrl-C, or a later sentence that cannot fit: keep what was made
+        if failed := _finish(job, totals, codes, start):
+            ui.error(failed)
         raise
-    _finish(job, totals, codes, start)
+    if failed := _finish(job, totals, codes, start):
+        raise CsmError(failed)
     return totals
 
 
@@ -220,9 +232,10 @@ def _row(chunk: AudioChunk, player) -> tuple[Any, ...]:
             player.underruns if player is not None else 0)
 
 
-def _finish(job: SpeakJob, totals: Totals, codes: list[torch.Tensor], start: float) -> None:
-    """Totals and --save-codes, also after Ctrl-C. Wall time stays what `_deliver` measured at the last chunk:
-    waiting for playback to drain is not generation time."""
+def _finish(job: SpeakJob, totals: Totals, codes: list[torch.Tensor], start: float) -> str | None:
+    """Totals and --save-codes, also after Ctrl-C; returns why the codes could not be written, if so. Wall time
+    stays what `_deliver` measured at the last chunk: waiting for playback to drain is not generation time."""
+    failed = None
     if not totals.frames:
         totals.wall_seconds = time.perf_counter() - start
     if job.save_codes:
@@ -230,5 +243,6 @@ def _finish(job: SpeakJob, totals: Totals, codes: list[torch.Tensor], start: flo
         try:
             np.save(job.save_codes, all_codes)  # [frames, 32]
         except OSError as e:
-            ui.error(f"cannot write {job.save_codes}: {e.strerror or e}")
+            failed = f"cannot write {job.save_codes}: {e.strerror or e}"
     ui.info(totals.summary())
+    return failed

@@ -61,8 +61,9 @@ def debug(msg: str) -> None:
 
 
 def error(msg: str) -> None:
-    """A red `error:` line; always shown, even with --quiet."""
-    _line(f"error: {msg}", "bold red")
+    """A red `error:` line; always shown, even with --quiet. Messages from libraries that span lines (a YAML
+    parser's caret diagram, torch's unpickling advice) are joined into one."""
+    _line("error: " + " ".join(msg.split()), "bold red")
 
 
 def print_json(obj: Any) -> None:

@@ -105,6 +105,14 @@ def test_subcommand_help_does_not_import_torch():
         (("say", "hi", "-f", "/no/such/file.txt"), "error: give TEXT or -f FILE, not both"),
         (("say", "hi", "--torch-device", "gpu"), "error: --torch-device gpu: not a device"),
         (("say", "hi", "--save-codes", "/no/such/dir/c.npy"), "error: cannot write /no/such/dir/c.npy"),
+        (("say", "hi", "--save-codes", "codes.txt"), "error: --save-codes codes.txt: the file name must end in .npy"),
+        (("say", "hi", "--max-seconds", "inf"), "error: --max-seconds inf: not a finite number"),
+        (("say", "hi", "-t", "nan"), "error: --temperature nan: not a finite number"),
+        (("say", "hi \udcff there"), "error: text is not valid UTF-8"),
+        (("say", "hi", "--random-weights"), "error: random weights come without a tokenizer: pass --tokenizer"),
+        (("say", "hi", "--random-weights", "--model", "x"), "error: --model and --random-weights exclude each other"),
+        (("bench", "--tiny", "--model", "x"), "error: --model and --tiny exclude each other"),
+        (("bench", "-o", "/"), "error: /: unknown report format"),
         (("bench", "--prompt-rows", "3000"), "error: --prompt-rows 3000 + --frames 100 exceed"),
     ],
 )
@@ -114,6 +122,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
+    """A directory named like the file (codes.npy, report.json) would fail only after generating or measuring."""
+    for args, name in [(("say", "hi", "--save-codes"), "codes.npy"), (("bench", "--tiny", "-o"), "report.json")]:
+        (tmp_path / name).mkdir()
+        result = run(*args, str(tmp_path / name))
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [f"error: cannot write {tmp_path / name}: it is a directory"]
 
 
 def test_user_error_in_a_command_is_one_line_and_exit_2():

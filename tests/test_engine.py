@@ -201,6 +201,31 @@ def test_pipeline_speaks_twice_and_close_frees_the_codec(hf_checkpoint):
     assert pipeline.codec.decode(codes).shape == (1, 1, 2 * 1920)
 
 
+def test_every_sentence_is_checked_to_fit_before_any_is_spoken(hf_checkpoint):
+    """A context that leaves room after a short first sentence but none after a long second one is refused up front
+    (before an output file is written), not when the second sentence is reached."""
+    from csmcli.errors import CsmError
+    from csmcli.pipeline import Pipeline, split_sentences
+    from csmcli.presets import CPU_PRESET, get_preset
+    from csmcli.prompt import Segment
+
+    pipeline = Pipeline.load(str(hf_checkpoint), get_preset(CPU_PRESET), device="cpu")
+    short = "Hello there, this first sentence is short enough to fit in what the context leaves."
+    long = "And this second sentence goes on " + "and on " * 30 + "until it cannot fit anywhere."
+    assert split_sentences(f"{short} {long}") == [short, long]
+
+    def context(frames: int) -> list[Segment]:
+        return [Segment(1, "An earlier turn.", codes=torch.zeros(32, frames, dtype=torch.long))]
+
+    max_seq = pipeline.model.cfg.backbone.max_seq_len
+    rows = {s: pipeline.prompt(context(10), 0, s).rows for s in (short, long)}
+    assert rows[long] > rows[short]
+    full = context(10 + max_seq - 1 - rows[short])  # the short sentence leaves room for exactly one frame
+    pipeline.check_prompt(full, 0, short)
+    with pytest.raises(CsmError, match=r"prompt is \d+ rows but the model holds"):
+        pipeline.check_prompt(full, 0, f"{short} {long}")
+
+
 def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(monkeypatch):
     from types import SimpleNamespace
 

@@ -40,6 +40,7 @@ BAD = {
     "unknown extension": ((TEXT, "-o", "out.xyz"), "unsupported output format 'out.xyz'"),
     "missing output directory": ((TEXT, "-o", "no/such/out.wav"), "cannot write no/such/out.wav: directory"),
     "context not a list": ((TEXT, "--context", "turns.yaml"), "turns.yaml: expected a list of turns"),
+    "malformed context": ((TEXT, "--context", "broken.yaml"), "broken.yaml: not valid JSON/YAML"),  # multi-line
     "missing model": ((TEXT, "--model", "/no/such/dir"), "/no/such/dir: no such directory"),
     "corrupt weights": ((TEXT, "--model", "corrupt"), "corrupt/model.safetensors: not a readable safetensors file"),
 }
@@ -55,6 +56,7 @@ def _bad_input_files(directory, checkpoint, case: str) -> None:
     (directory / "garbage.wav").write_bytes(b"this is not audio at all" * 40)
     sine_wav(directory / "ref.wav")
     (directory / "turns.yaml").write_text("speaker: 0\ntext: not a list\n")
+    (directory / "broken.yaml").write_text("- speaker: 0\n  text: [unclosed\n")  # the parser's message spans lines
     if case != "corrupt weights":
         return
     (directory / "corrupt").mkdir(exist_ok=True)
@@ -74,6 +76,8 @@ def runs(hf_checkpoint, tmp_path_factory):
     runs.start("seeded-stdout", "say", TEXT, *SHORT, "--seed", "5", "-o", "-", "--save-codes", "codes.npy", *model)
     runs.start("seeded-raw", "say", TEXT, *SHORT, "--seed", "5", "-o", "-", "--raw", *model)
     runs.start("three", "say", THREE_SENTENCES, "--max-seconds", "0.4", *TO_FILES, *model)
+    runs.start("unwritable codes", "say", TEXT, *SHORT, "-t", "0", "--dtype", "bfloat16", "-o", "out.wav",
+               "--save-codes", "/proc/codes.npy", *model)
     for case, (args, _) in BAD.items():
         _bad_input_files(runs.dir(f"bad {case}"), hf_checkpoint, case)
         runs.start(f"bad {case}", "say", *args, *model[:2], *(() if "--model" in args else model[2:]))
@@ -219,6 +223,17 @@ def test_ctrl_c_leaves_a_valid_wav_and_prints_the_totals(hf_checkpoint, tmp_path
     assert len(samples) > 0 and len(samples) % FRAME == 0
     assert len(samples) < 60 / 0.08 * FRAME  # it did stop early
     assert re.match(r"^[\d.]+ s of audio in [\d.]+ s \(RTF", err.splitlines()[-1]), err
+
+
+def test_codes_that_cannot_be_written_fail_the_run_but_keep_the_audio(runs):
+    """--save-codes into a place that refuses the file (here /proc) is found only at the end: the audio is kept,
+    the totals printed, and the run fails with one error line. The CPU also says it ignores --dtype bfloat16."""
+    result = runs("unwritable codes")
+    assert result.code == 2 and "Traceback" not in result.stderr
+    assert result.lines[0] == "warning: dtype bfloat16 runs as float32 on the cpu"
+    assert SUMMARY.match(result.lines[-2]), result.lines
+    assert result.lines[-1].startswith("error: cannot write /proc/codes.npy: "), result.lines
+    assert len(result.wav()) == FRAMES * FRAME
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
