@@ -276,6 +276,8 @@ def read_json(path: Path) -> dict:
 def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
+    if not path.is_dir():  # transformers would take a missing path for a hub id and complain about its form
+        raise CsmError(f"{path}: no such tokenizer directory")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:

@@ -587,6 +587,8 @@ def load_mimi_state_dict(path: str | Path) -> tuple[MimiConfig, dict[str, Tensor
     from csmcli.checkpoint import read_json, read_safetensors
 
     path = Path(path)
+    if not path.exists():
+        raise CsmError(f"{path}: no such Mimi checkpoint directory or file")
     folder = path if path.is_dir() else path.parent
     config_file = folder / "config.json"
     if not config_file.is_file():

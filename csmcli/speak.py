@@ -135,10 +135,9 @@ def _context_file(path: Path) -> list[Segment]:
     for i, turn in enumerate(data):
         if not isinstance(turn, dict) or not isinstance(turn.get("text"), str) or "speaker" not in turn:
             raise CsmError(f"{path}: turn {i + 1} needs 'speaker' (int) and 'text' (string)")
-        try:
-            spk = int(turn["speaker"])
-        except (TypeError, ValueError):
-            raise CsmError(f"{path}: turn {i + 1}: speaker must be an integer, got {turn['speaker']!r}") from None
+        spk = turn["speaker"]
+        if not isinstance(spk, int) or isinstance(spk, bool) or spk < 0:  # 1.7 or true is a typo, not speaker 1
+            raise CsmError(f"{path}: turn {i + 1}: speaker must be an integer >= 0, got {spk!r}")
         if not turn["text"].strip():
             raise CsmError(f"{path}: turn {i + 1}: text is empty (the words spoken in that turn)")
         clip = turn.get("audio")

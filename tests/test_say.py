@@ -41,6 +41,9 @@ BAD = {
     "missing output directory": ((TEXT, "-o", "no/such/out.wav"), "cannot write no/such/out.wav: directory"),
     "context not a list": ((TEXT, "--context", "turns.yaml"), "turns.yaml: expected a list of turns"),
     "malformed context": ((TEXT, "--context", "broken.yaml"), "broken.yaml: not valid JSON/YAML"),  # multi-line
+    "fractional speaker": ((TEXT, "--context", "speaker.yaml"), "speaker.yaml: turn 1: speaker must be an integer"),
+    "missing tokenizer": ((TEXT, "--tokenizer", "/no/such/tok"), "/no/such/tok: no such tokenizer directory"),
+    "missing codec": ((TEXT, "--codec", "/no/such/mimi"), "/no/such/mimi: no such Mimi checkpoint"),
     "missing model": ((TEXT, "--model", "/no/such/dir"), "/no/such/dir: no such directory"),
     "corrupt weights": ((TEXT, "--model", "corrupt"), "corrupt/model.safetensors: not a readable safetensors file"),
 }
@@ -57,6 +60,7 @@ def _bad_input_files(directory, checkpoint, case: str) -> None:
     sine_wav(directory / "ref.wav")
     (directory / "turns.yaml").write_text("speaker: 0\ntext: not a list\n")
     (directory / "broken.yaml").write_text("- speaker: 0\n  text: [unclosed\n")  # the parser's message spans lines
+    (directory / "speaker.yaml").write_text("- {speaker: 1.7, text: Hello there.}\n")
     if case != "corrupt weights":
         return
     (directory / "corrupt").mkdir(exist_ok=True)
