@@ -716,14 +716,15 @@ run_bench() {
 
 print_summary() {
   local line weights=""
-  ((MODEL_READY)) || weights=" --random-weights"
+  # random weights come without a tokenizer: say / stream need --tokenizer DIR (a Llama-3 tokenizer.json) too
+  ((MODEL_READY)) || weights=" --random-weights --tokenizer DIR"
   printf '\n==> Summary (%ds%s)\n' "$SECONDS" "${LOG_FILE:+, log: $LOG_FILE}"
   for line in "${SUMMARY[@]}"; do printf '    %s\n' "$line"; done
   printf '\nNext (in a new shell, activate the venv first):\n'
   printf '    source %q\n' "$VENV_DIR/bin/activate"
   printf '    csmcli say "Hello there."%s -o hello.wav\n' "$weights"
   printf '    csmcli stream "Hello there."%s   # plays as it is made; headless: --no-play -o out.wav\n' "$weights"
-  printf '    csmcli bench%s\n' "$weights"
+  printf '    csmcli bench%s\n' "${weights% --tokenizer DIR}"
   if ((!MODEL_READY)); then
     printf '\nReal speech needs the %s weights: accept the license at %s,\n' "$MODEL_ID" "$MODEL_URL"
     printf '%s\n' "run 'hf auth login' (or export HF_TOKEN=...), then ./vast_startup.sh again."
