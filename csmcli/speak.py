@@ -184,6 +184,8 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
                     stack.callback(ui.console.line)  # totals line would be glued to its last row
                 live = stack.enter_context(Live(_chunk_table(rows, totals, player is not None), console=ui.console,
                                                 refresh_per_second=8, transient=False))
+                # The last render leaves the totals to the summary line, also after Ctrl-C (else printed twice).
+                stack.callback(lambda: live.update(_chunk_table(rows, None, player is not None)))
             for chunk in pipeline.speak(job.text, job.speaker, params, context=context,
                                         max_seconds=job.max_seconds, warn=ui.warn):
                 _deliver(chunk, writer, player, totals, start)
@@ -191,8 +193,6 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
                 rows.append(_row(chunk, player))
                 if live is not None:
                     live.update(_chunk_table(rows, totals, player is not None))
-            if live is not None:
-                live.update(_chunk_table(rows, None, player is not None))
             if player is not None:
                 if not player.drain():
                     ui.warn("playback did not finish in time: the end of the audio may be cut off")

@@ -204,9 +204,12 @@ def test_reader_closing_the_pipe_early_is_not_an_error(hf_checkpoint, tmp_path):
 # ---------------------------------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_leaves_a_valid_wav_and_prints_the_totals(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("cmd", [("say",), ("stream", "--no-play")])
+def test_ctrl_c_leaves_a_valid_wav_and_prints_the_totals(hf_checkpoint, tmp_path, cmd):
+    """Also `stream`, whose live table must not keep its running totals beside the summary line."""
     wav = tmp_path / "long.wav"
-    proc = subprocess.Popen(command("say", TEXT, "--max-seconds", "60", "-o", str(wav), *model_args(hf_checkpoint)),
+    proc = subprocess.Popen(command(*cmd[:1], TEXT, *cmd[1:], "--max-seconds", "60", "-o", str(wav),
+                                    *model_args(hf_checkpoint)),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
     try:
         deadline = time.monotonic() + 240
@@ -227,6 +230,7 @@ def test_ctrl_c_leaves_a_valid_wav_and_prints_the_totals(hf_checkpoint, tmp_path
     assert len(samples) > 0 and len(samples) % FRAME == 0
     assert len(samples) < 60 / 0.08 * FRAME  # it did stop early
     assert re.match(r"^[\d.]+ s of audio in [\d.]+ s \(RTF", err.splitlines()[-1]), err
+    assert err.count(" s of audio in ") == 1, err
 
 
 def test_codes_that_cannot_be_written_fail_the_run_but_keep_the_audio(runs):
