@@ -100,6 +100,8 @@ def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str |
             raise CsmError(f"cannot write {save_codes}: directory {path.parent} does not exist")
     if play:
         audio.resolve_device(audio_device)
+    elif audio_device is not None:
+        ui.warn(f"--device {audio_device} has no effect without playback (--play)")
 
 
 def load_context(path: str | None, ref_audio: str | None, ref_text: str | None, speaker: int) -> list[Segment]:

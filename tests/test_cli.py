@@ -133,6 +133,12 @@ def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path)
         assert result.stderr.splitlines() == [f"error: cannot write {tmp_path / name}: it is a directory"]
 
 
+def test_an_audio_device_without_playback_is_named_as_unused():
+    result = run("say", "hi", "--device", "3", "--model", "/no/such/dir")
+    assert result.returncode == 2  # the missing model; the warning comes first, before any loading
+    assert result.stderr.splitlines()[0] == "warning: --device 3 has no effect without playback (--play)"
+
+
 def test_user_error_in_a_command_is_one_line_and_exit_2():
     result = run("info", "--preset", "no-such-preset")
     assert result.returncode == 2
