@@ -477,10 +477,9 @@ def prepare(*, model: str | None, random_weights: bool, tiny: bool, codec: str |
     """Pick the weights (real, or random when asked or when nothing is cached), preset, device and codec."""
     from csmcli import ui
     from csmcli.info import checkpoint_cache_status
-    from csmcli.pipeline import choose_preset, load_model_and_codec
+    from csmcli.pipeline import check_weights_choice, choose_preset, load_model_and_codec
 
-    if (tiny or random_weights) and model is not None:
-        raise CsmError(f"--model and {'--tiny' if tiny else '--random-weights'} exclude each other: give one")
+    check_weights_choice(model, "--tiny" if tiny else "--random-weights" if random_weights else None)
     if tiny:
         torch_device = torch_device or "cpu"
         random_weights = True

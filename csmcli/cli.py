@@ -224,10 +224,9 @@ SaveCodesOpt = Annotated[
 
 def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name, overrides):
     from csmcli.engine import FP8_ON_TORCH_OPS
-    from csmcli.pipeline import Pipeline, choose_preset
+    from csmcli.pipeline import Pipeline, check_weights_choice, choose_preset
 
-    if random_weights and model is not None:
-        raise CsmError("--model and --random-weights exclude each other: give one")
+    check_weights_choice(model, "--random-weights" if random_weights else None)
     if random_weights and tokenizer is None:  # found out only after building 1B random weights otherwise
         raise CsmError("random weights come without a tokenizer: pass --tokenizer DIR (a Llama-3 tokenizer.json)")
     preset, reason = choose_preset(preset_name, torch_device, overrides)

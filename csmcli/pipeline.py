@@ -43,6 +43,13 @@ class AudioChunk:
     stop: str | None  # on a sentence's last chunk: "eos" | "max_frames" | "cancelled"
 
 
+def check_weights_choice(model: str | None, random_flag: str | None) -> None:
+    """Refuse `--model` together with the flag that asked for random weights (`--random-weights`, `--tiny`;
+    None when neither was given): one would silently win over the other."""
+    if model is not None and random_flag is not None:
+        raise CsmError(f"--model and {random_flag} exclude each other: give one")
+
+
 def pick_device(requested: str | None, preset: Preset | None = None) -> torch.device:
     """`--torch-device` when given; else the CPU for the cpu preset (chosen because the GPU is too small or
     busy, or asked for), else CUDA when present."""
