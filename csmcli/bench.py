@@ -481,7 +481,7 @@ def prepare(*, model: str | None, random_weights: bool, tiny: bool, codec: str |
 
     check_weights_choice(model, "--tiny" if tiny else "--random-weights" if random_weights else None)
     if tiny:
-        torch_device = torch_device or "cpu"
+        torch_device = "cpu" if torch_device is None else torch_device  # "" is refused by pick_device, not made cpu
         random_weights = True
     elif model is None and not random_weights and not checkpoint_cache_status().get("cached"):
         ui.warn("no CSM-1B checkpoint in the Hugging Face cache: benchmarking RANDOM WEIGHTS (speed only; "

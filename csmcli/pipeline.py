@@ -51,15 +51,18 @@ def check_weights_choice(model: str | None, random_flag: str | None) -> None:
 
 
 def pick_device(requested: str | None, preset: Preset | None = None) -> torch.device:
-    """`--torch-device` when given; else the CPU for the cpu preset (chosen because the GPU is too small or
-    busy, or asked for), else CUDA when present."""
-    if requested:
+    """`--torch-device` when given (None: not given); else the CPU for the cpu preset (chosen because the GPU is
+    too small or busy, or asked for), else CUDA when present."""
+    if requested is not None:  # "" too: an empty value (an unset shell variable) is a mistake, not "default"
         try:
             device = torch.device(requested)
         except RuntimeError:
-            raise CsmError(f"--torch-device {requested}: not a device (use cpu, cuda or cuda:N)") from None
+            shown = requested or "''"
+            raise CsmError(f"--torch-device {shown}: not a device (use cpu, cuda or cuda:N)") from None
         if device.type not in ("cpu", "cuda"):
             raise CsmError(f"--torch-device {requested}: csmcli runs on cpu or cuda")
+        if device.type == "cpu" and device.index not in (None, 0):  # torch accepts cpu:1 and runs on the one CPU
+            raise CsmError(f"--torch-device {requested}: there is one CPU device (use cpu)")
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise CsmError(f"--torch-device {requested}: CUDA is not available here (use --torch-device cpu)")
@@ -77,8 +80,9 @@ def choose_preset(preset_name: str | None, torch_device: str | None, overrides: 
     from csmcli.gpu import detect_gpus
     from csmcli.presets import resolve_preset
 
-    gpus = detect_gpus() if torch_device is None or torch_device.startswith("cuda") else []
-    index = pick_device(torch_device).index or 0 if torch_device else 0
+    device = pick_device(torch_device) if torch_device is not None else None  # a bad value fails before any probe
+    gpus = detect_gpus() if device is None or device.type == "cuda" else []
+    index = device.index or 0 if device is not None else 0
     return resolve_preset(preset_name, gpus[index] if index < len(gpus) else None, **overrides)
 
 

@@ -249,6 +249,8 @@ def test_write_preset_refuses_bad_names_before_measuring(tmp_presets, name, mess
         (("--batch", "0"), "error: --batch takes numbers >= 1, got '0'"),
         (("--chunk-frames", "a"), "error: --chunk-frames takes a comma list of whole numbers, like 1,4,16; got 'a'"),
         (("-o", "x.txt"), "error: x.txt: unknown report format (use .json, .md or .csv)"),
+        # --tiny makes the device cpu only when none is given; an empty value is a mistake, not a default
+        (("--torch-device", ""), "error: --torch-device '': not a device (use cpu, cuda or cuda:N)"),
         (("-o", "/no/such/dir/r.json"), "error: /no/such/dir/r.json: directory /no/such/dir does not exist"),
     ],
 )

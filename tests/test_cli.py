@@ -104,6 +104,8 @@ def test_subcommand_help_does_not_import_torch():
         (("say", "-f", "/no/such/file.txt"), "error: /no/such/file.txt: cannot read text"),
         (("say", "hi", "-f", "/no/such/file.txt"), "error: give TEXT or -f FILE, not both"),
         (("say", "hi", "--torch-device", "gpu"), "error: --torch-device gpu: not a device"),
+        (("say", "hi", "--torch-device", ""), "error: --torch-device '': not a device"),
+        (("say", "hi", "--torch-device", "cpu:1"), "error: --torch-device cpu:1: there is one CPU device"),
         (("say", "hi", "--save-codes", "/no/such/dir/c.npy"), "error: cannot write /no/such/dir/c.npy"),
         (("say", "hi", "--save-codes", "codes.txt"), "error: --save-codes codes.txt: the file name must end in .npy"),
         (("say", "hi", "--max-seconds", "inf"), "error: --max-seconds inf: not a finite number"),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from csmcli.pipeline import pick_device
+from csmcli.errors import CsmError
+from csmcli.pipeline import choose_preset, pick_device
 from csmcli.presets import get_preset
 
 
@@ -64,3 +66,26 @@ def test_original_checkpoint_with_codec_and_tokenizer_speaks(original_dir, mimi_
 def test_cpu_preset_runs_on_the_cpu_even_with_a_gpu():
     assert pick_device(None, get_preset("cpu")) == torch.device("cpu")
     assert pick_device("cpu", get_preset("80gb")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("requested", "message"),
+    [
+        ("", "--torch-device '': not a device"),  # an unset shell variable: not "the default device"
+        ("banana", "--torch-device banana: not a device"),
+        ("cpu:1", "--torch-device cpu:1: there is one CPU device"),  # torch would accept it
+        ("meta", "--torch-device meta: csmcli runs on cpu or cuda"),
+    ],
+)
+def test_a_torch_device_that_cannot_run_is_refused(requested, message):
+    with pytest.raises(CsmError, match=f"^{re.escape(message)}"):
+        pick_device(requested)
+    with pytest.raises(CsmError, match=f"^{re.escape(message)}"):  # before the preset is chosen by GPU memory
+        choose_preset(None, requested, {})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("requested", ["cuda", "cuda:7"])
+def test_cuda_is_refused_where_there_is_none(requested):
+    with pytest.raises(CsmError, match=f"^--torch-device {requested}: CUDA is not available here"):
+        pick_device(requested)
