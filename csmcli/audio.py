@@ -128,9 +128,7 @@ class FileWriter(AudioWriter):
 
     def __init__(self, path: Path, sample_rate: int, major: str, subtype: str) -> None:
         super().__init__(sample_rate)
-        self.path = path
-        if not path.parent.is_dir():  # libsndfile only says "System error."
-            raise CsmError(f"cannot write {path}: directory {path.parent} does not exist")
+        self.path = check_writable(path)
         try:
             self._f = sf.SoundFile(path, "w", sample_rate, 1, subtype, format=major)
         except (RuntimeError, OSError) as e:
@@ -195,6 +193,18 @@ def _point_at_devnull(stream: IO[bytes]) -> None:
     os.close(devnull)
 
 
+def check_writable(path: str | Path) -> Path:
+    """Refuse an output file that could not be created, without creating or truncating anything: the one check
+    behind audio -o, --save-codes and bench -o, so a bad path is refused before the model loads (or the
+    measurements run) and in the same words everywhere."""
+    p = Path(path)
+    if p.is_dir():
+        raise CsmError(f"cannot write {p}: it is a directory")
+    if not p.parent.is_dir():  # libsndfile would only say "System error."
+        raise CsmError(f"cannot write {p}: directory {p.parent} does not exist")
+    return p
+
+
 def check_output(path: str | Path, raw: bool = False, stdout: IO[Any] | None = None) -> None:
     """What `open_writer` would refuse, checked without creating or truncating anything (so the CLI can refuse a
     bad -o before loading the model)."""
@@ -205,8 +215,7 @@ def check_output(path: str | Path, raw: bool = False, stdout: IO[Any] | None = N
     p = Path(path)
     if not raw and p.suffix.lower() not in WRITE_FORMATS:
         raise CsmError(f"unsupported output format '{p.name}': use {', '.join(WRITE_FORMATS)} or '-' for stdout")
-    if not p.parent.is_dir():
-        raise CsmError(f"cannot write {p}: directory {p.parent} does not exist")
+    check_writable(p)
 
 
 def _binary(stdout: IO[Any] | None) -> IO[bytes]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from csmcli import __version__
+from csmcli.audio import check_writable
 from csmcli.engine import (
     FP8_ON_TORCH_OPS,
     ChunkDecoder,
@@ -389,10 +390,7 @@ def check_report_path(path: Path) -> None:
     """Refuse a bad `-o` before measuring, not after minutes of it."""
     if path.suffix not in REPORT_FORMATS:
         raise CsmError(f"{path}: unknown report format (use .json, .md or .csv)")
-    if path.is_dir():
-        raise CsmError(f"cannot write {path}: it is a directory")
-    if not path.parent.is_dir():
-        raise CsmError(f"{path}: directory {path.parent} does not exist")
+    check_writable(path)
 
 
 def write_report(report: BenchReport, path: Path) -> None:

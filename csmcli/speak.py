@@ -91,13 +91,9 @@ def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str |
     if output is not None:
         audio.check_output(output, raw)
     if save_codes is not None:
-        path = Path(save_codes)
-        if path.suffix != ".npy":  # numpy would append .npy and write another file than the one named
+        if Path(save_codes).suffix != ".npy":  # numpy would append .npy and write another file than the one named
             raise CsmError(f"--save-codes {save_codes}: the file name must end in .npy")
-        if path.is_dir():
-            raise CsmError(f"cannot write {save_codes}: it is a directory")
-        if not path.parent.is_dir():
-            raise CsmError(f"cannot write {save_codes}: directory {path.parent} does not exist")
+        audio.check_writable(save_codes)
     if play:
         audio.resolve_device(audio_device)
     elif audio_device is not None:

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from csmcli.audio import OutputClosed, load_audio, open_writer, to_int16
+from csmcli.audio import OutputClosed, check_output, load_audio, open_writer, to_int16
 from csmcli.errors import CsmError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +148,13 @@ def test_writer_rejects_unknown_extension_and_missing_dir(tmp_path):
         open_writer(tmp_path / "out.mp4", RATE)
     with pytest.raises(CsmError, match="does not exist"):
         open_writer(tmp_path / "nope" / "out.wav", RATE)
+
+
+@pytest.mark.parametrize(("name", "raw"), [("out.wav", False), ("out.pcm", True)])
+def test_an_output_that_is_a_directory_is_refused_before_writing(tmp_path, name, raw):
+    (tmp_path / name).mkdir()
+    with pytest.raises(CsmError, match=f"^cannot write {tmp_path / name}: it is a directory$"):
+        check_output(tmp_path / name, raw)
 
 
 def test_raw_file_writer(tmp_path):

@@ -251,7 +251,8 @@ def test_write_preset_refuses_bad_names_before_measuring(tmp_presets, name, mess
         (("-o", "x.txt"), "error: x.txt: unknown report format (use .json, .md or .csv)"),
         # --tiny makes the device cpu only when none is given; an empty value is a mistake, not a default
         (("--torch-device", ""), "error: --torch-device '': not a device (use cpu, cuda or cuda:N)"),
-        (("-o", "/no/such/dir/r.json"), "error: /no/such/dir/r.json: directory /no/such/dir does not exist"),
+        (("-o", "/no/such/dir/r.json"),
+         "error: cannot write /no/such/dir/r.json: directory /no/such/dir does not exist"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch):

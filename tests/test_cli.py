@@ -127,8 +127,11 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 
 def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
-    """A directory named like the file (codes.npy, report.json) would fail only after generating or measuring."""
-    for args, name in [(("say", "hi", "--save-codes"), "codes.npy"), (("bench", "--tiny", "-o"), "report.json")]:
+    """A directory named like the file (codes.npy, report.json, out.wav) would fail only after generating or
+    measuring."""
+    for args, name in [(("say", "hi", "--save-codes"), "codes.npy"), (("bench", "--tiny", "-o"), "report.json"),
+                       (("say", "hi", "--model", "/no/such/dir", "-o"), "out.wav"),
+                       (("stream", "hi", "--no-play", "--raw", "--model", "/no/such/dir", "-o"), "pcm")]:
         (tmp_path / name).mkdir()
         result = run(*args, str(tmp_path / name))
         assert result.returncode == 2
