@@ -87,9 +87,12 @@ def read_text(text: str | None, text_file: str | None, stdin) -> str:
 
 
 def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str | None, save_codes: str | None) -> None:
-    """Refuse a bad -o, --save-codes or --device now, not after the seconds it takes to load the model."""
+    """Refuse a bad -o, --save-codes or --device now, not after the seconds it takes to load the model; name a
+    --raw or --device that has nothing to act on."""
     if output is not None:
         audio.check_output(output, raw)
+    elif raw:  # --raw shapes only what -o writes; the speakers get samples either way
+        ui.warn("--raw has no effect without -o (FILE or -)")
     if save_codes is not None:
         if Path(save_codes).suffix != ".npy":  # numpy would append .npy and write another file than the one named
             raise CsmError(f"--save-codes {save_codes}: the file name must end in .npy")

@@ -144,6 +144,12 @@ def test_an_audio_device_without_playback_is_named_as_unused():
     assert result.stderr.splitlines()[0] == "warning: --device 3 has no effect without playback (--play)"
 
 
+def test_raw_without_an_output_is_named_as_unused():
+    result = run("stream", "hi", "--raw", "--model", "/no/such/dir")
+    assert result.returncode == 2  # no speakers here, or the missing model; the warning comes first
+    assert result.stderr.splitlines()[0] == "warning: --raw has no effect without -o (FILE or -)"
+
+
 def test_user_error_in_a_command_is_one_line_and_exit_2():
     result = run("info", "--preset", "no-such-preset")
     assert result.returncode == 2
