@@ -32,6 +32,9 @@ def gather(preset_name: str | None = None) -> dict[str, Any]:
     probe = probe_gpus()
     preset, reason = resolve_preset(preset_name, probe.gpus[0] if probe.gpus else None, presets=presets)
     torch_facts = torch_versions()
+    # torch's view, not the probe's: NVML can see a GPU that a CPU-only torch cannot use, and then the CPU runs.
+    if not torch_facts["cuda_available"] and (preset.dtype != "float32" or preset.cuda_graphs or preset.fused_kernels):
+        reason += "; no CUDA here, so it runs on the CPU in float32, without CUDA graphs or fused kernels"
     return {
         "versions": {
             "csmcli": __version__,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from csmcli import gpu
+from csmcli import gpu, info
 from csmcli.gpu import GpuInfo
 from csmcli.info import checkpoint_cache_status, render
 from csmcli.presets import load_presets
@@ -91,6 +91,17 @@ def test_info_table_goes_to_stderr_and_honours_preset(tmp_path):
     assert "24gb: chosen with --preset 24gb" in result.stderr
     assert "compile off, fused kernels on" in result.stderr
     assert "sesame/csm-1b: not cached" in result.stderr
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_a_gpu_preset_without_cuda_says_what_the_cpu_runs(monkeypatch, cuda):
+    facts = {"torch": "2", "cuda_runtime": None, "cudnn": None, "cuda_available": cuda}
+    monkeypatch.setattr(info, "torch_versions", lambda: facts)
+    monkeypatch.setattr(info, "audio_output_status", lambda: {})  # PortAudio's probing is not under test
+    note = "; no CUDA here, so it runs on the CPU in float32, without CUDA graphs or fused kernels"
+    reason = info.gather("24gb")["preset"]["reason"]
+    assert reason == "chosen with --preset 24gb" + ("" if cuda else note)
+    assert note not in info.gather("cpu")["preset"]["reason"]  # its settings are what the CPU runs
 
 
 def _fake_hub_cache(root: Path, files: list[str]) -> Path:
