@@ -32,8 +32,11 @@ Runs on CUDA; on the CPU only under `TRITON_INTERPRET=1` (the tests), where `tl.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -413,6 +416,98 @@ def fold_norm(weight: Tensor, norm: Tensor) -> Tensor:
     return (weight.float() * norm.float()).to(weight.dtype)
 
 
+L2_PERSISTING = True
+"""The depth decoder's QKV and output weights (20 MB at full size in bf16) stay in L2 between its 32 steps a frame:
+the kernels that read them carry an access-policy window over their weight (`linear(..., keep_in_l2=True)`; a
+CUDA graph keeps it per kernel node) and the engine sets that many bytes of L2 lines aside for persisting hits
+(`reserve_l2`). Otherwise the layers' 200 MB of MLP weights stream through L2 between two steps of a layer and
+evict them. Caching only: the same results. In the frame graph on an H200 (scripts/l2_persist_probe.py,
+2026-11-29), µs a frame: one row -19, 16 rows -100, 64 rows -33; the set-aside alone (no windows) ±3."""
+
+_LIMIT_PERSISTING_L2 = 0x06  # cudaLimitPersistingL2CacheSize
+_ATTR_MAX_PERSISTING_L2 = 108  # cudaDevAttrMaxPersistingL2CacheSize
+_ATTR_MAX_WINDOW = 109  # cudaDevAttrMaxAccessPolicyWindowSize
+ACCESS_POLICY_WINDOW = 1  # cudaLaunchAttributeAccessPolicyWindow: valid for streams and graph kernel nodes
+_PERSISTING, _STREAMING = 2, 1  # cudaAccessProperty
+
+
+class AccessPolicyWindow(ctypes.Structure):
+    _fields_ = [("base_ptr", ctypes.c_void_p), ("num_bytes", ctypes.c_size_t), ("hit_ratio", ctypes.c_float),
+                ("hit_prop", ctypes.c_int), ("miss_prop", ctypes.c_int)]
+
+
+class LaunchAttributeValue(ctypes.Union):  # cudaLaunchAttributeValue: 64 bytes
+    _fields_ = [("window", AccessPolicyWindow), ("pad", ctypes.c_char * 64)]
+
+
+@functools.cache
+def cudart() -> ctypes.CDLL | None:
+    """The CUDA runtime library torch loaded (None where none is found: then no L2 windows)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            found = next((line.split()[-1] for line in maps if "libcudart.so" in line), None)
+        return ctypes.CDLL(found) if found else None
+    except OSError:
+        return None
+
+
+_l2_hit_ratio: dict[int, float] = {}  # by device index: what `reserve_l2` could set aside for its weights
+_l2_max_window: dict[int, int] = {}
+
+
+def reserve_l2(weights: list[Tensor]) -> int:
+    """Set aside persisting L2 lines for `weights` (CUDA tensors that `linear(..., keep_in_l2=True)` will mark), as
+    many as the GPU allows, never fewer than an earlier call set; returns the bytes set aside (0: none, e.g. no
+    CUDA runtime found, a GPU without persisting L2, or `L2_PERSISTING` off). Where fewer bytes than the weights'
+    are set aside, the windows mark that fraction of their lines persisting."""
+    rt = cudart()
+    if not L2_PERSISTING or INTERPRET or not weights or not weights[0].is_cuda or rt is None:
+        return 0
+    index = weights[0].device.index if weights[0].device.index is not None else torch.cuda.current_device()
+    need = sum(w.numel() * w.element_size() for w in weights)
+    with torch.cuda.device(index):
+        most, window, current = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_size_t(0)
+        if (rt.cudaDeviceGetAttribute(ctypes.byref(most), _ATTR_MAX_PERSISTING_L2, index)
+                or rt.cudaDeviceGetAttribute(ctypes.byref(window), _ATTR_MAX_WINDOW, index)
+                or rt.cudaDeviceGetLimit(ctypes.byref(current), _LIMIT_PERSISTING_L2)):
+            rt.cudaGetLastError()  # not left for torch's next launch check to find
+            return 0
+        size = max(current.value, min(most.value, need))
+        if size > current.value and rt.cudaDeviceSetLimit(_LIMIT_PERSISTING_L2, ctypes.c_size_t(size)):
+            rt.cudaGetLastError()
+            return 0
+    if size:
+        _l2_hit_ratio[index] = min(1.0, size / need)
+        _l2_max_window[index] = window.value
+    return size
+
+
+@contextmanager
+def l2_window(weight: Tensor, keep: bool = True) -> Iterator[None]:
+    """Launches on the current stream inside carry an access-policy window over `weight` (persisting hits,
+    streaming misses; captured into a graph's kernel nodes), where `keep` and `reserve_l2` set lines aside on its
+    GPU; the stream's window is cleared after."""
+    index = weight.device.index if weight.is_cuda else None
+    ratio = _l2_hit_ratio.get(index, 0.0) if keep and index is not None else 0.0
+    size = weight.numel() * weight.element_size()
+    if ratio <= 0.0 or not weight.is_contiguous() or size > _l2_max_window.get(index, 0):
+        yield
+        return
+    rt = cudart()
+    stream = ctypes.c_void_p(torch.cuda.current_stream(weight.device).cuda_stream)
+    value = LaunchAttributeValue()
+    value.window = AccessPolicyWindow(weight.data_ptr(), size, ratio, _PERSISTING, _STREAMING)
+    if rt.cudaStreamSetAttribute(stream, ACCESS_POLICY_WINDOW, ctypes.byref(value)):
+        rt.cudaGetLastError()
+        _l2_hit_ratio[index] = 0.0  # refused once: not asked again
+        yield
+        return
+    try:
+        yield
+    finally:  # a zero window: later launches on the stream get the default policy
+        rt.cudaStreamSetAttribute(stream, ACCESS_POLICY_WINDOW, ctypes.byref(LaunchAttributeValue()))
+
+
 NORM_UNROLL_BLOCKS = 16
 """The RMS pre-pass of a tile is unrolled when K spans at most this many blocks (every CSM matmul with a norm: K is
 1024 or 2048, blocks 128 or wider): all its loads in flight at once, the same sum in the same order as the loop."""
@@ -439,7 +534,8 @@ def shares_squares(batch: int) -> bool:
 
 def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tensor | None = None, eps: float = 0.0,
            norm_folded: bool = False, squares: Tensor | None = None, residual: Tensor | None = None,
-           gated: bool = False, batch: int | None = None, config: LinearConfig | None = None) -> Tensor:
+           gated: bool = False, batch: int | None = None, config: LinearConfig | None = None,
+           keep_in_l2: bool = False) -> Tensor:
     """`x [M, K] @ weight.T` for `weight [N, K]` (any strides), with optional fusions:
 
     - `scale [N]` (float32): `weight` holds fp8 values and the product is `(x @ weight.T) * scale`, in float32,
@@ -454,16 +550,22 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
 
     Block sizes follow `batch` (default M): an engine passes its slot count, so a row's result is the same however
     many of the slots run (the frame graphs for fewer active slots compute exactly what the full batch would).
+
+    `keep_in_l2`: the launches carry an access-policy window over `weight` whose hits persist in L2 (where
+    `reserve_l2` set lines aside on this GPU; else nothing): for weights read again and again in a frame.
     """
-    return _linear(x, weight, scale, norm, eps, norm_folded, squares, residual, gated, batch, config, False)[0]
+    with l2_window(weight, keep_in_l2):
+        return _linear(x, weight, scale, norm, eps, norm_folded, squares, residual, gated, batch, config, False)[0]
 
 
 def linear_with_squares(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, residual: Tensor | None = None,
-                        batch: int | None = None, config: LinearConfig | None = None) -> tuple[Tensor, Tensor | None]:
+                        batch: int | None = None, config: LinearConfig | None = None,
+                        keep_in_l2: bool = False) -> tuple[Tensor, Tensor | None]:
     """`linear` (a plain product, optionally fp8 and with a residual), and its output rows' sums of squares (of the
     rounded values it stores) in parts `[M, P]` float32, for a normed product of the result (`linear(...,
     squares=)`); None where the product's tiles cannot split its rows into parts (cuBLAS)."""
-    return _linear(x, weight, scale, None, 0.0, False, None, residual, False, batch, config, True)
+    with l2_window(weight, keep_in_l2):
+        return _linear(x, weight, scale, None, 0.0, False, None, residual, False, batch, config, True)
 
 
 def _linear(x: Tensor, weight: Tensor, scale: Tensor | None, norm: Tensor | None, eps: float, norm_folded: bool,

@@ -323,34 +323,48 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, blocked, input_pos, rows, cache, fused)
         return x + self.feed_forward(self.ffn_norm(x), fused)
 
+    def qkv_weight(self, batch: int) -> Tensor:
+        """The QKV weight `step` reads in an engine of `batch` slots: the folded copy where taken and used
+        (`kernels.folds_norms`), else the layer's own."""
+        from csmcli import kernels
+
+        if self.wqkv_folded is not None and kernels.folds_norms(batch):
+            return self.wqkv_folded
+        return self.attention.wqkv.weight
+
     def step(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, position: Tensor | int, cache: KVCache,
-             batch: int | None = None, squares: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+             batch: int | None = None, squares: Tensor | None = None,
+             keep_in_l2: bool = False) -> tuple[Tensor, Tensor | None]:
         """`forward` for one token per row, `x [B, dim]` at `position` (`[B]` or one int), in five fused kernels
         (csmcli.kernels; imported here so CPU-only installs never need Triton). `batch`: see `kernels.linear`.
-        `squares`: x's rows' sums of squares in parts, if the kernel that wrote x made them. Returns the output
-        and, in engines that share them (`kernels.shares_squares`), its rows' sums of squares (else None)."""
+        `squares`: x's rows' sums of squares in parts, if the kernel that wrote x made them. `keep_in_l2`: the
+        QKV and output products mark their weights to stay in L2 (`kernels.linear`). Returns the output and, in
+        engines that share them (`kernels.shares_squares`), its rows' sums of squares (else None)."""
         from csmcli import kernels
 
         a, f = self.attention, self.feed_forward
         rows = batch or x.shape[0]
-        folded = self.wqkv_folded is not None and kernels.folds_norms(rows)
+        qkv_weight = self.qkv_weight(rows)
+        folded = qkv_weight is self.wqkv_folded
         share = kernels.shares_squares(rows)
 
-        def plus_residual(inputs: Tensor, linear: Linear, residual: Tensor) -> tuple[Tensor, Tensor | None]:
+        def plus_residual(inputs: Tensor, linear: Linear, residual: Tensor,
+                          keep: bool = False) -> tuple[Tensor, Tensor | None]:
             if share:
                 return kernels.linear_with_squares(inputs, linear.weight, scale=linear.scale, residual=residual,
-                                                   batch=batch)
-            return kernels.linear(inputs, linear.weight, scale=linear.scale, residual=residual, batch=batch), None
+                                                   batch=batch, keep_in_l2=keep)
+            return kernels.linear(inputs, linear.weight, scale=linear.scale, residual=residual, batch=batch,
+                                  keep_in_l2=keep), None
 
         if folded:
-            qkv = kernels.linear(x, self.wqkv_folded, norm_folded=True, eps=self.attention_norm.eps, squares=squares,
-                                 batch=batch)
+            qkv = kernels.linear(x, qkv_weight, norm_folded=True, eps=self.attention_norm.eps, squares=squares,
+                                 batch=batch, keep_in_l2=keep_in_l2)
         else:
-            qkv = kernels.linear(x, a.wqkv.weight, scale=a.wqkv.scale, norm=self.attention_norm.weight,
-                                 eps=self.attention_norm.eps, squares=squares, batch=batch)
+            qkv = kernels.linear(x, qkv_weight, scale=a.wqkv.scale, norm=self.attention_norm.weight,
+                                 eps=self.attention_norm.eps, squares=squares, batch=batch, keep_in_l2=keep_in_l2)
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
-        x, squares = plus_residual(out, a.wo, x)
+        x, squares = plus_residual(out, a.wo, x, keep_in_l2)
         if folded:
             hidden = kernels.linear(x, self.w13_folded, norm_folded=True, eps=self.ffn_norm.eps, squares=squares,
                                     gated=True, batch=batch)
@@ -417,16 +431,22 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, blocked, input_pos, rows, cache, fused)
         return self.norm(x)
 
-    def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache],
-             batch: int | None = None) -> tuple[Tensor, Tensor | None]:
+    def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache], batch: int | None = None,
+             keep_in_l2: bool = False) -> tuple[Tensor, Tensor | None]:
         """One token per row through the fused kernels: `x [B, dim]` at `position` (`[B]`, or one int for all
         rows) into all rows of `caches`. Returns the last layer's output *before* the final norm `[B, dim]`, so
         the caller can fold that norm into the next matmul, with its rows' sums of squares for that norm's RMS
-        (None where not shared: `Block.step`). `batch`: see `kernels.linear`."""
+        (None where not shared: `Block.step`). `batch`: see `kernels.linear`; `keep_in_l2`: see `Block.step`
+        (the weights are `l2_weights`)."""
         squares = None
         for layer, cache in zip(self.layers, caches, strict=True):
-            x, squares = layer.step(x, self.rope_cos, self.rope_sin, position, cache, batch, squares)
+            x, squares = layer.step(x, self.rope_cos, self.rope_sin, position, cache, batch, squares, keep_in_l2)
         return x, squares
+
+    def l2_weights(self, batch: int) -> list[Tensor]:
+        """The weights `step(..., keep_in_l2=True)` marks in an engine of `batch` slots: every layer's QKV and
+        output weights."""
+        return [w for layer in self.layers for w in (layer.qkv_weight(batch), layer.attention.wo.weight)]
 
 
 @dataclass(frozen=True)
@@ -542,10 +562,11 @@ class Csm(nn.Module):
         dec = self.decoder
         c0, x = sample(kernels.linear(hidden, self.codebook0_head.weight, batch=batch), 0)  # [B], [B, dim]
         # Position 0 only fills the cache: its output is not needed.
-        dec.step(kernels.linear(hidden, self.projection.weight, batch=batch), 0, caches, batch)
+        # The decoder's small weights are read 32 times a frame: kept in L2 (where the engine set lines aside).
+        dec.step(kernels.linear(hidden, self.projection.weight, batch=batch), 0, caches, batch, keep_in_l2=True)
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
-            x, squares = dec.step(x, i, caches, batch)
+            x, squares = dec.step(x, i, caches, batch, keep_in_l2=True)
             logits = kernels.linear(x, audio_head_rows[i - 1], norm=None if heads_folded else dec.norm.weight,
                                     norm_folded=heads_folded, eps=dec.norm.eps, squares=squares,
                                     batch=batch)  # [B, V]

@@ -204,3 +204,52 @@ def test_a_prompt_prefills_the_same_in_any_group_and_position(model, rows):
     assert states[0][1] == rows and states[0][0].abs().sum() > 0
     for other in states[1:]:
         assert all(torch.equal(a, b) for a, b in zip(states[0], other, strict=True))
+
+
+def _window_bases(graph: torch.cuda.CUDAGraph) -> list[tuple[int, int]]:
+    """(base, bytes) of every kernel node's access-policy window in a graph captured with keep_graph=True."""
+    import ctypes
+
+    from csmcli import kernels
+
+    rt = kernels.cudart()
+    raw = ctypes.c_void_p(graph.raw_cuda_graph())
+    count = ctypes.c_size_t(0)
+    assert rt.cudaGraphGetNodes(raw, None, ctypes.byref(count)) == 0
+    nodes = (ctypes.c_void_p * count.value)()
+    assert rt.cudaGraphGetNodes(raw, nodes, ctypes.byref(count)) == 0
+    windows = []
+    for node in nodes:
+        kind, value = ctypes.c_int(-1), kernels.LaunchAttributeValue()
+        assert rt.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)) == 0
+        if kind.value == 0:  # a kernel node
+            assert rt.cudaGraphKernelNodeGetAttribute(ctypes.c_void_p(node), kernels.ACCESS_POLICY_WINDOW,
+                                                      ctypes.byref(value)) == 0
+            windows.append((value.window.base_ptr or 0, value.window.num_bytes))
+    return windows
+
+
+@pytest.mark.parametrize("max_batch", [1, 64])
+def test_the_frame_graph_keeps_the_depth_decoders_small_weights_in_l2(model, max_batch):
+    """The engine sets L2 lines aside for the depth decoder's QKV and output weights, and in the frame graph
+    exactly the products that read them carry a window over them (32 decoder steps a frame, 2 products a layer);
+    every other kernel node has none (the stream's window is cleared after each product)."""
+    from csmcli import kernels
+    from csmcli.engine import state_kept
+
+    engine = Engine(model, max_batch=max_batch)
+    weights = model.decoder.l2_weights(max_batch)
+    assert engine.l2_reserved > 0
+    graph = torch.cuda.CUDAGraph(keep_graph=True)
+    with state_kept(engine.stepper.state()):
+        engine.stepper.step(max_batch)  # compiled before capture
+        with torch.cuda.graph(graph):
+            engine.stepper.step(max_batch)
+    windows = _window_bases(graph)
+    marked = [(base, size) for base, size in windows if size]
+    want = {(w.data_ptr(), w.numel() * w.element_size()) for w in weights}
+    assert set(marked) == want
+    assert len(marked) == 32 * len(model.decoder.layers) * 2
+    assert len(windows) > 2 * len(marked)  # the backbone, attention, heads, draws: unmarked
+    assert kernels.folds_norms(max_batch) == any(w is layer.wqkv_folded for w in weights
+                                                 for layer in model.decoder.layers)

@@ -463,18 +463,26 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
         config = kernels.linear_config
         monkeypatch.setattr(kernels, "linear_config", lambda m, n, k, gated, fp8=False: (1, 64, 128, 4, 1, 3)
                             if m == 1 else config(m, n, k, gated, fp8))
-    folded_calls, squares_calls = [], []
+    folded_calls, squares_calls, kept_in_l2 = [], [], []
     if weights.startswith("float32, norms folded"):  # as engines of 64 slots run (`kernels.folds_norms`), at 3 here
         monkeypatch.setattr(kernels, "folds_norms", lambda batch: batch > 1)
         monkeypatch.setattr(kernels, "shares_squares", lambda batch: "squares" in weights and batch > 1)
-        linear = kernels.linear
+        linear, linear_with_squares = kernels.linear, kernels.linear_with_squares
 
         def counted(*args, **kwargs):
             folded_calls.append(kwargs.get("norm_folded", False))
             squares_calls.append(kwargs.get("squares") is not None)
+            if kwargs.get("keep_in_l2"):
+                kept_in_l2.append(args[1].data_ptr())
             return linear(*args, **kwargs)
 
+        def counted_with_squares(*args, **kwargs):
+            if kwargs.get("keep_in_l2"):
+                kept_in_l2.append(args[1].data_ptr())
+            return linear_with_squares(*args, **kwargs)
+
         monkeypatch.setattr(kernels, "linear", counted)
+        monkeypatch.setattr(kernels, "linear_with_squares", counted_with_squares)
     model = tiny_csm(torch.float32)
     g = torch.Generator().manual_seed(4)
     for name, param in model.named_parameters():  # norm weights other than 1: a fold that is not applied shows
@@ -492,6 +500,9 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
         # shared squares: every normed product but a step's first QKV (x from the embedding or the draw)
         shared = frames * ((1 + 32) * (2 * 2 - 1) + 31) if "squares" in weights else 0
         assert sum(squares_calls) == shared, sum(squares_calls)
+        # kept in L2: the decoder's QKV (folded) and output weights, in each of its 32 steps, and nothing else
+        assert set(kept_in_l2) == {w.data_ptr() for w in model.decoder.l2_weights(slots)}
+        assert len(kept_in_l2) == frames * 32 * 2 * 2
 
 
 def test_folded_copies_follow_the_weights():

@@ -1,0 +1,197 @@
+"""Does pinning the depth decoder's small weights in L2 speed up the 64-row frame graph?
+
+At 64 rows the decoder's QKV (3.1 MB a layer) and output projection (2.1 MB) are latency chains that read their
+weights from HBM every step: between two steps of one layer the 50 MB gate/up and down weights of four layers stream
+through L2 and evict them. This probe copies those weights of all decoder layers into one buffer (one access-policy
+window can cover only one address range), sets aside persisting L2 lines, and marks every kernel node of the frame
+graph with an access-policy window over the buffer (persisting hits, streaming misses). Each variant's graph is timed
+against the plain graph in back-to-back pairs. Prints µs a frame; changes nothing in csmcli.
+
+Usage: l2_persist_probe.py [ROWS]   (default 64)
+"""
+
+import ctypes
+import glob
+import os
+import statistics
+import sys
+
+import torch
+
+from csmcli.checkpoint import random_model
+from csmcli.engine import state_kept
+from csmcli.generate import FrameStepper
+from csmcli.model import CSM_1B
+
+FRAMES = 40
+ROUNDS = 5
+LIMIT_PERSISTING_L2 = 0x06  # cudaLimitPersistingL2CacheSize
+ATTR_MAX_PERSISTING_L2 = 108  # cudaDevAttrMaxPersistingL2CacheSize
+ATTR_MAX_WINDOW = 109  # cudaDevAttrMaxAccessPolicyWindowSize
+NODE_KERNEL = 0  # cudaGraphNodeTypeKernel
+NODE_ATTR_WINDOW = 1  # cudaKernelNodeAttributeAccessPolicyWindow
+PERSISTING, STREAMING = 2, 1  # cudaAccessProperty
+
+
+class Window(ctypes.Structure):
+    _fields_ = [("base_ptr", ctypes.c_void_p), ("num_bytes", ctypes.c_size_t), ("hit_ratio", ctypes.c_float),
+                ("hit_prop", ctypes.c_int), ("miss_prop", ctypes.c_int)]
+
+
+class AttrValue(ctypes.Union):  # cudaLaunchAttributeValue: 64 bytes
+    _fields_ = [("window", Window), ("pad", ctypes.c_char * 64)]
+
+
+def cudart() -> ctypes.CDLL:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "libcudart.so" in line:
+                return ctypes.CDLL(line.split()[-1])
+    here = os.path.dirname(torch.__file__)
+    found = glob.glob(os.path.join(here, "..", "nvidia", "*", "lib", "libcudart.so*"))
+    return ctypes.CDLL(found[0] if found else "libcudart.so")
+
+
+def check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{what}: cudaError {status}")
+
+
+def main() -> None:
+    rows = int(sys.argv[1]) if sys.argv[1:] else 64
+    torch.manual_seed(0)
+    model = random_model(CSM_1B, "cuda", torch.bfloat16)
+    stepper = FrameStepper(model, rows, fused=True)
+    stepper.positions.fill_(200)
+    stepper.hidden.normal_()
+    rt = cudart()
+    value = ctypes.c_int(0)
+    check(rt.cudaDeviceGetAttribute(ctypes.byref(value), ATTR_MAX_PERSISTING_L2, 0), "max persisting")
+    max_persisting = value.value
+    check(rt.cudaDeviceGetAttribute(ctypes.byref(value), ATTR_MAX_WINDOW, 0), "max window")
+    max_window = value.value
+    print(f"max persisting L2 {max_persisting / 2**20:.1f} MiB, max window {max_window / 2**20:.1f} MiB", flush=True)
+
+    def capture(window: tuple[int, int, float] | None = None, on_stream: bool = False) -> torch.cuda.CUDAGraph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with state_kept(stepper.state()), torch.cuda.stream(stream):
+            for _ in range(2):
+                stepper.step(rows)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph(keep_graph=True)
+        attr = AttrValue()
+        if window is not None:
+            base, size, ratio = window
+            attr.window = Window(base, size, ratio, PERSISTING, STREAMING)
+        with state_kept(stepper.state()), torch.cuda.graph(graph):
+            if on_stream:  # the capture stream's attribute: does capture copy it into the kernel nodes?
+                stream_handle = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+                check(rt.cudaStreamSetAttribute(stream_handle, NODE_ATTR_WINDOW, ctypes.byref(attr)), "stream")
+            stepper.step(rows)
+            if on_stream:
+                check(rt.cudaStreamSetAttribute(stream_handle, NODE_ATTR_WINDOW, ctypes.byref(AttrValue())), "s")
+        if on_stream:
+            raw = ctypes.c_void_p(graph.raw_cuda_graph())
+            count = ctypes.c_size_t(0)
+            check(rt.cudaGraphGetNodes(raw, None, ctypes.byref(count)), "nodes")
+            nodes = (ctypes.c_void_p * count.value)()
+            check(rt.cudaGraphGetNodes(raw, nodes, ctypes.byref(count)), "nodes")
+            carried = 0
+            for node in nodes:
+                kind, got = ctypes.c_int(-1), AttrValue()
+                check(rt.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)), "node type")
+                if kind.value == NODE_KERNEL:
+                    check(rt.cudaGraphKernelNodeGetAttribute(ctypes.c_void_p(node), NODE_ATTR_WINDOW,
+                                                             ctypes.byref(got)), "get window")
+                    carried += got.window.num_bytes == attr.window.num_bytes and got.window.base_ptr is not None
+            print(f"  stream attribute: {carried} of {count.value} nodes carry the window", flush=True)
+        elif window is not None:
+            raw = ctypes.c_void_p(graph.raw_cuda_graph())
+            count = ctypes.c_size_t(0)
+            check(rt.cudaGraphGetNodes(raw, None, ctypes.byref(count)), "nodes")
+            nodes = (ctypes.c_void_p * count.value)()
+            check(rt.cudaGraphGetNodes(raw, nodes, ctypes.byref(count)), "nodes")
+            marked = 0
+            for node in nodes:
+                kind = ctypes.c_int(-1)
+                check(rt.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)), "node type")
+                if kind.value == NODE_KERNEL:
+                    check(rt.cudaGraphKernelNodeSetAttribute(ctypes.c_void_p(node), NODE_ATTR_WINDOW,
+                                                             ctypes.byref(attr)), "set window")
+                    marked += 1
+            print(f"  window {size / 2**20:.1f} MiB, hit ratio {ratio:.2f}: {marked} of {count.value} nodes",
+                  flush=True)
+        graph.instantiate()
+        return graph
+
+    def time_ms(graph: torch.cuda.CUDAGraph) -> float:
+        with state_kept(stepper.state()):
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(FRAMES):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+        return start.elapsed_time(end) / FRAMES
+
+    def compare(label: str, graph: torch.cuda.CUDAGraph, base: torch.cuda.CUDAGraph, base_ms: float) -> None:
+        diffs = []
+        for _ in range(ROUNDS):
+            b = time_ms(base)
+            diffs.append(time_ms(graph) - b)
+        diff = statistics.median(diffs)
+        sure = max(diffs) < 0 and diff < -0.002 * base_ms
+        print(f"{label:44s} {diff * 1000:+7.1f} us/frame {'WIN' if sure else '   '} "
+              f"{[round(d * 1000, 1) for d in diffs]}", flush=True)
+
+    base = capture()
+    base_ms = time_ms(base)
+    print(f"rows {rows}: plain graph {base_ms:.3f} ms/frame", flush=True)
+
+    # One buffer: every decoder layer's output projection, then every layer's (folded) QKV.
+    layers = model.decoder.layers
+    qkv_name = "wqkv_folded" if layers[0].wqkv_folded is not None else None
+    parts = [layer.attention.wo.weight for layer in layers]
+    parts += [getattr(layer, qkv_name) if qkv_name else layer.attention.wqkv.weight for layer in layers]
+    buffer = torch.empty(sum(p.numel() for p in parts), dtype=parts[0].dtype, device="cuda")
+    offset, views = 0, []
+    for p in parts:
+        view = buffer[offset: offset + p.numel()].view(p.shape)
+        view.copy_(p)
+        views.append(view)
+        offset += p.numel()
+    n = len(layers)
+    for layer, view in zip(layers, views[:n], strict=True):
+        layer.attention.wo.weight.data = view
+    for layer, view in zip(layers, views[n:], strict=True):
+        if qkv_name:
+            setattr(layer, qkv_name, view)
+        else:
+            layer.attention.wqkv.weight.data = view
+    o_bytes = sum(v.numel() for v in views[:n]) * buffer.element_size()
+    all_bytes = buffer.numel() * buffer.element_size()
+    print(f"buffer: o {o_bytes / 2**20:.1f} MiB, o + QKV {all_bytes / 2**20:.1f} MiB ({qkv_name or 'wqkv'})",
+          flush=True)
+    compare("weights in one buffer, no window", capture(), base, base_ms)
+
+    setaside = min(max_persisting, all_bytes)
+    check(rt.cudaDeviceSetLimit(LIMIT_PERSISTING_L2, ctypes.c_size_t(setaside)), "set limit")
+    print(f"persisting L2 set aside: {setaside / 2**20:.1f} MiB", flush=True)
+    compare("set-aside only, no window", capture(), base, base_ms)
+    ptr = buffer.data_ptr()
+    for label, size in (("window: o", o_bytes), ("window: o + QKV", all_bytes)):
+        size = min(size, max_window)
+        ratio = min(1.0, setaside / size)
+        graph = capture((ptr, size, ratio))
+        compare(label, graph, base, base_ms)
+        del graph
+        check(rt.cudaCtxResetPersistingL2Cache(), "reset persisting")
+    graph = capture((ptr, all_bytes, min(1.0, setaside / all_bytes)), on_stream=True)
+    compare("stream attribute: o + QKV", graph, base, base_ms)
+    check(rt.cudaDeviceSetLimit(LIMIT_PERSISTING_L2, ctypes.c_size_t(0)), "reset limit")
+
+
+if __name__ == "__main__":
+    main()
