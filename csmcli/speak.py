@@ -91,6 +91,9 @@ def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str |
     --raw or --device that has nothing to act on."""
     if output is not None:
         audio.check_output(output, raw)
+        suffix = Path(output).suffix.lower()
+        if raw and output != "-" and suffix in audio.WRITE_FORMATS:  # e.g. say --raw with the default out.wav
+            ui.warn(f"--raw: {output} will hold headerless s16le PCM, not {suffix} audio")
     elif raw:  # --raw shapes only what -o writes; the speakers get samples either way
         ui.warn("--raw has no effect without -o (FILE or -)")
     if save_codes is not None:

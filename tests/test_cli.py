@@ -150,6 +150,18 @@ def test_raw_without_an_output_is_named_as_unused():
     assert result.stderr.splitlines()[0] == "warning: --raw has no effect without -o (FILE or -)"
 
 
+@pytest.mark.parametrize(("args", "warned"), [((), "out.wav"), (("-o", "x.FLAC"), "x.FLAC"), (("-o", "x.pcm"), None)])
+def test_raw_into_an_audio_file_name_is_named(args, warned):
+    result = run("say", "hi", "--raw", *args, "--model", "/no/such/dir")
+    assert result.returncode == 2  # the missing model; the warning comes first
+    first = result.stderr.splitlines()[0]
+    if warned:
+        suffix = warned[warned.rindex("."):].lower()
+        assert first == f"warning: --raw: {warned} will hold headerless s16le PCM, not {suffix} audio"
+    else:
+        assert first.startswith("error:")
+
+
 def test_user_error_in_a_command_is_one_line_and_exit_2():
     result = run("info", "--preset", "no-such-preset")
     assert result.returncode == 2
