@@ -165,7 +165,8 @@ class Engine:
         if self.fused_kernels:  # L2 lines for the depth decoder's small weights, read 32 times a frame
             from csmcli import kernels
 
-            self.l2_reserved = kernels.reserve_l2(model.decoder.l2_weights(max_batch))
+            self.l2_reserved = kernels.reserve_l2(model.decoder.l2_weights(max_batch),
+                                                  model.decoder.l2_mlp_weights(max_batch))
         else:
             self.l2_reserved = 0
         self.max_batch = max_batch

@@ -451,20 +451,26 @@ def cudart() -> ctypes.CDLL | None:
         return None
 
 
-_l2_hit_ratio: dict[int, float] = {}  # by device index: what `reserve_l2` could set aside for its weights
+_l2_ratio: dict[tuple[int, int], float] = {}  # (device index, data_ptr) -> hit ratio, from `reserve_l2`
 _l2_max_window: dict[int, int] = {}
 
+L2_MLP = False
+"""Experiment: the depth decoder's MLP weights (200 MB) share what L2 sets aside beyond the small weights, as a
+fraction of their lines (`reserve_l2(..., partly=)`)."""
 
-def reserve_l2(weights: list[Tensor]) -> int:
+
+def reserve_l2(weights: list[Tensor], partly: list[Tensor] = ()) -> int:
     """Set aside persisting L2 lines for `weights` (CUDA tensors that `linear(..., keep_in_l2=True)` will mark), as
     many as the GPU allows, never fewer than an earlier call set; returns the bytes set aside (0: none, e.g. no
     CUDA runtime found, a GPU without persisting L2, or `L2_PERSISTING` off). Where fewer bytes than the weights'
-    are set aside, the windows mark that fraction of their lines persisting."""
+    are set aside, the windows mark that fraction of their lines persisting. `partly`: weights that share what is
+    left beyond `weights`, each window marking that fraction of its lines."""
     rt = cudart()
     if not L2_PERSISTING or INTERPRET or not weights or not weights[0].is_cuda or rt is None:
         return 0
     index = weights[0].device.index if weights[0].device.index is not None else torch.cuda.current_device()
     need = sum(w.numel() * w.element_size() for w in weights)
+    extra = sum(w.numel() * w.element_size() for w in partly)
     with torch.cuda.device(index):
         most, window, current = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_size_t(0)
         if (rt.cudaDeviceGetAttribute(ctypes.byref(most), _ATTR_MAX_PERSISTING_L2, index)
@@ -472,13 +478,16 @@ def reserve_l2(weights: list[Tensor]) -> int:
                 or rt.cudaDeviceGetLimit(ctypes.byref(current), _LIMIT_PERSISTING_L2)):
             rt.cudaGetLastError()  # not left for torch's next launch check to find
             return 0
-        size = max(current.value, min(most.value, need))
+        size = max(current.value, min(most.value, need + extra))
         if size > current.value and rt.cudaDeviceSetLimit(_LIMIT_PERSISTING_L2, ctypes.c_size_t(size)):
             rt.cudaGetLastError()
             return 0
     if size:
-        _l2_hit_ratio[index] = min(1.0, size / need)
         _l2_max_window[index] = window.value
+        for w in weights:
+            _l2_ratio[(index, w.data_ptr())] = min(1.0, size / need)
+        for w in partly:
+            _l2_ratio[(index, w.data_ptr())] = min(1.0, max(0, size - need) / extra)
     return size
 
 
@@ -488,7 +497,7 @@ def l2_window(weight: Tensor, keep: bool = True) -> Iterator[None]:
     streaming misses; captured into a graph's kernel nodes), where `keep` and `reserve_l2` set lines aside on its
     GPU; the stream's window is cleared after."""
     index = weight.device.index if weight.is_cuda else None
-    ratio = _l2_hit_ratio.get(index, 0.0) if keep and index is not None else 0.0
+    ratio = _l2_ratio.get((index, weight.data_ptr()), 0.0) if keep and index is not None else 0.0
     size = weight.numel() * weight.element_size()
     if ratio <= 0.0 or not weight.is_contiguous() or size > _l2_max_window.get(index, 0):
         yield
@@ -499,7 +508,7 @@ def l2_window(weight: Tensor, keep: bool = True) -> Iterator[None]:
     value.window = AccessPolicyWindow(weight.data_ptr(), size, ratio, _PERSISTING, _STREAMING)
     if rt.cudaStreamSetAttribute(stream, ACCESS_POLICY_WINDOW, ctypes.byref(value)):
         rt.cudaGetLastError()
-        _l2_hit_ratio[index] = 0.0  # refused once: not asked again
+        _l2_ratio[(index, weight.data_ptr())] = 0.0  # refused once: not asked again
         yield
         return
     try:

@@ -365,13 +365,15 @@ class Block(nn.Module):
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
         x, squares = plus_residual(out, a.wo, x, keep_in_l2)
+        keep_mlp = keep_in_l2 and kernels.L2_MLP
         if folded:
             hidden = kernels.linear(x, self.w13_folded, norm_folded=True, eps=self.ffn_norm.eps, squares=squares,
-                                    gated=True, batch=batch)
+                                    gated=True, batch=batch, keep_in_l2=keep_mlp)
         else:
             hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight,
-                                    eps=self.ffn_norm.eps, squares=squares, gated=True, batch=batch)
-        return plus_residual(hidden, f.w2, x)
+                                    eps=self.ffn_norm.eps, squares=squares, gated=True, batch=batch,
+                                    keep_in_l2=keep_mlp)
+        return plus_residual(hidden, f.w2, x, keep_mlp)
 
 
 class Transformer(nn.Module):
@@ -447,6 +449,16 @@ class Transformer(nn.Module):
         """The weights `step(..., keep_in_l2=True)` marks in an engine of `batch` slots: every layer's QKV and
         output weights."""
         return [w for layer in self.layers for w in (layer.qkv_weight(batch), layer.attention.wo.weight)]
+
+    def l2_mlp_weights(self, batch: int) -> list[Tensor]:
+        """With `kernels.L2_MLP`: the MLP weights `step(..., keep_in_l2=True)` marks too."""
+        from csmcli import kernels
+
+        if not kernels.L2_MLP:
+            return []
+        folded = [layer.qkv_weight(batch) is layer.wqkv_folded for layer in self.layers]
+        return [w for layer, f in zip(self.layers, folded, strict=True)
+                for w in (layer.w13_folded if f else layer.feed_forward.w13.weight, layer.feed_forward.w2.weight)]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ window can cover only one address range), sets aside persisting L2 lines, and ma
 graph with an access-policy window over the buffer (persisting hits, streaming misses). Each variant's graph is timed
 against the plain graph in back-to-back pairs. Prints µs a frame; changes nothing in csmcli.
 
-Usage: l2_persist_probe.py [ROWS]   (default 64)
+Usage: l2_persist_probe.py [ROWS] [engine]   (default 64)
+  engine: csmcli's own windows (`kernels.reserve_l2` + `linear(..., keep_in_l2=True)`): none, the small weights,
+  and the small weights plus a share of the MLP weights' lines (`kernels.L2_MLP`), each against none
 """
 
 import ctypes
@@ -57,8 +59,60 @@ def check(status: int, what: str) -> None:
         raise RuntimeError(f"{what}: cudaError {status}")
 
 
+def engine_windows(rows: int) -> None:
+    from csmcli import kernels
+
+    torch.manual_seed(0)
+    model = random_model(CSM_1B, "cuda", torch.bfloat16)
+    stepper = FrameStepper(model, rows, fused=True)
+    stepper.positions.fill_(200)
+    stepper.hidden.normal_()
+
+    def capture() -> torch.cuda.CUDAGraph:
+        with state_kept(stepper.state()):
+            stepper.step(rows)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                stepper.step(rows)
+        return graph
+
+    def time_ms(graph: torch.cuda.CUDAGraph) -> float:
+        with state_kept(stepper.state()):
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(FRAMES):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+        return start.elapsed_time(end) / FRAMES
+
+    base = capture()
+    base_ms = time_ms(base)
+    print(f"rows {rows}: no windows {base_ms:.3f} ms/frame", flush=True)
+    dec = model.decoder
+    for label, mlp in (("small weights", False), ("small weights + MLP share", True)):
+        kernels.L2_MLP = mlp
+        kernels._l2_ratio.clear()
+        size = kernels.reserve_l2(dec.l2_weights(rows), dec.l2_mlp_weights(rows))
+        graph = capture()
+        diffs = []
+        for _ in range(ROUNDS):
+            b = time_ms(base)
+            diffs.append(time_ms(graph) - b)
+        diff = statistics.median(diffs)
+        sure = max(diffs) < 0 and diff < -0.002 * base_ms
+        ratios = sorted({round(r, 3) for r in kernels._l2_ratio.values()})
+        print(f"{label:30s} set aside {size / 2**20:5.1f} MiB ratios {ratios}: {diff * 1000:+7.1f} us/frame "
+              f"{'WIN' if sure else '   '} {[round(d * 1000, 1) for d in diffs]}", flush=True)
+        del graph
+
+
 def main() -> None:
     rows = int(sys.argv[1]) if sys.argv[1:] else 64
+    if "engine" in sys.argv[2:]:
+        engine_windows(rows)
+        return
     torch.manual_seed(0)
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
     stepper = FrameStepper(model, rows, fused=True)
