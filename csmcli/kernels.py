@@ -497,9 +497,9 @@ def l2_window(weight: Tensor, keep: bool = True) -> Iterator[None]:
     streaming misses; captured into a graph's kernel nodes), where `keep` and `reserve_l2` set lines aside on its
     GPU; the stream's window is cleared after."""
     index = weight.device.index if weight.is_cuda else None
-    ratio = _l2_ratio.get((index, weight.data_ptr()), 0.0) if keep and index is not None else 0.0
+    ratio = _l2_ratio.get((index, weight.data_ptr())) if keep and index is not None else None
     size = weight.numel() * weight.element_size()
-    if ratio <= 0.0 or not weight.is_contiguous() or size > _l2_max_window.get(index, 0):
+    if ratio is None or not weight.is_contiguous() or size > _l2_max_window.get(index, 0):
         yield
         return
     rt = cudart()
@@ -508,7 +508,7 @@ def l2_window(weight: Tensor, keep: bool = True) -> Iterator[None]:
     value.window = AccessPolicyWindow(weight.data_ptr(), size, ratio, _PERSISTING, _STREAMING)
     if rt.cudaStreamSetAttribute(stream, ACCESS_POLICY_WINDOW, ctypes.byref(value)):
         rt.cudaGetLastError()
-        _l2_ratio[(index, weight.data_ptr())] = 0.0  # refused once: not asked again
+        _l2_ratio.pop((index, weight.data_ptr()), None)  # refused once: not asked again
         yield
         return
     try:

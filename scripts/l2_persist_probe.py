@@ -91,10 +91,14 @@ def engine_windows(rows: int) -> None:
     base_ms = time_ms(base)
     print(f"rows {rows}: no windows {base_ms:.3f} ms/frame", flush=True)
     dec = model.decoder
-    for label, mlp in (("small weights", False), ("small weights + MLP share", True)):
+    for label, mlp, mlp_ratio in (("small weights", False, None), ("small weights + MLP share", True, None),
+                                  ("small weights + MLP streaming", True, 0.0)):
         kernels.L2_MLP = mlp
         kernels._l2_ratio.clear()
         size = kernels.reserve_l2(dec.l2_weights(rows), dec.l2_mlp_weights(rows))
+        if mlp_ratio is not None:  # the MLP weights' windows: every line a streaming miss
+            for w in dec.l2_mlp_weights(rows):
+                kernels._l2_ratio[(w.device.index, w.data_ptr())] = mlp_ratio
         graph = capture()
         diffs = []
         for _ in range(ROUNDS):
