@@ -162,11 +162,12 @@ class Engine:
         self.fused_kernels = fused_kernels_enabled(fused_kernels, model, compile)
         self.stepper = FrameStepper(model, max_batch, self.fused_kernels)
         self.device = self.stepper.device
-        if self.fused_kernels:  # L2 lines for the depth decoder's small weights, read 32 times a frame
+        if self.fused_kernels:  # L2 hints for the depth decoder's weights, read 32 times a frame
             from csmcli import kernels
 
-            self.l2_reserved = kernels.reserve_l2(model.decoder.l2_weights(max_batch),
-                                                  model.decoder.l2_mlp_weights(max_batch))
+            small, mlp = model.decoder.l2_weights(max_batch)
+            share = kernels.rows_bucket(max_batch) >= kernels.L2_MLP_SHARE_ROWS
+            self.l2_reserved = kernels.reserve_l2(small, mlp, share)
         else:
             self.l2_reserved = 0
         self.max_batch = max_batch

@@ -417,12 +417,18 @@ def fold_norm(weight: Tensor, norm: Tensor) -> Tensor:
 
 
 L2_PERSISTING = True
-"""The depth decoder's QKV and output weights (20 MB at full size in bf16) stay in L2 between its 32 steps a frame:
-the kernels that read them carry an access-policy window over their weight (`linear(..., keep_in_l2=True)`; a
-CUDA graph keeps it per kernel node) and the engine sets that many bytes of L2 lines aside for persisting hits
-(`reserve_l2`). Otherwise the layers' 200 MB of MLP weights stream through L2 between two steps of a layer and
-evict them. Caching only: the same results. In the frame graph on an H200 (scripts/l2_persist_probe.py,
-2026-11-29), µs a frame: one row -19, 16 rows -100, 64 rows -33; the set-aside alone (no windows) ±3."""
+"""The depth decoder's weights, read 32 times a frame, get L2 cache hints: the kernels that read them carry an
+access-policy window over their weight (`linear(..., keep_in_l2=True)`; a CUDA graph keeps it per kernel node),
+and the engine sets persisting L2 lines aside (`reserve_l2`). The QKV and output weights (20 MB at full size,
+bf16) persist whole. The MLP weights (200 MB) are marked streaming (evicted first), so that they no longer push
+everything else out of L2 as they pass through; in engines of `L2_MLP_SHARE_ROWS` slots or more a share of their
+lines persists too (what the GPU sets aside beyond the small weights: 17.5 MB on an H200). Caching only: the same
+results. In the frame graph on an H200 (scripts/l2_persist_probe.py R engine, 2026-11-29), µs a frame against no
+hints: small weights alone 1 row -15, 16 rows -40, 64 rows +33; with the MLP streaming 1 row -66, 16 rows -177, 64
+rows -216; with the MLP's share 1 row -44, 16 rows -152, 64 rows -267."""
+
+L2_MLP_SHARE_ROWS = 64
+"""Engines of at least this many slots give the MLP weights a share of the persisting lines (see `L2_PERSISTING`)."""
 
 _LIMIT_PERSISTING_L2 = 0x06  # cudaLimitPersistingL2CacheSize
 _ATTR_MAX_PERSISTING_L2 = 108  # cudaDevAttrMaxPersistingL2CacheSize
@@ -454,23 +460,18 @@ def cudart() -> ctypes.CDLL | None:
 _l2_ratio: dict[tuple[int, int], float] = {}  # (device index, data_ptr) -> hit ratio, from `reserve_l2`
 _l2_max_window: dict[int, int] = {}
 
-L2_MLP = False
-"""Experiment: the depth decoder's MLP weights (200 MB) share what L2 sets aside beyond the small weights, as a
-fraction of their lines (`reserve_l2(..., partly=)`)."""
-
-
-def reserve_l2(weights: list[Tensor], partly: list[Tensor] = ()) -> int:
+def reserve_l2(weights: list[Tensor], streaming: list[Tensor] = (), share: bool = False) -> int:
     """Set aside persisting L2 lines for `weights` (CUDA tensors that `linear(..., keep_in_l2=True)` will mark), as
     many as the GPU allows, never fewer than an earlier call set; returns the bytes set aside (0: none, e.g. no
     CUDA runtime found, a GPU without persisting L2, or `L2_PERSISTING` off). Where fewer bytes than the weights'
-    are set aside, the windows mark that fraction of their lines persisting. `partly`: weights that share what is
-    left beyond `weights`, each window marking that fraction of its lines."""
+    are set aside, the windows mark that fraction of their lines persisting. `streaming`: weights whose windows
+    mark their lines streaming; with `share`, the lines set aside beyond `weights` persist as a fraction of theirs."""
     rt = cudart()
     if not L2_PERSISTING or INTERPRET or not weights or not weights[0].is_cuda or rt is None:
         return 0
     index = weights[0].device.index if weights[0].device.index is not None else torch.cuda.current_device()
     need = sum(w.numel() * w.element_size() for w in weights)
-    extra = sum(w.numel() * w.element_size() for w in partly)
+    extra = sum(w.numel() * w.element_size() for w in streaming) if share else 0
     with torch.cuda.device(index):
         most, window, current = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_size_t(0)
         if (rt.cudaDeviceGetAttribute(ctypes.byref(most), _ATTR_MAX_PERSISTING_L2, index)
@@ -486,8 +487,8 @@ def reserve_l2(weights: list[Tensor], partly: list[Tensor] = ()) -> int:
         _l2_max_window[index] = window.value
         for w in weights:
             _l2_ratio[(index, w.data_ptr())] = min(1.0, size / need)
-        for w in partly:
-            _l2_ratio[(index, w.data_ptr())] = min(1.0, max(0, size - need) / extra)
+        for w in streaming:
+            _l2_ratio[(index, w.data_ptr())] = min(1.0, max(0, size - need) / extra) if extra else 0.0
     return size
 
 

@@ -332,13 +332,17 @@ class Block(nn.Module):
             return self.wqkv_folded
         return self.attention.wqkv.weight
 
+    def w13_weight(self, batch: int) -> Tensor:
+        """The gate/up weight `step` reads in an engine of `batch` slots (as `qkv_weight`)."""
+        return self.w13_folded if self.qkv_weight(batch) is self.wqkv_folded else self.feed_forward.w13.weight
+
     def step(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, position: Tensor | int, cache: KVCache,
              batch: int | None = None, squares: Tensor | None = None,
              keep_in_l2: bool = False) -> tuple[Tensor, Tensor | None]:
         """`forward` for one token per row, `x [B, dim]` at `position` (`[B]` or one int), in five fused kernels
         (csmcli.kernels; imported here so CPU-only installs never need Triton). `batch`: see `kernels.linear`.
         `squares`: x's rows' sums of squares in parts, if the kernel that wrote x made them. `keep_in_l2`: the
-        QKV and output products mark their weights to stay in L2 (`kernels.linear`). Returns the output and, in
+        products mark their weights for L2 hints (`kernels.linear`, `kernels.L2_PERSISTING`). Returns the output and, in
         engines that share them (`kernels.shares_squares`), its rows' sums of squares (else None)."""
         from csmcli import kernels
 
@@ -365,15 +369,14 @@ class Block(nn.Module):
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
         x, squares = plus_residual(out, a.wo, x, keep_in_l2)
-        keep_mlp = keep_in_l2 and kernels.L2_MLP
         if folded:
-            hidden = kernels.linear(x, self.w13_folded, norm_folded=True, eps=self.ffn_norm.eps, squares=squares,
-                                    gated=True, batch=batch, keep_in_l2=keep_mlp)
+            hidden = kernels.linear(x, self.w13_weight(rows), norm_folded=True, eps=self.ffn_norm.eps, squares=squares,
+                                    gated=True, batch=batch, keep_in_l2=keep_in_l2)
         else:
             hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight,
                                     eps=self.ffn_norm.eps, squares=squares, gated=True, batch=batch,
-                                    keep_in_l2=keep_mlp)
-        return plus_residual(hidden, f.w2, x, keep_mlp)
+                                    keep_in_l2=keep_in_l2)
+        return plus_residual(hidden, f.w2, x, keep_in_l2)
 
 
 class Transformer(nn.Module):
@@ -445,20 +448,12 @@ class Transformer(nn.Module):
             x, squares = layer.step(x, self.rope_cos, self.rope_sin, position, cache, batch, squares, keep_in_l2)
         return x, squares
 
-    def l2_weights(self, batch: int) -> list[Tensor]:
-        """The weights `step(..., keep_in_l2=True)` marks in an engine of `batch` slots: every layer's QKV and
-        output weights."""
-        return [w for layer in self.layers for w in (layer.qkv_weight(batch), layer.attention.wo.weight)]
-
-    def l2_mlp_weights(self, batch: int) -> list[Tensor]:
-        """With `kernels.L2_MLP`: the MLP weights `step(..., keep_in_l2=True)` marks too."""
-        from csmcli import kernels
-
-        if not kernels.L2_MLP:
-            return []
-        folded = [layer.qkv_weight(batch) is layer.wqkv_folded for layer in self.layers]
-        return [w for layer, f in zip(self.layers, folded, strict=True)
-                for w in (layer.w13_folded if f else layer.feed_forward.w13.weight, layer.feed_forward.w2.weight)]
+    def l2_weights(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
+        """The weights `step(..., keep_in_l2=True)` marks in an engine of `batch` slots, as `kernels.reserve_l2`
+        takes them: every layer's QKV and output weights (kept whole), and its gate/up and down weights."""
+        small = [w for layer in self.layers for w in (layer.qkv_weight(batch), layer.attention.wo.weight)]
+        mlp = [w for layer in self.layers for w in (layer.w13_weight(batch), layer.feed_forward.w2.weight)]
+        return small, mlp
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ graph with an access-policy window over the buffer (persisting hits, streaming m
 against the plain graph in back-to-back pairs. Prints µs a frame; changes nothing in csmcli.
 
 Usage: l2_persist_probe.py [ROWS] [engine]   (default 64)
-  engine: csmcli's own windows (`kernels.reserve_l2` + `linear(..., keep_in_l2=True)`): none, the small weights,
-  and the small weights plus a share of the MLP weights' lines (`kernels.L2_MLP`), each against none
+  engine: csmcli's own windows (`kernels.reserve_l2` + `linear(..., keep_in_l2=True)`): the small weights, the
+  small weights plus a share of the MLP weights' lines, the small weights with the MLP's lines streaming; each
+  against no windows
 """
 
 import ctypes
@@ -90,15 +91,11 @@ def engine_windows(rows: int) -> None:
     base = capture()
     base_ms = time_ms(base)
     print(f"rows {rows}: no windows {base_ms:.3f} ms/frame", flush=True)
-    dec = model.decoder
-    for label, mlp, mlp_ratio in (("small weights", False, None), ("small weights + MLP share", True, None),
-                                  ("small weights + MLP streaming", True, 0.0)):
-        kernels.L2_MLP = mlp
+    small, mlp = model.decoder.l2_weights(rows)
+    for label, streaming, share in (("small weights", [], False), ("small weights + MLP share", mlp, True),
+                                    ("small weights + MLP streaming", mlp, False)):
         kernels._l2_ratio.clear()
-        size = kernels.reserve_l2(dec.l2_weights(rows), dec.l2_mlp_weights(rows))
-        if mlp_ratio is not None:  # the MLP weights' windows: every line a streaming miss
-            for w in dec.l2_mlp_weights(rows):
-                kernels._l2_ratio[(w.device.index, w.data_ptr())] = mlp_ratio
+        size = kernels.reserve_l2(small, streaming, share)
         graph = capture()
         diffs = []
         for _ in range(ROUNDS):

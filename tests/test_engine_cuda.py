@@ -206,8 +206,9 @@ def test_a_prompt_prefills_the_same_in_any_group_and_position(model, rows):
         assert all(torch.equal(a, b) for a, b in zip(states[0], other, strict=True))
 
 
-def _window_bases(graph: torch.cuda.CUDAGraph) -> list[tuple[int, int]]:
-    """(base, bytes) of every kernel node's access-policy window in a graph captured with keep_graph=True."""
+def _window_bases(graph: torch.cuda.CUDAGraph) -> list[tuple[int, int, float]]:
+    """(base, bytes, hit ratio) of every kernel node's access-policy window in a graph captured with
+    keep_graph=True."""
     import ctypes
 
     from csmcli import kernels
@@ -225,20 +226,21 @@ def _window_bases(graph: torch.cuda.CUDAGraph) -> list[tuple[int, int]]:
         if kind.value == 0:  # a kernel node
             assert rt.cudaGraphKernelNodeGetAttribute(ctypes.c_void_p(node), kernels.ACCESS_POLICY_WINDOW,
                                                       ctypes.byref(value)) == 0
-            windows.append((value.window.base_ptr or 0, value.window.num_bytes))
+            windows.append((value.window.base_ptr or 0, value.window.num_bytes, value.window.hit_ratio))
     return windows
 
 
 @pytest.mark.parametrize("max_batch", [1, 64])
-def test_the_frame_graph_keeps_the_depth_decoders_small_weights_in_l2(model, max_batch):
-    """The engine sets L2 lines aside for the depth decoder's QKV and output weights, and in the frame graph
-    exactly the products that read them carry a window over them (32 decoder steps a frame, 2 products a layer);
-    every other kernel node has none (the stream's window is cleared after each product)."""
+def test_the_frame_graph_gives_the_depth_decoders_weights_l2_hints(model, max_batch):
+    """The engine sets L2 lines aside, and in the frame graph exactly the products that read the depth decoder's
+    weights carry a window over them (32 decoder steps a frame, 4 products a layer): QKV and output persisting
+    whole, gate/up and down streaming (at 64 slots with a share persisting); every other kernel node has none
+    (the stream's window is cleared after each product)."""
     from csmcli import kernels
     from csmcli.engine import state_kept
 
     engine = Engine(model, max_batch=max_batch)
-    weights = model.decoder.l2_weights(max_batch)
+    small, mlp = model.decoder.l2_weights(max_batch)
     assert engine.l2_reserved > 0
     graph = torch.cuda.CUDAGraph(keep_graph=True)
     with state_kept(engine.stepper.state()):
@@ -246,10 +248,14 @@ def test_the_frame_graph_keeps_the_depth_decoders_small_weights_in_l2(model, max
         with torch.cuda.graph(graph):
             engine.stepper.step(max_batch)
     windows = _window_bases(graph)
-    marked = [(base, size) for base, size in windows if size]
-    want = {(w.data_ptr(), w.numel() * w.element_size()) for w in weights}
-    assert set(marked) == want
-    assert len(marked) == 32 * len(model.decoder.layers) * 2
-    assert len(windows) > 2 * len(marked)  # the backbone, attention, heads, draws: unmarked
-    assert kernels.folds_norms(max_batch) == any(w is layer.wqkv_folded for w in weights
+    marked = {(base, size): ratio for base, size, ratio in windows if size}
+    share = min(1.0, (engine.l2_reserved - sum(w.nbytes for w in small)) / sum(w.nbytes for w in mlp))
+    want = {(w.data_ptr(), w.nbytes): 1.0 for w in small}
+    want |= {(w.data_ptr(), w.nbytes): share if max_batch == 64 else 0.0 for w in mlp}
+    assert marked.keys() == want.keys()
+    assert all(marked[key] == pytest.approx(ratio, abs=1e-6) for key, ratio in want.items())
+    assert 0 < share < 1
+    assert sum(size > 0 for _, size, _ in windows) == 32 * len(model.decoder.layers) * 4
+    assert len(windows) > len(marked) + 32  # the backbone, attention, heads, draws: unmarked
+    assert kernels.folds_norms(max_batch) == any(w is layer.wqkv_folded for w in small
                                                  for layer in model.decoder.layers)
