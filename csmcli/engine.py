@@ -165,9 +165,7 @@ class Engine:
         if self.fused_kernels:  # L2 hints for the depth decoder's weights, read 32 times a frame
             from csmcli import kernels
 
-            small, mlp = model.decoder.l2_weights(max_batch)
-            share = kernels.rows_bucket(max_batch) >= kernels.L2_MLP_SHARE_ROWS
-            self.l2_reserved = kernels.reserve_l2(small, mlp, share)
+            self.l2_reserved = kernels.reserve_l2(*model.decoder.l2_weights(max_batch))
         else:
             self.l2_reserved = 0
         self.max_batch = max_batch

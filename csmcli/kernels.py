@@ -420,15 +420,24 @@ L2_PERSISTING = True
 """The depth decoder's weights, read 32 times a frame, get L2 cache hints: the kernels that read them carry an
 access-policy window over their weight (`linear(..., keep_in_l2=True)`; a CUDA graph keeps it per kernel node),
 and the engine sets persisting L2 lines aside (`reserve_l2`). The QKV and output weights (20 MB at full size,
-bf16) persist whole. The MLP weights (200 MB) are marked streaming (evicted first), so that they no longer push
-everything else out of L2 as they pass through; in engines of `L2_MLP_SHARE_ROWS` slots or more a share of their
-lines persists too (what the GPU sets aside beyond the small weights: 17.5 MB on an H200). Caching only: the same
-results. In the frame graph on an H200 (scripts/l2_persist_probe.py R engine, 2026-11-29), µs a frame against no
-hints: small weights alone 1 row -15, 16 rows -40, 64 rows +33; with the MLP streaming 1 row -66, 16 rows -177, 64
-rows -216; with the MLP's share 1 row -44, 16 rows -152, 64 rows -267."""
+bf16) persist whole. In engines of up to `L2_MLP_ROWS` slots the MLP weights (200 MB) are marked streaming
+(evicted first), so that they no longer push everything else out of L2 as they pass through. Caching only: the
+same results. `bench` on an H200 (2026-11-29), ms a frame: small weights alone B=1 3.73 → 3.72, B=4 5.15 → 5.13,
+B=16 5.41 → 5.34, B=64 5.83 → 5.80; with the MLP streaming too B=1 3.67, B=4 5.03, B=16 5.27."""
 
-L2_MLP_SHARE_ROWS = 64
-"""Engines of at least this many slots give the MLP weights a share of the persisting lines (see `L2_PERSISTING`)."""
+L2_MLP_ROWS = 16
+"""The MLP weights' streaming windows only in engines of at most this many slots. At 64 slots the frame graph
+alone measured them at -216 us a frame, and with a share of the persisting lines as well (`reserve_l2(...,
+share=True)`) at -267; but with the share `bench` B=64 ran 0.28 ms a frame *slower*, its prefill 28% and Mimi ~60%
+slower (37.5 MB of persisting lines stay in L2 after the frame graph and leave the other work 12.5 MB of it). The
+streaming windows without the share are not yet measured in `bench` at 64 slots: off there until they are
+(scripts/l2_persist_probe.py 64 engine; H200, 2026-11-29)."""
+
+
+def l2_mlp_hints(batch: int) -> bool:
+    """Whether an engine of `batch` slots marks the depth decoder's MLP weights streaming (`L2_MLP_ROWS`)."""
+    return rows_bucket(batch) <= L2_MLP_ROWS
+
 
 _LIMIT_PERSISTING_L2 = 0x06  # cudaLimitPersistingL2CacheSize
 _ATTR_MAX_PERSISTING_L2 = 108  # cudaDevAttrMaxPersistingL2CacheSize

@@ -369,14 +369,15 @@ class Block(nn.Module):
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
         x, squares = plus_residual(out, a.wo, x, keep_in_l2)
+        keep_mlp = keep_in_l2 and kernels.l2_mlp_hints(rows)
         if folded:
             hidden = kernels.linear(x, self.w13_weight(rows), norm_folded=True, eps=self.ffn_norm.eps, squares=squares,
-                                    gated=True, batch=batch, keep_in_l2=keep_in_l2)
+                                    gated=True, batch=batch, keep_in_l2=keep_mlp)
         else:
             hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight,
                                     eps=self.ffn_norm.eps, squares=squares, gated=True, batch=batch,
-                                    keep_in_l2=keep_in_l2)
-        return plus_residual(hidden, f.w2, x, keep_in_l2)
+                                    keep_in_l2=keep_mlp)
+        return plus_residual(hidden, f.w2, x, keep_mlp)
 
 
 class Transformer(nn.Module):
@@ -450,10 +451,13 @@ class Transformer(nn.Module):
 
     def l2_weights(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
         """The weights `step(..., keep_in_l2=True)` marks in an engine of `batch` slots, as `kernels.reserve_l2`
-        takes them: every layer's QKV and output weights (kept whole), and its gate/up and down weights."""
+        takes them: every layer's QKV and output weights (kept whole), and its gate/up and down weights (marked
+        streaming; none where `kernels.l2_mlp_hints` says no)."""
+        from csmcli import kernels
+
         small = [w for layer in self.layers for w in (layer.qkv_weight(batch), layer.attention.wo.weight)]
         mlp = [w for layer in self.layers for w in (layer.w13_weight(batch), layer.feed_forward.w2.weight)]
-        return small, mlp
+        return small, mlp if kernels.l2_mlp_hints(batch) else []
 
 
 @dataclass(frozen=True)
