@@ -14,13 +14,12 @@ Usage: l2_persist_probe.py [ROWS] [engine]   (default 64)
 """
 
 import ctypes
-import glob
-import os
 import statistics
 import sys
 
 import torch
 
+from csmcli import kernels
 from csmcli.checkpoint import random_model
 from csmcli.engine import state_kept
 from csmcli.generate import FrameStepper
@@ -36,23 +35,7 @@ NODE_ATTR_WINDOW = 1  # cudaKernelNodeAttributeAccessPolicyWindow
 PERSISTING, STREAMING = 2, 1  # cudaAccessProperty
 
 
-class Window(ctypes.Structure):
-    _fields_ = [("base_ptr", ctypes.c_void_p), ("num_bytes", ctypes.c_size_t), ("hit_ratio", ctypes.c_float),
-                ("hit_prop", ctypes.c_int), ("miss_prop", ctypes.c_int)]
-
-
-class AttrValue(ctypes.Union):  # cudaLaunchAttributeValue: 64 bytes
-    _fields_ = [("window", Window), ("pad", ctypes.c_char * 64)]
-
-
-def cudart() -> ctypes.CDLL:
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if "libcudart.so" in line:
-                return ctypes.CDLL(line.split()[-1])
-    here = os.path.dirname(torch.__file__)
-    found = glob.glob(os.path.join(here, "..", "nvidia", "*", "lib", "libcudart.so*"))
-    return ctypes.CDLL(found[0] if found else "libcudart.so")
+Window, AttrValue = kernels.AccessPolicyWindow, kernels.LaunchAttributeValue
 
 
 def check(status: int, what: str) -> None:
@@ -60,14 +43,59 @@ def check(status: int, what: str) -> None:
         raise RuntimeError(f"{what}: cudaError {status}")
 
 
-def engine_windows(rows: int) -> None:
-    from csmcli import kernels
+def kernel_nodes(rt: ctypes.CDLL, graph: torch.cuda.CUDAGraph) -> list[ctypes.c_void_p]:
+    """The kernel nodes of a graph captured with keep_graph=True."""
+    raw = ctypes.c_void_p(graph.raw_cuda_graph())
+    count = ctypes.c_size_t(0)
+    check(rt.cudaGraphGetNodes(raw, None, ctypes.byref(count)), "nodes")
+    nodes = (ctypes.c_void_p * count.value)()
+    check(rt.cudaGraphGetNodes(raw, nodes, ctypes.byref(count)), "nodes")
+    found = []
+    for node in nodes:
+        kind = ctypes.c_int(-1)
+        check(rt.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)), "node type")
+        if kind.value == NODE_KERNEL:
+            found.append(ctypes.c_void_p(node))
+    return found
 
+
+def stepper_at(rows: int) -> tuple[torch.nn.Module, FrameStepper]:
+    """Full-size random weights and a stepper of `rows` slots at position 200 (a ~200-row prompt's frames)."""
     torch.manual_seed(0)
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
     stepper = FrameStepper(model, rows, fused=True)
     stepper.positions.fill_(200)
     stepper.hidden.normal_()
+    return model, stepper
+
+
+def time_ms(stepper: FrameStepper, graph: torch.cuda.CUDAGraph) -> float:
+    with state_kept(stepper.state()):
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(FRAMES):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / FRAMES
+
+
+def compare(stepper: FrameStepper, label: str, graph: torch.cuda.CUDAGraph, base: torch.cuda.CUDAGraph,
+            base_ms: float) -> None:
+    """`graph`'s ms a frame minus `base`'s, timed back to back, ROUNDS times: the median and every round's."""
+    diffs = []
+    for _ in range(ROUNDS):
+        b = time_ms(stepper, base)
+        diffs.append(time_ms(stepper, graph) - b)
+    diff = statistics.median(diffs)
+    sure = max(diffs) < 0 and diff < -0.002 * base_ms
+    print(f"{label:44s} {diff * 1000:+7.1f} us/frame {'WIN' if sure else '   '} "
+          f"{[round(d * 1000, 1) for d in diffs]}", flush=True)
+
+
+def engine_windows(rows: int) -> None:
+    model, stepper = stepper_at(rows)
 
     def capture() -> torch.cuda.CUDAGraph:
         with state_kept(stepper.state()):
@@ -77,19 +105,8 @@ def engine_windows(rows: int) -> None:
                 stepper.step(rows)
         return graph
 
-    def time_ms(graph: torch.cuda.CUDAGraph) -> float:
-        with state_kept(stepper.state()):
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(FRAMES):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-        return start.elapsed_time(end) / FRAMES
-
     base = capture()
-    base_ms = time_ms(base)
+    base_ms = time_ms(stepper, base)
     print(f"rows {rows}: no windows {base_ms:.3f} ms/frame", flush=True)
     kernels.L2_MLP_ROWS = rows  # the MLP weights' windows in every variant that asks for them
     small, mlp = model.decoder.l2_weights(rows)
@@ -97,16 +114,9 @@ def engine_windows(rows: int) -> None:
                                     ("small weights + MLP streaming", mlp, False)):
         kernels._l2_ratio.clear()
         size = kernels.reserve_l2(small, streaming, share)
-        graph = capture()
-        diffs = []
-        for _ in range(ROUNDS):
-            b = time_ms(base)
-            diffs.append(time_ms(graph) - b)
-        diff = statistics.median(diffs)
-        sure = max(diffs) < 0 and diff < -0.002 * base_ms
         ratios = sorted({round(r, 3) for r in kernels._l2_ratio.values()})
-        print(f"{label:30s} set aside {size / 2**20:5.1f} MiB ratios {ratios}: {diff * 1000:+7.1f} us/frame "
-              f"{'WIN' if sure else '   '} {[round(d * 1000, 1) for d in diffs]}", flush=True)
+        graph = capture()
+        compare(stepper, f"{label} ({size / 2**20:.1f} MiB set aside, ratios {ratios})", graph, base, base_ms)
         del graph
 
 
@@ -115,12 +125,8 @@ def main() -> None:
     if "engine" in sys.argv[2:]:
         engine_windows(rows)
         return
-    torch.manual_seed(0)
-    model = random_model(CSM_1B, "cuda", torch.bfloat16)
-    stepper = FrameStepper(model, rows, fused=True)
-    stepper.positions.fill_(200)
-    stepper.hidden.normal_()
-    rt = cudart()
+    model, stepper = stepper_at(rows)
+    rt = kernels.cudart()
     value = ctypes.c_int(0)
     check(rt.cudaDeviceGetAttribute(ctypes.byref(value), ATTR_MAX_PERSISTING_L2, 0), "max persisting")
     max_persisting = value.value
@@ -148,62 +154,23 @@ def main() -> None:
             if on_stream:
                 check(rt.cudaStreamSetAttribute(stream_handle, NODE_ATTR_WINDOW, ctypes.byref(AttrValue())), "s")
         if on_stream:
-            raw = ctypes.c_void_p(graph.raw_cuda_graph())
-            count = ctypes.c_size_t(0)
-            check(rt.cudaGraphGetNodes(raw, None, ctypes.byref(count)), "nodes")
-            nodes = (ctypes.c_void_p * count.value)()
-            check(rt.cudaGraphGetNodes(raw, nodes, ctypes.byref(count)), "nodes")
+            nodes = kernel_nodes(rt, graph)
             carried = 0
             for node in nodes:
-                kind, got = ctypes.c_int(-1), AttrValue()
-                check(rt.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)), "node type")
-                if kind.value == NODE_KERNEL:
-                    check(rt.cudaGraphKernelNodeGetAttribute(ctypes.c_void_p(node), NODE_ATTR_WINDOW,
-                                                             ctypes.byref(got)), "get window")
-                    carried += got.window.num_bytes == attr.window.num_bytes and got.window.base_ptr is not None
-            print(f"  stream attribute: {carried} of {count.value} nodes carry the window", flush=True)
+                got = AttrValue()
+                check(rt.cudaGraphKernelNodeGetAttribute(node, NODE_ATTR_WINDOW, ctypes.byref(got)), "get window")
+                carried += got.window.num_bytes == attr.window.num_bytes and got.window.base_ptr is not None
+            print(f"  stream attribute: {carried} of {len(nodes)} kernel nodes carry the window", flush=True)
         elif window is not None:
-            raw = ctypes.c_void_p(graph.raw_cuda_graph())
-            count = ctypes.c_size_t(0)
-            check(rt.cudaGraphGetNodes(raw, None, ctypes.byref(count)), "nodes")
-            nodes = (ctypes.c_void_p * count.value)()
-            check(rt.cudaGraphGetNodes(raw, nodes, ctypes.byref(count)), "nodes")
-            marked = 0
+            nodes = kernel_nodes(rt, graph)
             for node in nodes:
-                kind = ctypes.c_int(-1)
-                check(rt.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)), "node type")
-                if kind.value == NODE_KERNEL:
-                    check(rt.cudaGraphKernelNodeSetAttribute(ctypes.c_void_p(node), NODE_ATTR_WINDOW,
-                                                             ctypes.byref(attr)), "set window")
-                    marked += 1
-            print(f"  window {size / 2**20:.1f} MiB, hit ratio {ratio:.2f}: {marked} of {count.value} nodes",
-                  flush=True)
+                check(rt.cudaGraphKernelNodeSetAttribute(node, NODE_ATTR_WINDOW, ctypes.byref(attr)), "set window")
+            print(f"  window {size / 2**20:.1f} MiB, hit ratio {ratio:.2f}: {len(nodes)} kernel nodes", flush=True)
         graph.instantiate()
         return graph
 
-    def time_ms(graph: torch.cuda.CUDAGraph) -> float:
-        with state_kept(stepper.state()):
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(FRAMES):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-        return start.elapsed_time(end) / FRAMES
-
-    def compare(label: str, graph: torch.cuda.CUDAGraph, base: torch.cuda.CUDAGraph, base_ms: float) -> None:
-        diffs = []
-        for _ in range(ROUNDS):
-            b = time_ms(base)
-            diffs.append(time_ms(graph) - b)
-        diff = statistics.median(diffs)
-        sure = max(diffs) < 0 and diff < -0.002 * base_ms
-        print(f"{label:44s} {diff * 1000:+7.1f} us/frame {'WIN' if sure else '   '} "
-              f"{[round(d * 1000, 1) for d in diffs]}", flush=True)
-
     base = capture()
-    base_ms = time_ms(base)
+    base_ms = time_ms(stepper, base)
     print(f"rows {rows}: plain graph {base_ms:.3f} ms/frame", flush=True)
 
     # One buffer: every decoder layer's output projection, then every layer's (folded) QKV.
@@ -230,22 +197,22 @@ def main() -> None:
     all_bytes = buffer.numel() * buffer.element_size()
     print(f"buffer: o {o_bytes / 2**20:.1f} MiB, o + QKV {all_bytes / 2**20:.1f} MiB ({qkv_name or 'wqkv'})",
           flush=True)
-    compare("weights in one buffer, no window", capture(), base, base_ms)
+    compare(stepper, "weights in one buffer, no window", capture(), base, base_ms)
 
     setaside = min(max_persisting, all_bytes)
     check(rt.cudaDeviceSetLimit(LIMIT_PERSISTING_L2, ctypes.c_size_t(setaside)), "set limit")
     print(f"persisting L2 set aside: {setaside / 2**20:.1f} MiB", flush=True)
-    compare("set-aside only, no window", capture(), base, base_ms)
+    compare(stepper, "set-aside only, no window", capture(), base, base_ms)
     ptr = buffer.data_ptr()
     for label, size in (("window: o", o_bytes), ("window: o + QKV", all_bytes)):
         size = min(size, max_window)
         ratio = min(1.0, setaside / size)
         graph = capture((ptr, size, ratio))
-        compare(label, graph, base, base_ms)
+        compare(stepper, label, graph, base, base_ms)
         del graph
         check(rt.cudaCtxResetPersistingL2Cache(), "reset persisting")
     graph = capture((ptr, all_bytes, min(1.0, setaside / all_bytes)), on_stream=True)
-    compare("stream attribute: o + QKV", graph, base, base_ms)
+    compare(stepper, "stream attribute: o + QKV", graph, base, base_ms)
     check(rt.cudaDeviceSetLimit(LIMIT_PERSISTING_L2, ctypes.c_size_t(0)), "reset limit")
 
 
