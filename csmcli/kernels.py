@@ -35,7 +35,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -417,13 +417,13 @@ def fold_norm(weight: Tensor, norm: Tensor) -> Tensor:
 
 
 L2_PERSISTING = True
-"""The depth decoder's weights, read 32 times a frame, get L2 cache hints: the kernels that read them carry an
-access-policy window over their weight (`linear(..., keep_in_l2=True)`; a CUDA graph keeps it per kernel node),
-and the engine sets persisting L2 lines aside (`reserve_l2`). The QKV and output weights (20 MB at full size,
-bf16) persist whole. In engines of up to `L2_MLP_ROWS` slots the MLP weights (200 MB) are marked streaming
-(evicted first), so that they no longer push everything else out of L2 as they pass through. Caching only: the
-same results. `bench` on an H200 (2026-11-29), ms a frame: small weights alone B=1 3.73 → 3.72, B=4 5.15 → 5.13,
-B=16 5.41 → 5.34, B=64 5.83 → 5.80; with the MLP streaming too B=1 3.67, B=4 5.03, B=16 5.27."""
+"""The depth decoder's weights, read 32 times a frame, get L2 cache hints in the frame graphs: the kernels that read
+them carry an access-policy window over their weight (`linear(..., l2_hint=True)`, set while a graph is captured,
+which keeps it per kernel node), and the engine sets persisting L2 lines aside (`reserve_l2`). The QKV and output
+weights (20 MB at full size, bf16) persist whole. In engines of up to `L2_MLP_ROWS` slots the MLP weights (200 MB)
+are marked streaming (evicted first), so that they no longer push everything else out of L2 as they pass through.
+Caching only: the same results. `bench` on an H200 (2026-11-29), ms a frame: small weights alone B=1 3.73 → 3.72,
+B=4 5.15 → 5.13, B=16 5.41 → 5.34, B=64 5.83 → 5.80; with the MLP streaming too B=1 3.67, B=4 5.03, B=16 5.27."""
 
 L2_MLP_ROWS = 16
 """The MLP weights' streaming windows only in engines of at most this many slots. At 64 slots the frame graph
@@ -457,59 +457,78 @@ class LaunchAttributeValue(ctypes.Union):  # cudaLaunchAttributeValue: 64 bytes
 
 @functools.cache
 def cudart() -> ctypes.CDLL | None:
-    """The CUDA runtime library torch loaded (None where none is found: then no L2 windows)."""
+    """The CUDA runtime library torch loaded (None where none is found: then no L2 hints)."""
     try:
         with open("/proc/self/maps") as maps:
-            found = next((line.split()[-1] for line in maps if "libcudart.so" in line), None)
+            paths = [line.split(maxsplit=5)[5].strip() for line in maps if "libcudart.so" in line]
+        found = next((p for p in paths if not p.endswith("(deleted)")), None)
         return ctypes.CDLL(found) if found else None
-    except OSError:
+    except (OSError, IndexError):
         return None
 
 
-_l2_ratio: dict[tuple[int, int], float] = {}  # (device index, data_ptr) -> hit ratio, from `reserve_l2`
+# Hints `reserve_l2` registered: (device index, weight's data_ptr) -> the window's hit ratio; and by device index
+# the largest window the GPU takes, in bytes. Only caching follows from them: a stale entry changes no result.
+_l2_ratio: dict[tuple[int, int], float] = {}
 _l2_max_window: dict[int, int] = {}
 
-def reserve_l2(weights: list[Tensor], streaming: list[Tensor] = (), share: bool = False) -> int:
-    """Set aside persisting L2 lines for `weights` (CUDA tensors that `linear(..., keep_in_l2=True)` will mark), as
+
+def _l2_failed(rt: ctypes.CDLL) -> None:
+    """A runtime call failed: take its error off the thread (torch's next launch check would raise it) and stop
+    hinting in this process."""
+    rt.cudaGetLastError()
+    _l2_ratio.clear()
+
+
+def reserve_l2(weights: Sequence[Tensor], streaming: Sequence[Tensor] = (), share: bool = False) -> int:
+    """Set aside persisting L2 lines for `weights` (CUDA tensors that `linear(..., l2_hint=True)` will mark), as
     many as the GPU allows, never fewer than an earlier call set; returns the bytes set aside (0: none, e.g. no
     CUDA runtime found, a GPU without persisting L2, or `L2_PERSISTING` off). Where fewer bytes than the weights'
-    are set aside, the windows mark that fraction of their lines persisting. `streaming`: weights whose windows
-    mark their lines streaming; with `share`, the lines set aside beyond `weights` persist as a fraction of theirs."""
-    rt = cudart()
-    if not L2_PERSISTING or INTERPRET or not weights or not weights[0].is_cuda or rt is None:
+    are set aside, their windows mark that fraction of their lines persisting. `streaming`: weights whose windows
+    mark their lines streaming; with `share` (an experiment: scripts/l2_persist_probe.py), the lines set aside
+    beyond `weights` persist as a fraction of theirs. One thread launches: the limit changes device-wide."""
+    if not L2_PERSISTING or INTERPRET or not weights or not weights[0].is_cuda:
         return 0
-    index = weights[0].device.index if weights[0].device.index is not None else torch.cuda.current_device()
+    rt = cudart()
+    if rt is None:
+        return 0
+    index = weights[0].device.index
     need = sum(w.numel() * w.element_size() for w in weights)
     extra = sum(w.numel() * w.element_size() for w in streaming) if share else 0
-    with torch.cuda.device(index):
-        most, window, current = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_size_t(0)
-        if (rt.cudaDeviceGetAttribute(ctypes.byref(most), _ATTR_MAX_PERSISTING_L2, index)
-                or rt.cudaDeviceGetAttribute(ctypes.byref(window), _ATTR_MAX_WINDOW, index)
-                or rt.cudaDeviceGetLimit(ctypes.byref(current), _LIMIT_PERSISTING_L2)):
-            rt.cudaGetLastError()  # not left for torch's next launch check to find
-            return 0
-        size = max(current.value, min(most.value, need + extra))
-        if size > current.value and rt.cudaDeviceSetLimit(_LIMIT_PERSISTING_L2, ctypes.c_size_t(size)):
-            rt.cudaGetLastError()
-            return 0
-    if size:
-        _l2_max_window[index] = window.value
+    max_persisting, max_window, size = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_size_t(0)
+    try:
+        with torch.cuda.device(index):
+            if (rt.cudaDeviceGetAttribute(ctypes.byref(max_persisting), _ATTR_MAX_PERSISTING_L2, index)
+                    or rt.cudaDeviceGetAttribute(ctypes.byref(max_window), _ATTR_MAX_WINDOW, index)
+                    or rt.cudaDeviceGetLimit(ctypes.byref(size), _LIMIT_PERSISTING_L2)):
+                _l2_failed(rt)
+                return 0
+            wanted = min(max_persisting.value, need + extra)
+            if wanted > size.value and (rt.cudaDeviceSetLimit(_LIMIT_PERSISTING_L2, ctypes.c_size_t(wanted))
+                                        or rt.cudaDeviceGetLimit(ctypes.byref(size), _LIMIT_PERSISTING_L2)):
+                _l2_failed(rt)  # what the driver granted is read back: it may round
+                return 0
+    except AttributeError:  # a runtime without these calls
+        return 0
+    if size.value:
+        _l2_max_window[index] = max_window.value
         for w in weights:
-            _l2_ratio[(index, w.data_ptr())] = min(1.0, size / need)
+            _l2_ratio[(index, w.data_ptr())] = min(1.0, size.value / need)
         for w in streaming:
-            _l2_ratio[(index, w.data_ptr())] = min(1.0, max(0, size - need) / extra) if extra else 0.0
-    return size
+            _l2_ratio[(index, w.data_ptr())] = min(1.0, max(0, size.value - need) / extra) if extra else 0.0
+    return size.value
 
 
 @contextmanager
-def l2_window(weight: Tensor, keep: bool = True) -> Iterator[None]:
-    """Launches on the current stream inside carry an access-policy window over `weight` (persisting hits,
-    streaming misses; captured into a graph's kernel nodes), where `keep` and `reserve_l2` set lines aside on its
-    GPU; the stream's window is cleared after."""
+def l2_window(weight: Tensor) -> Iterator[None]:
+    """While a graph is captured on the current stream, the launches inside carry an access-policy window over
+    `weight` with the hit ratio `reserve_l2` registered for it (that fraction of its lines persisting, the rest
+    streaming; nothing where it registered none); the stream's window is cleared after."""
     index = weight.device.index if weight.is_cuda else None
-    ratio = _l2_ratio.get((index, weight.data_ptr())) if keep and index is not None else None
+    ratio = _l2_ratio.get((index, weight.data_ptr())) if index is not None else None
     size = weight.numel() * weight.element_size()
-    if ratio is None or not weight.is_contiguous() or size > _l2_max_window.get(index, 0):
+    if (ratio is None or not weight.is_contiguous() or size > _l2_max_window.get(index, 0)
+            or not torch.cuda.is_current_stream_capturing()):  # eagerly, two runtime calls a product cost more
         yield
         return
     rt = cudart()
@@ -517,14 +536,14 @@ def l2_window(weight: Tensor, keep: bool = True) -> Iterator[None]:
     value = LaunchAttributeValue()
     value.window = AccessPolicyWindow(weight.data_ptr(), size, ratio, _PERSISTING, _STREAMING)
     if rt.cudaStreamSetAttribute(stream, ACCESS_POLICY_WINDOW, ctypes.byref(value)):
-        rt.cudaGetLastError()
-        _l2_ratio.pop((index, weight.data_ptr()), None)  # refused once: not asked again
+        _l2_failed(rt)
         yield
         return
     try:
         yield
     finally:  # a zero window: later launches on the stream get the default policy
-        rt.cudaStreamSetAttribute(stream, ACCESS_POLICY_WINDOW, ctypes.byref(LaunchAttributeValue()))
+        if rt.cudaStreamSetAttribute(stream, ACCESS_POLICY_WINDOW, ctypes.byref(LaunchAttributeValue())):
+            _l2_failed(rt)
 
 
 NORM_UNROLL_BLOCKS = 16
@@ -554,7 +573,7 @@ def shares_squares(batch: int) -> bool:
 def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tensor | None = None, eps: float = 0.0,
            norm_folded: bool = False, squares: Tensor | None = None, residual: Tensor | None = None,
            gated: bool = False, batch: int | None = None, config: LinearConfig | None = None,
-           keep_in_l2: bool = False) -> Tensor:
+           l2_hint: bool = False) -> Tensor:
     """`x [M, K] @ weight.T` for `weight [N, K]` (any strides), with optional fusions:
 
     - `scale [N]` (float32): `weight` holds fp8 values and the product is `(x @ weight.T) * scale`, in float32,
@@ -570,20 +589,24 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     Block sizes follow `batch` (default M): an engine passes its slot count, so a row's result is the same however
     many of the slots run (the frame graphs for fewer active slots compute exactly what the full batch would).
 
-    `keep_in_l2`: the launches carry an access-policy window over `weight` whose hits persist in L2 (where
-    `reserve_l2` set lines aside on this GPU; else nothing): for weights read again and again in a frame.
+    `l2_hint`: in a graph being captured, the launches carry the L2 cache hint `reserve_l2` registered for
+    `weight` (`l2_window`): for weights read again and again in a frame.
     """
-    with l2_window(weight, keep_in_l2):
+    if not l2_hint:
+        return _linear(x, weight, scale, norm, eps, norm_folded, squares, residual, gated, batch, config, False)[0]
+    with l2_window(weight):
         return _linear(x, weight, scale, norm, eps, norm_folded, squares, residual, gated, batch, config, False)[0]
 
 
 def linear_with_squares(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, residual: Tensor | None = None,
                         batch: int | None = None, config: LinearConfig | None = None,
-                        keep_in_l2: bool = False) -> tuple[Tensor, Tensor | None]:
+                        l2_hint: bool = False) -> tuple[Tensor, Tensor | None]:
     """`linear` (a plain product, optionally fp8 and with a residual), and its output rows' sums of squares (of the
     rounded values it stores) in parts `[M, P]` float32, for a normed product of the result (`linear(...,
     squares=)`); None where the product's tiles cannot split its rows into parts (cuBLAS)."""
-    with l2_window(weight, keep_in_l2):
+    if not l2_hint:
+        return _linear(x, weight, scale, None, 0.0, False, None, residual, False, batch, config, True)
+    with l2_window(weight):
         return _linear(x, weight, scale, None, 0.0, False, None, residual, False, batch, config, True)
 
 

@@ -338,12 +338,12 @@ class Block(nn.Module):
 
     def step(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, position: Tensor | int, cache: KVCache,
              batch: int | None = None, squares: Tensor | None = None,
-             keep_in_l2: bool = False) -> tuple[Tensor, Tensor | None]:
+             l2_hint: bool = False) -> tuple[Tensor, Tensor | None]:
         """`forward` for one token per row, `x [B, dim]` at `position` (`[B]` or one int), in five fused kernels
         (csmcli.kernels; imported here so CPU-only installs never need Triton). `batch`: see `kernels.linear`.
-        `squares`: x's rows' sums of squares in parts, if the kernel that wrote x made them. `keep_in_l2`: the
-        products mark their weights for L2 hints (`kernels.linear`, `kernels.L2_PERSISTING`). Returns the output and, in
-        engines that share them (`kernels.shares_squares`), its rows' sums of squares (else None)."""
+        `squares`: x's rows' sums of squares in parts, if the kernel that wrote x made them. `l2_hint`: the
+        products carry their weights' L2 cache hints (`kernels.linear`, `kernels.L2_PERSISTING`). Returns the
+        output and, in engines that share them (`kernels.shares_squares`), its rows' sums of squares (else None)."""
         from csmcli import kernels
 
         a, f = self.attention, self.feed_forward
@@ -353,31 +353,31 @@ class Block(nn.Module):
         share = kernels.shares_squares(rows)
 
         def plus_residual(inputs: Tensor, linear: Linear, residual: Tensor,
-                          keep: bool = False) -> tuple[Tensor, Tensor | None]:
+                          hint: bool) -> tuple[Tensor, Tensor | None]:
             if share:
                 return kernels.linear_with_squares(inputs, linear.weight, scale=linear.scale, residual=residual,
-                                                   batch=batch, keep_in_l2=keep)
+                                                   batch=batch, l2_hint=hint)
             return kernels.linear(inputs, linear.weight, scale=linear.scale, residual=residual, batch=batch,
-                                  keep_in_l2=keep), None
+                                  l2_hint=hint), None
 
         if folded:
             qkv = kernels.linear(x, qkv_weight, norm_folded=True, eps=self.attention_norm.eps, squares=squares,
-                                 batch=batch, keep_in_l2=keep_in_l2)
+                                 batch=batch, l2_hint=l2_hint)
         else:
             qkv = kernels.linear(x, qkv_weight, scale=a.wqkv.scale, norm=self.attention_norm.weight,
-                                 eps=self.attention_norm.eps, squares=squares, batch=batch, keep_in_l2=keep_in_l2)
+                                 eps=self.attention_norm.eps, squares=squares, batch=batch, l2_hint=l2_hint)
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
-        x, squares = plus_residual(out, a.wo, x, keep_in_l2)
-        keep_mlp = keep_in_l2 and kernels.l2_mlp_hints(rows)
+        x, squares = plus_residual(out, a.wo, x, l2_hint)
+        mlp_hint = l2_hint and kernels.l2_mlp_hints(rows)
         if folded:
             hidden = kernels.linear(x, self.w13_weight(rows), norm_folded=True, eps=self.ffn_norm.eps, squares=squares,
-                                    gated=True, batch=batch, keep_in_l2=keep_mlp)
+                                    gated=True, batch=batch, l2_hint=mlp_hint)
         else:
-            hidden = kernels.linear(x, f.w13.weight, scale=f.w13.scale, norm=self.ffn_norm.weight,
+            hidden = kernels.linear(x, self.w13_weight(rows), scale=f.w13.scale, norm=self.ffn_norm.weight,
                                     eps=self.ffn_norm.eps, squares=squares, gated=True, batch=batch,
-                                    keep_in_l2=keep_mlp)
-        return plus_residual(hidden, f.w2, x, keep_mlp)
+                                    l2_hint=mlp_hint)
+        return plus_residual(hidden, f.w2, x, mlp_hint)
 
 
 class Transformer(nn.Module):
@@ -438,19 +438,19 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache], batch: int | None = None,
-             keep_in_l2: bool = False) -> tuple[Tensor, Tensor | None]:
+             l2_hint: bool = False) -> tuple[Tensor, Tensor | None]:
         """One token per row through the fused kernels: `x [B, dim]` at `position` (`[B]`, or one int for all
         rows) into all rows of `caches`. Returns the last layer's output *before* the final norm `[B, dim]`, so
         the caller can fold that norm into the next matmul, with its rows' sums of squares for that norm's RMS
-        (None where not shared: `Block.step`). `batch`: see `kernels.linear`; `keep_in_l2`: see `Block.step`
+        (None where not shared: `Block.step`). `batch`: see `kernels.linear`; `l2_hint`: see `Block.step`
         (the weights are `l2_weights`)."""
         squares = None
         for layer, cache in zip(self.layers, caches, strict=True):
-            x, squares = layer.step(x, self.rope_cos, self.rope_sin, position, cache, batch, squares, keep_in_l2)
+            x, squares = layer.step(x, self.rope_cos, self.rope_sin, position, cache, batch, squares, l2_hint)
         return x, squares
 
     def l2_weights(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
-        """The weights `step(..., keep_in_l2=True)` marks in an engine of `batch` slots, as `kernels.reserve_l2`
+        """The weights `step(..., l2_hint=True)` marks in an engine of `batch` slots, as `kernels.reserve_l2`
         takes them: every layer's QKV and output weights (kept whole), and its gate/up and down weights (marked
         streaming; none where `kernels.l2_mlp_hints` says no)."""
         from csmcli import kernels
@@ -574,10 +574,10 @@ class Csm(nn.Module):
         c0, x = sample(kernels.linear(hidden, self.codebook0_head.weight, batch=batch), 0)  # [B], [B, dim]
         # Position 0 only fills the cache: its output is not needed.
         # The decoder's small weights are read 32 times a frame: kept in L2 (where the engine set lines aside).
-        dec.step(kernels.linear(hidden, self.projection.weight, batch=batch), 0, caches, batch, keep_in_l2=True)
+        dec.step(kernels.linear(hidden, self.projection.weight, batch=batch), 0, caches, batch, l2_hint=True)
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
-            x, squares = dec.step(x, i, caches, batch, keep_in_l2=True)
+            x, squares = dec.step(x, i, caches, batch, l2_hint=True)
             logits = kernels.linear(x, audio_head_rows[i - 1], norm=None if heads_folded else dec.norm.weight,
                                     norm_folded=heads_folded, eps=dec.norm.eps, squares=squares,
                                     batch=batch)  # [B, V]

@@ -8,7 +8,7 @@ graph with an access-policy window over the buffer (persisting hits, streaming m
 against the plain graph in back-to-back pairs. Prints µs a frame; changes nothing in csmcli.
 
 Usage: l2_persist_probe.py [ROWS] [engine]   (default 64)
-  engine: csmcli's own windows (`kernels.reserve_l2` + `linear(..., keep_in_l2=True)`): the small weights, the
+  engine: csmcli's own windows (`kernels.reserve_l2` + `linear(..., l2_hint=True)`): the small weights, the
   small weights plus a share of the MLP weights' lines, the small weights with the MLP's lines streaming; each
   against no windows
 """

@@ -472,12 +472,12 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
         def counted(*args, **kwargs):
             folded_calls.append(kwargs.get("norm_folded", False))
             squares_calls.append(kwargs.get("squares") is not None)
-            if kwargs.get("keep_in_l2"):
+            if kwargs.get("l2_hint"):
                 kept_in_l2.append(args[1].data_ptr())
             return linear(*args, **kwargs)
 
         def counted_with_squares(*args, **kwargs):
-            if kwargs.get("keep_in_l2"):
+            if kwargs.get("l2_hint"):
                 kept_in_l2.append(args[1].data_ptr())
             return linear_with_squares(*args, **kwargs)
 
@@ -504,7 +504,7 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
         # and nothing else
         small, mlp = model.decoder.l2_weights(slots)
         assert set(kept_in_l2) == {w.data_ptr() for w in small + mlp}
-        assert len(kept_in_l2) == frames * 32 * 2 * 4
+        assert len(kept_in_l2) == frames * 32 * len(model.decoder.layers) * 4
 
 
 def test_folded_copies_follow_the_weights():
