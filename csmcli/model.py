@@ -369,14 +369,13 @@ class Block(nn.Module):
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
         x, squares = plus_residual(out, a.wo, x, l2_hint)
-        mlp_hint = l2_hint and kernels.l2_mlp_hints(rows)
+        w13, mlp_hint = self.w13_weight(rows), l2_hint and kernels.l2_mlp_hints(rows)
         if folded:
-            hidden = kernels.linear(x, self.w13_weight(rows), norm_folded=True, eps=self.ffn_norm.eps, squares=squares,
-                                    gated=True, batch=batch, l2_hint=mlp_hint)
+            hidden = kernels.linear(x, w13, norm_folded=True, eps=self.ffn_norm.eps, squares=squares, gated=True,
+                                    batch=batch, l2_hint=mlp_hint)
         else:
-            hidden = kernels.linear(x, self.w13_weight(rows), scale=f.w13.scale, norm=self.ffn_norm.weight,
-                                    eps=self.ffn_norm.eps, squares=squares, gated=True, batch=batch,
-                                    l2_hint=mlp_hint)
+            hidden = kernels.linear(x, w13, scale=f.w13.scale, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps,
+                                    squares=squares, gated=True, batch=batch, l2_hint=mlp_hint)
         return plus_residual(hidden, f.w2, x, mlp_hint)
 
 
@@ -573,7 +572,7 @@ class Csm(nn.Module):
         dec = self.decoder
         c0, x = sample(kernels.linear(hidden, self.codebook0_head.weight, batch=batch), 0)  # [B], [B, dim]
         # Position 0 only fills the cache: its output is not needed.
-        # The decoder's small weights are read 32 times a frame: kept in L2 (where the engine set lines aside).
+        # The decoder's weights are read 32 times a frame: its products carry L2 cache hints (`kernels.reserve_l2`).
         dec.step(kernels.linear(hidden, self.projection.weight, batch=batch), 0, caches, batch, l2_hint=True)
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
