@@ -85,6 +85,10 @@ for step in "$@"; do
     census) python3 scripts/persist_probe.py census 2>&1 | grep -v Warn | tee "$out/census.txt" ;;
     bigk16|bigk64) python3 scripts/tune_in_graph.py "${step#bigk}" bigk 2>&1 | tee "$out/$step.txt" ;;
     deep64) python3 scripts/tune_in_graph.py 64 deep 2>&1 | tee "$out/deep64.txt" ;;
+    sweepwith=*=*)  # sweepwith=NAME=VALUE: the sweep with one csmcli.kernels constant changed (scripts/bench_with.py)
+      knob=${step#sweepwith=}
+      python3 scripts/bench_with.py "${knob%%=*}" "${knob#*=}" bench --random-weights --batch 1,4,16,64 \
+        --chunk-frames 8 --frames 60 --reps 3 -o "$out/sweepwith.json" 2>&1 | tee "$out/sweepwith.txt" ;;
     knob[0-9]*=*)  # knobROWS=NAME: one of tune_in_graph.py's KNOBS at one rows bucket
       rows=${step#knob}; rows=${rows%%=*}
       python3 scripts/tune_in_graph.py "$rows" knobs "knob=${step#*=}" 2>&1 | tee "$out/$step.txt" ;;
