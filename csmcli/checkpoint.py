@@ -396,7 +396,8 @@ def resolve_hub(repo_id: str) -> Path:
             ) from None
         raise CsmError(
             f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached "
-            "(offline?): download it once online, or pass a local directory / --random-weights"
+            "(offline?): download it once online, or pass a local directory, or --random-weights (say / stream: "
+            "with --tokenizer DIR)"
         ) from None
     except HfHubHTTPError as e:
         status = _status(e)

@@ -50,7 +50,7 @@ def _report(exc: BaseException, line: str, code: int) -> None:
 app = typer.Typer(
     cls=CsmGroup,
     name="csmcli",
-    help="Text to speech with Sesame's CSM-1B, tuned for your GPU.",
+    help="Text to speech with Sesame's CSM-1B, tuned for your GPU. Audio and JSON go to stdout; messages go to stderr.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
@@ -86,7 +86,11 @@ CudaGraphsOpt = Annotated[
     bool | None,
     typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay each frame step as a CUDA graph (default: preset)."),
 ]
-CompileOpt = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the frame step.")]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option("--compile/--no-compile", help="torch.compile the frame step (turns the fused kernels off; the first "
+                 "run compiles for minutes; slower than the fused kernels)."),
+]
 FusedKernelsOpt = Annotated[
     bool | None,
     typer.Option(
@@ -98,8 +102,8 @@ Fp8Opt = Annotated[
     bool | None,
     typer.Option(
         "--fp8/--no-fp8",
-        help="Transformer weights in fp8 (e4m3, a scale per row): about half the bytes per frame, faster on "
-        "Ada/Hopper GPUs, but an approximation of the model (default: preset, off).",
+        help="Transformer weights in fp8 (e4m3, a scale per row): about half the bytes per frame, faster for one "
+        "or a few streams on Ada/Hopper GPUs, but an approximation of the model (default: preset, off).",
     ),
 ]
 
@@ -144,10 +148,7 @@ def _global_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug details on stderr.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only errors on stderr.")] = False,
 ) -> None:
-    """Text to speech with Sesame's CSM-1B, tuned for your GPU.
-
-    Audio and JSON go to stdout; messages go to stderr.
-    """
+    """The options every command shares (the app's help text says what csmcli is)."""
     ui.set_verbosity(quiet=quiet, verbose=verbose)
 
 
@@ -331,7 +332,7 @@ def stream(
     text: TextArg = None,
     text_file: TextFileOpt = None,
     output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Also save the audio (file, or '-' for stdout).")
+        str | None, typer.Option("--output", "-o", help="Also save the audio (.wav/.flac/.ogg, or '-' for stdout).")
     ] = None,
     play: Annotated[bool, typer.Option("--play/--no-play", help="Play through the speakers as it is made.")] = True,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List audio output devices and exit.")] = False,
