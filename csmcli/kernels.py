@@ -36,7 +36,7 @@ import ctypes
 import functools
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import triton
@@ -592,9 +592,7 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     `l2_hint`: in a graph being captured, the launches carry the L2 cache hint `reserve_l2` registered for
     `weight` (`l2_window`): for weights read again and again in a frame.
     """
-    if not l2_hint:
-        return _linear(x, weight, scale, norm, eps, norm_folded, squares, residual, gated, batch, config, False)[0]
-    with l2_window(weight):
+    with l2_window(weight) if l2_hint else nullcontext():
         return _linear(x, weight, scale, norm, eps, norm_folded, squares, residual, gated, batch, config, False)[0]
 
 
@@ -604,9 +602,7 @@ def linear_with_squares(x: Tensor, weight: Tensor, *, scale: Tensor | None = Non
     """`linear` (a plain product, optionally fp8 and with a residual), and its output rows' sums of squares (of the
     rounded values it stores) in parts `[M, P]` float32, for a normed product of the result (`linear(...,
     squares=)`); None where the product's tiles cannot split its rows into parts (cuBLAS)."""
-    if not l2_hint:
-        return _linear(x, weight, scale, None, 0.0, False, None, residual, False, batch, config, True)
-    with l2_window(weight):
+    with l2_window(weight) if l2_hint else nullcontext():
         return _linear(x, weight, scale, None, 0.0, False, None, residual, False, batch, config, True)
 
 
