@@ -420,23 +420,13 @@ L2_PERSISTING = True
 """The depth decoder's weights, read 32 times a frame, get L2 cache hints in the frame graphs: the kernels that read
 them carry an access-policy window over their weight (`linear(..., l2_hint=True)`, set while a graph is captured,
 which keeps it per kernel node), and the engine sets persisting L2 lines aside (`reserve_l2`). The QKV and output
-weights (20 MB at full size, bf16) persist whole. In engines of up to `L2_MLP_ROWS` slots the MLP weights (200 MB)
-are marked streaming (evicted first), so that they no longer push everything else out of L2 as they pass through.
-Caching only: the same results. `bench` on an H200 (2026-11-29), ms a frame: small weights alone B=1 3.73 → 3.72,
-B=4 5.15 → 5.13, B=16 5.41 → 5.34, B=64 5.83 → 5.80; with the MLP streaming too B=1 3.67, B=4 5.03, B=16 5.27."""
-
-L2_MLP_ROWS = 16
-"""The MLP weights' streaming windows only in engines of at most this many slots. At 64 slots the frame graph
-alone measured them at -216 us a frame, and with a share of the persisting lines as well (`reserve_l2(...,
-share=True)`) at -267; but with the share `bench` B=64 ran 0.28 ms a frame *slower*, its prefill 28% and Mimi ~60%
-slower (37.5 MB of persisting lines stay in L2 after the frame graph and leave the other work 12.5 MB of it). The
-streaming windows without the share are not yet measured in `bench` at 64 slots: off there until they are
-(scripts/l2_persist_probe.py 64 engine; H200, 2026-11-29)."""
-
-
-def l2_mlp_hints(batch: int) -> bool:
-    """Whether an engine of `batch` slots marks the depth decoder's MLP weights streaming (`L2_MLP_ROWS`)."""
-    return rows_bucket(batch) <= L2_MLP_ROWS
+weights (20 MB at full size, bf16) persist whole; the MLP weights (200 MB) are marked streaming (evicted first), so
+that they no longer push everything else out of L2 as they pass through. Caching only: the same results. `bench` on
+an H200, ms a frame: small weights alone B=1 3.73 -> 3.72, B=4 5.15 -> 5.13, B=16 5.41 -> 5.34, B=64 5.83 -> 5.80;
+with the MLP streaming too B=1 3.67, B=4 5.03, B=16 5.27 (2026-11-29, twentieth session), B=64 5.81 -> 5.74
+(twenty-first session, both in one call). A share of the persisting lines for the MLP weights as well
+(`reserve_l2(..., share=True)`) made B=64 0.28 ms a frame slower: 37.5 MB of persisting lines stay in L2 after the
+frame graph and leave prefill and Mimi 12.5 MB of it."""
 
 
 _LIMIT_PERSISTING_L2 = 0x06  # cudaLimitPersistingL2CacheSize

@@ -352,13 +352,12 @@ class Block(nn.Module):
         folded = qkv_weight is self.wqkv_folded
         share = kernels.shares_squares(rows)
 
-        def plus_residual(inputs: Tensor, linear: Linear, residual: Tensor,
-                          hint: bool) -> tuple[Tensor, Tensor | None]:
+        def plus_residual(inputs: Tensor, linear: Linear, residual: Tensor) -> tuple[Tensor, Tensor | None]:
             if share:
                 return kernels.linear_with_squares(inputs, linear.weight, scale=linear.scale, residual=residual,
-                                                   batch=batch, l2_hint=hint)
+                                                   batch=batch, l2_hint=l2_hint)
             return kernels.linear(inputs, linear.weight, scale=linear.scale, residual=residual, batch=batch,
-                                  l2_hint=hint), None
+                                  l2_hint=l2_hint), None
 
         if folded:
             qkv = kernels.linear(x, qkv_weight, norm_folded=True, eps=self.attention_norm.eps, squares=squares,
@@ -368,15 +367,15 @@ class Block(nn.Module):
                                  eps=self.attention_norm.eps, squares=squares, batch=batch, l2_hint=l2_hint)
         out = kernels.decode_attention(qkv, rope_cos, rope_sin, cache.k, cache.v, position, a.n_heads, a.n_kv_heads,
                                        batch)
-        x, squares = plus_residual(out, a.wo, x, l2_hint)
-        w13, mlp_hint = self.w13_weight(rows), l2_hint and kernels.l2_mlp_hints(rows)
+        x, squares = plus_residual(out, a.wo, x)
+        w13 = self.w13_weight(rows)
         if folded:
             hidden = kernels.linear(x, w13, norm_folded=True, eps=self.ffn_norm.eps, squares=squares, gated=True,
-                                    batch=batch, l2_hint=mlp_hint)
+                                    batch=batch, l2_hint=l2_hint)
         else:
             hidden = kernels.linear(x, w13, scale=f.w13.scale, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps,
-                                    squares=squares, gated=True, batch=batch, l2_hint=mlp_hint)
-        return plus_residual(hidden, f.w2, x, mlp_hint)
+                                    squares=squares, gated=True, batch=batch, l2_hint=l2_hint)
+        return plus_residual(hidden, f.w2, x)
 
 
 class Transformer(nn.Module):
@@ -451,12 +450,10 @@ class Transformer(nn.Module):
     def l2_weights(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
         """The weights `step(..., l2_hint=True)` marks in an engine of `batch` slots, as `kernels.reserve_l2`
         takes them: every layer's QKV and output weights (kept whole), and its gate/up and down weights (marked
-        streaming; none where `kernels.l2_mlp_hints` says no)."""
-        from csmcli import kernels
-
+        streaming)."""
         small = [w for layer in self.layers for w in (layer.qkv_weight(batch), layer.attention.wo.weight)]
         mlp = [w for layer in self.layers for w in (layer.w13_weight(batch), layer.feed_forward.w2.weight)]
-        return small, mlp if kernels.l2_mlp_hints(batch) else []
+        return small, mlp
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`csmcli` with one csmcli.kernels constant changed, e.g. a speed option measured in `bench` before it becomes the
 default (bool constants: 0 / 1; ints as given).
 
-Usage: bench_with.py NAME VALUE CSMCLI-ARGS...   e.g. bench_with.py L2_MLP_ROWS 64 bench --random-weights --batch 64
+Usage: bench_with.py NAME VALUE CSMCLI-ARGS...   e.g. bench_with.py SHARE_SQUARES 0 bench --random-weights --batch 64
 """
 import sys
 

@@ -108,7 +108,6 @@ def engine_windows(rows: int) -> None:
     base = capture()
     base_ms = time_ms(stepper, base)
     print(f"rows {rows}: no windows {base_ms:.3f} ms/frame", flush=True)
-    kernels.L2_MLP_ROWS = rows  # the MLP weights' windows in every variant that asks for them
     small, mlp = model.decoder.l2_weights(rows)
     for label, streaming, share in (("small weights", [], False), ("small weights + MLP share", mlp, True),
                                     ("small weights + MLP streaming", mlp, False)):
