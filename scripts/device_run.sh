@@ -19,7 +19,7 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
-    tests) python3 -m pytest -q tests/test_engine_cuda.py tests/test_codec_cuda.py tests/test_kernels.py 2>&1 \
+    tests) python3 -m pytest -q -o addopts=-ra tests/test_engine_cuda.py tests/test_codec_cuda.py tests/test_kernels.py 2>&1 \
              | tee "$out/tests.txt" || true ;;
     tune) python3 scripts/tune_kernels.py 2>&1 | tee "$out/tune.txt" ;;
     tunegemv) python3 scripts/tune_kernels.py gemv 2>&1 | tee "$out/tunegemv.txt" ;;
@@ -53,9 +53,9 @@ for step in "$@"; do
     profileprefill) python3 scripts/profile_frame.py prefill 2>&1 | tee "$out/profileprefill.txt" ;;
     mimi) python3 scripts/profile_mimi.py 2>&1 | grep -v Warn | tee "$out/mimi.txt" ;;
     admission) python3 scripts/profile_mimi.py admission 2>&1 | grep -v Warn | tee "$out/admission.txt" ;;
-    enginetests) python3 -m pytest -q tests/test_engine_cuda.py 2>&1 | tee "$out/enginetests.txt" || true ;;
-    kerneltests) python3 -m pytest -q tests/test_kernels.py 2>&1 | tee "$out/kerneltests.txt" || true ;;
-    codectests) python3 -m pytest -q tests/test_codec_cuda.py tests/test_codec.py 2>&1 | tee "$out/codectests.txt" || true ;;
+    enginetests) python3 -m pytest -q -o addopts=-ra tests/test_engine_cuda.py 2>&1 | tee "$out/enginetests.txt" || true ;;
+    kerneltests) python3 -m pytest -q -o addopts=-ra tests/test_kernels.py 2>&1 | tee "$out/kerneltests.txt" || true ;;
+    codectests) python3 -m pytest -q -o addopts=-ra tests/test_codec_cuda.py tests/test_codec.py 2>&1 | tee "$out/codectests.txt" || true ;;
     say|sayfp8)  # the user's commands end to end on the GPU (random weights, the tests' tiny BPE tokenizer)
       python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny, pathlib; tiny.save_tokenizer(pathlib.Path('/tmp/tok'))"
       flags=(--random-weights --tokenizer /tmp/tok --seed 7 --max-seconds 2)
@@ -77,9 +77,9 @@ for step in "$@"; do
     knobs) python3 scripts/tune_in_graph.py 1 knobs 2>&1 | tee "$out/knobs.txt" ;;
     knobs16) python3 scripts/tune_in_graph.py 16 knobs 2>&1 | tee "$out/knobs16.txt" ;;
     knobs64) python3 scripts/tune_in_graph.py 64 knobs 2>&1 | tee "$out/knobs64.txt" ;;
-    steptests) python3 -m pytest -q tests/test_kernels.py -k "transformer_step or fused_frame or embed_sum" 2>&1 \
+    steptests) python3 -m pytest -q -o addopts=-ra tests/test_kernels.py -k "transformer_step or fused_frame or embed_sum" 2>&1 \
                  | tee "$out/steptests.txt" || true ;;
-    sampletests) python3 -m pytest -q tests/test_kernels.py -k sample 2>&1 | tee "$out/sampletests.txt" || true ;;
+    sampletests) python3 -m pytest -q -o addopts=-ra tests/test_kernels.py -k sample 2>&1 | tee "$out/sampletests.txt" || true ;;
     tileasm) python3 scripts/tile_asm.py 2>&1 | tee "$out/tileasm.txt" ;;
     persist) python3 scripts/persist_probe.py 2>&1 | grep -v Warn | tee "$out/persist.txt" ;;
     census) python3 scripts/persist_probe.py census 2>&1 | grep -v Warn | tee "$out/census.txt" ;;

@@ -11,4 +11,4 @@ from csmcli import kernels
 name, value, *rest = sys.argv[1:]
 setattr(kernels, name, bool(int(value)) if isinstance(getattr(kernels, name), bool) else int(value))
 print(name, "=", getattr(kernels, name), flush=True)
-sys.exit(pytest.main(["-q", "tests/test_engine_cuda.py", "-p", "no:cacheprovider", *rest]))
+sys.exit(pytest.main(["-q", "-o", "addopts=-ra", "tests/test_engine_cuda.py", "-p", "no:cacheprovider", *rest]))

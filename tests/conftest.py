@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Tests run in one process per core (pytest -n, pyproject's addopts): one thread each, or OpenMP's spin-waits of
+    # two processes' thread pools fight over the same cores. Before torch is imported: OpenMP reads it once.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
