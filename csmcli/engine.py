@@ -162,10 +162,10 @@ class Engine:
         self.fused_kernels = fused_kernels_enabled(fused_kernels, model, compile)
         self.stepper = FrameStepper(model, max_batch, self.fused_kernels)
         self.device = self.stepper.device
-        if self.fused_kernels:  # L2 hints for the depth decoder's weights, read 32 times a frame
+        if self.fused_kernels:  # L2 cache hints for the frame step's weights
             from csmcli import kernels
 
-            self.l2_reserved = kernels.reserve_l2(*model.decoder.l2_weights(max_batch))
+            self.l2_reserved = kernels.reserve_l2(*self.stepper.l2_weights())
         else:
             self.l2_reserved = 0
         self.max_batch = max_batch

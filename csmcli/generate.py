@@ -60,6 +60,18 @@ class FrameStepper:
                     model.backbone.fold_norms()
                     model.decoder.fold_norms()
 
+    def l2_weights(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The weights the fused frame step gives L2 cache hints, as `kernels.reserve_l2` takes them: the depth
+        decoder's QKV and output weights to persist; streaming, its MLP weights and the weights a frame reads once
+        (backbone layers, codebook 0's head, the projection, the codebook heads), so that they pass through L2
+        without evicting the rest."""
+        model = self.model
+        small, mlp = model.decoder.l2_weights(self.max_batch)
+        once_small, once_mlp = model.backbone.l2_weights(self.max_batch)
+        heads = [model.codebook0_head.weight, model.projection.weight]
+        heads += list(self.audio_head_rows) if self.audio_head_rows is not None else []  # [V, dim] views
+        return small, mlp + once_small + once_mlp + heads
+
     def prefill(self, slot: int, prompt: Prompt, params: SamplingParams, length: int | None = None,
                 run: Callable[..., Tensor] | None = None) -> None:
         """One prompt into `slot` (`prefill_group` of one)."""
@@ -174,7 +186,8 @@ class FrameStepper:
             from csmcli import kernels
 
             embeds = kernels.embed_sum(self.model.audio_embeddings.weight, codes, self.model.cfg.audio_vocab_size)
-            self.hidden[:n] = backbone.norm(backbone.step(embeds, positions, caches, self.max_batch)[0])
+            self.hidden[:n] = backbone.norm(backbone.step(embeds, positions, caches, self.max_batch,
+                                                             l2_hint=True)[0])
         else:
             self.hidden[:n] = backbone(self.model.embed_frame(codes), positions[:, None], caches)[:, -1]
         self.positions[:n] += 1

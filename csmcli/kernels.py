@@ -417,16 +417,19 @@ def fold_norm(weight: Tensor, norm: Tensor) -> Tensor:
 
 
 L2_PERSISTING = True
-"""The depth decoder's weights, read 32 times a frame, get L2 cache hints in the frame graphs: the kernels that read
-them carry an access-policy window over their weight (`linear(..., l2_hint=True)`, set while a graph is captured,
-which keeps it per kernel node), and the engine sets persisting L2 lines aside (`reserve_l2`). The QKV and output
-weights (20 MB at full size, bf16) persist whole; the MLP weights (200 MB) are marked streaming (evicted first), so
-that they no longer push everything else out of L2 as they pass through. Caching only: the same results. `bench` on
-an H200, ms a frame: small weights alone B=1 3.73 -> 3.72, B=4 5.15 -> 5.13, B=16 5.41 -> 5.34, B=64 5.83 -> 5.80;
-with the MLP streaming too B=1 3.67, B=4 5.03, B=16 5.27 (2026-11-29, twentieth session), B=64 5.81 -> 5.74
-(twenty-first session, both in one call). A share of the persisting lines for the MLP weights as well
+"""L2 cache hints in the frame graphs: the kernels that read a weight carry an access-policy window over it
+(`linear(..., l2_hint=True)`, set while a graph is captured, which keeps it per kernel node), and the engine sets
+persisting L2 lines aside (`reserve_l2`). The depth decoder's QKV and output weights (20 MB at full size, bf16; read
+32 times a frame) persist whole; its MLP weights (200 MB) and the weights a frame reads once (backbone layers and
+heads, 2.4 GB) are marked streaming (evicted first), so that they no longer push everything else out of L2 as they
+pass through (`FrameStepper.l2_weights`). Caching only: the same results. `bench` on an H200, ms a frame: the small
+weights alone B=1 3.73 -> 3.72, B=4 5.15 -> 5.13, B=16 5.41 -> 5.34, B=64 5.83 -> 5.80; with the MLP streaming
+B=1 3.67, B=4 5.03, B=16 5.27 (2026-11-29, twentieth session), B=64 5.81 -> 5.74; the read-once weights streaming
+as well, in the frame graph -18 / -54 / -12 us a frame at 1 / 16 / 64 rows, `bench` 0.02-0.03 ms a frame faster at
+every size in two calls (twenty-first session). A share of the persisting lines for the MLP weights as well
 (`reserve_l2(..., share=True)`) made B=64 0.28 ms a frame slower: 37.5 MB of persisting lines stay in L2 after the
-frame graph and leave prefill and Mimi 12.5 MB of it."""
+frame graph and leave prefill and Mimi 12.5 MB of it; resetting them after each chunk
+(cudaCtxResetPersistingL2Cache) made every size slower still (B=1 3.87, B=64 6.17)."""
 
 
 _LIMIT_PERSISTING_L2 = 0x06  # cudaLimitPersistingL2CacheSize

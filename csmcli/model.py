@@ -448,9 +448,8 @@ class Transformer(nn.Module):
         return x, squares
 
     def l2_weights(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
-        """The weights `step(..., l2_hint=True)` marks in an engine of `batch` slots, as `kernels.reserve_l2`
-        takes them: every layer's QKV and output weights (kept whole), and its gate/up and down weights (marked
-        streaming)."""
+        """The weights `step` reads in an engine of `batch` slots, for `kernels.reserve_l2`: every layer's QKV and
+        output weights, and its gate/up and down weights (`FrameStepper.l2_weights` says which persist)."""
         small = [w for layer in self.layers for w in (layer.qkv_weight(batch), layer.attention.wo.weight)]
         mlp = [w for layer in self.layers for w in (layer.w13_weight(batch), layer.feed_forward.w2.weight)]
         return small, mlp
@@ -567,16 +566,19 @@ class Csm(nn.Module):
         from csmcli import kernels
 
         dec = self.decoder
-        c0, x = sample(kernels.linear(hidden, self.codebook0_head.weight, batch=batch), 0)  # [B], [B, dim]
+        # Every product carries its weight's L2 cache hint (`kernels.reserve_l2`): the decoder's weights are read
+        # 32 times a frame, the heads' and the projection's once.
+        c0_logits = kernels.linear(hidden, self.codebook0_head.weight, batch=batch, l2_hint=True)  # [B, V]
+        c0, x = sample(c0_logits, 0)  # [B], [B, dim]
         # Position 0 only fills the cache: its output is not needed.
-        # The decoder's weights are read 32 times a frame: its products carry L2 cache hints (`kernels.reserve_l2`).
-        dec.step(kernels.linear(hidden, self.projection.weight, batch=batch), 0, caches, batch, l2_hint=True)
+        dec.step(kernels.linear(hidden, self.projection.weight, batch=batch, l2_hint=True), 0, caches, batch,
+                 l2_hint=True)
         codes = [c0]
         for i in range(1, self.cfg.num_codebooks):
             x, squares = dec.step(x, i, caches, batch, l2_hint=True)
             logits = kernels.linear(x, audio_head_rows[i - 1], norm=None if heads_folded else dec.norm.weight,
                                     norm_folded=heads_folded, eps=dec.norm.eps, squares=squares,
-                                    batch=batch)  # [B, V]
+                                    batch=batch, l2_hint=True)  # [B, V]
             code, x = sample(logits, i)
             codes.append(code)
         return torch.stack(codes, dim=1)  # [B, 32]

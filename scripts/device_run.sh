@@ -94,6 +94,8 @@ for step in "$@"; do
       python3 scripts/tune_in_graph.py "$rows" knobs "knob=${step#*=}" 2>&1 | tee "$out/$step.txt" ;;
     l2persist) for rows in 64 16 1; do python3 scripts/l2_persist_probe.py $rows 2>&1 | grep -v Warn; done \
                  | tee "$out/l2persist.txt" ;;
+    chunkgap) for rows in 64 16 1; do python3 scripts/chunk_gap_probe.py $rows 2>&1 | grep -v Warn; done \
+                | tee "$out/chunkgap.txt" ;;
     overlap) python3 scripts/overlap_probe.py 2>&1 | grep -v Warn | tee "$out/overlap.txt" ;;
     ncu)  # Nsight Compute on one 64-row decoder layer step, head, draw and backbone layer step (scripts/ncu_probe.py)
       ncu_bin=$(command -v ncu || find /opt/nvidia -name ncu -type f | head -1)

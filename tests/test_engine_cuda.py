@@ -231,16 +231,16 @@ def _window_bases(graph: torch.cuda.CUDAGraph) -> list[tuple[int, int, float]]:
 
 
 @pytest.mark.parametrize("max_batch", [1, 64])
-def test_the_frame_graph_gives_the_depth_decoders_weights_l2_hints(model, max_batch):
-    """The engine sets L2 lines aside, and in the frame graph exactly the products that read the depth decoder's
-    weights carry a window over them (32 decoder steps a frame): QKV and output persisting whole, gate/up and
-    down marked streaming; every other kernel node has none (the stream's
-    window is cleared after each product)."""
+def test_the_frame_graph_gives_its_weights_l2_hints(model, max_batch):
+    """The engine sets L2 lines aside, and in the frame graph every product carries a window over its weight: the
+    depth decoder's QKV and output persisting whole, its MLP weights and the backbone's and heads' weights marked
+    streaming; every other kernel node (attention, draws, norms) has none (the stream's window is cleared after
+    each product)."""
     from csmcli import kernels
     from csmcli.engine import state_kept
 
     engine = Engine(model, max_batch=max_batch)
-    small, mlp = model.decoder.l2_weights(max_batch)
+    small, streaming = engine.stepper.l2_weights()
     if engine.l2_reserved == 0:
         pytest.skip("this GPU sets no L2 lines aside (no persisting L2, MIG, MPS)")
     graph = torch.cuda.CUDAGraph(keep_graph=True)
@@ -251,15 +251,32 @@ def test_the_frame_graph_gives_the_depth_decoders_weights_l2_hints(model, max_ba
     windows = _window_bases(graph)
     marked = {(base, size): ratio for base, size, ratio in windows if size}
     whole = min(1.0, engine.l2_reserved / sum(w.nbytes for w in small))  # 1 where the GPU sets 20 MB aside
-    want = {(w.data_ptr(), w.nbytes): whole for w in small} | {(w.data_ptr(), w.nbytes): 0.0 for w in mlp}
+    want = {(w.data_ptr(), w.nbytes): whole for w in small} | {(w.data_ptr(), w.nbytes): 0.0 for w in streaming}
+    assert max(w.nbytes for w in small + streaming) <= kernels._l2_max_window[small[0].device.index]  # 64 MB
     assert marked.keys() == want.keys()
     assert all(marked[key] == pytest.approx(ratio, abs=1e-6) for key, ratio in want.items())
-    # a window per product, and on the split-K sum after a split one (it reads no weight: no effect there)
-    shapes = [(w.shape[0], w.shape[1], False) for w in small[:2]]
-    shapes += [(mlp[0].shape[0] // 2, mlp[0].shape[1], True), (mlp[1].shape[0], mlp[1].shape[1], False)]
-    launches = sum(1 + (kernels.linear_config(max_batch, n, k, gated)[4] > 1) for n, k, gated in shapes)
-    assert sum(size > 0 for _, size, _ in windows) == 32 * len(model.decoder.layers) * launches
-    assert len(windows) > len(marked) + 32  # the backbone, attention, heads, draws: unmarked
+
+    def launches(weights, gated_first_of=4) -> int:
+        """Kernels over `weights`: one per product, and the split-K sum after a split one (it carries the window
+        too; it reads no weight, so there it has no effect)."""
+        total = 0
+        for index, w in enumerate(weights):
+            gated = bool(gated_first_of) and index % gated_first_of == 2  # layers' [QKV, o, gate/up, down]
+            n = w.shape[0] // 2 if gated else w.shape[0]
+            total += 1 + (kernels.linear_config(max_batch, n, w.shape[1], gated)[4] > 1)
+        return total
+
+    def layer_weights(transformer) -> list:
+        pairs = transformer.l2_weights(max_batch)
+        return [w for layer in range(len(transformer.layers)) for w in (*pairs[0][2 * layer : 2 * layer + 2],
+                                                                       *pairs[1][2 * layer : 2 * layer + 2])]
+
+    heads = streaming[-(2 + model.cfg.num_codebooks - 1):]  # codebook 0's head, the projection, 31 heads
+    expected = (32 * launches(layer_weights(model.decoder)) + launches(layer_weights(model.backbone))
+                + launches(heads, gated_first_of=0))
+    assert sum(size > 0 for _, size, _ in windows) == expected
+    attention_steps = 32 * len(model.decoder.layers) + len(model.backbone.layers)
+    assert sum(size == 0 for _, size, _ in windows) >= attention_steps  # attention, draws: unmarked
     assert kernels.folds_norms(max_batch) == any(w is layer.wqkv_folded for w in small
                                                  for layer in model.decoder.layers)
 
@@ -283,9 +300,9 @@ def test_a_runtime_that_refuses_the_l2_hints_changes_no_code(model, monkeypatch)
     monkeypatch.setattr(kernels, "_l2_max_window", {})
     engine = Engine(model, max_batch=2)
     assert engine.l2_reserved == 0 and not kernels._l2_ratio
-    small, mlp = model.decoder.l2_weights(2)
+    small, streaming = engine.stepper.l2_weights()
     index = small[0].device.index
-    kernels._l2_ratio.update({(index, w.data_ptr()): 1.0 for w in small + mlp})  # as if reserved
+    kernels._l2_ratio.update({(index, w.data_ptr()): 1.0 for w in small + streaming})  # as if reserved
     kernels._l2_max_window[index] = 1 << 30
     got = {r.id: [] for r in reqs}
     for request, chunk in engine.generate(reqs, first_chunk_frames=2, chunk_frames=4):

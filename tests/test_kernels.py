@@ -442,8 +442,10 @@ def tiny_csm(dtype):
     return random_model(cfg, DEVICE, dtype, seed=3)
 
 
-def run_frames(model, fused, frames=2, slots=3):
+def run_frames(model, fused, frames=2, slots=3, steppers=None):
     stepper = FrameStepper(model, slots, fused=fused)
+    if steppers is not None:
+        steppers.append(stepper)
     params = [SamplingParams(0.9, 50, seed=5), SamplingParams(0.0), SamplingParams(1.1, 5, seed=6)]
     for slot, (rows, p) in enumerate(zip([30, 9, 17][:slots], params[:slots], strict=True)):
         stepper.prefill(slot, synthetic_prompt(rows, seed=slot), p)
@@ -491,7 +493,8 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
     if weights == "fp8":
         model.to_fp8()
     want_codes, want_hidden = run_frames(model, fused=False, slots=slots)
-    got_codes, got_hidden = run_frames(model, fused=True, slots=slots)
+    steppers = []
+    got_codes, got_hidden = run_frames(model, fused=True, slots=slots, steppers=steppers)
     assert torch.equal(got_codes, want_codes)
     torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-4, atol=1e-4)
     if weights.startswith("float32, norms folded"):  # every layer step's QKV and gate/up, and every head, folded
@@ -500,11 +503,12 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
         # shared squares: every normed product but a step's first QKV (x from the embedding or the draw)
         shared = frames * ((1 + 32) * (2 * 2 - 1) + 31) if "squares" in weights else 0
         assert sum(squares_calls) == shared, sum(squares_calls)
-        # L2 hints: the decoder's QKV and gate/up (folded), output and down weights, in each of its 32 steps,
-        # and nothing else
-        small, mlp = model.decoder.l2_weights(slots)
-        assert set(kept_in_l2) == {w.data_ptr() for w in small + mlp}
-        assert len(kept_in_l2) == frames * 32 * len(model.decoder.layers) * 4
+        # L2 hints on every product: in each of the decoder's 32 steps and the backbone's step, every layer's QKV
+        # and gate/up (folded), output and down weights; codebook 0's head, the projection and the 31 heads
+        small, streaming = steppers[0].l2_weights()
+        assert set(kept_in_l2) == {w.data_ptr() for w in small + streaming}
+        assert len(small + streaming) == 2 * 2 * 4 + 2 + 31
+        assert len(kept_in_l2) == frames * ((32 + 1) * 2 * 4 + 2 + 31)
 
 
 def test_folded_copies_follow_the_weights():
