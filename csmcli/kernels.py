@@ -421,7 +421,7 @@ L2_PERSISTING = True
 (`linear(..., l2_hint=True)`, set while a graph is captured, which keeps it per kernel node), and the engine sets
 persisting L2 lines aside (`reserve_l2`). The depth decoder's QKV and output weights (20 MB at full size, bf16; read
 32 times a frame) persist whole; its MLP weights (200 MB) and the weights a frame reads once (backbone layers and
-heads, 2.4 GB) are marked streaming (evicted first), so that they no longer push everything else out of L2 as they
+heads, 2.1 GB) are marked streaming (evicted first), so that they no longer push everything else out of L2 as they
 pass through (`FrameStepper.l2_weights`). Caching only: the same results. `bench` on an H200, ms a frame: the small
 weights alone B=1 3.73 -> 3.72, B=4 5.15 -> 5.13, B=16 5.41 -> 5.34, B=64 5.83 -> 5.80; with the MLP streaming
 B=1 3.67, B=4 5.03, B=16 5.27 (2026-11-29, twentieth session), B=64 5.81 -> 5.74; the read-once weights streaming
@@ -583,7 +583,7 @@ def linear(x: Tensor, weight: Tensor, *, scale: Tensor | None = None, norm: Tens
     many of the slots run (the frame graphs for fewer active slots compute exactly what the full batch would).
 
     `l2_hint`: in a graph being captured, the launches carry the L2 cache hint `reserve_l2` registered for
-    `weight` (`l2_window`): for weights read again and again in a frame.
+    `weight` (`l2_window`): persisting or streaming, as the engine registered it (`FrameStepper.l2_weights`).
     """
     with l2_window(weight) if l2_hint else nullcontext():
         return _linear(x, weight, scale, norm, eps, norm_folded, squares, residual, gated, batch, config, False)[0]

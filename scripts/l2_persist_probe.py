@@ -7,10 +7,12 @@ window can cover only one address range), sets aside persisting L2 lines, and ma
 graph with an access-policy window over the buffer (persisting hits, streaming misses). Each variant's graph is timed
 against the plain graph in back-to-back pairs. Prints µs a frame; changes nothing in csmcli.
 
-Usage: l2_persist_probe.py [ROWS] [engine]   (default 64)
-  engine: csmcli's own windows (`kernels.reserve_l2` + `linear(..., l2_hint=True)`): the small weights, the
-  small weights plus a share of the MLP weights' lines, the small weights with the MLP's lines streaming; each
-  against no windows
+Usage: l2_persist_probe.py [ROWS] [engine | once]   (default 64)
+  engine: csmcli's own windows (`kernels.reserve_l2` + `linear(..., l2_hint=True)`) on the depth decoder's weights
+  only (the twentieth session's variants): the small weights, the small weights plus a share of the MLP weights'
+  lines, the small weights with the MLP's lines streaming; each against no windows
+  once: the decoder's windows against the same plus the read-once weights streaming, which is what the engine
+  registers since the twenty-first session (`FrameStepper.l2_weights`)
 """
 
 import ctypes

@@ -23,6 +23,15 @@ if not torch.cuda.is_available():  # the Triton kernels' tests run on the CPU th
 import tiny
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): two processes on the CPU, where the Triton interpreter's tests are
+    single-threaded Python; one where a GPU is visible, so that the CUDA test files (full-size CSM-1B engines of up
+    to 64 slots) never share a card."""
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tokenizer")

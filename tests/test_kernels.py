@@ -469,22 +469,22 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
     if weights.startswith("float32, norms folded"):  # as engines of 64 slots run (`kernels.folds_norms`), at 3 here
         monkeypatch.setattr(kernels, "folds_norms", lambda batch: batch > 1)
         monkeypatch.setattr(kernels, "shares_squares", lambda batch: "squares" in weights and batch > 1)
-        linear, linear_with_squares = kernels.linear, kernels.linear_with_squares
+    linear, linear_with_squares = kernels.linear, kernels.linear_with_squares
 
-        def counted(*args, **kwargs):
-            folded_calls.append(kwargs.get("norm_folded", False))
-            squares_calls.append(kwargs.get("squares") is not None)
-            if kwargs.get("l2_hint"):
-                kept_in_l2.append(args[1].data_ptr())
-            return linear(*args, **kwargs)
+    def counted(*args, **kwargs):
+        folded_calls.append(kwargs.get("norm_folded", False))
+        squares_calls.append(kwargs.get("squares") is not None)
+        if kwargs.get("l2_hint"):
+            kept_in_l2.append(args[1].data_ptr())
+        return linear(*args, **kwargs)
 
-        def counted_with_squares(*args, **kwargs):
-            if kwargs.get("l2_hint"):
-                kept_in_l2.append(args[1].data_ptr())
-            return linear_with_squares(*args, **kwargs)
+    def counted_with_squares(*args, **kwargs):
+        if kwargs.get("l2_hint"):
+            kept_in_l2.append(args[1].data_ptr())
+        return linear_with_squares(*args, **kwargs)
 
-        monkeypatch.setattr(kernels, "linear", counted)
-        monkeypatch.setattr(kernels, "linear_with_squares", counted_with_squares)
+    monkeypatch.setattr(kernels, "linear", counted)
+    monkeypatch.setattr(kernels, "linear_with_squares", counted_with_squares)
     model = tiny_csm(torch.float32)
     g = torch.Generator().manual_seed(4)
     for name, param in model.named_parameters():  # norm weights other than 1: a fold that is not applied shows
@@ -497,18 +497,18 @@ def test_fused_frame_step_equals_torch_frame_step(slots, weights, monkeypatch):
     got_codes, got_hidden = run_frames(model, fused=True, slots=slots, steppers=steppers)
     assert torch.equal(got_codes, want_codes)
     torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-4, atol=1e-4)
+    frames, layer_steps = 2, 2 * (1 + 32)  # 2 layers; a backbone step and 32 decoder steps a frame
     if weights.startswith("float32, norms folded"):  # every layer step's QKV and gate/up, and every head, folded
-        frames, layer_steps = 2, 2 * (1 + 32)  # 2 layers; a backbone step and 32 decoder steps a frame
         assert sum(folded_calls) == frames * (layer_steps * 2 + 31), sum(folded_calls)
         # shared squares: every normed product but a step's first QKV (x from the embedding or the draw)
         shared = frames * ((1 + 32) * (2 * 2 - 1) + 31) if "squares" in weights else 0
         assert sum(squares_calls) == shared, sum(squares_calls)
-        # L2 hints on every product: in each of the decoder's 32 steps and the backbone's step, every layer's QKV
-        # and gate/up (folded), output and down weights; codebook 0's head, the projection and the 31 heads
-        small, streaming = steppers[0].l2_weights()
-        assert set(kept_in_l2) == {w.data_ptr() for w in small + streaming}
-        assert len(small + streaming) == 2 * 2 * 4 + 2 + 31
-        assert len(kept_in_l2) == frames * ((32 + 1) * 2 * 4 + 2 + 31)
+    # L2 hints on every product, each on a weight the engine registers (`FrameStepper.l2_weights`): every layer
+    # step's QKV, output, gate/up and down weights; codebook 0's head, the projection and the 31 heads
+    small, streaming = steppers[0].l2_weights()
+    assert set(kept_in_l2) == {w.data_ptr() for w in small + streaming}
+    assert len(small + streaming) == 2 * 2 * 4 + 2 + 31
+    assert len(kept_in_l2) == frames * (layer_steps * 4 + 2 + 31)
 
 
 def test_folded_copies_follow_the_weights():
