@@ -425,7 +425,7 @@ heads, 2.1 GB) are marked streaming (evicted first), so that they no longer push
 pass through (`FrameStepper.l2_weights`). Caching only: the same results. `bench` on an H200, ms a frame: the small
 weights alone B=1 3.73 -> 3.72, B=4 5.15 -> 5.13, B=16 5.41 -> 5.34, B=64 5.83 -> 5.80; with the MLP streaming
 B=1 3.67, B=4 5.03, B=16 5.27 (2026-11-29, twentieth session), B=64 5.81 -> 5.74; the read-once weights streaming
-as well, in the frame graph -18 / -54 / -12 us a frame at 1 / 16 / 64 rows, `bench` 0.02-0.03 ms a frame faster at
+as well, in the frame graph -18 / -54 / -12 us a frame at 1 / 16 / 64 rows, `bench` 0.02-0.04 ms a frame faster at
 every size in two calls (twenty-first session). A share of the persisting lines for the MLP weights as well
 (`reserve_l2(..., share=True)`) made B=64 0.28 ms a frame slower: 37.5 MB of persisting lines stay in L2 after the
 frame graph and leave prefill and Mimi 12.5 MB of it; resetting them after each chunk

@@ -23,6 +23,7 @@ if not torch.cuda.is_available():  # the Triton kernels' tests run on the CPU th
 import tiny
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown without it (the GPU box has none)
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pyproject's addopts): two processes on the CPU, where the Triton interpreter's tests are
     single-threaded Python; one where a GPU is visible, so that the CUDA test files (full-size CSM-1B engines of up
