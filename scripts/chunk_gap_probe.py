@@ -12,6 +12,7 @@ import time
 from collections import deque
 
 import torch
+from profile_frame import timed  # scripts/ is on the path when a script runs
 
 from csmcli.checkpoint import random_model
 from csmcli.engine import ChunkDecoder, Engine, Request
@@ -69,14 +70,8 @@ def main() -> None:
         chunks(with_mimi=True, sync=True)
         chunks(with_mimi=False, sync=True)
         chunks(with_mimi=False, sync=False)
-    graph = engine._graphs[rows].graph
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(50):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    print(f"rows {rows} frame graph replayed 50 times back to back: {start.elapsed_time(end) / 50:.3f} ms/frame")
+    ms = timed(engine._graphs[rows].graph.replay)
+    print(f"rows {rows} frame graph replayed 50 times back to back: {ms:.3f} ms/frame")
 
 
 if __name__ == "__main__":
