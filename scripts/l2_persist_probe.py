@@ -20,6 +20,7 @@ import statistics
 import sys
 
 import torch
+from profile_frame import timed  # scripts/ is on the path when a script runs
 
 from csmcli import kernels
 from csmcli.checkpoint import random_model
@@ -73,14 +74,7 @@ def stepper_at(rows: int) -> tuple[torch.nn.Module, FrameStepper]:
 
 def time_ms(stepper: FrameStepper, graph: torch.cuda.CUDAGraph) -> float:
     with state_kept(stepper.state()):
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(FRAMES):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-    return start.elapsed_time(end) / FRAMES
+        return timed(graph.replay, FRAMES)
 
 
 def compare(stepper: FrameStepper, label: str, graph: torch.cuda.CUDAGraph, base: torch.cuda.CUDAGraph,

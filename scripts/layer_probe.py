@@ -19,6 +19,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from profile_frame import timed  # scripts/ is on the path when a script runs
 
 from csmcli import kernels
 
@@ -50,15 +51,7 @@ def graph_ms(fn, reps=20) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return timed(graph.replay, reps)
 
 
 def main() -> None:
