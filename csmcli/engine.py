@@ -42,6 +42,10 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
 
+    def __post_init__(self) -> None:
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {self.max_frames}")
+
 
 @dataclass(eq=False)
 class _Active:
@@ -257,6 +261,15 @@ class Engine:
             return 1
         return max(1, min(self.prefill_group, PREFILL_BUCKETS[-1] // length))
 
+    def check(self, request: Request) -> None:
+        """Raise ValueError for a request whose frames would not all fit in the cache after its prompt (past the
+        last position the step clamps, and frames would come out wrong, not short)."""
+        room = self.stepper.max_seq_len - request.prompt.rows + 1  # frame k is decoded at position rows - 1 + k
+        if request.max_frames > room:
+            raise ValueError(f"request {request.id}: {request.max_frames} frames after a {request.prompt.rows}-row "
+                             f"prompt need {request.prompt.rows + request.max_frames - 1} positions; the model has "
+                             f"{self.stepper.max_seq_len}")
+
     def admit(self, waiting: deque[Request]) -> list[Request]:
         """Prefill waiting requests into free slots (outside the frame graph: prompts vary in length). On CUDA
         prompts are padded to their length bucket and prefilled `group_size` at a time, graphed or not, so graphed
@@ -265,6 +278,8 @@ class Engine:
         self.warmup()
         by_length: dict[int | None, list[tuple[int, Request]]] = {}
         free = [slot for slot, active in enumerate(self.slots) if active is None]
+        for request in list(waiting)[: len(free)]:  # before any slot is taken
+            self.check(request)
         taken = [(slot, waiting.popleft()) for slot in free[: len(waiting)]]
         for slot, request in taken:
             length = prefill_length(request.prompt.rows, self.stepper.max_seq_len) if self.pad_prompts else None
@@ -286,7 +301,17 @@ class Engine:
         return [r for _, r in taken if r in admitted]  # in slot order
 
     def release(self, request: Request) -> None:
-        self.slots = [None if a is not None and a.request is request else a for a in self.slots]
+        """Free `request`'s slot, if it has one."""
+        for slot, active in enumerate(self.slots):
+            if active is not None and active.request is request:
+                self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        # An idle slot below a busy one is still stepped (its rows are ignored) and its position would climb to
+        # the cache's end, making every attention kernel scan as far as the longest request; from 0 it scans
+        # little until the next prompt resets it.
+        self.slots[slot] = None
+        self.stepper.positions[slot] = 0
 
     def run_chunk(self, frames: int) -> Tensor:
         """`frames` steps for every slot, then the one host sync: codes `[frames, B, 32]` on the CPU."""
@@ -299,24 +324,41 @@ class Engine:
 
         A request's first chunk is `first_chunk_frames` long (low first-audio latency); later ones double up to
         `chunk_frames` (`next_chunk_frames`). Slots at different points of their ramp share the smallest size.
+        Every request ends with a chunk whose `stop` is set (one cancelled before it got a slot: an empty chunk).
+        One `generate` (or `stream`) at a time per engine: every step runs every busy slot. When the loop ends
+        early (the consumer stops, a step or prefill raises), this call's requests give their slots up. Raises
+        ValueError, before any work, for a request that does not fit (`check`).
         """
-        waiting = deque(requests)
-        while True:
-            self.admit(waiting)
-            active = [(slot, a) for slot, a in enumerate(self.slots) if a is not None]
-            if not active:
-                return
-            ramp = min(next_chunk_frames(a.last_frames, first_chunk_frames, chunk_frames) for _, a in active)
-            n = max(1, min(ramp, min(a.request.max_frames - a.made for _, a in active)))
-            start = time.perf_counter()
-            frames = self.run_chunk(n)  # [n, B, 32]
-            seconds = time.perf_counter() - start
-            for slot, a in active:
-                a.last_frames = ramp  # a chunk cut short by someone's frame limit does not restart the ramp
-                chunk = self._chunk(a, frames[:, slot], seconds)
-                if chunk.stop or a.request.cancelled:
-                    self.slots[slot] = None
-                yield a.request, chunk
+        if any(a is not None for a in self.slots):
+            raise RuntimeError("this engine is already generating: one generate() or stream() at a time")
+        mine = list(requests)
+        for request in mine:
+            self.check(request)
+        waiting = deque(mine)
+        try:
+            while True:
+                for request in [r for r in waiting if r.cancelled]:  # cancelled before it got a slot
+                    waiting.remove(request)
+                    empty = torch.zeros(0, self.stepper.codes.shape[1], dtype=torch.long)  # [0, 32]
+                    yield request, FrameChunk(0, empty, 0.0, "cancelled")
+                self.admit(waiting)
+                active = [(slot, a) for slot, a in enumerate(self.slots) if a is not None]
+                if not active:
+                    return
+                ramp = min(next_chunk_frames(a.last_frames, first_chunk_frames, chunk_frames) for _, a in active)
+                n = min(ramp, min(a.request.max_frames - a.made for _, a in active))
+                start = time.perf_counter()
+                frames = self.run_chunk(n)  # [n, B, 32]
+                seconds = time.perf_counter() - start
+                for slot, a in active:
+                    a.last_frames = ramp  # a chunk cut short by someone's frame limit does not restart the ramp
+                    chunk = self._chunk(a, frames[:, slot], seconds)
+                    if chunk.stop:  # `cancelled` is read once, in `_chunk`: a request never ends without a stop
+                        self._free(slot)
+                    yield a.request, chunk
+        finally:
+            for request in mine:
+                self.release(request)
 
     @staticmethod
     def _chunk(a: _Active, codes: Tensor, seconds: float) -> FrameChunk:

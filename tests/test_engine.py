@@ -163,6 +163,105 @@ def test_a_failed_prefill_takes_no_slot_and_loses_no_request(ck, monkeypatch):
     assert engine.admit(requests) == order[1:3] and list(requests) == order[3:]
 
 
+def request(ck, text: str, frames: int) -> Request:
+    return Request(build_prompt(ck.tokenizer, [], 0, text, None), SamplingParams(0.0), frames)
+
+
+def test_a_generate_left_early_gives_its_slots_back(ck):
+    """A consumer that stops reading (or a step that raises) must not leave its requests running: the next call
+    would step them and hand their chunks to its own caller."""
+    engine = Engine(ck.model, max_batch=2)
+    running = engine.generate([request(ck, TEXTS[0], 20), request(ck, TEXTS[1], 20)], 2, 2)
+    next(running)
+    running.close()  # what leaving a for loop over it early does
+    assert all(a is None for a in engine.slots)
+    wanted = request(ck, TEXTS[2], 5)
+    chunks = list(engine.stream(wanted.prompt, wanted.params, wanted.max_frames, 2, 2))
+    assert torch.equal(torch.cat([c.codes for c in chunks]), alone(ck, wanted)) and chunks[-1].stop == "max_frames"
+
+    def failing_step():
+        raise RuntimeError("CUDA out of memory")
+
+    engine.step = failing_step
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(engine.generate([request(ck, TEXTS[0], 6)], 2, 2))
+    assert all(a is None for a in engine.slots)
+
+
+def test_one_generate_at_a_time(ck):
+    engine = Engine(ck.model, max_batch=2)
+    running = engine.generate([request(ck, TEXTS[0], 8)], 2, 2)
+    next(running)
+    with pytest.raises(RuntimeError, match="already generating"):
+        next(engine.generate([request(ck, TEXTS[1], 4)], 2, 2))
+    assert sum(len(chunk.codes) for _, chunk in running) == 6  # the first goes on undisturbed
+
+
+def test_requests_that_do_not_fit_are_refused_before_any_work(ck):
+    with pytest.raises(ValueError, match="at least 1"):
+        request(ck, TEXTS[0], 0)
+    engine = Engine(ck.model, max_batch=2)
+    max_seq_len = engine.stepper.max_seq_len
+    fits = request(ck, TEXTS[0], 1)
+    fits.max_frames = max_seq_len - fits.prompt.rows + 1  # the last frame is decoded at the last position
+    too_long = request(ck, TEXTS[1], max_seq_len - build_prompt(ck.tokenizer, [], 0, TEXTS[1], None).rows + 2)
+    with pytest.raises(ValueError, match=f"positions; the model has {max_seq_len}"):
+        next(engine.generate([fits, too_long], 2, 2))
+    assert all(a is None for a in engine.slots)
+    from collections import deque
+
+    waiting = deque([fits, too_long])
+    with pytest.raises(ValueError):  # admitting directly (as bench does) checks too, before taking a slot
+        engine.admit(waiting)
+    assert list(waiting) == [fits, too_long] and all(a is None for a in engine.slots)
+    waiting.pop()
+    assert engine.admit(waiting) == [fits]  # the longest that fits is taken
+
+
+def test_a_request_cancelled_while_waiting_ends_without_a_prefill(ck):
+    engine = Engine(ck.model, max_batch=1)
+    first, waiting = request(ck, TEXTS[0], 4), request(ck, TEXTS[1], 4)
+    got = []
+    for req, chunk in engine.generate([first, waiting], 2, 2):
+        waiting.cancelled = True
+        got.append((req.id, len(chunk.codes), chunk.stop))
+    assert got == [(first.id, 2, None), (waiting.id, 0, "cancelled"), (first.id, 2, "max_frames")]
+
+
+def test_a_cancel_between_two_reads_still_ends_with_a_stop(ck):
+    """`cancelled` is set from another thread: a request must end with a stop chunk however the reads fall."""
+
+    class CancelledAfterFirstRead(Request):
+        reads = 0
+
+        @property
+        def cancelled(self) -> bool:
+            self.reads += 1
+            return self.reads > 1
+
+        @cancelled.setter
+        def cancelled(self, value: bool) -> None:
+            pass
+
+    engine = Engine(ck.model)
+    r = CancelledAfterFirstRead(build_prompt(ck.tokenizer, [], 0, TEXTS[0], None), SamplingParams(0.0), 20)
+    stops = [chunk.stop for _, chunk in engine.generate([r], 2, 2)]
+    assert stops[-1] == "cancelled" and stops.count("cancelled") == 1 and all(a is None for a in engine.slots)
+
+
+def test_a_freed_slot_stops_climbing_through_the_cache(ck):
+    """A finished slot below a busy one is still stepped; its position restarts at 0 rather than climbing to the
+    cache's end (each attention kernel runs as long as its longest row)."""
+    engine = Engine(ck.model, max_batch=2)
+    short, long = request(ck, TEXTS[0], 2), request(ck, TEXTS[1], 10)
+    chunks = {short.id: [], long.id: []}
+    for req, chunk in engine.generate([short, long], 2, 2):
+        chunks[req.id].append(chunk)
+    assert len(chunks[short.id]) == 1 and len(chunks[long.id][0].codes) == 2  # short ended with the first chunk
+    after_short = sum(len(c.codes) for c in chunks[long.id][1:])  # frames slot 0 was stepped while free
+    assert after_short > 0 and int(engine.stepper.positions[0]) == after_short  # not rows + 2 + after_short
+
+
 def test_two_engines_share_a_model_without_sharing_state(ck):
     """Each engine owns its KV caches: a second engine on the same weights cannot disturb a running one."""
     first = Request(build_prompt(ck.tokenizer, [], 0, TEXTS[1], None), SamplingParams(0.0), 8)
