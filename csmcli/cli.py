@@ -20,6 +20,27 @@ from csmcli.errors import DEBUG_ENV, CsmError
 class CsmGroup(TyperGroup):
     """Turns exceptions from any command into one line and an exit code (0 ok, 1 bug, 2 user error, 130 Ctrl-C)."""
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Usage errors (an unknown option, a value out of range) as one line too, not Click's boxed panel."""
+        standalone = kwargs.pop("standalone_mode", True)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:  # end of input at a prompt, or Ctrl-C while the arguments are still parsed
+            if not standalone:
+                raise
+            sys.exit(130)
+        except Exception as e:  # Click's usage errors (typer >= 0.21 vendors Click: no common import for both)
+            if not standalone or not (hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int)):
+                raise
+            context = getattr(e, "ctx", None)
+            hint = f" (see '{context.command_path} --help')" if context is not None else ""
+            if e.format_message():  # none when a bare `csmcli` has printed its help
+                ui.error(f"{e.format_message()}{hint}")
+            sys.exit(e.exit_code)
+        if not standalone:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)

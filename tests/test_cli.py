@@ -116,6 +116,12 @@ def test_subcommand_help_does_not_import_torch():
         (("bench", "--tiny", "--model", "x"), "error: --model and --tiny exclude each other"),
         (("bench", "-o", "/"), "error: /: unknown report format"),
         (("bench", "--prompt-rows", "3000"), "error: --prompt-rows 3000 + --frames 100 exceed"),
+        # Click's usage errors too: one line, not a boxed panel with the usage above it
+        (("say", "hi", "-t", "-1"), "error: Invalid value for '--temperature' / '-t': -1.0 is not in the range x>=0.0"),
+        (("say", "hi", "--seed", "abc"), "error: Invalid value for '--seed': 'abc' is not a valid int"),
+        (("bench", "--frames", "1"), "error: Invalid value for '--frames': 1 is not in the range x>=2."),
+        (("say", "hi", "--no-such-flag"), "error: No such option: --no-such-flag (see 'csmcli say --help')"),
+        (("bogus",), "error: No such command 'bogus'. (see 'csmcli --help')"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
