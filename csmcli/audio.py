@@ -51,8 +51,16 @@ def load_audio(
 ) -> np.ndarray:
     """Read reference/context audio (wav/flac/ogg/mp3, any rate, any channels) as float32 mono `[T]` at target_rate.
 
-    Clips longer than max_seconds_warn are reported through on_warning (default: `warnings.warn`), not refused.
+    Clips longer than max_seconds_warn, and float files beyond full scale, are reported through on_warning (default:
+    `warnings.warn`), not refused; samples that are not numbers are refused.
     """
+
+    def warn(msg: str) -> None:
+        if on_warning is None:
+            warnings.warn(msg, stacklevel=3)
+        else:
+            on_warning(msg)
+
     p = Path(path)
     if not p.exists():
         raise CsmError(f"audio file not found: {p}")
@@ -64,13 +72,14 @@ def load_audio(
         raise CsmError(f"cannot read audio file {p}: {e}") from e
     if data.shape[0] == 0:
         raise CsmError(f"audio file has no samples: {p}")
+    if not np.isfinite(data).all():
+        raise CsmError(f"audio file has samples that are not numbers (NaN or infinite): {p}")
+    peak = float(np.abs(data).max())
+    if peak > 1.0:  # only float files can: the model hears it as it is, far louder than any recording
+        warn(f"{p} peaks at {peak:.3g}, beyond full scale (1.0): the reference may be distorted")
     seconds = data.shape[0] / rate
     if seconds > max_seconds_warn:
-        msg = f"{p} is {seconds:.1f} s long; audio over {max_seconds_warn:g} s fills the context and slows generation"
-        if on_warning is None:
-            warnings.warn(msg, stacklevel=2)
-        else:
-            on_warning(msg)
+        warn(f"{p} is {seconds:.1f} s long; audio over {max_seconds_warn:g} s fills the context and slows generation")
     mono = data.mean(axis=1)  # [T]
     if rate != target_rate:
         mono = soxr.resample(mono, rate, target_rate, quality="HQ")
@@ -122,25 +131,37 @@ class AudioWriter:
 class FileWriter(AudioWriter):
     """.wav (PCM_16) / .flac / .ogg (vorbis) through libsndfile.
 
-    A WAV is valid after every write, even if the process is killed before close(): soundfile's flush() does not
-    touch the header (sizes stay 0 until close), so libsndfile is told to rewrite it after each write.
+    The file is created by the first write: a run stopped before any audio (Ctrl-C, SIGTERM, an error) leaves no
+    file, and an existing one as it was (a FLAC without samples cannot even be made valid: libsndfile writes its
+    header with the first samples). A WAV is valid after every write, even if the process is killed before
+    close(): soundfile's flush() does not touch the header (sizes stay 0 until close), so libsndfile is told to
+    rewrite it after each write.
     """
 
     def __init__(self, path: Path, sample_rate: int, major: str, subtype: str) -> None:
         super().__init__(sample_rate)
         self.path = check_writable(path)
+        self._format = (major, subtype)
+        self._f: sf.SoundFile | None = None
+
+    def _open(self) -> sf.SoundFile:
+        major, subtype = self._format
         try:
-            self._f = sf.SoundFile(path, "w", sample_rate, 1, subtype, format=major)
+            f = sf.SoundFile(self.path, "w", self.sample_rate, 1, subtype, format=major)
         except (RuntimeError, OSError) as e:
-            raise CsmError(f"cannot write {path}: {e}") from e
+            raise CsmError(f"cannot write {self.path}: {e}") from e
         if major == "WAV":  # soundfile wraps no such call; its private handles are guarded by the SIGKILL test
-            sf._snd.sf_command(self._f._file, _SFC_SET_UPDATE_HEADER_AUTO, sf._ffi.NULL, 1)
+            sf._snd.sf_command(f._file, _SFC_SET_UPDATE_HEADER_AUTO, sf._ffi.NULL, 1)
+        return f
 
     def _write(self, data: np.ndarray) -> None:
+        if self._f is None:
+            self._f = self._open()
         self._f.write(data)
 
     def close(self) -> None:
-        self._f.close()  # idempotent
+        if self._f is not None:
+            self._f.close()  # idempotent
 
 
 class StreamWriter(AudioWriter):
@@ -194,7 +215,7 @@ def _point_at_devnull(stream: IO[bytes]) -> None:
 
 
 def check_writable(path: str | Path) -> Path:
-    """Refuse an output file that could not be created, without creating or truncating anything: the one check
+    """Refuse an output file that could not be created, without leaving anything created or truncated: the one check
     behind audio -o, --save-codes and bench -o, so a bad path is refused before the model loads (or the
     measurements run) and in the same words everywhere."""
     p = Path(path)
@@ -202,6 +223,16 @@ def check_writable(path: str | Path) -> Path:
         raise CsmError(f"cannot write {p}: it is a directory")
     if not p.parent.is_dir():  # libsndfile would only say "System error."
         raise CsmError(f"cannot write {p}: directory {p.parent} does not exist")
+    if p.exists() and not p.is_file():  # a FIFO or device: opening it to check could block
+        return p
+    existed = p.exists()
+    try:  # appending creates nothing that stays and truncates nothing; a read-only place refuses it now
+        with open(p, "ab"):
+            pass
+    except OSError as e:
+        raise CsmError(f"cannot write {p}: {e.strerror or e}") from None
+    if not existed:
+        p.unlink(missing_ok=True)
     return p
 
 
@@ -213,6 +244,8 @@ def check_output(path: str | Path, raw: bool = False, stdout: IO[Any] | None = N
             raise CsmError("refusing to write binary audio to a terminal; redirect or use -o FILE")
         return
     p = Path(path)
+    if p.is_dir():  # `-o .` has no suffix either: say what it is
+        raise CsmError(f"cannot write {p}: it is a directory")
     if not raw and p.suffix.lower() not in WRITE_FORMATS:
         raise CsmError(f"unsupported output format '{p.name}': use {', '.join(WRITE_FORMATS)} or '-' for stdout")
     check_writable(p)

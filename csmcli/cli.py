@@ -6,7 +6,9 @@ Nothing heavy is imported at module level (torch above all), so `csmcli --help` 
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -42,6 +44,7 @@ class CsmGroup(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
+        previous = _on_sigterm_stop_like_ctrl_c()
         try:
             return super().invoke(ctx)
         except CsmError as e:
@@ -51,13 +54,32 @@ class CsmGroup(TyperGroup):
             # the interpreter's final flush does not raise a second time.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            # Older Click turns Ctrl-C into "Aborted!" and exit 1; the shell convention is 128 + SIGINT.
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            # Older Click turns Ctrl-C into "Aborted!" and exit 1; the shell convention is 128 + the signal.
+            raise typer.Exit(128 + signal.SIGTERM if isinstance(e, Terminated) else 130) from None
         except Exception as e:
             if hasattr(e, "exit_code"):  # typer.Exit / Abort / usage errors: Typer reports those itself
                 raise
             _report(e, f"{type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)", code=1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, systemd stopping a service), raised where Ctrl-C would be: the same clean-up
+    runs (the audio file is closed valid, the totals printed), then exit 143."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _on_sigterm_stop_like_ctrl_c() -> Any:
+    """Route SIGTERM to `Terminated` while a command runs (main thread only); returns the handler to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _report(exc: BaseException, line: str, code: int) -> None:
@@ -228,7 +250,8 @@ TemperatureOpt = Annotated[
     float, typer.Option("--temperature", "-t", min=0.0, callback=_finite("--temperature"), help="0 = greedy.")
 ]
 TopkOpt = Annotated[int, typer.Option("--topk", min=1, help="Sample among the k most likely codes.")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, help="Seed; printed when chosen at random.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, max=2**63 - 1,
+                                             help="Seed; printed when chosen at random.")]
 MaxSecondsOpt = Annotated[
     float,
     typer.Option("--max-seconds", min=0.08, callback=_finite("--max-seconds"),

@@ -34,7 +34,8 @@ def gather(preset_name: str | None = None) -> dict[str, Any]:
     torch_facts = torch_versions()
     # torch's view, not the probe's: NVML can see a GPU that a CPU-only torch cannot use, and then the CPU runs.
     if not torch_facts["cuda_available"] and (preset.dtype != "float32" or preset.cuda_graphs or preset.fused_kernels):
-        reason += "; no CUDA here, so it runs on the CPU in float32, without CUDA graphs or fused kernels"
+        reason += ("; no CUDA here, so it runs on the CPU in float32, without CUDA graphs or fused kernels (below:"
+                   " the preset's own settings, for a GPU)")
     return {
         "versions": {
             "csmcli": __version__,

@@ -106,6 +106,9 @@ def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str |
         ui.warn(f"--device {audio_device} has no effect without playback (--play)")
 
 
+CONTEXT_KEYS = ("speaker", "text", "audio")
+
+
 def load_context(path: str | None, ref_audio: str | None, ref_text: str | None, speaker: int) -> list[Segment]:
     """`--context FILE` (JSON or YAML list of {speaker, text, audio?}) and/or `--ref-audio` + `--ref-text`."""
     turns: list[Segment] = []
@@ -113,6 +116,8 @@ def load_context(path: str | None, ref_audio: str | None, ref_text: str | None, 
         turns += _context_file(Path(path))
     if (ref_audio is None) != (ref_text is None):
         raise CsmError("--ref-audio and --ref-text go together: the model needs the words spoken in the reference")
+    if ref_text is not None and not ref_text.strip():
+        raise CsmError("--ref-text is empty: give the words spoken in --ref-audio")
     if ref_audio is not None:
         turns.append(Segment(speaker, ref_text, audio=_audio(ref_audio)))
     return turns
@@ -139,13 +144,17 @@ def _context_file(path: Path) -> list[Segment]:
     for i, turn in enumerate(data):
         if not isinstance(turn, dict) or not isinstance(turn.get("text"), str) or "speaker" not in turn:
             raise CsmError(f"{path}: turn {i + 1} needs 'speaker' (int) and 'text' (string)")
+        unknown = sorted(str(key) for key in turn if key not in CONTEXT_KEYS)
+        if unknown:  # a misspelt `audio` would silently drop the voice clip
+            raise CsmError(f"{path}: turn {i + 1}: unknown key {', '.join(map(repr, unknown))} (a turn has "
+                           f"{', '.join(CONTEXT_KEYS)})")
         spk = turn["speaker"]
         if not isinstance(spk, int) or isinstance(spk, bool) or spk < 0:  # 1.7 or true is a typo, not speaker 1
             raise CsmError(f"{path}: turn {i + 1}: speaker must be an integer >= 0, got {spk!r}")
         if not turn["text"].strip():
             raise CsmError(f"{path}: turn {i + 1}: text is empty (the words spoken in that turn)")
         clip = turn.get("audio")
-        if clip is not None and not isinstance(clip, str):
+        if clip is not None and not (isinstance(clip, str) and clip.strip()):
             raise CsmError(f"{path}: turn {i + 1}: audio must be a file path, got {clip!r}")
         turns.append(Segment(spk, turn["text"], audio=_audio(path.parent / clip) if clip else None))
     return turns
@@ -247,5 +256,8 @@ def _finish(job: SpeakJob, totals: Totals, codes: list[torch.Tensor], start: flo
             np.save(job.save_codes, all_codes)  # [frames, 32]
         except OSError as e:
             failed = f"cannot write {job.save_codes}: {e.strerror or e}"
-    ui.info(totals.summary())
+    summary = totals.summary()
+    if not totals.frames and job.output and job.output != "-" and not job.raw:
+        summary += f": {job.output} not written"  # `audio.FileWriter` creates its file with the first samples
+    ui.info(summary)
     return failed

@@ -189,6 +189,23 @@ def wav_header_sizes(path: Path) -> tuple[int, int]:
     return struct.unpack("<I", b[4:8])[0], struct.unpack("<I", b[40:44])[0]
 
 
+@pytest.mark.parametrize("ext", ["wav", "flac", "ogg"])
+def test_a_file_is_created_by_its_first_samples(tmp_path, ext):
+    """Stopped before any audio, a run leaves no file and an existing one as it was: a FLAC without samples cannot
+    be made valid (libsndfile writes its header with the first samples)."""
+    path = tmp_path / f"out.{ext}"
+    with open_writer(path, RATE):
+        pass
+    assert not path.exists()
+    path.write_bytes(b"keep me")
+    with open_writer(path, RATE):
+        pass
+    assert path.read_bytes() == b"keep me"
+    with open_writer(path, RATE) as w:
+        w.write(np.zeros(1920, dtype=np.float32))
+    assert sf.info(path).frames == 1920
+
+
 @pytest.mark.parametrize(
     ("ext", "sig", "rc"), [("wav", signal.SIGINT, 130), ("wav", signal.SIGKILL, -9), ("flac", signal.SIGINT, 130)]
 )

@@ -122,6 +122,11 @@ def test_subcommand_help_does_not_import_torch():
         (("bench", "--frames", "1"), "error: Invalid value for '--frames': 1 is not in the range x>=2."),
         (("say", "hi", "--no-such-flag"), "error: No such option: --no-such-flag (see 'csmcli say --help')"),
         (("bogus",), "error: No such command 'bogus'. (see 'csmcli --help')"),
+        (("say", "hi", "--seed", str(2**63)), "error: Invalid value for '--seed': 9223372036854775808 is not in the"),
+        (("say", "hi", "--ref-audio", "me.wav", "--ref-text", " "), "error: --ref-text is empty: give the words"),
+        (("say", "hi", "-o", "."), "error: cannot write .: it is a directory"),
+        (("say", "hi", "-o", "/proc/out.wav"), "error: cannot write /proc/out.wav: No such file or directory"),
+        (("bench", "--tiny", "-o", "/proc/report.json"), "error: cannot write /proc/report.json: No such file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
@@ -142,6 +147,30 @@ def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path)
         result = run(*args, str(tmp_path / name))
         assert result.returncode == 2
         assert result.stderr.splitlines() == [f"error: cannot write {tmp_path / name}: it is a directory"]
+
+
+def test_context_and_reference_audio_that_would_mislead_are_refused_before_loading(tmp_path):
+    """A misspelt key would drop a voice clip without a word; NaN samples would reach the codec."""
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "nan.wav", np.array([0.1, np.nan, 0.2] * 800, dtype=np.float32), 24000, subtype="FLOAT")
+    sf.write(tmp_path / "loud.wav", np.array([0.1, 50.0, -0.2] * 800, dtype=np.float32), 24000, subtype="FLOAT")
+    (tmp_path / "typo.yaml").write_text("- {speaker: 1, text: Hello there., audo: loud.wav}\n")
+    (tmp_path / "blank.yaml").write_text("- {speaker: 1, text: Hello there., audio: ''}\n")
+    model = ("--model", "/no/such/dir")
+    cases = [
+        (("--context", str(tmp_path / "typo.yaml")), "turn 1: unknown key 'audo' (a turn has speaker, text, audio)"),
+        (("--context", str(tmp_path / "blank.yaml")), "turn 1: audio must be a file path, got ''"),
+        (("--ref-audio", str(tmp_path / "nan.wav"), "--ref-text", "Hi."), "samples that are not numbers (NaN or"),
+    ]
+    for args, part in cases:
+        result = run("say", "hi", *args, *model)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ") and part in result.stderr, result.stderr
+    loud = run("say", "hi", "--ref-audio", str(tmp_path / "loud.wav"), "--ref-text", "Hi.", *model)
+    assert loud.stderr.splitlines()[0].startswith(f"warning: {tmp_path / 'loud.wav'} peaks at 50, beyond full scale")
+    assert loud.returncode == 2 and "/no/such/dir" in loud.stderr.splitlines()[-1]  # a warning, then the model
 
 
 def test_an_audio_device_without_playback_is_named_as_unused():

@@ -204,27 +204,31 @@ def test_reader_closing_the_pipe_early_is_not_an_error(hf_checkpoint, tmp_path):
 # ---------------------------------------------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.parametrize("cmd", [("say",), ("stream", "--no-play")])
-def test_ctrl_c_leaves_a_valid_wav_and_prints_the_totals(hf_checkpoint, tmp_path, cmd):
-    """Also `stream`, whose live table must not keep its running totals beside the summary line."""
-    wav = tmp_path / "long.wav"
+@pytest.mark.parametrize(("cmd", "sig", "name", "code"), [
+    (("say",), signal.SIGINT, "long.wav", 130), (("stream", "--no-play"), signal.SIGINT, "long.wav", 130),
+    (("say",), signal.SIGTERM, "long.flac", 143),  # `kill`, `timeout`: a FLAC is valid only once closed
+])
+def test_ctrl_c_leaves_a_valid_file_and_prints_the_totals(hf_checkpoint, tmp_path, cmd, sig, name, code):
+    """Also `stream`, whose live table must not keep its running totals beside the summary line; and SIGTERM,
+    which stops a run as Ctrl-C does (exit 128 + 15)."""
+    wav = tmp_path / name
     proc = subprocess.Popen(command(*cmd[:1], TEXT, *cmd[1:], "--max-seconds", "60", "-o", str(wav),
                                     *model_args(hf_checkpoint)),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
     try:
         deadline = time.monotonic() + 240
-        while not (wav.exists() and wav.stat().st_size > 44 + 2 * FRAME * 2):  # header + the first 2-frame chunk
+        while not wav.exists():  # created by the first chunk's samples
             assert proc.poll() is None, proc.communicate()[1].decode()
             assert time.monotonic() < deadline, "no audio written in time"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     err = err.decode()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert out == b"" and "Traceback" not in err
     samples = sf.read(wav, dtype="int16")[0]
     assert len(samples) > 0 and len(samples) % FRAME == 0
