@@ -20,7 +20,8 @@ from csmcli.errors import DEBUG_ENV, CsmError
 
 
 class CsmGroup(TyperGroup):
-    """Turns exceptions from any command into one line and an exit code (0 ok, 1 bug, 2 user error, 130 Ctrl-C)."""
+    """Turns exceptions from any command into one line and an exit code (0 ok, 1 bug, 2 user error, 130 Ctrl-C,
+    143 SIGTERM)."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Usage errors (an unknown option, a value out of range) as one line too, not Click's boxed panel."""

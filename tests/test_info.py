@@ -98,7 +98,8 @@ def test_a_gpu_preset_without_cuda_says_what_the_cpu_runs(monkeypatch, cuda):
     facts = {"torch": "2", "cuda_runtime": None, "cudnn": None, "cuda_available": cuda}
     monkeypatch.setattr(info, "torch_versions", lambda: facts)
     monkeypatch.setattr(info, "audio_output_status", lambda: {})  # PortAudio's probing is not under test
-    note = "; no CUDA here, so it runs on the CPU in float32, without CUDA graphs or fused kernels"
+    note = ("; no CUDA here, so it runs on the CPU in float32, without CUDA graphs or fused kernels (below: the"
+            " preset's own settings, for a GPU)")
     reason = info.gather("24gb")["preset"]["reason"]
     assert reason == "chosen with --preset 24gb" + ("" if cuda else note)
     assert note not in info.gather("cpu")["preset"]["reason"]  # its settings are what the CPU runs
