@@ -80,8 +80,9 @@ def runs(hf_checkpoint, tmp_path_factory):
     runs.start("seeded-stdout", "say", TEXT, *SHORT, "--seed", "5", "-o", "-", "--save-codes", "codes.npy", *model)
     runs.start("seeded-raw", "say", TEXT, *SHORT, "--seed", "5", "-o", "-", "--raw", *model)
     runs.start("three", "say", THREE_SENTENCES, "--max-seconds", "0.4", *TO_FILES, *model)
+    (runs.dir("unwritable codes") / "full.npy").symlink_to("/dev/full")  # opens, then every write fails: ENOSPC
     runs.start("unwritable codes", "say", TEXT, *SHORT, "-t", "0", "--dtype", "bfloat16", "-o", "out.wav",
-               "--save-codes", "/proc/codes.npy", *model)
+               "--save-codes", "full.npy", *model)
     for case, (args, _) in BAD.items():
         _bad_input_files(runs.dir(f"bad {case}"), hf_checkpoint, case)
         runs.start(f"bad {case}", "say", *args, *model[:2], *(() if "--model" in args else model[2:]))
@@ -238,13 +239,14 @@ def test_ctrl_c_leaves_a_valid_file_and_prints_the_totals(hf_checkpoint, tmp_pat
 
 
 def test_codes_that_cannot_be_written_fail_the_run_but_keep_the_audio(runs):
-    """--save-codes into a place that refuses the file (here /proc) is found only at the end: the audio is kept,
-    the totals printed, and the run fails with one error line. The CPU also says it ignores --dtype bfloat16."""
+    """--save-codes into a file that takes no data (a full disk; here /dev/full, which passes the check before the
+    model loads: it opens) fails only at the end: the audio is kept, the totals printed, and the run fails with one
+    error line. The CPU also says it ignores --dtype bfloat16."""
     result = runs("unwritable codes")
     assert result.code == 2 and "Traceback" not in result.stderr
     assert result.lines[0] == "warning: dtype bfloat16 runs as float32 on the cpu"
     assert SUMMARY.match(result.lines[-2]), result.lines
-    assert result.lines[-1].startswith("error: cannot write /proc/codes.npy: "), result.lines
+    assert result.lines[-1] == "error: cannot write full.npy: No space left on device", result.lines
     assert len(result.wav()) == FRAMES * FRAME
 
 
