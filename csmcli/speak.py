@@ -160,13 +160,19 @@ def _context_file(path: Path) -> list[Segment]:
     return turns
 
 
+LIVE_ROWS = 12
+"""Chunks the live table shows while generating (the newest); the final table shows every chunk."""
+
+
 def _chunk_table(rows: list[tuple], totals: Totals | None, playing: bool) -> Table:
     """`totals` is the running total shown while generating; the final table leaves it to the summary line."""
-    table = Table(title="csmcli stream", caption=totals.summary() if totals else None, expand=False)
-    for name in ("chunk", "frames", "gen ms", "decode ms", "chunk RTF", "ahead ms" if playing else "", "underruns"):
-        if name:
-            table.add_column(name, justify="right")
-    for row in rows[-12:]:
+    shown = rows[-LIVE_ROWS:] if totals is not None else rows
+    title = "csmcli stream" + (f" (the last {len(shown)} of {len(rows)} chunks)" if len(shown) < len(rows) else "")
+    table = Table(title=title, caption=totals.summary() if totals else None, expand=False)
+    playback = ("ahead ms", "underruns") if playing else ()
+    for name in ("chunk", "frames", "gen ms", "decode ms", "chunk RTF", *playback):
+        table.add_column(name, justify="right")
+    for row in shown:
         table.add_row(*[str(c) for c in row if c is not None])
     return table
 
@@ -239,9 +245,9 @@ def _deliver(chunk: AudioChunk, writer, player, totals: Totals, start: float) ->
 def _row(chunk: AudioChunk, player) -> tuple[Any, ...]:
     n = len(chunk.codes)
     rtf = (chunk.generate_seconds + chunk.decode_seconds) / (n * FRAME_SECONDS) if n else 0.0
+    playing = (f"{player.buffered_ms:.0f}", player.underruns) if player is not None else ()
     return (chunk.index, n, f"{chunk.generate_seconds * 1000:.0f}", f"{chunk.decode_seconds * 1000:.0f}",
-            f"{rtf:.3f}", f"{player.buffered_ms:.0f}" if player is not None else None,
-            player.underruns if player is not None else 0)
+            f"{rtf:.3f}", *playing)
 
 
 def _finish(job: SpeakJob, totals: Totals, codes: list[torch.Tensor], start: float) -> str | None:

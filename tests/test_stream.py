@@ -21,6 +21,8 @@ def runs(hf_checkpoint, tmp_path_factory):
     runs.start("seeded", *seeded_say(hf_checkpoint))  # shared with test_say when both run
     runs.start("stream-no-play", "stream", TEXT, *SHORT, "--seed", "5", "--no-play", "-o", "out.wav",
                "--save-codes", "codes.npy", *model_args(hf_checkpoint))
+    runs.start("stream-many-chunks", "stream", TEXT, "--max-seconds", "1.2", "--seed", "5", "--no-play", "-o",
+               "out.wav", "--first-chunk-frames", "1", "--chunk-frames", "1", *model_args(hf_checkpoint))
     yield runs
     runs.cancel_pending()
 
@@ -38,6 +40,16 @@ def test_table_then_totals_on_their_own_line(runs):
     lines = runs("stream-no-play").lines
     assert any(re.match(r"^│\s+0 │\s+2 │", line) for line in lines), lines  # the first chunk's row: 2 frames
     assert TOTALS.match(lines[-1]), lines  # not glued to the table's last line
+
+
+def test_the_final_table_shows_every_chunk(runs):
+    """The live view keeps the newest chunks; the table left at the end (here the only one: stderr is a file)
+    has them all, the first (latency) chunk included. Without playback there is no buffer or underrun column."""
+    result = runs("stream-many-chunks")
+    assert result.code == 0, result.stderr
+    chunks = [int(m.group(1)) for line in result.lines if (m := re.match(r"^│\s+(\d+) │\s+1 │", line))]
+    assert chunks == list(range(15)), result.lines  # 1.2 s, one frame a chunk: more than the live view's 12
+    assert "underruns" not in result.stderr and "ahead ms" not in result.stderr
 
 
 def test_list_devices_lists_devices_or_says_why_not(tmp_path):
