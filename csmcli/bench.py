@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,7 +260,7 @@ def measure(engine: Engine, decoder: ChunkDecoder | None, settings: BenchSetting
     ms_p50 = percentile(frame_ms, 50)
     cuda = engine.device.type == "cuda"
     return Row(
-        batch=batch, chunk_frames=chunk, first_chunk_frames=settings.first_chunk_frames,
+        batch=batch, chunk_frames=chunk, first_chunk_frames=min(settings.first_chunk_frames, chunk),
         prompt_rows=settings.prompt_rows, frames=settings.frames, reps=settings.reps,
         prefill_ms=statistics.median(r.prefill_ms for r in reps),
         ms_per_frame_p50=ms_p50, ms_per_frame_p95=percentile(frame_ms, 95),
@@ -388,7 +390,9 @@ REPORT_FORMATS = {".json": lambda r: json.dumps(r.to_dict(), indent=2) + "\n", "
 
 def check_report_path(path: Path) -> None:
     """Refuse a bad `-o` before measuring, not after minutes of it."""
-    if path.suffix not in REPORT_FORMATS:
+    if path.is_dir():
+        raise CsmError(f"cannot write {path}: it is a directory")
+    if path.suffix.lower() not in REPORT_FORMATS:
         raise CsmError(f"{path}: unknown report format (use .json, .md or .csv)")
     check_writable(path)
 
@@ -396,7 +400,7 @@ def check_report_path(path: Path) -> None:
 def write_report(report: BenchReport, path: Path) -> None:
     check_report_path(path)
     try:
-        path.write_text(REPORT_FORMATS[path.suffix](report))
+        path.write_text(REPORT_FORMATS[path.suffix.lower()](report))
     except OSError as e:
         raise CsmError(f"cannot write {path}: {e.strerror or e}") from None
 
@@ -415,8 +419,9 @@ def suggest_preset(report: BenchReport, name: str) -> str:
     first = min(r.first_chunk_frames for r in b1)
     batch = max(r.batch for r in fast)
     h = report.header
-    # At least 1: only the shipped `cpu` preset may claim 0 GB, so a CPU run (no vram_gb) must not write 0.
-    min_vram_gb = max(1, round((h.get("vram_gb") or 0) - 1))
+    # Just under this GPU's memory, so that the automatic choice (the largest min_vram_gb the GPU holds) takes it
+    # here over any shipped tier; at least 1: only the shipped `cpu` preset may claim 0 GB (a CPU run has none).
+    min_vram_gb = max(1.0, math.floor((h.get("vram_gb") or 0) * 10 - 1) / 10)
     return (
         f"# {MEASURED_MARK} on {h.get('gpu') or h['device']}, {h['date']}\n"
         f'name = "{name}"\ndescription = "Measured on {h.get("gpu") or h["device"]}"\n'
@@ -523,7 +528,10 @@ def render_table(report: BenchReport):
     return table
 
 
-def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
+def run_cli(ctx: BenchContext, settings: BenchSettings,
+            on_interrupt: Callable[[BenchReport], None] | None = None) -> BenchReport:
+    """`run` with the table on stderr (live on a terminal). Ctrl-C or SIGTERM: the table of the rows measured so
+    far is printed and handed to `on_interrupt` (header `interrupted: true`) before the interrupt goes on."""
     from rich.live import Live
 
     from csmcli import ui
@@ -549,9 +557,17 @@ def run_cli(ctx: BenchContext, settings: BenchSettings) -> BenchReport:
         if live is not None:
             live.update(render_table(report))
 
-    with live if live is not None else contextlib.nullcontext():
-        full = run(ctx.model, ctx.decoder, settings, cuda_graphs=cuda_graphs, compile=ctx.preset.compile,
-                   fused_kernels=fused_kernels, head=head, on_row=on_row)
+    try:
+        with live if live is not None else contextlib.nullcontext():
+            full = run(ctx.model, ctx.decoder, settings, cuda_graphs=cuda_graphs, compile=ctx.preset.compile,
+                       fused_kernels=fused_kernels, head=head, on_row=on_row)
+    except KeyboardInterrupt:
+        report.header["interrupted"] = True
+        if live is None and not ui.is_quiet() and report.rows:
+            ui.console.print(render_table(report))
+        if on_interrupt is not None and report.rows:
+            on_interrupt(report)
+        raise
     if live is None and not ui.is_quiet():
         ui.console.print(render_table(full))
     return full
@@ -564,9 +580,12 @@ def check_preset_name(name: str) -> None:
 
     if not _PRESET_NAME.fullmatch(name):
         raise CsmError(f"--write-preset {name!r}: use letters, digits, '.', '_' and '-' only")
+    if name.lower().endswith(".toml"):
+        raise CsmError(f"--write-preset {name!r}: give the name without .toml (it is added)")
     path = presets_dir() / f"{name}.toml"
     if path.exists() and MEASURED_MARK not in path.read_text(encoding="utf-8"):
         raise CsmError(f"preset {name!r} ships with csmcli: choose another --write-preset NAME")
+    check_writable(path)  # a read-only install: refused now, not after the measurements
 
 
 def save_preset(text: str, name: str) -> Path:

@@ -489,7 +489,7 @@ def bench(
 
     if compare not in (None, "transformers"):
         raise CsmError(f"--compare knows only 'transformers', got {compare!r}")
-    if write_preset and not suggest:
+    if write_preset is not None and not suggest:
         raise CsmError("--write-preset needs --suggest")
     if prompt_rows + frames > 2048:  # CSM-1B's positions; bench would otherwise time clamped garbage
         raise CsmError(f"--prompt-rows {prompt_rows} + --frames {frames} exceed the model's 2048 positions")
@@ -497,7 +497,7 @@ def bench(
     chunks = _int_list(chunk_frames, "--chunk-frames") if chunk_frames else None
     if output:  # refused now, not after the measurements
         b.check_report_path(Path(output))
-    if write_preset:
+    if write_preset is not None:
         b.check_preset_name(write_preset)
     ctx = b.prepare(
         model=model,
@@ -526,14 +526,26 @@ def bench(
         decode_audio=decode,
         compare_transformers=compare == "transformers",
     )
-    report = b.run_cli(ctx, settings)
+    for size in settings.chunk_frames:  # rows are labelled with the settings: say where they are not what ran
+        if size > frames:
+            ui.warn(f"--chunk-frames {size} is more than --frames {frames}: no chunk of that row reaches {size}")
+    if write_preset is not None and (tiny or ctx.device.type != "cuda"):
+        ui.warn(f"--write-preset {write_preset}: measured {'on the tiny model' if tiny else 'without a GPU'}, the "
+                "preset will not describe CSM-1B on a GPU")
+
+    def keep_what_was_measured(partial: b.BenchReport) -> None:
+        if output:
+            b.write_report(partial, Path(output))
+            ui.info(f"wrote {output}: what was measured before the interrupt ({len(partial.rows)} rows)")
+
+    report = b.run_cli(ctx, settings, on_interrupt=keep_what_was_measured)
     if output:
         b.write_report(report, Path(output))
         ui.info(f"wrote {output}")
     if suggest:
         text = b.suggest_preset(report, write_preset or "measured")
         typer.echo(text, nl=False)
-        if write_preset:
+        if write_preset is not None:
             ui.info(f"saved preset {b.save_preset(text, write_preset)}")
 
 

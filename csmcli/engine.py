@@ -112,14 +112,16 @@ def prefill_length(rows: int, max_seq_len: int) -> int | None:
 
 
 def next_chunk_frames(previous: int | None, first: int, chunk: int) -> int:
-    """Chunk sizes ramp up: `first`, then double the previous chunk until `chunk`. A small first chunk gives early
-    audio, and each chunk is made while the previous (half as long) one plays, so playback does not run dry."""
-    return first if previous is None else min(chunk, 2 * previous)
+    """Chunk sizes ramp up: `first`, then double the previous chunk until `chunk`, the largest (a `first` above it
+    is capped too). A small first chunk gives early audio, and each chunk is made while the previous (half as long)
+    one plays, so playback does not run dry."""
+    return min(chunk, first if previous is None else 2 * previous)
 
 
 def chunk_sizes(first: int, chunk: int) -> list[int]:
     """The distinct sizes `next_chunk_frames` produces (a run's last chunk may be shorter)."""
-    sizes, n = [first], first
+    n = next_chunk_frames(None, first, chunk)
+    sizes = [n]
     while (n := next_chunk_frames(n, first, chunk)) != sizes[-1]:
         sizes.append(n)
     return sizes

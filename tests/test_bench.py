@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -227,10 +228,44 @@ def test_save_preset_writes_nothing_invalid(tmp_presets):
     presets.load_presets()
 
 
+def test_a_measured_preset_is_the_automatic_choice_on_its_gpu(sweep, tmp_presets):
+    """min_vram_gb just under the GPU's memory: on a 15.0 GB GPU the shipped 16gb tier (14.5) must not win."""
+    _, data, _ = sweep
+    header = {**data["header"], "gpu": "Tesla T4", "vram_gb": 15.0, "device": "cuda:0"}
+    report = bench.BenchReport(header, [bench.Row(**row) for row in data["rows"]])
+    bench.save_preset(bench.suggest_preset(report, "t4"), "t4")
+    assert presets.load_presets()["t4"].min_vram_gb == pytest.approx(14.9)
+    assert presets.choose_preset(15.0, None)[0].name == "t4"
+    assert presets.choose_preset(14.8, None)[0].name == "16gb"  # a smaller GPU keeps its tier
+
+
+def test_an_interrupted_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) after an hour of a sweep must not lose the rows already measured: the table and -o get
+    them, marked interrupted, and the exit code is the interrupt's."""
+    real, calls = bench.measure, []
+
+    def measure_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", measure_then_ctrl_c)
+    path = tmp_path / "partial.json"
+    result = cli(*TINY_RUN, "--batch", "1,2", "-o", str(path))
+    assert result.exit_code == 130, (result.stderr, result.exception)
+    data = json.loads(path.read_text())
+    assert data["header"]["interrupted"] is True and [row["batch"] for row in data["rows"]] == [1]
+    assert f"wrote {path}: what was measured before the interrupt (1 rows)" in result.stderr
+    assert re.search(r"^│\s+1 │", result.stderr, re.MULTILINE), result.stderr  # the table of that row
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [("cpu", "error: preset 'cpu' ships with csmcli: choose another --write-preset NAME"),
-     ("../escape", "error: --write-preset '../escape': use letters, digits")],
+     ("../escape", "error: --write-preset '../escape': use letters, digits"),
+     ("", "error: --write-preset '': use letters, digits"),
+     ("mine.toml", "error: --write-preset 'mine.toml': give the name without .toml")],
 )
 def test_write_preset_refuses_bad_names_before_measuring(tmp_presets, name, message):
     before = (tmp_presets / "cpu.toml").read_text()

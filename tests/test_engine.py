@@ -59,7 +59,7 @@ def test_chunk_sizes_ramp_up_to_the_chunk_size(ck):
 
     assert chunk_sizes(1, 12) == [1, 2, 4, 8, 12]
     assert chunk_sizes(4, 4) == [4]
-    assert chunk_sizes(6, 4) == [6, 4]
+    assert chunk_sizes(6, 4) == [4] and next_chunk_frames(None, 6, 4) == 4  # the largest caps the first too
     assert next_chunk_frames(None, 3, 8) == 3 and next_chunk_frames(3, 3, 8) == 6 and next_chunk_frames(6, 3, 8) == 8
     request = Request(build_prompt(ck.tokenizer, [], 0, TEXTS[0], None), SamplingParams(0.0), 20)
     sizes = [len(chunk.codes) for chunk in Engine(ck.model).stream(request.prompt, request.params, 20, 1, 6)]
