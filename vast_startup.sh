@@ -40,6 +40,7 @@ SKIP_BENCH=0
 VENV_DIR=""
 VENV_PY=""
 PYTHON_BIN=""
+APT_UPDATED=0
 DRIVER_CUDA=""
 GPU_LINES=""
 MODEL_READY=0
@@ -290,9 +291,10 @@ check_python() {
     fi
     return
   fi
-  if [[ -z ${CSMCLI_PYTHON:-} ]] && apt_runner >/dev/null && apt_has_candidate python3.11; then
-    say "No Python >= $MIN_PYTHON on PATH; python3.11 will be installed with apt."
-    EXTRA_APT_PACKAGES+=(python3.11 python3.11-venv)
+  local pkg
+  if [[ -z ${CSMCLI_PYTHON:-} ]] && apt_runner >/dev/null && pkg=$(apt_python_package); then
+    say "No Python >= $MIN_PYTHON on PATH; $pkg will be installed with apt."
+    EXTRA_APT_PACKAGES+=("$pkg" "$pkg-venv")
     return
   fi
   die "No Python >= $MIN_PYTHON found${CSMCLI_PYTHON:+ (CSMCLI_PYTHON=$CSMCLI_PYTHON is older or missing)}." \
@@ -319,10 +321,43 @@ apt_runner() {
   fi
 }
 
-apt_has_candidate() {
+apt_candidate() {
   local candidate
   candidate=$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2 }')
-  [[ -n $candidate && $candidate != "(none)" ]]
+  [[ -n $candidate && $candidate != "(none)" ]] && printf '%s\n' "$candidate"
+}
+
+# apt-get with these arguments as root (directly, or through passwordless sudo), never asking questions.
+apt_as_root() {
+  local runner
+  runner=$(apt_runner) || return 1
+  if [[ $runner == sudo ]]; then
+    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get "$@"
+  else
+    DEBIAN_FRONTEND=noninteractive apt-get "$@"
+  fi
+}
+
+# apt-get update once (images ship without package lists: no package has a candidate before it).
+apt_update() {
+  [[ $APT_UPDATED == 1 ]] && return 0
+  apt_as_root update -qq && APT_UPDATED=1
+}
+
+# The apt package of a Python >= MIN_PYTHON: python3 where it is new enough (Debian 12, Ubuntu 24.04), else
+# python3.11 (Ubuntu 22.04, universe); fails when neither is available.
+apt_python_package() {
+  apt_update || return 1
+  local version
+  if version=$(apt_candidate python3); then
+    version=${version#*:}  # an epoch, if any
+    version=$(printf '%s' "${version%%-*}" | cut -d. -f1,2)
+    if printf '%s\n%s\n' "$MIN_PYTHON" "$version" | sort -V -C; then
+      echo python3
+      return 0
+    fi
+  fi
+  apt_candidate python3.11 >/dev/null && echo python3.11
 }
 
 # The Debian packages among the arguments that are not installed.
@@ -357,12 +392,8 @@ install_system_packages() {
     record warn "missing system packages: ${missing[*]} (sudo apt-get install -y ${missing[*]})"
     return
   fi
-  local as_root=()
-  [[ $runner == sudo ]] && as_root=(sudo -n)
   say "installing ${missing[*]} (apt-get as $runner)"
-  if "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-    && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      "${missing[@]}"; then
+  if apt_update && apt_as_root install -y -qq --no-install-recommends "${missing[@]}"; then
     record ok "installed system packages: ${missing[*]}"
   else
     warn "apt-get failed; playback (PortAudio) or audio files may not work until ${missing[*]} are installed"
@@ -437,11 +468,18 @@ setup_hf_home() {
     install -m 600 "$old_token" "$HF_HOME/token"
     say "copied your saved Hugging Face token to $HF_HOME/token"
   fi
-  if grep -qF "$marker" "$VENV_DIR/bin/activate" 2>/dev/null; then
-    say "HF_HOME=$HF_HOME already set in $VENV_DIR/bin/activate"
+  local line activate="$VENV_DIR/bin/activate"
+  line=$(printf 'export HF_HOME=%q' "$HF_HOME")
+  if grep -qF "$marker" "$activate" 2>/dev/null; then
+    if grep -qxF "$line" "$activate"; then
+      say "HF_HOME=$HF_HOME already set in $activate"
+    else  # an earlier run chose another cache: the line after the marker follows this run's
+      sed -i "/^$(printf '%s' "$marker" | sed 's/[][\/.*^$]/\\&/g')\$/{n;s|^export HF_HOME=.*|$(printf '%s' "$line" | sed 's/[|&\\]/\\&/g')|}" "$activate"
+      say "HF_HOME=$HF_HOME (updated in $activate)"
+    fi
   else
-    printf '\n%s\nexport HF_HOME=%q\n' "$marker" "$HF_HOME" >>"$VENV_DIR/bin/activate"
-    say "HF_HOME=$HF_HOME (added to $VENV_DIR/bin/activate)"
+    printf '\n%s\n%s\n' "$marker" "$line" >>"$activate"
+    say "HF_HOME=$HF_HOME (added to $activate)"
   fi
   record ok "Hugging Face cache: HF_HOME=$HF_HOME"
 }

@@ -171,6 +171,43 @@ apt-get() { echo "APT CALLED"; }
     assert "sudo apt-get install -y libportaudio2" in nobody.stdout
 
 
+@pytest.mark.parametrize(("python3", "python311", "expected"), [
+    ("3.12.3-0ubuntu2", "", "python3"),          # Ubuntu 24.04: its python3 is new enough
+    ("3.10.6-1~22.04", "3.11.0~rc1-1~22.04", "python3.11"),  # Ubuntu 22.04: python3.11 from universe
+    ("1:3.11.2-1+b1", "", "python3"),            # Debian 12 (an epoch in the version)
+    ("3.10.6-1~22.04", "", None),                 # nothing new enough: the script stops with a hint
+])
+def test_a_missing_python_is_found_in_apt_after_an_update(python3, python311, expected):
+    """Images ship without package lists: before `apt-get update` no package has a candidate, so the script
+    updates first, then takes python3 if it is new enough, else python3.11."""
+    stubs = f"""
+updates=0
+apt-get() {{ [[ $* == *update* ]] && updates=$((updates + 1)); return 0; }}
+apt-cache() {{
+  local want=
+  if ((updates)); then case ${{*: -1}} in python3) want="{python3}";; python3.11) want="{python311}";; esac; fi
+  printf '%s:\n  Installed: (none)\n  Candidate: %s\n' "${{*: -1}}" "${{want:-(none)}}"
+}}
+id() {{ echo 0; }}
+"""
+    result = source_and_run(stubs + 'apt_python_package || true; apt_update; echo "updates=$updates"')
+    assert result.stdout.split() == [*([expected] if expected else []), "updates=1"], (result.stdout, result.stderr)
+
+
+def test_hf_home_in_the_venv_follows_the_latest_run(tmp_path):
+    """A second run with another HF_HOME must not leave the first one's in the venv's activate script."""
+    (tmp_path / "venv/bin").mkdir(parents=True)
+    (tmp_path / "venv/bin/activate").write_text("# activate\n")
+    run = "VENV_DIR=$1/venv; export HF_HOME=\"$1/{}\"; setup_hf_home >/dev/null; grep -c HF_HOME $VENV_DIR/bin/activate"
+    for cache in ("hf A", "hfB", "hfB"):
+        result = subprocess.run(["bash", "-c", f'source "$2"\n{run.format(cache)}', "t", str(tmp_path), str(SCRIPT)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.stdout.split() == ["1"], (result.stdout, result.stderr)  # one export line, never two
+        check = subprocess.run(["bash", "-c", f'source "{tmp_path}/venv/bin/activate"; printf %s "$HF_HOME"'],
+                               capture_output=True, text=True, timeout=60)
+        assert check.stdout == str(tmp_path / cache), check
+
+
 def test_low_disk_space_warns_with_numbers():
     df_stub = (
         "df() { printf 'Filesystem 1024-blocks Used Available Capacity Mounted on\\n"
