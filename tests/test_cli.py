@@ -114,7 +114,8 @@ def test_subcommand_help_does_not_import_torch():
         (("say", "hi", "--random-weights"), "error: random weights come without a tokenizer: pass --tokenizer"),
         (("say", "hi", "--random-weights", "--model", "x"), "error: --model and --random-weights exclude each other"),
         (("bench", "--tiny", "--model", "x"), "error: --model and --tiny exclude each other"),
-        (("bench", "-o", "/"), "error: /: unknown report format"),
+        (("bench", "-o", "/"), "error: cannot write /: it is a directory"),
+        (("bench", "-o", "report.txt"), "error: report.txt: unknown report format"),
         (("bench", "--prompt-rows", "3000"), "error: --prompt-rows 3000 + --frames 100 exceed"),
         # Click's usage errors too: one line, not a boxed panel with the usage above it
         (("say", "hi", "-t", "-1"), "error: Invalid value for '--temperature' / '-t': -1.0 is not in the range x>=0.0"),
