@@ -243,12 +243,9 @@ def check_output(path: str | Path, raw: bool = False, stdout: IO[Any] | None = N
         if _binary(stdout).isatty():
             raise CsmError("refusing to write binary audio to a terminal; redirect or use -o FILE")
         return
-    p = Path(path)
-    if p.is_dir():  # `-o .` has no suffix either: say what it is
-        raise CsmError(f"cannot write {p}: it is a directory")
+    p = check_writable(path)  # first: `-o .` is a directory, not a file without a suffix
     if not raw and p.suffix.lower() not in WRITE_FORMATS:
         raise CsmError(f"unsupported output format '{p.name}': use {', '.join(WRITE_FORMATS)} or '-' for stdout")
-    check_writable(p)
 
 
 def _binary(stdout: IO[Any] | None) -> IO[bytes]:

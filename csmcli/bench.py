@@ -390,11 +390,9 @@ REPORT_FORMATS = {".json": lambda r: json.dumps(r.to_dict(), indent=2) + "\n", "
 
 def check_report_path(path: Path) -> None:
     """Refuse a bad `-o` before measuring, not after minutes of it."""
-    if path.is_dir():
-        raise CsmError(f"cannot write {path}: it is a directory")
+    check_writable(path)  # first: `-o /tmp` is a directory, not a file without a suffix
     if path.suffix.lower() not in REPORT_FORMATS:
         raise CsmError(f"{path}: unknown report format (use .json, .md or .csv)")
-    check_writable(path)
 
 
 def write_report(report: BenchReport, path: Path) -> None:
