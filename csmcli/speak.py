@@ -173,7 +173,7 @@ def _chunk_table(rows: list[tuple], totals: Totals | None, playing: bool) -> Tab
     for name in ("chunk", "frames", "gen ms", "decode ms", "chunk RTF", *playback):
         table.add_column(name, justify="right")
     for row in shown:
-        table.add_row(*[str(c) for c in row if c is not None])
+        table.add_row(*map(str, row))
     return table
 
 
