@@ -7,13 +7,15 @@ outside. sounddevice is imported inside functions so this module imports on mach
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import sys
 import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -128,6 +130,30 @@ class AudioWriter:
         self.close()  # runs on KeyboardInterrupt too: the CLI's Ctrl-C (exit 130) still finalizes the file
 
 
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back until the block is done (their handlers swapped for ones that only note them;
+    main thread only, where Python runs handlers): between creating a FLAC and writing its first samples an
+    interrupt would leave a file without a header, which close() cannot repair."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, Any]] = []
+    held = {sig: signal.signal(sig, lambda signum, frame: pending.append((signum, frame)))
+            for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for signum, frame in pending[:1]:  # now, as it would have run
+            handler = held[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 class FileWriter(AudioWriter):
     """.wav (PCM_16) / .flac / .ogg (vorbis) through libsndfile.
 
@@ -155,8 +181,11 @@ class FileWriter(AudioWriter):
         return f
 
     def _write(self, data: np.ndarray) -> None:
-        if self._f is None:
-            self._f = self._open()
+        if self._f is None:  # Ctrl-C / SIGTERM wait until the file holds its first samples: close() can finish it
+            with _interrupts_deferred():
+                self._f = self._open()
+                self._f.write(data)
+            return
         self._f.write(data)
 
     def close(self) -> None:

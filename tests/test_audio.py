@@ -206,6 +206,35 @@ def test_a_file_is_created_by_its_first_samples(tmp_path, ext):
     assert sf.info(path).frames == 1920
 
 
+def test_an_interrupt_waits_until_a_new_file_holds_its_first_samples(tmp_path):
+    """A FLAC created but not yet written has no header, and close() cannot repair it: a SIGTERM (or Ctrl-C) that
+    arrives in between is held back until the first samples are in, then stops the run with a valid file."""
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    path = tmp_path / "out.flac"
+    writer = open_writer(path, RATE)
+    real_open = writer._open
+
+    def open_then_terminated():
+        f = real_open()
+        os.kill(os.getpid(), signal.SIGTERM)  # lands here, after the file exists and before any samples
+        return f
+
+    writer._open = open_then_terminated
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped), writer:
+            writer.write(np.full(1920, 0.25, dtype=np.float32))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sf.info(path).frames == 1920
+
+
 @pytest.mark.parametrize(
     ("ext", "sig", "rc"), [("wav", signal.SIGINT, 130), ("wav", signal.SIGKILL, -9), ("flac", signal.SIGINT, 130)]
 )
