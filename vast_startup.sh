@@ -470,16 +470,16 @@ setup_hf_home() {
   fi
   local line activate="$VENV_DIR/bin/activate"
   line=$(printf 'export HF_HOME=%q' "$HF_HOME")
-  if grep -qF "$marker" "$activate" 2>/dev/null; then
-    if grep -qxF "$line" "$activate"; then
-      say "HF_HOME=$HF_HOME already set in $activate"
-    else  # an earlier run chose another cache: the line after the marker follows this run's
-      sed -i "/^$(printf '%s' "$marker" | sed 's/[][\/.*^$]/\\&/g')\$/{n;s|^export HF_HOME=.*|$(printf '%s' "$line" | sed 's/[|&\\]/\\&/g')|}" "$activate"
-      say "HF_HOME=$HF_HOME (updated in $activate)"
-    fi
+  if grep -qxF "$line" "$activate" 2>/dev/null; then
+    say "HF_HOME=$HF_HOME already set in $activate"
   else
+    if grep -qxF "$marker" "$activate" 2>/dev/null; then  # an earlier run chose another cache: its lines go
+      local kept
+      kept=$(awk -v marker="$marker" '$0 == marker { drop = 1; next } drop { drop = 0; next } { print }' "$activate")
+      printf '%s\n' "$kept" >"$activate"
+    fi
     printf '\n%s\n%s\n' "$marker" "$line" >>"$activate"
-    say "HF_HOME=$HF_HOME (added to $activate)"
+    say "HF_HOME=$HF_HOME (set in $activate)"
   fi
   record ok "Hugging Face cache: HF_HOME=$HF_HOME"
 }
