@@ -110,6 +110,19 @@ for step in "$@"; do
         "$out/ncu_details.txt" | head -150 ;;
     folded) python3 scripts/layer_probe.py folded 2>&1 | tee "$out/folded.txt" ;;
     squarestests) python3 scripts/engine_tests_with.py SHARE_SQUARES 1 2>&1 | tee "$out/squarestests.txt" || true ;;
+    gemm64) python3 scripts/gemm64_probe.py 2>&1 | grep -v Warn | tee "$out/gemm64.txt" ;;
+    gemm64small) python3 scripts/gemm64_probe.py small 2>&1 | grep -v Warn | tee "$out/gemm64small.txt" ;;
+    stream) python3 scripts/stream_probe.py 2>&1 | grep -v Warn | tee "$out/stream.txt" ;;
+    floors) python3 scripts/stream_probe.py floors 2>&1 | grep -v Warn | tee "$out/floors.txt" ;;
+    gemm64ncu)  # Nsight Compute on the hand-written 64-row products and the Triton tiles (scripts/gemm64_ncu.py)
+      ncu_bin=$(command -v ncu || find /opt/nvidia -name ncu -type f | head -1)
+      CSMCLI_NO_PDL=1 "$ncu_bin" --profile-from-start off --clock-control none --set full -f -o "$out/g64ncu" \
+        python3 scripts/gemm64_ncu.py 2>&1 | grep -v Warn | tail -5
+      "$ncu_bin" --import "$out/g64ncu.ncu-rep" --page details > "$out/g64ncu_details.txt"
+      "$ncu_bin" --import "$out/g64ncu.ncu-rep" --page source --print-source sass --csv --launch-count 1 \
+        > "$out/g64ncu_src_gateup.csv" || true
+      grep -E "^  [a-zA-Z_0-9]+|Duration|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Achieved Occupancy|Registers Per|Stall|Issued Warp|No Eligible|Active Warps Per" \
+        "$out/g64ncu_details.txt" | head -150 ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -1,0 +1,218 @@
+"""Probe: how fast can one kernel only *read* a decoder product's weights (33.6 MB gate/up, 16.8 MB down) on this GPU,
+launched back to back in a CUDA graph over 8 copies (more than L2 holds), as the frame step launches its products?
+That is the floor any hand-written 64-row product could reach, against the Triton tiles' time for the same bytes.
+
+Two readers, each CTA streaming its own contiguous share of the weight (as a product's CTA owns its rows):
+- `bulk`: one thread per CTA issues `cp.async.bulk` copies of CHUNK bytes into a ring of STAGES shared-memory slots
+  (mbarrier completion), as a TMA-fed tile would;
+- `ldg`: every thread loads 16 bytes at a time, UNROLL loads in flight, warps reading 512 contiguous bytes each.
+Optionally with programmatic dependent launch (the next kernel's CTAs start as SMs free up and begin reading before
+`griddepcontrol.wait`, as weights may).
+
+Usage: python3 scripts/stream_probe.py"""
+
+import ctypes
+import sys
+
+import torch
+
+sys.path.insert(0, "scripts")
+from gemm64_probe import _Attr, _Config, time_graph
+
+from csmcli import kernels
+
+SOURCE = r"""
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+extern "C" __global__ void bulk_read(const unsigned char* __restrict__ src, unsigned long long bytes,
+                                     unsigned* __restrict__ sink) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ __align__(8) unsigned long long bars[STAGES];
+  const unsigned long long share = bytes / gridDim.x;
+  const unsigned char* base = src + share * blockIdx.x;
+  const int chunks = (int)(share / CHUNK);
+#if WAIT_FIRST && PDL
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&bars[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int c = 0; c < chunks + STAGES; ++c) {
+      const int s = c % STAGES;
+      if (c >= STAGES) {  // wait for the copy that used this slot
+        const unsigned parity = ((c - STAGES) / STAGES) & 1;
+        unsigned done = 0;
+        while (!done)
+          asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                       : "=r"(done) : "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
+      }
+      if (c < chunks) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                     :: "r"(smem_addr(&bars[s])), "r"(CHUNK) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"(smem_addr(smem + s * CHUNK)), "l"(base + (unsigned long long)c * CHUNK), "r"(CHUNK),
+                        "r"(smem_addr(&bars[s])) : "memory");
+      }
+    }
+#if PDL
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  }
+#if PDL && !WAIT_FIRST
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  __syncthreads();
+  if (threadIdx.x == 0 && smem[7] == 0x5a && smem[CHUNK + 3] == 0xa5) sink[blockIdx.x] = 1;
+}
+
+extern "C" __global__ void ldg_read(const uint4* __restrict__ src, unsigned long long bytes,
+                                    unsigned* __restrict__ sink) {
+  const unsigned long long share = bytes / 16 / gridDim.x;  // uint4s per CTA
+  const uint4* base = src + share * blockIdx.x;
+  unsigned acc = 0;
+#if WAIT_FIRST && PDL
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  for (unsigned long long i = threadIdx.x; i < share; i += (unsigned long long)blockDim.x * UNROLL) {
+    uint4 v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const unsigned long long j = i + (unsigned long long)u * blockDim.x;
+      if (j < share)
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w) : "l"(base + j));
+      else
+        v[u] = make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+#if PDL
+  asm volatile("griddepcontrol.launch_dependents;");
+#if !WAIT_FIRST
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#endif
+  if (acc == 0x12345678u) sink[blockIdx.x] = acc;
+}
+"""
+
+
+class Reader:
+    def __init__(self, name, ctas, threads, pdl, wait_first=False, chunk=16384, stages=4, unroll=8):
+        defines = f"#define CHUNK {chunk}\n#define STAGES {stages}\n#define UNROLL {unroll}\n#define PDL {int(pdl)}\n" \
+                  f"#define WAIT_FIRST {int(wait_first)}\n"
+        self.kernel = torch.cuda._compile_kernel(defines + SOURCE, name)
+        self.smem = chunk * stages if name == "bulk_read" else 0
+        if self.smem:
+            self.kernel.set_shared_memory_config(self.smem)
+        self.ctas, self.threads, self.pdl = ctas, threads, pdl
+        self.sink = torch.zeros(4096, dtype=torch.int32, device="cuda")
+        self.label = (f"{name} ctas={ctas} threads={threads}" + (f" chunk={chunk // 1024}K x{stages}" if self.smem
+                      else f" unroll={unroll}") + (" pdl" if pdl else "") + (" wait-first" if wait_first else ""))
+        self.lib = torch.cuda._utils._get_gpu_runtime_library()
+
+    def __call__(self, w):
+        values = [ctypes.c_void_p(w.data_ptr()), ctypes.c_uint64(w.numel() * w.element_size()),
+                  ctypes.c_void_p(self.sink.data_ptr())]
+        params = (ctypes.c_void_p * 3)(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+        attr = _Attr(id=6)
+        attr.value.i = 1
+        config = _Config(self.ctas, 1, 1, self.threads, 1, 1, self.smem, torch.cuda.current_stream().cuda_stream,
+                         ctypes.pointer(attr) if self.pdl else None, 1 if self.pdl else 0)
+        rc = self.lib.cuLaunchKernelEx(ctypes.byref(config), self.kernel.func, params, None)
+        assert rc == 0, f"cuLaunchKernelEx: {rc}"
+
+
+SHAPES = {  # the 64-row frame's weight products: (rows of the weight, K, gated, times a frame)
+    "decoder qkv": (1536, 1024, False, 128), "decoder o": (1024, 1024, False, 128),
+    "decoder gate/up": (16384, 1024, True, 128), "decoder down": (1024, 8192, False, 128),
+    "decoder head": (2051, 1024, False, 31),
+    "backbone qkv": (3072, 2048, False, 16), "backbone o": (2048, 2048, False, 16),
+    "backbone gate/up": (16384, 2048, True, 16), "backbone down": (2048, 8192, False, 16),
+}
+
+
+def floors():
+    """Every product of the 64-row frame: the Triton tile's time against the fastest plain read of its bytes."""
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    total_read = total_triton = 0.0
+    for label, (rows, k, gated, per_frame) in SHAPES.items():
+        copies = max(8, int(400e6 // (rows * k * 2)))
+        weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        nbytes = rows * k * 2
+        print(f"== {label}: {nbytes / 1e6:.1f} MB, {per_frame} a frame", flush=True)
+        xs = [torch.randn(64, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+
+        def triton_calls(xs=xs, weights=weights, copies=copies, gated=gated):
+            for i in range(64):
+                kernels.linear(xs[i % 8], weights[i % copies], gated=gated, batch=64)
+            return 64
+
+        tri = time_graph(triton_calls, "triton product (kernels.linear)", nbytes)
+        best = None
+        for ctas, threads in ((128, 512), (256, 256), (512, 256), (264, 512)):
+            reader = Reader("ldg_read", ctas, threads, True, unroll=8)
+
+            def calls(reader=reader, weights=weights, copies=copies):
+                for i in range(64):
+                    reader(weights[i % copies])
+                return 64
+
+            us = time_graph(calls, reader.label, nbytes)
+            best = us if best is None else min(best, us)
+        total_read += best * per_frame
+        total_triton += tri * per_frame
+        print(f"  floor {best:.2f} us, triton {tri:.2f} us; a frame: {best * per_frame / 1000:.3f} ms read, "
+              f"{tri * per_frame / 1000:.3f} ms triton", flush=True)
+    print(f"64-row frame, weight products only: plain reads {total_read / 1000:.3f} ms, "
+          f"Triton tiles (isolated) {total_triton / 1000:.3f} ms", flush=True)
+
+
+def main():
+    if "floors" in sys.argv[1:]:
+        return floors()
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    for label, rows, k, gated in (("decoder gate/up", 16384, 1024, True), ("decoder down", 1024, 8192, False)):
+        weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        nbytes = rows * k * 2
+        print(f"== {label}: {nbytes / 1e6:.1f} MB", flush=True)
+        n = rows // 2 if gated else rows
+        xs = [torch.randn(64, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        res = None if gated else torch.randn(64, n, device="cuda", dtype=torch.bfloat16)
+
+        def triton_calls(xs=xs, weights=weights, res=res, gated=gated):
+            for i in range(64):
+                kernels.linear(xs[i % 8], weights[i % 8], residual=res, gated=gated, batch=64)
+            return 64
+
+        time_graph(triton_calls, "triton product (kernels.linear)", nbytes)
+        readers = []
+        for pdl in (False, True):
+            for ctas in (128, 132, 256):
+                readers.append(Reader("ldg_read", ctas, 256, pdl, unroll=8))
+            readers.append(Reader("ldg_read", 128, 512, pdl, unroll=8))
+            readers.append(Reader("ldg_read", 128, 256, pdl, unroll=16))
+            for chunk, stages in ((16384, 4), (16384, 8), (32768, 4), (8192, 8), (4096, 16)):
+                readers.append(Reader("bulk_read", 128, 32, pdl, chunk=chunk, stages=stages))
+            readers.append(Reader("bulk_read", 256, 32, pdl, chunk=16384, stages=4))
+        readers.append(Reader("ldg_read", 128, 256, True, wait_first=True, unroll=8))
+        readers.append(Reader("bulk_read", 128, 32, True, wait_first=True, chunk=16384, stages=8))
+        for reader in readers:
+            def calls(reader=reader, weights=weights):
+                for i in range(64):
+                    reader(weights[i % 8])
+                return 64
+            try:
+                time_graph(calls, reader.label, nbytes)
+            except Exception as error:
+                print(f"  {reader.label}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
