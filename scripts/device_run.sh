@@ -111,6 +111,7 @@ for step in "$@"; do
     folded) python3 scripts/layer_probe.py folded 2>&1 | tee "$out/folded.txt" ;;
     squarestests) python3 scripts/engine_tests_with.py SHARE_SQUARES 1 2>&1 | tee "$out/squarestests.txt" || true ;;
     gemm64) python3 scripts/gemm64_probe.py 2>&1 | grep -v Warn | tee "$out/gemm64.txt" ;;
+    gemm64small2) python3 scripts/gemm64_probe.py small2 2>&1 | grep -v Warn | tee "$out/gemm64small2.txt" ;;
     gemm64small) python3 scripts/gemm64_probe.py small 2>&1 | grep -v Warn | tee "$out/gemm64small.txt" ;;
     stream) python3 scripts/stream_probe.py 2>&1 | grep -v Warn | tee "$out/stream.txt" ;;
     floors) python3 scripts/stream_probe.py floors 2>&1 | grep -v Warn | tee "$out/floors.txt" ;;

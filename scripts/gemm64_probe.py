@@ -66,6 +66,21 @@ class Gemm:
         return out
 
 
+class SmallGemm(Gemm):
+    """`gemm64_small`: 32 weight rows a CTA, no shared stage, partial tiles added across the cluster."""
+
+    def __init__(self, n, k, wk, split, residual, gated=False, pdl=True):
+        assert not gated
+        self.n, self.k, self.gated, self.residual, self.pdl = n, k, False, residual, pdl
+        self.name = f"small wk{wk} split{split}{' pdl' if pdl else ''}"
+        source = src.small_defines(n=n, k=k, wk=wk, split=split, residual=residual, pdl=pdl) + src.SMALL_SOURCE
+        self.kernel = torch.cuda._compile_kernel(source, "gemm64_small")
+        self.smem = 0
+        self.grid = n // 32 * split
+        self.block = wk * 32
+        self.lib = torch.cuda._utils._get_gpu_runtime_library()
+
+
 def reference(x, w, res, gated):
     if gated:
         half = w.shape[0] // 2
@@ -135,7 +150,8 @@ def shape_runs(label, n, k, gated, residual, builds, quick):
     results = {"triton": time_graph(triton_calls, "triton (kernels.linear)", nbytes)}
     for config in builds:
         try:
-            gemm = Gemm(n, k, gated=gated, residual=residual, **config)
+            kind = config.pop("kind", Gemm)
+            gemm = kind(n, k, gated=gated, residual=residual, **config)
         except Exception as error:
             print(f"  build {config}: {type(error).__name__}: {str(error)[:300]}", flush=True)
             continue
@@ -175,6 +191,16 @@ def main():
          dict(wn=1, wk=1, split=8, depth=2, pdl=True), dict(wn=2, wk=2, split=4, depth=1, pdl=True)]
     if "small" in sys.argv[1:]:
         gateup, down = gateup[3:4], down[3:4] + down[6:]
+    if "small2" in sys.argv[1:]:
+        def smalls(*pairs):
+            return [dict(kind=SmallGemm, wk=wk, split=split) for wk, split in pairs]
+        shape_runs("decoder qkv", 1536, 1024, False, False, smalls((4, 4), (2, 8), (4, 2), (1, 16 // 2), (2, 4),
+                                                                  (4, 1), (1, 4)), quick)
+        shape_runs("decoder o", 1024, 1024, False, True, smalls((4, 4), (2, 8), (4, 2), (1, 8), (2, 4), (1, 4)),
+                   quick)
+        shape_runs("backbone qkv", 3072, 2048, False, False, smalls((4, 8), (4, 4), (2, 8), (4, 2)), quick)
+        shape_runs("backbone o", 2048, 2048, False, True, smalls((4, 8), (4, 4), (2, 8), (4, 2)), quick)
+        return
     if quick:
         gateup, down, qkv, o = gateup[:2], down[:2], qkv[:1], o[:1]
     shape_runs("decoder gate/up", 8192, 1024, True, False, gateup, quick)

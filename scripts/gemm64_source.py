@@ -247,3 +247,169 @@ def smem_bytes(*, k: int, wn: int, wk: int, split: int) -> int:
 def grid(*, n: int, wn: int, split: int, gated: bool) -> int:
     rows = n * (2 if gated else 1)
     return rows // (wn * 32) * split
+
+
+SMALL_SOURCE = r"""
+typedef unsigned short bf16_t;
+#define KW (KC / WK)
+#define CHUNKS (KW / 64)
+#define PS 36
+
+__device__ __forceinline__ uint4 ldg_w(const bf16_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint4 ldg_x(const bf16_t* p) {  // written by the kernel before: L2, not L1
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+__device__ __forceinline__ void mma16816(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                         unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
+
+__device__ __forceinline__ bf16_t f32_to_bf16(float v) {
+  bf16_t r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+  return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ float4 ld_cluster4(const float* p, unsigned rank) {
+  unsigned remote;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(remote));
+  return v;
+}
+
+// out[m, N] = x[m, K] @ w[N, K].T (+ res): a CTA owns 32 weight rows and a K slice of KC; its WK warps split the
+// slice; the cluster's SPLIT CTAs split K. Weights and x go straight from memory into mma fragments (no shared
+// stage); the SPLIT x WK partial tiles are added in a fixed order through distributed shared memory.
+extern "C" __global__ void __launch_bounds__(WK * 32)
+#if SPLIT > 1
+__cluster_dims__(SPLIT, 1, 1)
+#endif
+gemm64_small(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, const bf16_t* __restrict__ res,
+             bf16_t* __restrict__ out, int m, int stride_x, int stride_r, int stride_o) {
+  __shared__ __align__(16) float part[WK][64][PS];
+  const int tid = threadIdx.x, wk = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int cb = blockIdx.x / SPLIT, split = blockIdx.x % SPLIT;
+  const int k0 = split * KC + wk * KW + 8 * t;
+  const bf16_t* wp = w + (size_t)(cb * 32 + g) * K_FULL + k0;
+  uint4 wr[CHUNKS][4][2];
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wr[c][j][0] = ldg_w(wp + (size_t)j * 8 * K_FULL + c * 64);
+      wr[c][j][1] = ldg_w(wp + (size_t)j * 8 * K_FULL + c * 64 + 32);
+    }
+#if PDL
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  uint4 xr[CHUNKS][4][4];
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+    const int r0 = min(16 * mt + g, m - 1), r1 = min(16 * mt + g + 8, m - 1);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      xr[c][mt][0] = ldg_x(x + (size_t)r0 * stride_x + k0 + c * 64);
+      xr[c][mt][1] = ldg_x(x + (size_t)r0 * stride_x + k0 + c * 64 + 32);
+      xr[c][mt][2] = ldg_x(x + (size_t)r1 * stride_x + k0 + c * 64);
+      xr[c][mt][3] = ldg_x(x + (size_t)r1 * stride_x + k0 + c * 64 + 32);
+    }
+  }
+  float acc[4][4][4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+      const unsigned ra[8] = {xr[c][mt][0].x, xr[c][mt][0].y, xr[c][mt][0].z, xr[c][mt][0].w,
+                              xr[c][mt][1].x, xr[c][mt][1].y, xr[c][mt][1].z, xr[c][mt][1].w};
+      const unsigned rb[8] = {xr[c][mt][2].x, xr[c][mt][2].y, xr[c][mt][2].z, xr[c][mt][2].w,
+                              xr[c][mt][3].x, xr[c][mt][3].y, xr[c][mt][3].z, xr[c][mt][3].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const unsigned wv[8] = {wr[c][j][0].x, wr[c][j][0].y, wr[c][j][0].z, wr[c][j][0].w,
+                                wr[c][j][1].x, wr[c][j][1].y, wr[c][j][1].z, wr[c][j][1].w};
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+          mma16816(acc[mt][j], ra[2 * s], rb[2 * s], ra[2 * s + 1], rb[2 * s + 1], wv[2 * s], wv[2 * s + 1]);
+      }
+    }
+#if PDL
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = 16 * mt + g, col = 8 * j + 2 * t;
+      *(float2*)&part[wk][row][col] = make_float2(acc[mt][j][0], acc[mt][j][1]);
+      *(float2*)&part[wk][row + 8][col] = make_float2(acc[mt][j][2], acc[mt][j][3]);
+    }
+  cluster_sync();  // every warp of every CTA of the cluster has its partial tile in place
+  const int rows = 64 / SPLIT;
+  for (int i = tid; i < rows * 8; i += WK * 32) {
+    const int r = split * rows + i / 8, c = 4 * (i % 8);
+    float4 p[SPLIT * WK];
+#pragma unroll
+    for (int q = 0; q < SPLIT; ++q)
+#pragma unroll
+      for (int v = 0; v < WK; ++v) p[q * WK + v] = ld_cluster4(&part[v][r][c], q);
+    float4 s = p[0];
+#pragma unroll
+    for (int q = 1; q < SPLIT * WK; ++q) { s.x += p[q].x; s.y += p[q].y; s.z += p[q].z; s.w += p[q].w; }
+    if (r < m) {
+      const float sums[4] = {s.x, s.y, s.z, s.w};
+      bf16_t o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = bf16_to_f32(f32_to_bf16(sums[e]));
+#if HAS_RES
+        v += bf16_to_f32(res[(size_t)r * stride_r + cb * 32 + c + e]);
+#endif
+        o[e] = f32_to_bf16(v);
+      }
+      uint2 packed = make_uint2((unsigned)o[0] | ((unsigned)o[1] << 16), (unsigned)o[2] | ((unsigned)o[3] << 16));
+      *(uint2*)&out[(size_t)r * stride_o + cb * 32 + c] = packed;
+    }
+  }
+  cluster_sync();  // this CTA's partial tiles stay until the cluster has read them
+}
+"""
+
+
+def small_defines(*, n: int, k: int, wk: int, split: int, residual: bool, pdl: bool = True) -> str:
+    kc = k // split
+    assert k % split == 0 and kc % (wk * 64) == 0 and 64 % split == 0 and n % 32 == 0 and wk <= 4  # static smem
+    values = dict(WK=wk, SPLIT=split, KC=kc, K_FULL=k, HAS_RES=int(residual), PDL=int(pdl))
+    return "".join(f"#define {key} {value}\n" for key, value in values.items())
