@@ -405,10 +405,17 @@ class Player:
         self._stream = stream
         return self
 
+    @property
+    def lost(self) -> bool:
+        """The output stream stopped by itself (the audio server or the device went away, e.g. PulseAudio was
+        killed): what is queued will not play, and `write` drops what it is given."""
+        stream = self._stream
+        return stream is not None and not stream.active
+
     def write(self, pcm: np.ndarray) -> None:
         """Queue a chunk; never blocks on the device."""
         x = np.clip(np.nan_to_num(_mono(pcm), nan=0.0), -1.0, 1.0)  # a copy: the caller may reuse its buffer
-        if len(x):
+        if len(x) and not self.lost:
             with self._cond:
                 self._chunks.append(x)
                 self._queued += len(x)
@@ -441,12 +448,18 @@ class Player:
         out[got:] = 0
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until all queued audio has played; False if timeout (default: queued duration + 5 s) ran out."""
+        """Wait until all queued audio has played; False if timeout (default: queued duration + 5 s) ran out or
+        the stream was `lost` (checked every 0.1 s: a dead stream's callback never empties the queue)."""
         with self._cond:
             timeout = self._queued / self.sample_rate + 5.0 if timeout is None else timeout
+            deadline = time.monotonic() + timeout
             self._ending = True
-            done = self._cond.wait_for(lambda: not self._queued, timeout)
-            self._ending = False
+            try:
+                while self._queued and not self.lost and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(min(left, 0.1))
+            finally:
+                self._ending = False
+            done = not self._queued
             if done:
                 self._playing = False  # idle until the next utterance: silence now is not an underrun
         if done and self._stream is not None:

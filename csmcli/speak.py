@@ -205,16 +205,23 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
                                                 refresh_per_second=8, transient=False))
                 # The last render leaves the totals to the summary line, also after Ctrl-C (else printed twice).
                 stack.callback(lambda: live.update(_chunk_table(rows, None, player is not None)))
+            lost_warned = False
             for chunk in pipeline.speak(job.text, job.speaker, params, context=context,
                                         max_seconds=job.max_seconds, warn=ui.warn):
                 _deliver(chunk, writer, player, totals, start)
+                if player is not None and player.lost and not lost_warned:
+                    lost_warned = True
+                    ui.warn("playback stopped: the audio output went away (audio server or device gone)"
+                            + (f"; still writing {job.output}" if job.output else ""))
                 codes.append(chunk.codes)
                 rows.append(_row(chunk, player))
                 if live is not None:
                     live.update(_chunk_table(rows, totals, player is not None))
             if player is not None:
-                if not player.drain():
+                if not player.drain() and not player.lost:
                     ui.warn("playback did not finish in time: the end of the audio may be cut off")
+                elif player.lost and not lost_warned:
+                    ui.warn("playback stopped: the audio output went away (audio server or device gone)")
                 totals.underruns = player.underruns
     except audio.OutputClosed:
         pass  # the reader went away (`| head -c 1000`): not an error

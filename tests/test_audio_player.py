@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,38 @@ def test_drain_times_out_without_a_device():
     assert p.drain(timeout=0.05) is False
 
 
+class DeadStream:
+    """What sounddevice's OutputStream reports once PortAudio's callback thread has ended by itself (the audio
+    server went away): not active, not stopped by us."""
+
+    active = False
+    latency = 0.0
+
+
+def test_a_lost_stream_ends_drain_at_once_and_drops_writes():
+    p = Player(RATE)
+    p.write(ramp(RATE * 5))
+    assert not p.lost  # no stream opened: nothing lost, only unplayed
+    p._stream = DeadStream()
+    assert p.lost
+    start = time.monotonic()
+    assert p.drain(timeout=30) is False
+    assert time.monotonic() - start < 1.0  # not the queued 5 s + 5 s a dead callback would never shorten
+    queued = p.buffered_ms
+    p.write(ramp(CHUNK))
+    assert p.buffered_ms == queued  # dropped: it would never play
+
+
+def test_drain_notices_a_stream_lost_while_waiting():
+    p = Player(RATE)
+    p._stream = type("LiveStream", (), {"active": True, "latency": 0.0})()
+    p.write(ramp(RATE * 5))
+    threading.Timer(0.3, lambda: setattr(p._stream, "active", False)).start()
+    start = time.monotonic()
+    assert p.drain(timeout=30) is False
+    assert 0.25 < time.monotonic() - start < 1.5
+
+
 def test_write_rejects_non_mono_and_clips():
     p = Player(RATE)
     with pytest.raises(ValueError, match="mono"):
@@ -179,10 +213,16 @@ def _reload_portaudio(sd) -> None:
 @pytest.fixture(scope="module")
 def pulse_sink(tmp_path_factory):
     """A private PulseAudio daemon with one null sink, reached by PortAudio through ALSA's "pulse" device."""
+    with pulse_daemon(tmp_path_factory.mktemp("pulse")):
+        yield "pulse"
+
+
+@contextmanager
+def pulse_daemon(home: Path) -> Iterator[subprocess.Popen]:
+    """Run a PulseAudio daemon with a null sink in `home`; PortAudio's "pulse" device reaches it while inside."""
     sd = _sounddevice()
     if shutil.which("pulseaudio") is None:
         pytest.skip("pulseaudio not installed (apt-get install pulseaudio libasound2-plugins)")
-    home = tmp_path_factory.mktemp("pulse")
     sock = home / "native"
     env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(home), "XDG_CONFIG_HOME": str(home)}
     cmd = [
@@ -209,7 +249,7 @@ def pulse_sink(tmp_path_factory):
         _reload_portaudio(sd)
         if not any(d["name"] == "pulse" for d in list_devices()):
             pytest.skip("PortAudio has no 'pulse' device: the ALSA pulse plugin is missing (libasound2-plugins)")
-        yield "pulse"
+        yield daemon
     finally:
         daemon.terminate()
         try:
@@ -291,3 +331,23 @@ def test_real_device_listing_and_unknown_name(pulse_sink):
         assert p.start()._stream is stream  # a second stream would eat the queue twice as fast
     finally:
         p.close()
+
+
+def test_audio_server_killed_mid_playback(tmp_path):
+    # Without the check, drain() waited the queued audio + 5 s for a callback that never came back (11 s here).
+    with pulse_daemon(tmp_path) as daemon:
+        p = start_running(Player(RATE, device="pulse"))
+        try:
+            p.write(np.zeros(RATE * 5, np.float32))
+            time.sleep(0.3)
+            daemon.kill()
+            daemon.wait()
+            deadline = time.monotonic() + 10
+            while not p.lost:
+                assert time.monotonic() < deadline, "PortAudio's stream still active 10 s after the server died"
+                time.sleep(0.05)
+            start = time.monotonic()
+            assert p.drain() is False
+            assert time.monotonic() - start < 1.0
+        finally:
+            p.close()

@@ -4,11 +4,17 @@ PortAudio onto a PulseAudio null sink (skipped where PortAudio or pulseaudio is 
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import soundfile as sf
+import torch
 from clirun import FRAME, FRAMES, SHORT, TEXT, csmcli, model_args, seeded_say, session_runs
 from test_audio_player import pulse_sink  # noqa: F401 - the fixture, used by name below
+
+from csmcli import speak
+from csmcli.pipeline import AudioChunk
 
 TOTALS = re.compile(
     r"^0\.80 s of audio in [\d.]+ s \(RTF [\d.]+, [\d.]+ ms/frame, first audio \d+ ms\)(, (\d+) underruns)?$"
@@ -87,3 +93,64 @@ def test_plays_on_the_null_sink(pulse_sink, runs, hf_checkpoint, tmp_path):  # n
     # one gap between chunks is one underrun, not one per silent callback; a busy CPU may make one or two
     assert int(totals.group(2) or 0) <= 2
     assert any("ahead ms" in line for line in result.lines)  # the table's playback column
+
+
+class _Pipeline:
+    """Three one-frame chunks, without a model: what `speak.run` needs of a `Pipeline`."""
+
+    preset = SimpleNamespace(first_chunk_frames=1)
+
+    def encode_context(self, context):
+        return []
+
+    def check_prompt(self, context, speaker, text):
+        pass
+
+    def speak(self, text, speaker, params, *, context, max_seconds, warn):
+        for i in range(3):
+            yield AudioChunk(i, 0, torch.zeros(1, 32, dtype=torch.long), np.full(FRAME, 0.1 * (i + 1), np.float32),
+                             24000, 0.01, 0.01, "eos" if i == 2 else None)
+
+
+class _LosingPlayer:
+    """A player whose audio server goes away after the first chunk."""
+
+    def __init__(self, *args, **kwargs):
+        self.writes, self.underruns = 0, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    @property
+    def lost(self):
+        return self.writes >= 1
+
+    def write(self, pcm):
+        self.writes += 1
+
+    buffered_ms = 0.0
+
+    def drain(self):
+        return False
+
+
+@pytest.mark.parametrize("lose", [True, False])
+def test_playback_lost_is_one_warning_and_the_file_still_complete(lose, tmp_path, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(speak.ui, "warn", warnings.append)
+    monkeypatch.setattr(speak.ui, "info", lambda message: None)
+    if lose:
+        monkeypatch.setattr(speak.audio, "Player", _LosingPlayer)
+    else:  # the stream lives but does not finish in time: the other warning
+        monkeypatch.setattr(speak.audio, "Player", type("SlowPlayer", (_LosingPlayer,), {"lost": False}))
+    out = tmp_path / "out.wav"
+    speak.run(_Pipeline(), speak.SpeakJob("Hello.", output=str(out), play=True))
+    if lose:
+        assert warnings == [f"playback stopped: the audio output went away (audio server or device gone); "
+                            f"still writing {out}"]
+    else:
+        assert warnings == ["playback did not finish in time: the end of the audio may be cut off"]
+    assert len(sf.read(out)[0]) == 3 * FRAME  # every chunk reached the file
