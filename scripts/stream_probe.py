@@ -100,27 +100,145 @@ extern "C" __global__ void ldg_read(const uint4* __restrict__ src, unsigned long
 #endif
   if (acc == 0x12345678u) sink[blockIdx.x] = acc;
 }
+
+// cp.async.bulk reader of the weight share (as bulk_read) beside XBYTES of x that the CL CTAs of a cluster share:
+// each fetches 1/CL of it from L2 and multicasts it into every CTA of the cluster (CL 1: each CTA fetches it all).
+extern "C" __global__ void __cluster_dims__(CL, 1, 1)
+bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsigned* __restrict__ sink,
+           const unsigned char* __restrict__ xsrc) {
+  extern __shared__ __align__(128) unsigned char smem[];  // [x: XBYTES][ring: STAGES x CHUNK]
+  __shared__ __align__(8) unsigned long long bars[STAGES + 1];
+  const unsigned long long share = bytes / gridDim.x;
+  const unsigned char* base = src + share * blockIdx.x;
+  const unsigned cluster = blockIdx.x / CL, rank = blockIdx.x % CL;
+  const unsigned char* xbase = xsrc + (unsigned long long)XBYTES * (cluster % XSLICES);
+  unsigned char* ring = smem + XBYTES;
+  const int chunks = (int)(share / CHUNK);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s <= STAGES; ++s)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&bars[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  if (threadIdx.x == 0) {
+    for (int c = 0; c < STAGES && c < chunks; ++c) {
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                   :: "r"(smem_addr(&bars[c])), "r"(CHUNK) : "memory");
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   :: "r"(smem_addr(ring + c * CHUNK)), "l"(base + (unsigned long long)c * CHUNK), "r"(CHUNK),
+                      "r"(smem_addr(&bars[c])) : "memory");
+    }
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                 :: "r"(smem_addr(&bars[STAGES])), "r"((unsigned)XBYTES) : "memory");
+    const unsigned part = (unsigned)(XBYTES / CL);
+    for (unsigned off = rank * part; off < (rank + 1) * part; off += 16384) {
+      const unsigned size = min(16384u, (rank + 1) * part - off);
+#if CL > 1
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+                   "[%0], [%1], %2, [%3], %4;"
+                   :: "r"(smem_addr(smem + off)), "l"(xbase + off), "r"(size), "r"(smem_addr(&bars[STAGES])),
+                      "h"((unsigned short)((1 << CL) - 1)) : "memory");
+#else
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   :: "r"(smem_addr(smem + off)), "l"(xbase + off), "r"(size), "r"(smem_addr(&bars[STAGES]))
+                   : "memory");
+#endif
+    }
+    for (int c = STAGES; c < chunks + STAGES; ++c) {
+      const int s = c % STAGES;
+      const unsigned parity = ((c - STAGES) / STAGES) & 1;
+      unsigned done = 0;
+      while (!done)
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
+      if (c < chunks) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                     :: "r"(smem_addr(&bars[s])), "r"(CHUNK) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"(smem_addr(ring + s * CHUNK)), "l"(base + (unsigned long long)c * CHUNK), "r"(CHUNK),
+                        "r"(smem_addr(&bars[s])) : "memory");
+      }
+    }
+    unsigned done = 0;
+    while (!done)
+      asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                   : "=r"(done) : "r"(smem_addr(&bars[STAGES])), "r"(0) : "memory");
+#if PDL
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  if (threadIdx.x == 0 && smem[7] == 0x5a && ring[3] == 0xa5) sink[blockIdx.x] = 1;
+}
+
+// The same, and every CTA also reads XBYTES of x from L2 (a slice of XSLICES, chosen by CTA index), as a 64-row
+// product's CTA reads the rows of x beside its share of the weight.
+extern "C" __global__ void ldgx_read(const uint4* __restrict__ src, unsigned long long bytes,
+                                     unsigned* __restrict__ sink, const uint4* __restrict__ xsrc) {
+  const unsigned long long share = bytes / 16 / gridDim.x;
+  const unsigned long long xshare = XBYTES / 16;
+  const uint4* base = src + share * blockIdx.x;
+  const uint4* xbase = xsrc + xshare * (blockIdx.x % XSLICES);
+  unsigned acc = 0;
+#if PDL
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  for (unsigned long long i = threadIdx.x; i < share + xshare; i += (unsigned long long)blockDim.x * UNROLL) {
+    uint4 v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const unsigned long long j = i + (unsigned long long)u * blockDim.x;
+#if STAGGER  // each CTA starts its pass over x at another 4 KB: the CTAs do not all want the same lines at once
+      const uint4* p = j < xshare ? xbase + (j + 256ull * blockIdx.x) % xshare : base + (j - xshare);
+#else
+      const uint4* p = j < xshare ? xbase + j : base + (j - xshare);
+#endif
+      if (j < share + xshare)
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w) : "l"(p));
+      else
+        v[u] = make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+#if PDL
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  if (acc == 0x12345678u) sink[blockIdx.x] = acc;
+}
 """
 
 
 class Reader:
-    def __init__(self, name, ctas, threads, pdl, wait_first=False, chunk=16384, stages=4, unroll=8):
+    def __init__(self, name, ctas, threads, pdl, wait_first=False, chunk=16384, stages=4, unroll=8, x_bytes=0,
+                 x_slices=1, stagger=False, cl=1):
         defines = f"#define CHUNK {chunk}\n#define STAGES {stages}\n#define UNROLL {unroll}\n#define PDL {int(pdl)}\n" \
-                  f"#define WAIT_FIRST {int(wait_first)}\n"
+                  f"#define WAIT_FIRST {int(wait_first)}\n#define XBYTES {x_bytes}ull\n#define XSLICES {x_slices}\n" \
+                  f"#define STAGGER {int(stagger)}\n#define CL {cl}\n"
+        self.x = torch.zeros(max(16, x_bytes * x_slices) // 2, dtype=torch.bfloat16, device="cuda")
         self.kernel = torch.cuda._compile_kernel(defines + SOURCE, name)
-        self.smem = chunk * stages if name == "bulk_read" else 0
+        self.smem = chunk * stages if name == "bulk_read" else x_bytes + chunk * stages if name == "bulkx_read" else 0
         if self.smem:
             self.kernel.set_shared_memory_config(self.smem)
         self.ctas, self.threads, self.pdl = ctas, threads, pdl
         self.sink = torch.zeros(4096, dtype=torch.int32, device="cuda")
         self.label = (f"{name} ctas={ctas} threads={threads}" + (f" chunk={chunk // 1024}K x{stages}" if self.smem
-                      else f" unroll={unroll}") + (" pdl" if pdl else "") + (" wait-first" if wait_first else ""))
+                      else f" unroll={unroll}") + (" pdl" if pdl else "") + (" wait-first" if wait_first else "")
+                      + (f" + x {x_bytes // 1024} KB a CTA ({x_slices} slices{', staggered' if stagger else ''})"
+                         if x_bytes else "") + (f" cluster {cl}" if name == "bulkx_read" else ""))
+        self.name = name
         self.lib = torch.cuda._utils._get_gpu_runtime_library()
 
     def __call__(self, w):
         values = [ctypes.c_void_p(w.data_ptr()), ctypes.c_uint64(w.numel() * w.element_size()),
                   ctypes.c_void_p(self.sink.data_ptr())]
-        params = (ctypes.c_void_p * 3)(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+        if self.name in ("ldgx_read", "bulkx_read"):
+            values.append(ctypes.c_void_p(self.x.data_ptr()))
+        params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
         attr = _Attr(id=6)
         attr.value.i = 1
         config = _Config(self.ctas, 1, 1, self.threads, 1, 1, self.smem, torch.cuda.current_stream().cuda_stream,
@@ -174,9 +292,33 @@ def floors():
           f"Triton tiles (isolated) {total_triton / 1000:.3f} ms", flush=True)
 
 
+def with_x():
+    """The decoder's two big products: their weight alone, then with the 128 KB of x every CTA of a 64-row tile
+    reads beside it (gate/up: all of x; down: the CTA's K slice of 8): how much of the tiles' time is x's traffic,
+    and how much of it a cluster's multicast (x fetched once a cluster) takes back."""
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    for label, rows, k, slices in (("decoder gate/up", 16384, 1024, 1), ("decoder down", 1024, 8192, 8)):
+        weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        nbytes = rows * k * 2
+        print(f"== {label}: {nbytes / 1e6:.1f} MB", flush=True)
+        readers = [Reader("ldg_read", 128, 512, True), Reader("ldgx_read", 128, 512, True, x_bytes=131072,
+                                                               x_slices=slices)]
+        readers += [Reader("bulkx_read", 128, 32, True, chunk=16384, stages=4, x_bytes=x_bytes, x_slices=slices,
+                           cl=cl) for x_bytes in (65536, 131072) for cl in (1, 2, 4, 8)]
+        for reader in readers:
+            def calls(reader=reader, weights=weights):
+                for i in range(64):
+                    reader(weights[i % 8])
+                return 64
+
+            time_graph(calls, reader.label, nbytes)
+
+
 def main():
     if "floors" in sys.argv[1:]:
         return floors()
+    if "withx" in sys.argv[1:]:
+        return with_x()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for label, rows, k, gated in (("decoder gate/up", 16384, 1024, True), ("decoder down", 1024, 8192, False)):
         weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
