@@ -111,6 +111,7 @@ for step in "$@"; do
     folded) python3 scripts/layer_probe.py folded 2>&1 | tee "$out/folded.txt" ;;
     squarestests) python3 scripts/engine_tests_with.py SHARE_SQUARES 1 2>&1 | tee "$out/squarestests.txt" || true ;;
     gemm64) python3 scripts/gemm64_probe.py 2>&1 | grep -v Warn | tee "$out/gemm64.txt" ;;
+    wgmma) python3 scripts/gemm64_probe.py wgmma 2>&1 | grep -v Warn | tee "$out/wgmma.txt" ;;
     gemm64small2) python3 scripts/gemm64_probe.py small2 2>&1 | grep -v Warn | tee "$out/gemm64small2.txt" ;;
     gemm64small) python3 scripts/gemm64_probe.py small 2>&1 | grep -v Warn | tee "$out/gemm64small.txt" ;;
     stream) python3 scripts/stream_probe.py 2>&1 | grep -v Warn | tee "$out/stream.txt" ;;
@@ -118,7 +119,7 @@ for step in "$@"; do
     gemm64ncu)  # Nsight Compute on the hand-written 64-row products and the Triton tiles (scripts/gemm64_ncu.py)
       ncu_bin=$(command -v ncu || find /opt/nvidia -name ncu -type f | head -1)
       CSMCLI_NO_PDL=1 "$ncu_bin" --profile-from-start off --clock-control none --set full -f -o "$out/g64ncu" \
-        python3 scripts/gemm64_ncu.py 2>&1 | grep -v Warn | tail -5
+        python3 scripts/gemm64_ncu.py ${GEMM64_NCU_ARGS:-} 2>&1 | grep -v Warn | tail -5
       "$ncu_bin" --import "$out/g64ncu.ncu-rep" --page details > "$out/g64ncu_details.txt"
       "$ncu_bin" --import "$out/g64ncu.ncu-rep" --page source --print-source sass --csv --launch-count 1 \
         > "$out/g64ncu_src_gateup.csv" || true

@@ -107,10 +107,16 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1)
 bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsigned* __restrict__ sink,
            const unsigned char* __restrict__ xsrc) {
   extern __shared__ __align__(128) unsigned char smem[];  // [x: XBYTES][ring: STAGES x CHUNK]
-  __shared__ __align__(8) unsigned long long bars[STAGES + 1];
+  __shared__ __align__(8) unsigned long long bars[STAGES + 1], empty_bars[STAGES];
   const unsigned long long share = bytes / gridDim.x;
   const unsigned char* base = src + share * blockIdx.x;
   const unsigned cluster = blockIdx.x / CL, rank = blockIdx.x % CL;
+#if HANDOFF  // warp 1 waits for each chunk and hands the slot back (a consumer's round trip, without its work)
+  if (threadIdx.x == 32) {
+    for (int s = 0; s < STAGES; ++s)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&empty_bars[s])));
+  }
+#endif
   const unsigned char* xbase = xsrc + (unsigned long long)XBYTES * (cluster % XSLICES);
   unsigned char* ring = smem + XBYTES;
   const int chunks = (int)(share / CHUNK);
@@ -153,7 +159,7 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
       unsigned done = 0;
       while (!done)
         asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                     : "=r"(done) : "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
+                     : "=r"(done) : "r"(smem_addr(HANDOFF ? &empty_bars[s] : &bars[s])), "r"(parity) : "memory");
       if (c < chunks) {
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
                      :: "r"(smem_addr(&bars[s])), "r"(CHUNK) : "memory");
@@ -170,6 +176,18 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
   }
+#if HANDOFF
+  if (threadIdx.x == 32) {
+    for (int c = 0; c < chunks; ++c) {
+      const int s = c % STAGES;
+      unsigned done = 0;
+      while (!done)
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(smem_addr(&bars[s])), "r"((unsigned)((c / STAGES) & 1)) : "memory");
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(&empty_bars[s])) : "memory");
+    }
+  }
+#endif
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
   if (threadIdx.x == 0 && smem[7] == 0x5a && ring[3] == 0xa5) sink[blockIdx.x] = 1;
 }
@@ -215,10 +233,10 @@ extern "C" __global__ void ldgx_read(const uint4* __restrict__ src, unsigned lon
 
 class Reader:
     def __init__(self, name, ctas, threads, pdl, wait_first=False, chunk=16384, stages=4, unroll=8, x_bytes=0,
-                 x_slices=1, stagger=False, cl=1):
+                 x_slices=1, stagger=False, cl=1, handoff=False):
         defines = f"#define CHUNK {chunk}\n#define STAGES {stages}\n#define UNROLL {unroll}\n#define PDL {int(pdl)}\n" \
                   f"#define WAIT_FIRST {int(wait_first)}\n#define XBYTES {x_bytes}ull\n#define XSLICES {x_slices}\n" \
-                  f"#define STAGGER {int(stagger)}\n#define CL {cl}\n"
+                  f"#define STAGGER {int(stagger)}\n#define CL {cl}\n#define HANDOFF {int(handoff)}\n"
         self.x = torch.zeros(max(16, x_bytes * x_slices) // 2, dtype=torch.bfloat16, device="cuda")
         self.kernel = torch.cuda._compile_kernel(defines + SOURCE, name)
         self.smem = chunk * stages if name == "bulk_read" else x_bytes + chunk * stages if name == "bulkx_read" else 0
@@ -229,7 +247,8 @@ class Reader:
         self.label = (f"{name} ctas={ctas} threads={threads}" + (f" chunk={chunk // 1024}K x{stages}" if self.smem
                       else f" unroll={unroll}") + (" pdl" if pdl else "") + (" wait-first" if wait_first else "")
                       + (f" + x {x_bytes // 1024} KB a CTA ({x_slices} slices{', staggered' if stagger else ''})"
-                         if x_bytes else "") + (f" cluster {cl}" if name == "bulkx_read" else ""))
+                         if x_bytes else "") + (f" cluster {cl}" if name == "bulkx_read" else "")
+                      + (" handoff" if handoff else ""))
         self.name = name
         self.lib = torch.cuda._utils._get_gpu_runtime_library()
 
@@ -303,8 +322,9 @@ def with_x():
         print(f"== {label}: {nbytes / 1e6:.1f} MB", flush=True)
         readers = [Reader("ldg_read", 128, 512, True), Reader("ldgx_read", 128, 512, True, x_bytes=131072,
                                                                x_slices=slices)]
-        readers += [Reader("bulkx_read", 128, 32, True, chunk=16384, stages=4, x_bytes=x_bytes, x_slices=slices,
-                           cl=cl) for x_bytes in (65536, 131072) for cl in (1, 2, 4, 8)]
+        readers += [Reader("bulkx_read", 128, threads, True, chunk=16384, stages=stages, x_bytes=131072,
+                           x_slices=slices, handoff=handoff)
+                    for threads, stages, handoff in ((32, 4, False), (64, 4, True), (64, 6, True), (160, 4, True))]
         for reader in readers:
             def calls(reader=reader, weights=weights):
                 for i in range(64):
