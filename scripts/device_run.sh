@@ -119,7 +119,7 @@ for step in "$@"; do
     gemm64ncu)  # Nsight Compute on the hand-written 64-row products and the Triton tiles (scripts/gemm64_ncu.py)
       ncu_bin=$(command -v ncu || find /opt/nvidia -name ncu -type f | head -1)
       CSMCLI_NO_PDL=1 "$ncu_bin" --profile-from-start off --clock-control none --set full -f -o "$out/g64ncu" \
-        python3 scripts/gemm64_ncu.py ${GEMM64_NCU_ARGS:-} 2>&1 | grep -v Warn | tail -5
+        python3 scripts/gemm64_ncu.py ${GEMM64_NCU_ARGS:+"$GEMM64_NCU_ARGS"} 2>&1 | grep -v Warn | tail -5
       "$ncu_bin" --import "$out/g64ncu.ncu-rep" --page details > "$out/g64ncu_details.txt"
       "$ncu_bin" --import "$out/g64ncu.ncu-rep" --page source --print-source sass --csv --launch-count 1 \
         > "$out/g64ncu_src_gateup.csv" || true
