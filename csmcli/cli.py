@@ -430,14 +430,23 @@ def stream(
     _speak(True, locals())
 
 
-def _int_list(value: str, flag: str) -> list[int]:
+def _int_list(value: str, flag: str, most: int) -> list[int]:
+    """A comma list of whole numbers in 1..most; a repeated value is measured once (warned)."""
     try:
         values = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise CsmError(f"{flag} takes a comma list of whole numbers, like 1,4,16; got {value!r}") from None
-    if not values or min(values) < 1:
-        raise CsmError(f"{flag} takes numbers >= 1, got {value!r}")
-    return values
+    if not values or min(values) < 1 or max(values) > most:
+        raise CsmError(f"{flag} takes numbers from 1 to {most}, got {value!r}")
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        ui.warn(f"{flag} {value}: each value is measured once ({','.join(map(str, unique))})")
+    return unique
+
+
+MAX_BENCH_BATCH = 1024
+"""The most streams `bench --batch` takes: far beyond any GPU's memory for CSM-1B's caches (64 streams of 2048
+positions take ~17 GB), so a typo is refused instead of failing inside torch."""
 
 
 @app.command()
@@ -493,8 +502,10 @@ def bench(
         raise CsmError("--write-preset needs --suggest")
     if prompt_rows + frames > 2048:  # CSM-1B's positions; bench would otherwise time clamped garbage
         raise CsmError(f"--prompt-rows {prompt_rows} + --frames {frames} exceed the model's 2048 positions")
-    batches = _int_list(batch, "--batch") if batch else [1]
-    chunks = _int_list(chunk_frames, "--chunk-frames") if chunk_frames else None
+    batches = _int_list(batch, "--batch", MAX_BENCH_BATCH) if batch else [1]
+    chunks = _int_list(chunk_frames, "--chunk-frames", 2048) if chunk_frames else None
+    if output is not None and not output.strip():  # an unset shell variable: the measurements would go nowhere
+        raise CsmError("-o is empty: give a .json, .md or .csv path")
     if output:  # refused now, not after the measurements
         b.check_report_path(Path(output))
     if write_preset is not None:
@@ -528,7 +539,8 @@ def bench(
     )
     for size in settings.chunk_frames:  # rows are labelled with the settings: say where they are not what ran
         if size > frames:
-            ui.warn(f"--chunk-frames {size} is more than --frames {frames}: no chunk of that row reaches {size}")
+            given = "--chunk-frames" if chunks else f"the preset's ({ctx.preset.name}) chunk size"
+            ui.warn(f"{given} {size} is more than --frames {frames}: no chunk of that row reaches {size}")
     if write_preset is not None and (tiny or ctx.device.type != "cuda"):
         ui.warn(f"--write-preset {write_preset}: measured {'on the tiny model' if tiny else 'without a GPU'}, the "
                 "preset will not describe CSM-1B on a GPU")

@@ -138,6 +138,22 @@ def test_fused_kernels_reach_the_engine_and_the_header_says_what_ran(flag, reque
     assert built == [requested and ran]
 
 
+def test_repeated_values_are_measured_once_and_warned(tmp_path):
+    result = run_ok("--batch", "1,1", "--chunk-frames", "2,2,1", "-o", str(tmp_path / "r.json"))
+    assert "warning: --batch 1,1: each value is measured once (1)" in result.stderr
+    assert "warning: --chunk-frames 2,2,1: each value is measured once (2,1)" in result.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["batch"], r["chunk_frames"]) for r in rows] == [(1, 2), (1, 1)]  # two rows, not six
+
+
+def test_the_preset_chunk_beyond_frames_is_not_blamed_on_a_flag():
+    result = run_ok("--frames", "2")  # the cpu preset's chunk of 4 frames is longer than the run
+    assert "warning: the preset's (cpu) chunk size 4 is more than --frames 2" in result.stderr, result.stderr
+    assert "--chunk-frames" not in result.stderr
+    result = run_ok("--frames", "2", "--chunk-frames", "3")
+    assert "warning: --chunk-frames 3 is more than --frames 2" in result.stderr
+
+
 def test_sweep_gives_one_row_per_combination_in_order(sweep):
     rows = sweep[1]["rows"]
     assert [(r["batch"], r["chunk_frames"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
@@ -281,7 +297,11 @@ def test_write_preset_refuses_bad_names_before_measuring(tmp_presets, name, mess
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--batch", "0"), "error: --batch takes numbers >= 1, got '0'"),
+        (("--batch", "0"), "error: --batch takes numbers from 1 to 1024, got '0'"),
+        # a typo that used to fail inside torch (exit 1, a C++ stack in the message)
+        (("--batch", "9" * 20), f"error: --batch takes numbers from 1 to 1024, got '{'9' * 20}'"),
+        (("--chunk-frames", "4096"), "error: --chunk-frames takes numbers from 1 to 2048, got '4096'"),
+        (("-o", ""), "error: -o is empty: give a .json, .md or .csv path"),
         (("--chunk-frames", "a"), "error: --chunk-frames takes a comma list of whole numbers, like 1,4,16; got 'a'"),
         (("-o", "x.txt"), "error: x.txt: unknown report format (use .json, .md or .csv)"),
         # --tiny makes the device cpu only when none is given; an empty value is a mistake, not a default
