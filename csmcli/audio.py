@@ -233,6 +233,31 @@ class StreamWriter(AudioWriter):
             _point_at_devnull(self._out)
 
 
+class _CreatedOnWrite:
+    """A binary file opened for writing by its first write: headerless output (`--raw -o FILE`) follows
+    `FileWriter`'s rule, a run stopped before any audio leaves no file and an existing one as it was."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: IO[bytes] | None = None
+
+    def write(self, b: bytes) -> int:
+        if self._f is None:
+            try:
+                self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+            except OSError as e:
+                raise CsmError(f"cannot write {self.path}: {e.strerror or e}") from e
+        return self._f.write(b)
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
 def _point_at_devnull(stream: IO[bytes]) -> None:
     try:
         fd = stream.fileno()
@@ -290,10 +315,7 @@ def open_writer(path: str | Path, sample_rate: int, *, raw: bool = False, stdout
         return StreamWriter(_binary(stdout), sample_rate, raw=raw)
     p = Path(path)
     if raw:
-        try:
-            return StreamWriter(open(p, "wb"), sample_rate, raw=True, owns=True)
-        except OSError as e:
-            raise CsmError(f"cannot write {p}: {e.strerror}") from e
+        return StreamWriter(_CreatedOnWrite(p), sample_rate, raw=True, owns=True)  # type: ignore[arg-type]
     return FileWriter(p, sample_rate, *WRITE_FORMATS[p.suffix.lower()])
 
 

@@ -20,7 +20,7 @@ from csmcli import audio, ui
 from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS, SAMPLE_RATE
 from csmcli.pipeline import AudioChunk, Pipeline
-from csmcli.prompt import NUM_CODEBOOKS, Segment
+from csmcli.prompt import Segment
 from csmcli.sampling import SamplingParams
 
 
@@ -263,14 +263,15 @@ def _finish(job: SpeakJob, totals: Totals, codes: list[torch.Tensor], start: flo
     failed = None
     if not totals.frames:
         totals.wall_seconds = time.perf_counter() - start
-    if job.save_codes:
-        all_codes = torch.cat(codes).numpy() if codes else np.zeros((0, NUM_CODEBOOKS), dtype=np.int64)
+    if job.save_codes and totals.frames:  # no codes: an existing file stays as it was, like the audio file
         try:
-            np.save(job.save_codes, all_codes)  # [frames, 32]
+            np.save(job.save_codes, torch.cat(codes).numpy())  # [frames, 32]
         except OSError as e:
             failed = f"cannot write {job.save_codes}: {e.strerror or e}"
     summary = totals.summary()
-    if not totals.frames and job.output and job.output != "-" and not job.raw:
-        summary += f": {job.output} not written"  # `audio.FileWriter` creates its file with the first samples
+    unwritten = [] if totals.frames else [
+        name for name in (job.output if job.output != "-" else None, job.save_codes) if name]
+    if unwritten:  # the audio writers create their file with the first samples
+        summary += f": {' and '.join(unwritten)} not written"
     ui.info(summary)
     return failed

@@ -206,6 +206,21 @@ def test_a_file_is_created_by_its_first_samples(tmp_path, ext):
     assert sf.info(path).frames == 1920
 
 
+def test_a_raw_file_is_created_by_its_first_samples(tmp_path):
+    """`--raw -o FILE` follows the same rule (it used to truncate an existing file when opened)."""
+    path = tmp_path / "out.raw"
+    with open_writer(path, RATE, raw=True):
+        pass
+    assert not path.exists()
+    path.write_bytes(b"keep me")
+    with open_writer(path, RATE, raw=True):
+        pass
+    assert path.read_bytes() == b"keep me"
+    with open_writer(path, RATE, raw=True) as w:
+        w.write(np.full(1920, 0.5, dtype=np.float32))
+    assert path.read_bytes() == to_int16(np.full(1920, 0.5, dtype=np.float32)).astype("<i2").tobytes()
+
+
 def test_an_interrupt_waits_until_a_new_file_holds_its_first_samples(tmp_path):
     """A FLAC created but not yet written has no header, and close() cannot repair it: a SIGTERM (or Ctrl-C) that
     arrives in between is held back until the first samples are in, then stops the run with a valid file."""

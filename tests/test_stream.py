@@ -154,3 +154,23 @@ def test_playback_lost_is_one_warning_and_the_file_still_complete(lose, tmp_path
     else:
         assert warnings == ["playback did not finish in time: the end of the audio may be cut off"]
     assert len(sf.read(out)[0]) == 3 * FRAME  # every chunk reached the file
+
+
+class _SilentPipeline(_Pipeline):
+    """A sentence that ends before its first frame (EOS at once)."""
+
+    def speak(self, text, speaker, params, *, context, max_seconds, warn):
+        yield AudioChunk(0, 0, torch.zeros(0, 32, dtype=torch.long), np.zeros(0, np.float32), 24000, 0.01, 0.0,
+                         "eos")
+
+
+def test_without_frames_existing_audio_and_codes_files_stay_as_they_were(tmp_path, monkeypatch):
+    said = []
+    monkeypatch.setattr(speak.ui, "info", said.append)
+    out, codes = tmp_path / "out.wav", tmp_path / "codes.npy"
+    out.write_bytes(b"earlier audio")
+    np.save(codes, np.ones((10, 32), dtype=np.int64))
+    speak.run(_SilentPipeline(), speak.SpeakJob("Hello.", output=str(out), save_codes=str(codes)))
+    assert out.read_bytes() == b"earlier audio"
+    assert np.load(codes).shape == (10, 32)  # was overwritten by an empty array
+    assert said[-1].endswith(f": {out} and {codes} not written"), said
