@@ -40,7 +40,9 @@ class Prompt:
 def text_rows(tokenizer: Any, speaker: int, text: str) -> tuple[Tensor, Tensor]:
     if not text.strip():
         raise CsmError("text is empty: give the words to speak")
-    ids = [BEGIN_OF_TEXT, *tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False), END_OF_TEXT]
+    # split_special_tokens: text that spells a control token ("<|end_of_text|>") is spoken as text, not made one
+    words = tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False, split_special_tokens=True)
+    ids = [BEGIN_OF_TEXT, *words, END_OF_TEXT]
     tokens = torch.zeros(len(ids), COLUMNS, dtype=torch.long)  # [T, 33]
     tokens[:, -1] = torch.tensor(ids)
     mask = torch.zeros(len(ids), COLUMNS, dtype=torch.bool)

@@ -40,6 +40,17 @@ def text_ids(tokenizer, speaker, text):
     return [BEGIN_OF_TEXT, *tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False), END_OF_TEXT]
 
 
+def test_text_that_spells_a_control_token_stays_text(ours):
+    """Words like "<|end_of_text|>" in what to say are text, not the control token (which would end the text
+    segment early and put another begin-of-text in it)."""
+    prompt = build_prompt(ours.tokenizer, [], 0, "Type <|end_of_text|> then <|begin_of_text|> here.", None)
+    ids = prompt.tokens[:, -1].tolist()
+    assert ids[0] == BEGIN_OF_TEXT and ids[-1] == END_OF_TEXT
+    assert BEGIN_OF_TEXT not in ids[1:] and END_OF_TEXT not in ids[:-1]
+    plain = build_prompt(ours.tokenizer, [], 0, "Type them here.", None).tokens[:, -1].tolist()
+    assert plain == text_ids(ours.tokenizer, 0, "Type them here.")  # ordinary text: the reference's ids
+
+
 def test_backbone_and_decoder_logits_match_transformers(ours, hf_model):
     ids = torch.tensor([text_ids(ours.tokenizer, 0, TEXT)])
     with torch.no_grad():
