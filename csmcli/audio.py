@@ -298,6 +298,8 @@ def check_output(path: str | Path, raw: bool = False, stdout: IO[Any] | None = N
             raise CsmError("refusing to write binary audio to a terminal; redirect or use -o FILE")
         return
     p = check_writable(path)  # first: `-o .` is a directory, not a file without a suffix
+    if not raw and p.name.lower() in WRITE_FORMATS:  # `-o .wav`: Path(".wav").suffix is "", all name
+        raise CsmError(f"{p}: give a file name before {p.name}, like out{p.name}")
     if not raw and p.suffix.lower() not in WRITE_FORMATS:
         raise CsmError(f"unsupported output format '{p.name}': use {', '.join(WRITE_FORMATS)} or '-' for stdout")
 

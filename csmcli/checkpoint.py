@@ -431,7 +431,9 @@ def load(
     path = Path(source).expanduser()
     if path.is_dir():
         return load_directory(path, device, dtype, tok)
-    if path.exists():
+    if path.exists():  # a file of the checkpoint (model.safetensors): its directory
+        if not (path.parent / "config.json").exists():
+            raise CsmError(f"{source}: a file, not a checkpoint directory ({path.parent} holds no config.json)")
         return load_directory(path.parent, device, dtype, tok)
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise CsmError(f"{source}: no such directory, and not a hub id of the form owner/name")

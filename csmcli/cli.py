@@ -198,6 +198,24 @@ def _global_options(
 
 # ---- model and generation options (say / stream / bench) ---------------------------------------------------------
 
+
+def _given(flag: str):
+    """A callback refusing an empty value (an unset shell variable): `--model ""` fell back to the default model,
+    `--tokenizer ""` was ignored, `-o ""` named the current directory."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise CsmError(f"{flag} is empty: give a {_GIVEN_WHAT.get(flag, 'value')}")
+        return value
+
+    return check
+
+
+_GIVEN_WHAT = {"--model": "checkpoint directory or hub id", "--codec": "Mimi checkpoint directory",
+               "--tokenizer": "tokenizer directory", "--file": "text file",
+               "--ref-audio": "audio file", "--context": "JSON or YAML file", "--device": "device name or index",
+               "--save-codes": "FILE.npy path", "-o": "file path (or '-' for stdout)"}
+
 ModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -205,6 +223,7 @@ ModelOpt = Annotated[
         "-m",
         metavar="PATH_OR_ID",
         help="Checkpoint directory (HF format or original Sesame) or hub id (default: sesame/csm-1b).",
+        callback=_given("--model"),
     ),
 ]
 RandomWeightsOpt = Annotated[
@@ -213,10 +232,12 @@ RandomWeightsOpt = Annotated[
                  "(say / stream: with --tokenizer DIR)."),
 ]
 CodecOpt = Annotated[
-    str | None, typer.Option("--codec", metavar="DIR", help="HF-format Mimi checkpoint (for original-format models).")
+    str | None, typer.Option("--codec", metavar="DIR", help="HF-format Mimi checkpoint (for original-format models).",
+                             callback=_given("--codec"))
 ]
 TokenizerOpt = Annotated[
-    str | None, typer.Option("--tokenizer", metavar="DIR", help="Llama-3 tokenizer directory, if not beside the model.")
+    str | None, typer.Option("--tokenizer", metavar="DIR", help="Llama-3 tokenizer directory, if not beside the model.",
+                             callback=_given("--tokenizer"))
 ]
 TorchDeviceOpt = Annotated[
     str | None,
@@ -224,16 +245,19 @@ TorchDeviceOpt = Annotated[
                  help="cpu, cuda or cuda:N (default: cuda if present, unless the preset is cpu)."),
 ]
 TextArg = Annotated[str | None, typer.Argument(help="Text to speak; '-' reads stdin.", show_default=False)]
-TextFileOpt = Annotated[str | None, typer.Option("--file", "-f", metavar="FILE", help="Read the text from FILE.")]
+TextFileOpt = Annotated[str | None, typer.Option("--file", "-f", metavar="FILE", help="Read the text from FILE.",
+                                                 callback=_given("--file"))]
 SpeakerOpt = Annotated[int, typer.Option("--speaker", "-s", min=0, help="Speaker id of the generated voice.")]
 RefAudioOpt = Annotated[
-    str | None, typer.Option("--ref-audio", metavar="FILE", help="Voice prompt audio (any rate; resampled to 24 kHz).")
+    str | None, typer.Option("--ref-audio", metavar="FILE", help="Voice prompt audio (any rate; resampled to 24 kHz).",
+                             callback=_given("--ref-audio"))
 ]
 RefTextOpt = Annotated[str | None, typer.Option("--ref-text", metavar="TEXT", help="The words spoken in --ref-audio.")]
 ContextOpt = Annotated[
     str | None,
     typer.Option(
-        "--context", metavar="FILE", help="JSON/YAML list of earlier turns: {speaker, text, audio (optional path)}."
+        "--context", metavar="FILE", help="JSON/YAML list of earlier turns: {speaker, text, audio (optional path)}.",
+        callback=_given("--context"),
     ),
 ]
 def _finite(flag: str):
@@ -260,11 +284,13 @@ MaxSecondsOpt = Annotated[
 ]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Headerless s16le PCM instead of WAV (stdout or any file name).")]
 AudioDeviceOpt = Annotated[
-    str | None, typer.Option("--device", "-d", metavar="NAME|INDEX", help="Audio output device for playback.")
+    str | None, typer.Option("--device", "-d", metavar="NAME|INDEX", help="Audio output device for playback.",
+                             callback=_given("--device"))
 ]
 SaveCodesOpt = Annotated[
     str | None,
-    typer.Option("--save-codes", metavar="FILE.npy", help="Also save the codes: an int64 array of frames x 32."),
+    typer.Option("--save-codes", metavar="FILE.npy", help="Also save the codes: an int64 array of frames x 32.",
+                 callback=_given("--save-codes")),
 ]
 
 
@@ -332,7 +358,8 @@ def say(
     text: TextArg = None,
     text_file: TextFileOpt = None,
     output: Annotated[
-        str, typer.Option("--output", "-o", help="Audio file (.wav/.flac/.ogg), or '-' for stdout.")
+        str, typer.Option("--output", "-o", help="Audio file (.wav/.flac/.ogg), or '-' for stdout.",
+                          callback=_given("-o"))
     ] = "out.wav",
     play: Annotated[bool, typer.Option("--play", help="Also play the audio while it is generated.")] = False,
     speaker: SpeakerOpt = 0,
@@ -377,7 +404,8 @@ def stream(
     text: TextArg = None,
     text_file: TextFileOpt = None,
     output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Also save the audio (.wav/.flac/.ogg, or '-' for stdout).")
+        str | None, typer.Option("--output", "-o", help="Also save the audio (.wav/.flac/.ogg, or '-' for stdout).",
+                                 callback=_given("-o"))
     ] = None,
     play: Annotated[bool, typer.Option("--play/--no-play", help="Play through the speakers as it is made.")] = True,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List audio output devices and exit.")] = False,

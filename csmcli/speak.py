@@ -97,6 +97,8 @@ def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str |
     elif raw:  # --raw shapes only what -o writes; the speakers get samples either way
         ui.warn("--raw has no effect without -o (FILE or -)")
     if save_codes is not None:
+        if Path(save_codes).name == ".npy":  # Path(".npy").suffix is "": a name that is all suffix
+            raise CsmError(f"--save-codes {save_codes}: give a file name before .npy, like codes.npy")
         if Path(save_codes).suffix != ".npy":  # numpy would append .npy and write another file than the one named
             raise CsmError(f"--save-codes {save_codes}: the file name must end in .npy")
         audio.check_writable(save_codes)

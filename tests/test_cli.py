@@ -128,6 +128,21 @@ def test_subcommand_help_does_not_import_torch():
         (("say", "hi", "-o", "."), "error: cannot write .: it is a directory"),
         (("say", "hi", "-o", "/proc/out.wav"), "error: cannot write /proc/out.wav: No such file or directory"),
         (("bench", "--tiny", "-o", "/proc/report.json"), "error: cannot write /proc/report.json: No such file"),
+        # empty values (an unset shell variable): --model "" used to fall back to sesame/csm-1b, --tokenizer "" was
+        # ignored, -o "" named the current directory
+        (("say", "hi", "--model", ""), "error: --model is empty: give a checkpoint directory or hub id"),
+        (("say", "hi", "--tokenizer", " "), "error: --tokenizer is empty: give a tokenizer directory"),
+        (("say", "hi", "--codec", ""), "error: --codec is empty: give a Mimi checkpoint directory"),
+        (("say", "hi", "-o", ""), "error: -o is empty: give a file path (or '-' for stdout)"),
+        (("stream", "hi", "--no-play", "-o", ""), "error: -o is empty"),
+        (("say", "-f", ""), "error: --file is empty: give a text file"),
+        (("say", "hi", "--context", ""), "error: --context is empty: give a JSON or YAML file"),
+        (("say", "hi", "--save-codes", ""), "error: --save-codes is empty: give a FILE.npy path"),
+        (("bench", "--tiny", "-o", ""), "error: -o is empty: give a .json, .md or .csv path"),
+        # names that are all suffix
+        (("say", "hi", "-o", ".wav"), "error: .wav: give a file name before .wav, like out.wav"),
+        (("say", "hi", "--save-codes", ".npy"), "error: --save-codes .npy: give a file name before .npy"),
+        (("say", "hi", "--model", "/etc/passwd"), "error: /etc/passwd: a file, not a checkpoint directory"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
