@@ -7,6 +7,7 @@ the earlier sentences carried as context so the voice stays the same.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,13 @@ class AudioChunk:
     generate_seconds: float
     decode_seconds: float
     stop: str | None  # on a sentence's last chunk: "eos" | "max_frames" | "cancelled"
+
+
+def frames_within(seconds: float) -> int:
+    """The most whole 80 ms frames that fit in `seconds` (at least one): --max-seconds 0.3 makes 3 frames, 0.24 s,
+    never more audio than asked for (rounding to the nearest made 4, 0.32 s). The epsilon keeps 0.8 / 0.08 =
+    10.000000000000002 and 0.24 / 0.08 = 2.9999999999999996 whole."""
+    return max(1, math.floor(seconds / FRAME_SECONDS + 1e-9))
 
 
 def check_weights_choice(model: str | None, random_flag: str | None) -> None:
@@ -215,7 +223,7 @@ class Pipeline:
         user_context, carried = list(context or []), []
         sentences = split_sentences(text)
         max_seq = self.model.cfg.backbone.max_seq_len
-        wanted = max(1, round(max_seconds / FRAME_SECONDS))
+        wanted = frames_within(max_seconds)
         index = 0
         if self.decoder is not None:
             self.decoder.reset()  # a new utterance; sentences within it share the Mimi state (no clicks)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from csmcli.errors import CsmError
-from csmcli.pipeline import choose_preset, pick_device
+from csmcli.pipeline import choose_preset, frames_within, pick_device
 from csmcli.presets import get_preset
 
 
@@ -89,3 +89,10 @@ def test_a_torch_device_that_cannot_run_is_refused(requested, message):
 def test_cuda_is_refused_where_there_is_none(requested):
     with pytest.raises(CsmError, match=f"^--torch-device {requested}: CUDA is not available here"):
         pick_device(requested)
+
+
+@pytest.mark.parametrize(("seconds", "frames"), [(0.08, 1), (0.1, 1), (0.2, 2), (0.24, 3), (0.3, 3), (0.4, 5),
+                                                 (0.8, 10), (1.6, 20), (90.0, 1125)])
+def test_max_seconds_is_never_exceeded(seconds, frames):
+    assert frames_within(seconds) == frames
+    assert frames * 0.08 <= seconds + 1e-9  # 0.3 used to make 4 frames (0.32 s) and warn of "the 0.3 s limit"
