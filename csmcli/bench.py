@@ -312,9 +312,16 @@ def transformers_ms_per_frame(model: Csm, frames: int, prompt_rows: int) -> floa
 
 
 def git_commit() -> str | None:
+    """The commit of a csmcli checkout (with "-dirty" when its files differ from it); None for an installed package:
+    a site-packages inside some other repository's .venv must not report that repository's commit."""
+    package = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5,
+                             cwd=package).stdout.strip()
+        if not top or Path(top).resolve() != package.parent:
+            return None
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                             text=True, timeout=5, cwd=package)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -356,6 +363,8 @@ COLUMNS = [
 def fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):  # as in the JSON
+        return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
@@ -381,7 +390,8 @@ def to_csv(report: BenchReport) -> str:
     writer = csv.DictWriter(out, fieldnames=names + extra)
     writer.writeheader()
     for row in report.rows:
-        writer.writerow(asdict(row) | {key: report.header[key] for key in extra})
+        values = asdict(row) | {key: report.header[key] for key in extra}
+        writer.writerow({key: fmt(v) if isinstance(v, bool) else v for key, v in values.items()})
     return out.getvalue()
 
 

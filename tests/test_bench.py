@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import math
 import random
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,7 +113,7 @@ def test_md_and_csv_reports_hold_every_field(suffix, tmp_path, header_keys):
         shown = {key: title for key, title in bench.COLUMNS}
         assert {shown.get(name, name) for name in ROW_FIELDS} == set(titles)
         row = {name: row[shown.get(name, name)] for name in ROW_FIELDS}
-    assert head["weights"] == "random weights (tiny config)" and head["meaningful"] == "False"
+    assert head["weights"] == "random weights (tiny config)" and head["meaningful"] == "false"  # as in the JSON
     assert row["batch"] == "1" and row["frames"] == "4" and float(row["ms_per_frame_p50"]) > 0
 
 
@@ -152,6 +155,24 @@ def test_the_preset_chunk_beyond_frames_is_not_blamed_on_a_flag():
     assert "--chunk-frames" not in result.stderr
     result = run_ok("--frames", "2", "--chunk-frames", "3")
     assert "warning: --chunk-frames 3 is more than --frames 2" in result.stderr
+
+
+def test_git_commit_is_csmcli_s_own_not_an_enclosing_repository_s(tmp_path, monkeypatch):
+    """An installed csmcli inside another project's .venv must not report that project's commit."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "another project"], check=True)
+    package = tmp_path / ".venv" / "lib" / "csmcli"
+    package.mkdir(parents=True)
+    copy = package / "bench.py"
+    copy.write_text(Path(bench.__file__).read_text())
+    spec = importlib.util.spec_from_file_location("copied_bench", copy)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "copied_bench", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    assert module.git_commit() is None
+    ours = bench.git_commit()  # this checkout (tests run from one): its commit, "-dirty" while edited
+    assert ours is None or re.fullmatch(r"[0-9a-f]{7,}(-dirty)?", ours), ours
 
 
 def test_sweep_gives_one_row_per_combination_in_order(sweep):
