@@ -480,7 +480,9 @@ positions take ~17 GB), so a typo is refused instead of failing inside torch."""
 @app.command()
 def bench(
     model: ModelOpt = None,
-    random_weights: RandomWeightsOpt = False,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Full-size CSM-1B with random weights: no download (speed only).")
+    ] = False,
     tiny: Annotated[bool, typer.Option("--tiny", help="A tiny random model: tests the whole path on a CPU.")] = False,
     batch: Annotated[str | None, typer.Option("--batch", metavar="LIST", help="Batch sizes, e.g. 1,4,16,64.")] = None,
     chunk_frames: Annotated[

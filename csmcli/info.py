@@ -78,6 +78,8 @@ def checkpoint_cache_status(repo_id: str = DEFAULT_REPO, cache_dir: str | None =
         detail = "cached"
     elif isinstance(config, str):
         detail = "partly cached: config.json without weights"
+    elif constants.HF_HUB_OFFLINE:  # nothing will be downloaded: say so, not "on first use"
+        detail = "not cached, and HF_HUB_OFFLINE is set: download it once online (or pass --model DIR)"
     else:
         detail = f"not cached; downloaded on first use (gated: accept the license on huggingface.co/{repo_id})"
     return {

@@ -131,6 +131,18 @@ def test_checkpoint_without_weights_is_not_cached(tmp_path):
     assert status["cached"] is False and "partly" in status["detail"]
 
 
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_missing_checkpoint_says_whether_it_can_be_downloaded(tmp_path, monkeypatch, offline):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    detail = checkpoint_cache_status(cache_dir=str(tmp_path))["detail"]
+    if offline:  # it said "downloaded on first use" here too
+        assert detail.startswith("not cached, and HF_HUB_OFFLINE is set: download it once online"), detail
+    else:
+        assert detail.startswith("not cached; downloaded on first use"), detail
+
+
 def test_checkpoint_with_missing_cache_dir(tmp_path):
     status = checkpoint_cache_status(cache_dir=str(tmp_path / "missing"))
     assert (status["cached"], status["path"]) == (False, None)
