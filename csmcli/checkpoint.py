@@ -278,6 +278,8 @@ def load_tokenizer(path: Path) -> Any:
 
     if not path.is_dir():  # transformers would take a missing path for a hub id and complain about its form
         raise CsmError(f"{path}: no such tokenizer directory")
+    if not (path / "tokenizer.json").is_file():  # transformers would blame a missing sentencepiece / tiktoken
+        raise CsmError(f"{path}: no tokenizer.json there; pass --tokenizer DIR with a Llama-3 tokenizer.json")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:

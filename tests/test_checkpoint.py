@@ -89,3 +89,10 @@ def test_hf_config_round_trip(hf_checkpoint):
     ck = checkpoint.load(str(hf_checkpoint))
     assert checkpoint.config_from_hf(checkpoint.hf_config(ck.model.cfg).to_dict()) == ck.model.cfg
     assert ck.model.cfg.backbone.rope_scaling is not None  # llama3 scaling read from rope_parameters
+
+
+def test_a_directory_without_tokenizer_json_is_named_as_such(tmp_path):
+    """transformers blamed a missing sentencepiece / tiktoken for a directory that has no tokenizer at all."""
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(CsmError, match=r"no tokenizer.json there; pass --tokenizer DIR with a Llama-3 tokenizer.json"):
+        checkpoint.load_tokenizer(tmp_path)
