@@ -124,6 +124,10 @@ def load_model_and_codec(source: str | None, preset: Preset, *, device: str | No
     dtype = DTYPES[preset.dtype] if dev.type == "cuda" else torch.float32
     if dtype != DTYPES[preset.dtype] and warn is not None:
         warn(f"dtype {preset.dtype} runs as float32 on the {dev.type}")
+    gpu_only = [name for name, on in (("CUDA graphs", preset.cuda_graphs), ("fused kernels", preset.fused_kernels))
+                if on]
+    if gpu_only and dev.type != "cuda" and warn is not None:  # asked for by a flag or a GPU preset
+        warn(f"{' and '.join(gpu_only)} need a GPU: off on the {dev.type}")
     kwargs = {"config": config} if config is not None else {}
     ck = load(source, device=dev, dtype=dtype, tokenizer_path=tokenizer_path, random_weights=random_weights,
               **kwargs)

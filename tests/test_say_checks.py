@@ -96,3 +96,23 @@ def test_cuda_is_refused_where_there_is_none(requested):
 def test_max_seconds_is_never_exceeded(seconds, frames):
     assert frames_within(seconds) == frames
     assert frames * 0.08 <= seconds + 1e-9  # 0.3 used to make 4 frames (0.32 s) and warn of "the 0.3 s limit"
+
+
+@pytest.mark.parametrize(("overrides", "warned"), [
+    ({}, []),
+    ({"cuda_graphs": True}, ["CUDA graphs need a GPU: off on the cpu"]),
+    ({"cuda_graphs": True, "fused_kernels": True}, ["CUDA graphs and fused kernels need a GPU: off on the cpu"]),
+    ({"dtype": "bfloat16", "fused_kernels": True},
+     ["dtype bfloat16 runs as float32 on the cpu", "fused kernels need a GPU: off on the cpu"]),
+])
+def test_gpu_only_settings_on_the_cpu_are_named(overrides, warned):
+    """--cuda-graphs / --fused-kernels (or a GPU preset) on the CPU were dropped without a word; dtype was named."""
+    from csmcli.bench import TINY, tiny_mimi_config
+    from csmcli.pipeline import load_model_and_codec
+    from csmcli.presets import apply_overrides
+
+    seen = []
+    preset = apply_overrides(get_preset("cpu"), **overrides)
+    load_model_and_codec(None, preset, device="cpu", random_weights=True, config=TINY,
+                         codec_config=tiny_mimi_config(), warn=seen.append)
+    assert seen == warned
