@@ -536,6 +536,8 @@ def bench(
     chunks = _int_list(chunk_frames, "--chunk-frames", 2048) if chunk_frames else None
     if output is not None and not output.strip():  # an unset shell variable: the measurements would go nowhere
         raise CsmError("-o is empty: give a .json, .md or .csv path")
+    if ui.is_quiet() and not output and not suggest:  # the table is all there would be, and --quiet hides it
+        raise CsmError("--quiet hides bench's table: give -o FILE (or --suggest) to keep the measurements")
     if output:  # refused now, not after the measurements
         b.check_report_path(Path(output))
     if write_preset is not None:

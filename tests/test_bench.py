@@ -198,6 +198,12 @@ def quiet_no_decode(tmp_path_factory):
     return result, json.loads(path.read_text())
 
 
+def test_quiet_without_a_report_is_refused_before_measuring():
+    result = cli("-q", *TINY_RUN)  # measured, then shown nowhere: minutes lost on a GPU
+    assert one_error_line(result) == ("error: --quiet hides bench's table: give -o FILE (or --suggest) to keep the "
+                                      "measurements")
+
+
 def test_quiet_prints_nothing_on_stderr(quiet_no_decode):
     result, _ = quiet_no_decode
     assert result.stderr == "" and result.stdout == ""
