@@ -37,6 +37,23 @@ class _Config(ctypes.Structure):
                 ("attrs", ctypes.POINTER(_Attr)), ("nattrs", ctypes.c_uint)]
 
 
+def launch(kernel, grid: int, block: int, smem: int, pdl: bool, pointers: list) -> None:
+    """`cuLaunchKernelEx` of an NVRTC-built kernel on the current stream; `pointers`: one address per parameter
+    (of its value); `pdl`: with programmatic stream serialization (the kernel's griddepcontrol instructions)."""
+    params = (ctypes.c_void_p * len(pointers))(*pointers)
+    attr = _Attr(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.i = 1
+    config = _Config(grid, 1, 1, block, 1, 1, smem, torch.cuda.current_stream().cuda_stream,
+                     ctypes.pointer(attr) if pdl else None, 1 if pdl else 0)
+    rc = torch.cuda._utils._get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params,
+                                                                        None)
+    assert rc == 0, f"cuLaunchKernelEx: {rc}"
+
+
+def addresses(values: list) -> list:
+    return [ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values]
+
+
 class Gemm:
     def __init__(self, n, k, wn, wk, split, gated, residual, depth, pdl=False, l2_256=False):
         self.n, self.k, self.gated, self.residual, self.pdl = n, k, gated, residual, pdl
@@ -48,7 +65,6 @@ class Gemm:
         self.kernel.set_shared_memory_config(self.smem)
         self.grid = src.grid(n=n, wn=wn, split=split, gated=gated)
         self.block = wn * wk * 32
-        self.lib = torch.cuda._utils._get_gpu_runtime_library()
 
     def __call__(self, x, w, res=None):
         m = x.shape[0]
@@ -57,13 +73,7 @@ class Gemm:
         args = [x.data_ptr(), w.data_ptr(), r.data_ptr(), out.data_ptr()]
         values = [ctypes.c_void_p(a) for a in args] + [ctypes.c_int(v) for v in
                                                        (m, x.stride(0), r.stride(0), out.stride(0))]
-        params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
-        attr = _Attr(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.i = 1
-        config = _Config(self.grid, 1, 1, self.block, 1, 1, self.smem, torch.cuda.current_stream().cuda_stream,
-                         ctypes.pointer(attr) if self.pdl else None, 1 if self.pdl else 0)
-        rc = self.lib.cuLaunchKernelEx(ctypes.byref(config), self.kernel.func, params, None)
-        assert rc == 0, f"cuLaunchKernelEx: {rc}"
+        launch(self.kernel, self.grid, self.block, self.smem, self.pdl, addresses(values))
         return out
 
 
@@ -79,7 +89,6 @@ class SmallGemm(Gemm):
         self.smem = 0
         self.grid = n // 32 * split
         self.block = wk * 32
-        self.lib = torch.cuda._utils._get_gpu_runtime_library()
 
 
 def tensor_map(t, box_rows, rows=None):
@@ -121,7 +130,6 @@ class WgmmaGemm(Gemm):
         self.kernel.set_shared_memory_config(self.smem)
         self.grid = (2 * n if gated else n) // bn
         self.block = 160
-        self.lib = torch.cuda._utils._get_gpu_runtime_library()
         self.maps = {}
 
     def _map(self, t, box_rows, rows=None):
@@ -148,15 +156,8 @@ class WgmmaGemm(Gemm):
         values = [ctypes.c_void_p(r.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(m),
                   ctypes.c_int(r.stride(0)), ctypes.c_int(out.stride(0)), ctypes.c_void_p(tiles.data_ptr()),
                   ctypes.c_void_p(x_tiles.data_ptr())]
-        pointers = [ctypes.c_void_p(w_map), ctypes.c_void_p(x_map)] + [
-            ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values]
-        params = (ctypes.c_void_p * len(pointers))(*pointers)
-        attr = _Attr(id=6)
-        attr.value.i = 1
-        config = _Config(self.grid, 1, 1, self.block, 1, 1, self.smem, torch.cuda.current_stream().cuda_stream,
-                         ctypes.pointer(attr) if self.pdl else None, 1 if self.pdl else 0)
-        rc = self.lib.cuLaunchKernelEx(ctypes.byref(config), self.kernel.func, params, None)
-        assert rc == 0, f"cuLaunchKernelEx: {rc}"
+        launch(self.kernel, self.grid, self.block, self.smem, self.pdl,
+               [ctypes.c_void_p(w_map), ctypes.c_void_p(x_map), *addresses(values)])
         return out
 
 

@@ -7,15 +7,8 @@ Fragment order: within each 64-wide K chunk, lane t of a quad holds elements [8t
 row (two 16-byte loads); mma step s takes pairs 2s and 2s+1 of those 16 elements. x's fragments use the same
 permutation, so every physical k meets its own weight exactly once."""
 
-SOURCE = r"""
+HELPERS = r"""
 typedef unsigned short bf16_t;
-#define NWARPS (WN * WK)
-#define BN (WN * 32)
-#define KW (KC / WK)
-#define CHUNKS (KW / 64)
-#define XS (KC + 32)
-#define RS (BN + 8)
-
 __device__ __forceinline__ uint4 ldg_w(const bf16_t* p) {
   uint4 v;
 #if L2_256
@@ -68,6 +61,16 @@ __device__ __forceinline__ float4 ld_cluster4(const float* p, unsigned rank) {
                : "r"(remote));
   return v;
 }
+
+"""
+
+SOURCE = HELPERS + r"""
+#define NWARPS (WN * WK)
+#define BN (WN * 32)
+#define KW (KC / WK)
+#define CHUNKS (KW / 64)
+#define XS (KC + 32)
+#define RS (BN + 8)
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1)
 #if SPLIT > 1
@@ -249,57 +252,14 @@ def grid(*, n: int, wn: int, split: int, gated: bool) -> int:
     return rows // (wn * 32) * split
 
 
-SMALL_SOURCE = r"""
-typedef unsigned short bf16_t;
+SMALL_SOURCE = HELPERS + r"""
 #define KW (KC / WK)
 #define CHUNKS (KW / 64)
 #define PS 36
 
-__device__ __forceinline__ uint4 ldg_w(const bf16_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ uint4 ldg_x(const bf16_t* p) {  // written by the kernel before: L2, not L1
   uint4 v;
   asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-__device__ __forceinline__ void mma16816(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                         unsigned b0, unsigned b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
-
-__device__ __forceinline__ bf16_t f32_to_bf16(float v) {
-  bf16_t r;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
-  return r;
-}
-
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ float4 ld_cluster4(const float* p, unsigned rank) {
-  unsigned remote;
-  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(remote));
   return v;
 }
 

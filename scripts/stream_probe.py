@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, "scripts")
-from gemm64_probe import _Attr, _Config, time_graph
+from gemm64_probe import addresses, launch, time_graph
 
 from csmcli import kernels
 
@@ -250,20 +250,13 @@ class Reader:
                          if x_bytes else "") + (f" cluster {cl}" if name == "bulkx_read" else "")
                       + (" handoff" if handoff else ""))
         self.name = name
-        self.lib = torch.cuda._utils._get_gpu_runtime_library()
 
     def __call__(self, w):
         values = [ctypes.c_void_p(w.data_ptr()), ctypes.c_uint64(w.numel() * w.element_size()),
                   ctypes.c_void_p(self.sink.data_ptr())]
         if self.name in ("ldgx_read", "bulkx_read"):
             values.append(ctypes.c_void_p(self.x.data_ptr()))
-        params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
-        attr = _Attr(id=6)
-        attr.value.i = 1
-        config = _Config(self.ctas, 1, 1, self.threads, 1, 1, self.smem, torch.cuda.current_stream().cuda_stream,
-                         ctypes.pointer(attr) if self.pdl else None, 1 if self.pdl else 0)
-        rc = self.lib.cuLaunchKernelEx(ctypes.byref(config), self.kernel.func, params, None)
-        assert rc == 0, f"cuLaunchKernelEx: {rc}"
+        launch(self.kernel, self.ctas, self.threads, self.smem, self.pdl, addresses(values))
 
 
 SHAPES = {  # the 64-row frame's weight products: (rows of the weight, K, gated, times a frame)

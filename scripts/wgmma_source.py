@@ -6,6 +6,8 @@ Gated: the tile's first BN/2 weight rows are gate rows, the next BN/2 the matchi
 silu(gate) * up from registers. The stream probe (stream_probe.py withx) found bulk copies carry the weight and
 the 64 rows of x at ~9.4 us for the decoder's gate/up, against 10.9 for the Triton tile and 12.2 for 16-byte loads."""
 
+from gemm64_source import HELPERS  # bf16 conversions, shared-memory addresses (scripts/ is on the path)
+
 STAGE_BYTES_X = 64 * 128  # a 64-row x tile of 64 K-elements, bf16
 
 
@@ -35,7 +37,7 @@ def source(*, bn: int, k: int, stages: int, gated: bool, residual: bool, pdl: bo
                    PDL=int(pdl), REGS=bn // 2, N_HALF=n_half, TILED=int(tiled), X_MODE=x_mode,
                    OVERLAP=int(overlap), NO_MMA=int(no_mma), LANE_WAIT=int(lane_wait))
     head = "".join(f"#define {key} {value}\n" for key, value in defines.items())
-    return head + _SOURCE.replace("WGMMA_ASM", _wgmma_asm(bn))
+    return head + HELPERS + _SOURCE.replace("WGMMA_ASM", _wgmma_asm(bn))
 
 
 def tile_weight(w, bn: int, gated: bool):
@@ -65,7 +67,6 @@ def smem_bytes(*, bn: int, stages: int, k: int = 0, x_mode: int = 0) -> int:
 
 
 _SOURCE = r"""
-typedef unsigned short bf16_t;
 typedef unsigned long long u64;
 struct __align__(64) TensorMap { u64 data[16]; };
 #define W_BYTES (BN * 128)
@@ -80,12 +81,6 @@ struct __align__(64) TensorMap { u64 data[16]; };
 #define W_TILE(s) (base + (s) * STAGE_BYTES + X_BYTES)
 #define STAGE_TX STAGE_BYTES
 #endif
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
 
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count));
@@ -133,16 +128,6 @@ __device__ __forceinline__ u64 desc(unsigned addr) {  // K-major, 128-byte swizz
 __device__ __forceinline__ void wgmma(float* d, u64 desc_a, u64 desc_b, unsigned scale_d) {
   WGMMA_ASM
 }
-
-__device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
-
-__device__ __forceinline__ bf16_t f32_to_bf16(float v) {
-  bf16_t r;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
-  return r;
-}
-
-__device__ __forceinline__ float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
 // Block: 4 consumer warps (one warpgroup) + 1 producer warp. Grid: one CTA per BN weight rows.
 extern "C" __global__ void __launch_bounds__(160, 1)
