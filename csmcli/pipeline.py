@@ -100,6 +100,10 @@ def random_codec(device: torch.device, config=None) -> MimiCodec:
 
     torch.manual_seed(0)
     mimi = MimiModel(config or MimiConfig())
+    with torch.no_grad():  # transformers starts the codebooks at zero: every code would decode to the same audio
+        for name, t in mimi.named_buffers():
+            if name.endswith("embed_sum"):
+                t.normal_()
     return MimiCodec(mimi.config, mimi.state_dict(), "random weights").to(device)
 
 

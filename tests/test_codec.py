@@ -250,3 +250,21 @@ def test_csm_extra_ids_decode_as_the_last_mimi_id():
     assert out.shape == (1, 1, 6 * 1920) and torch.isfinite(out).all()
     assert torch.equal(out, decoder.decode(clamped))
     assert not torch.allclose(out, decoder.decode(codes))  # the changed positions do reach the audio
+
+
+def test_the_test_checkpoint_and_random_codecs_tell_codes_apart(hf_checkpoint):
+    """transformers starts Mimi's codebooks at zero, so every code decoded to the same audio: the CLI tests that
+    compare audio files could not see a wrong code. The tiny checkpoint (loaded as a user's download is) and
+    `random_codec` (--random-weights, bench) now have random codebooks."""
+    from tiny import tiny_mimi_config  # tests/tiny.py ("tiny" is a fixture here)
+
+    from csmcli.checkpoint import load
+    from csmcli.pipeline import load_codec, random_codec
+
+    cpu = torch.device("cpu")
+    ck = load(str(hf_checkpoint), device=cpu)
+    torch.manual_seed(3)
+    a, b = torch.randint(0, 2048, (2, 1, 32, 6))  # [B, 32, n] each
+    for codec in (load_codec(ck, None, cpu), random_codec(cpu, tiny_mimi_config())):
+        with torch.inference_mode():
+            assert not torch.equal(codec.decode(a), codec.decode(b))
