@@ -199,22 +199,16 @@ def _global_options(
 # ---- model and generation options (say / stream / bench) ---------------------------------------------------------
 
 
-def _given(flag: str):
+def _given(flag: str, what: str):
     """A callback refusing an empty value (an unset shell variable): `--model ""` fell back to the default model,
     `--tokenizer ""` was ignored, `-o ""` named the current directory."""
 
     def check(value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise CsmError(f"{flag} is empty: give a {_GIVEN_WHAT.get(flag, 'value')}")
+            raise CsmError(f"{flag} is empty: give {what}")
         return value
 
     return check
-
-
-_GIVEN_WHAT = {"--model": "checkpoint directory or hub id", "--codec": "Mimi checkpoint directory",
-               "--tokenizer": "tokenizer directory", "--file": "text file",
-               "--ref-audio": "audio file", "--context": "JSON or YAML file", "--device": "device name or index",
-               "--save-codes": "FILE.npy path", "-o": "file path (or '-' for stdout)"}
 
 ModelOpt = Annotated[
     str | None,
@@ -223,7 +217,7 @@ ModelOpt = Annotated[
         "-m",
         metavar="PATH_OR_ID",
         help="Checkpoint directory (HF format or original Sesame) or hub id (default: sesame/csm-1b).",
-        callback=_given("--model"),
+        callback=_given("--model", "a checkpoint directory or hub id"),
     ),
 ]
 RandomWeightsOpt = Annotated[
@@ -233,11 +227,11 @@ RandomWeightsOpt = Annotated[
 ]
 CodecOpt = Annotated[
     str | None, typer.Option("--codec", metavar="DIR", help="HF-format Mimi checkpoint (for original-format models).",
-                             callback=_given("--codec"))
+                             callback=_given("--codec", "a Mimi checkpoint directory"))
 ]
 TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", metavar="DIR", help="Llama-3 tokenizer directory, if not beside the model.",
-                             callback=_given("--tokenizer"))
+                             callback=_given("--tokenizer", "a tokenizer directory"))
 ]
 TorchDeviceOpt = Annotated[
     str | None,
@@ -246,18 +240,18 @@ TorchDeviceOpt = Annotated[
 ]
 TextArg = Annotated[str | None, typer.Argument(help="Text to speak; '-' reads stdin.", show_default=False)]
 TextFileOpt = Annotated[str | None, typer.Option("--file", "-f", metavar="FILE", help="Read the text from FILE.",
-                                                 callback=_given("--file"))]
+                                                 callback=_given("--file", "a text file"))]
 SpeakerOpt = Annotated[int, typer.Option("--speaker", "-s", min=0, help="Speaker id of the generated voice.")]
 RefAudioOpt = Annotated[
     str | None, typer.Option("--ref-audio", metavar="FILE", help="Voice prompt audio (any rate; resampled to 24 kHz).",
-                             callback=_given("--ref-audio"))
+                             callback=_given("--ref-audio", "an audio file"))
 ]
 RefTextOpt = Annotated[str | None, typer.Option("--ref-text", metavar="TEXT", help="The words spoken in --ref-audio.")]
 ContextOpt = Annotated[
     str | None,
     typer.Option(
         "--context", metavar="FILE", help="JSON/YAML list of earlier turns: {speaker, text, audio (optional path)}.",
-        callback=_given("--context"),
+        callback=_given("--context", "a JSON or YAML file"),
     ),
 ]
 def _finite(flag: str):
@@ -285,12 +279,12 @@ MaxSecondsOpt = Annotated[
 RawOpt = Annotated[bool, typer.Option("--raw", help="Headerless s16le PCM instead of WAV (stdout or any file name).")]
 AudioDeviceOpt = Annotated[
     str | None, typer.Option("--device", "-d", metavar="NAME|INDEX", help="Audio output device for playback.",
-                             callback=_given("--device"))
+                             callback=_given("--device", "a device name or index"))
 ]
 SaveCodesOpt = Annotated[
     str | None,
     typer.Option("--save-codes", metavar="FILE.npy", help="Also save the codes: an int64 array of frames x 32.",
-                 callback=_given("--save-codes")),
+                 callback=_given("--save-codes", "a FILE.npy path")),
 ]
 
 
@@ -359,7 +353,7 @@ def say(
     text_file: TextFileOpt = None,
     output: Annotated[
         str, typer.Option("--output", "-o", help="Audio file (.wav/.flac/.ogg), or '-' for stdout.",
-                          callback=_given("-o"))
+                          callback=_given("-o", "a file path (or '-' for stdout)"))
     ] = "out.wav",
     play: Annotated[bool, typer.Option("--play", help="Also play the audio while it is generated.")] = False,
     speaker: SpeakerOpt = 0,
@@ -405,7 +399,7 @@ def stream(
     text_file: TextFileOpt = None,
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="Also save the audio (.wav/.flac/.ogg, or '-' for stdout).",
-                                 callback=_given("-o"))
+                                 callback=_given("-o", "a file path (or '-' for stdout)"))
     ] = None,
     play: Annotated[bool, typer.Option("--play/--no-play", help="Play through the speakers as it is made.")] = True,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List audio output devices and exit.")] = False,
@@ -498,7 +492,8 @@ def bench(
     compare: Annotated[
         str | None, typer.Option("--compare", metavar="transformers", help="Also time transformers' generate.")
     ] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Write results to .json, .md or .csv.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write results to .json, .md or .csv.",
+                                               callback=_given("-o", "a .json, .md or .csv path"))] = None,
     suggest: Annotated[bool, typer.Option("--suggest", help="Print the preset these measurements suggest.")] = False,
     write_preset: Annotated[
         str | None, typer.Option("--write-preset", metavar="NAME", help="With --suggest: save it as preset NAME.")
@@ -534,8 +529,6 @@ def bench(
         raise CsmError(f"--prompt-rows {prompt_rows} + --frames {frames} exceed the model's 2048 positions")
     batches = _int_list(batch, "--batch", MAX_BENCH_BATCH) if batch else [1]
     chunks = _int_list(chunk_frames, "--chunk-frames", 2048) if chunk_frames else None
-    if output is not None and not output.strip():  # an unset shell variable: the measurements would go nowhere
-        raise CsmError("-o is empty: give a .json, .md or .csv path")
     if ui.is_quiet() and not output and not suggest:  # the table is all there would be, and --quiet hides it
         raise CsmError("--quiet hides bench's table: give -o FILE (or --suggest) to keep the measurements")
     if output:  # refused now, not after the measurements
