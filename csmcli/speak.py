@@ -162,6 +162,10 @@ def _context_file(path: Path) -> list[Segment]:
     return turns
 
 
+PLAYBACK_LOST = "playback stopped: the audio output went away (audio server or device gone)"
+"""Said once, when `audio.Player.lost` turns true while generating or draining."""
+
+
 LIVE_ROWS = 12
 """Chunks the live table shows while generating (the newest); the final table shows every chunk."""
 
@@ -213,8 +217,7 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
                 _deliver(chunk, writer, player, totals, start)
                 if player is not None and player.lost and not lost_warned:
                     lost_warned = True
-                    ui.warn("playback stopped: the audio output went away (audio server or device gone)"
-                            + (f"; still writing {job.output}" if job.output else ""))
+                    ui.warn(PLAYBACK_LOST + (f"; still writing {job.output}" if job.output else ""))
                 codes.append(chunk.codes)
                 rows.append(_row(chunk, player))
                 if live is not None:
@@ -223,7 +226,7 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
                 if not player.drain() and not player.lost:
                     ui.warn("playback did not finish in time: the end of the audio may be cut off")
                 elif player.lost and not lost_warned:
-                    ui.warn("playback stopped: the audio output went away (audio server or device gone)")
+                    ui.warn(PLAYBACK_LOST)
                 totals.underruns = player.underruns
     except audio.OutputClosed:
         pass  # the reader went away (`| head -c 1000`): not an error

@@ -18,16 +18,11 @@ import torch
 
 sys.path.insert(0, "scripts")
 from gemm64_probe import addresses, launch, time_graph
+from gemm64_source import HELPERS
 
 from csmcli import kernels
 
-SOURCE = r"""
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
+SOURCE = HELPERS + r"""
 extern "C" __global__ void bulk_read(const unsigned char* __restrict__ src, unsigned long long bytes,
                                      unsigned* __restrict__ sink) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -45,11 +40,7 @@ extern "C" __global__ void bulk_read(const unsigned char* __restrict__ src, unsi
     for (int c = 0; c < chunks + STAGES; ++c) {
       const int s = c % STAGES;
       if (c >= STAGES) {  // wait for the copy that used this slot
-        const unsigned parity = ((c - STAGES) / STAGES) & 1;
-        unsigned done = 0;
-        while (!done)
-          asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                       : "=r"(done) : "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
+        mbar_wait(smem_addr(&bars[s]), ((c - STAGES) / STAGES) & 1);
       }
       if (c < chunks) {
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
@@ -156,10 +147,7 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
     for (int c = STAGES; c < chunks + STAGES; ++c) {
       const int s = c % STAGES;
       const unsigned parity = ((c - STAGES) / STAGES) & 1;
-      unsigned done = 0;
-      while (!done)
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                     : "=r"(done) : "r"(smem_addr(HANDOFF ? &empty_bars[s] : &bars[s])), "r"(parity) : "memory");
+      mbar_wait(smem_addr(HANDOFF ? &empty_bars[s] : &bars[s]), parity);
       if (c < chunks) {
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
                      :: "r"(smem_addr(&bars[s])), "r"(CHUNK) : "memory");
@@ -168,10 +156,7 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
                         "r"(smem_addr(&bars[s])) : "memory");
       }
     }
-    unsigned done = 0;
-    while (!done)
-      asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                   : "=r"(done) : "r"(smem_addr(&bars[STAGES])), "r"(0) : "memory");
+    mbar_wait(smem_addr(&bars[STAGES]), 0);
 #if PDL
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
@@ -180,10 +165,7 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
   if (threadIdx.x == 32) {
     for (int c = 0; c < chunks; ++c) {
       const int s = c % STAGES;
-      unsigned done = 0;
-      while (!done)
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                     : "=r"(done) : "r"(smem_addr(&bars[s])), "r"((unsigned)((c / STAGES) & 1)) : "memory");
+      mbar_wait(smem_addr(&bars[s]), (unsigned)((c / STAGES) & 1));
       asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(&empty_bars[s])) : "memory");
     }
   }
