@@ -131,10 +131,11 @@ class AudioWriter:
 
 
 @contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
     """Ctrl-C and SIGTERM held back until the block is done (their handlers swapped for ones that only note them;
     main thread only, where Python runs handlers): between creating a FLAC and writing its first samples an
-    interrupt would leave a file without a header, which close() cannot repair."""
+    interrupt would leave a file without a header, which close() cannot repair; `speak` delivers each chunk (file,
+    speakers, totals, codes) inside one, so that an interrupt never separates them. Nests."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -182,7 +183,7 @@ class FileWriter(AudioWriter):
 
     def _write(self, data: np.ndarray) -> None:
         if self._f is None:  # Ctrl-C / SIGTERM wait until the file holds its first samples: close() can finish it
-            with _interrupts_deferred():
+            with interrupts_deferred():
                 self._f = self._open()
                 self._f.write(data)
             return

@@ -214,11 +214,12 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
             lost_warned = False
             for chunk in pipeline.speak(job.text, job.speaker, params, context=context,
                                         max_seconds=job.max_seconds, warn=ui.warn):
-                _deliver(chunk, writer, player, totals, start)
+                with audio.interrupts_deferred():  # the file, the totals and the codes hold the chunk, or none do
+                    _deliver(chunk, writer, player, totals, start)
+                    codes.append(chunk.codes)
                 if player is not None and player.lost and not lost_warned:
                     lost_warned = True
                     ui.warn(PLAYBACK_LOST + (f"; still writing {job.output}" if job.output else ""))
-                codes.append(chunk.codes)
                 rows.append(_row(chunk, player))
                 if live is not None:
                     live.update(_chunk_table(rows, totals, player is not None))

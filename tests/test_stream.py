@@ -3,7 +3,9 @@ PortAudio onto a PulseAudio null sink (skipped where PortAudio or pulseaudio is 
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from types import SimpleNamespace
 
 import numpy as np
@@ -174,3 +176,37 @@ def test_without_frames_existing_audio_and_codes_files_stay_as_they_were(tmp_pat
     assert out.read_bytes() == b"earlier audio"
     assert np.load(codes).shape == (10, 32)  # was overwritten by an empty array
     assert said[-1].endswith(f": {out} and {codes} not written"), said
+
+
+class _InterruptedWriter:
+    """An audio writer during whose first write Ctrl-C arrives (as in the race CI once caught: the file held the
+    chunk, the summary said no audio, and the codes lacked it)."""
+
+    def __init__(self):
+        self.samples = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def write(self, pcm):
+        if not self.samples:
+            os.kill(os.getpid(), signal.SIGINT)
+        self.samples += len(pcm)
+
+
+def test_an_interrupt_never_separates_a_chunk_s_audio_from_its_totals_and_codes(tmp_path, monkeypatch):
+    said, writer, codes = [], _InterruptedWriter(), tmp_path / "codes.npy"
+    monkeypatch.setattr(speak.ui, "info", said.append)
+    monkeypatch.setattr(speak.audio, "open_writer", lambda *args, **kwargs: writer)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            speak.run(_Pipeline(), speak.SpeakJob("Hello.", output=str(tmp_path / "out.wav"), save_codes=str(codes)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert writer.samples == FRAME  # the interrupt came during the first chunk: only it was written
+    assert said[-1].startswith("0.08 s of audio in "), said  # said "no audio generated: ... not written"
+    assert np.load(codes).shape == (1, 32)
