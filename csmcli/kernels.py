@@ -615,7 +615,7 @@ def _linear(x: Tensor, weight: Tensor, scale: Tensor | None, norm: Tensor | None
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     block_m, block_n, block_k, warps, split_k, stages = config
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and not (gated and split_k > 1)
-    assert not norm_folded or (norm is None and not fp8 and block_m > 1)
+    assert not norm_folded or (norm is None and block_m > 1)
     assert squares is None or (squares.dtype == torch.float32 and squares.shape[0] == m and squares.is_contiguous())
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out

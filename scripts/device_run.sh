@@ -126,6 +126,7 @@ for step in "$@"; do
       grep -E "^  [a-zA-Z_0-9]+|Duration|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Achieved Occupancy|Registers Per|Stall|Issued Warp|No Eligible|Active Warps Per" \
         "$out/g64ncu_details.txt" | head -150 ;;
     withx) python3 scripts/stream_probe.py withx 2>&1 | grep -v Warn | tee "$out/withx.txt" ;;
+    fp8probe) python3 scripts/fp8_probe.py "${FP8_PROBE_SHAPES:-}" 2>&1 | grep -v Warn | tee "$out/fp8probe.txt" ;;
     xtma) python3 scripts/x_tma_probe.py 2>&1 | grep -v Warn | tee "$out/xtma.txt" ;;
     diag) python3 scripts/diag_batch.py 2>&1 | grep -v Warn | tee "$out/diag.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
