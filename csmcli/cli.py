@@ -147,7 +147,8 @@ Fp8Opt = Annotated[
     typer.Option(
         "--fp8/--no-fp8",
         help="Transformer weights in fp8 (e4m3, a scale per row): about half the bytes per frame, faster for one "
-        "or a few streams on Ada/Hopper GPUs, but an approximation of the model (default: preset, off).",
+        "stream on Ada/Hopper GPUs (slower than bf16 for many), but an approximation of the model "
+        "(default: preset, off).",
     ),
 ]
 

@@ -173,6 +173,26 @@ def test_fp8_linear_matches_torch(dtype, m, fusion, blocks):
     torch.testing.assert_close(got, want, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [False, True])
+def test_fp8_linear_with_the_norm_folded_matches_torch(dtype, gated):
+    """fp8 weights quantized after the norm's weight was folded into them (`scripts/fp8_probe.py`'s `fp8 folded`):
+    the 64-row tile's product scaled by each row's 1 / RMS and each weight row's scale, against torch's RMSNorm of x
+    (unit weight: the norm is in the weight) then the fp8 layer's forward; 70 rows, a masked last K block."""
+    g = torch.Generator().manual_seed(5)
+    m, n, k = 70, 48, 80
+    layer = Linear(k, 2 * n if gated else n)
+    norm = 1 + 0.3 * torch.randn(k, generator=g)
+    layer.weight.data = kernels.fold_norm(torch.randn(layer.weight.shape, generator=g) / k**0.5, norm)
+    layer.to_fp8()
+    layer = layer.to(DEVICE)
+    x = (3 * torch.randn(m, k, generator=g)).to(DEVICE, dtype)  # RMS far from 1: a missing 1 / RMS would show
+    got = kernels.linear(x, layer.weight, scale=layer.scale, norm_folded=True, eps=1e-5, gated=gated,
+                         config=(64, 16, 32, 4, 1, 3))
+    want = reference_linear(x, layer, norm=torch.ones(k, dtype=dtype, device=DEVICE), gated=gated)
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_widen_converts_every_fp8_value_as_torch_does(dtype):
     """`kernels.widen` (the prefill's fp8 -> bf16 conversion) against torch's: every finite e4m3 code (quantized
