@@ -465,6 +465,7 @@ def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, comp
         finally:
             if chunks is not None:
                 chunks.close()
+            engine.close()
         del engine
         if model.codebook0_head.weight.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -195,6 +195,17 @@ class Engine:
         self._admission_warm = False
         self.slots: list[_Active | None] = [None] * max_batch
 
+    def close(self) -> None:
+        """Drop the captured graphs and hand back the L2 lines this engine set aside (`kernels.release_l2`): what
+        runs after it on the GPU gets the whole cache again. The engine is not used after."""
+        self._graphs.clear()
+        self._prefill_graphs.clear()
+        if self.l2_reserved:
+            from csmcli import kernels
+
+            kernels.release_l2(self.device.index)
+            self.l2_reserved = 0
+
     def active_rows(self) -> int:
         """The smallest bucket that holds every busy slot (slots are filled lowest first)."""
         highest = max((slot for slot, a in enumerate(self.slots) if a is not None), default=0)

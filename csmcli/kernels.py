@@ -450,20 +450,26 @@ class LaunchAttributeValue(ctypes.Union):  # cudaLaunchAttributeValue: 64 bytes
 
 @functools.cache
 def cudart() -> ctypes.CDLL | None:
-    """The CUDA runtime library torch loaded (None where none is found: then no L2 hints)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = [line.split(maxsplit=5)[5].strip() for line in maps if "libcudart.so" in line]
-        found = next((p for p in paths if not p.endswith("(deleted)")), None)
-        return ctypes.CDLL(found) if found else None
-    except (OSError, IndexError):
-        return None
+    """The CUDA runtime library torch loaded (None where none is loaded, e.g. a torch linked with it statically: then
+    no L2 hints). Opened with RTLD_NOLOAD: found by its soname among the libraries already loaded, never a second
+    runtime loaded beside torch's."""
+    major = (torch.version.cuda or "").split(".")[0]
+    for name in ([f"libcudart.so.{major}"] if major else []) + ["libcudart.so"]:
+        try:
+            return ctypes.CDLL(name, mode=os.RTLD_NOLOAD)
+        except (OSError, AttributeError):  # not loaded; AttributeError: no RTLD_NOLOAD on this platform
+            continue
+    return None
 
 
 # Hints `reserve_l2` registered: (device index, weight's data_ptr) -> the window's hit ratio; and by device index
 # the largest window the GPU takes, in bytes. Only caching follows from them: a stale entry changes no result.
 _l2_ratio: dict[tuple[int, int], float] = {}
 _l2_max_window: dict[int, int] = {}
+# By device index: how many reservations are held (`release_l2` undoes the last), and the persisting-L2 limit
+# before the first of them.
+_l2_holders: dict[int, int] = {}
+_l2_limit_before: dict[int, int] = {}
 
 
 def _l2_failed(rt: ctypes.CDLL) -> None:
@@ -496,6 +502,7 @@ def reserve_l2(weights: Sequence[Tensor], streaming: Sequence[Tensor] = (), shar
                     or rt.cudaDeviceGetLimit(ctypes.byref(size), _LIMIT_PERSISTING_L2)):
                 _l2_failed(rt)
                 return 0
+            before = size.value
             wanted = min(max_persisting.value, need + extra)
             if wanted > size.value and (rt.cudaDeviceSetLimit(_LIMIT_PERSISTING_L2, ctypes.c_size_t(wanted))
                                         or rt.cudaDeviceGetLimit(ctypes.byref(size), _LIMIT_PERSISTING_L2)):
@@ -504,12 +511,38 @@ def reserve_l2(weights: Sequence[Tensor], streaming: Sequence[Tensor] = (), shar
     except AttributeError:  # a runtime without these calls
         return 0
     if size.value:
+        _l2_limit_before.setdefault(index, before)
+        _l2_holders[index] = _l2_holders.get(index, 0) + 1
         _l2_max_window[index] = max_window.value
         for w in weights:
             _l2_ratio[(index, w.data_ptr())] = min(1.0, size.value / need)
         for w in streaming:
             _l2_ratio[(index, w.data_ptr())] = min(1.0, max(0, size.value - need) / extra) if extra else 0.0
     return size.value
+
+
+def release_l2(index: int) -> None:
+    """Undo one `reserve_l2` that set lines aside on device `index` (an engine closing). The last one drops the
+    registered hints, turns the persisting lines back into normal ones (they would otherwise keep their share of L2
+    from whatever runs next) and restores the limit as it was before the first reservation."""
+    holders = _l2_holders.get(index, 0) - 1
+    if holders > 0:
+        _l2_holders[index] = holders
+        return
+    if holders < 0:
+        return
+    del _l2_holders[index]
+    for key in [key for key in _l2_ratio if key[0] == index]:
+        del _l2_ratio[key]
+    _l2_max_window.pop(index, None)
+    rt = cudart()
+    if rt is None:
+        return
+    with torch.cuda.device(index):
+        torch.cuda.synchronize()  # no kernel with a window still running
+        if (rt.cudaCtxResetPersistingL2Cache()
+                or rt.cudaDeviceSetLimit(_LIMIT_PERSISTING_L2, ctypes.c_size_t(_l2_limit_before.pop(index, 0)))):
+            _l2_failed(rt)
 
 
 @contextmanager

@@ -26,8 +26,11 @@ def run(model, requests, max_batch, cuda_graphs):
     """Codes per request id. Requests beyond `max_batch` wait and join when a slot frees up."""
     engine = Engine(model, max_batch=max_batch, cuda_graphs=cuda_graphs)
     out = {r.id: [] for r in requests}
-    for request, chunk in engine.generate(requests, first_chunk_frames=2, chunk_frames=4):
-        out[request.id].append(chunk.codes)
+    try:
+        for request, chunk in engine.generate(requests, first_chunk_frames=2, chunk_frames=4):
+            out[request.id].append(chunk.codes)
+    finally:
+        engine.close()
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -271,6 +274,61 @@ def test_the_frame_graph_gives_its_weights_l2_hints(model, max_batch):
     assert sum(size == 0 for _, size, _ in windows) >= attention_steps  # attention, draws: unmarked
     assert kernels.folds_norms(max_batch) == any(w is layer.wqkv_folded for w in small
                                                  for layer in model.decoder.layers)
+
+
+def test_cudart_is_the_runtime_torch_loaded():
+    """`kernels.cudart` (found by soname, RTLD_NOLOAD) is the very library torch has mapped (as /proc/self/maps
+    lists it): no second runtime, and hints are not silently off because none was found."""
+    import ctypes
+    import os
+
+    from csmcli import kernels
+
+    torch.zeros(1, device="cuda")
+    with open("/proc/self/maps") as maps:
+        paths = {line.split(maxsplit=5)[5].strip() for line in maps if "libcudart.so" in line}
+    assert paths, "torch mapped no libcudart (linked statically?)"
+    handles = {ctypes.CDLL(path, mode=os.RTLD_NOLOAD)._handle for path in paths}
+    rt = kernels.cudart()
+    assert rt is not None and rt._handle in handles
+    count = ctypes.c_int(0)
+    assert rt.cudaGetDeviceCount(ctypes.byref(count)) == 0 and count.value == torch.cuda.device_count()
+
+
+def test_closing_the_last_engine_hands_back_its_l2_lines(model, monkeypatch):
+    """Two engines hold L2 reservations: closing one leaves the other's hints and the set-aside as they are; closing
+    the last drops the hints and restores the persisting-L2 limit as it was before the first (0 here). An engine
+    built after that reserves again and makes the same codes as before."""
+    import ctypes
+
+    from csmcli import kernels
+
+    rt = kernels.cudart()
+    for name in ("_l2_ratio", "_l2_max_window", "_l2_holders", "_l2_limit_before"):
+        monkeypatch.setattr(kernels, name, {})  # this test's reservations only
+    assert rt.cudaDeviceSetLimit(kernels._LIMIT_PERSISTING_L2, ctypes.c_size_t(0)) == 0
+
+    def limit() -> int:
+        size = ctypes.c_size_t(1)
+        assert rt.cudaDeviceGetLimit(ctypes.byref(size), kernels._LIMIT_PERSISTING_L2) == 0
+        return size.value
+
+    reqs = requests(1, frames=6)
+    want = run(model, reqs, 1, True)  # closed: the limit is back to 0
+    assert limit() == 0 and not kernels._l2_ratio and not kernels._l2_holders
+    first, second = Engine(model, max_batch=1), Engine(model, max_batch=4)
+    if first.l2_reserved == 0:
+        pytest.skip("this GPU sets no L2 lines aside (no persisting L2, MIG, MPS)")
+    assert limit() == max(first.l2_reserved, second.l2_reserved) > 0
+    first.close()
+    first.close()  # a second close changes nothing
+    assert limit() > 0 and kernels._l2_holders == {model.codebook0_head.weight.device.index: 1}
+    small, streaming = second.stepper.l2_weights()
+    assert all((w.device.index, w.data_ptr()) in kernels._l2_ratio for w in small + streaming)
+    second.close()
+    assert limit() == 0 and not kernels._l2_ratio and not kernels._l2_holders
+    again = run(model, reqs, 1, True)
+    assert all(torch.equal(again[r.id], want[r.id]) for r in reqs)
 
 
 class _RefusingRuntime:
