@@ -26,6 +26,7 @@ class CsmGroup(TyperGroup):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Usage errors (an unknown option, a value out of range) as one line too, not Click's boxed panel."""
         standalone = kwargs.pop("standalone_mode", True)
+        self.standalone = standalone
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except typer.Abort:  # end of input at a prompt, or Ctrl-C while the arguments are still parsed
@@ -45,7 +46,7 @@ class CsmGroup(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
-        previous = _on_sigterm_stop_like_ctrl_c()
+        previous = _stop_like_ctrl_c()
         try:
             return super().invoke(ctx)
         except CsmError as e:
@@ -63,8 +64,10 @@ class CsmGroup(TyperGroup):
                 raise
             _report(e, f"{type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)", code=1)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            stopped = any(signal.getsignal(sig) == signal.SIG_IGN for sig in previous)
+            if not (stopped and getattr(self, "standalone", False)):  # the process exits now: keep ignoring them
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
 
 class Terminated(KeyboardInterrupt):
@@ -72,15 +75,21 @@ class Terminated(KeyboardInterrupt):
     runs (the audio file is closed valid, the totals printed), then exit 143."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    # The first Ctrl-C or SIGTERM stops the run; later ones are ignored, so that they cannot cut short the clean-up
+    # that keeps the audio file valid (they would also surface as "Exception ignored" tracebacks from generators
+    # being closed). Ctrl-\ (SIGQUIT) still ends a clean-up that hangs.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
-def _on_sigterm_stop_like_ctrl_c() -> Any:
-    """Route SIGTERM to `Terminated` while a command runs (main thread only); returns the handler to restore."""
+def _stop_like_ctrl_c() -> dict[int, Any]:
+    """Route Ctrl-C to KeyboardInterrupt and SIGTERM to `Terminated` while a command runs, once (main thread only);
+    returns the handlers to restore."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+        return {}
+    return {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _report(exc: BaseException, line: str, code: int) -> None:
