@@ -170,6 +170,7 @@ class FileWriter(AudioWriter):
         self.path = check_writable(path)
         self._format = (major, subtype)
         self._f: sf.SoundFile | None = None
+        self._failed = False
 
     def _open(self) -> sf.SoundFile:
         major, subtype = self._format
@@ -182,16 +183,35 @@ class FileWriter(AudioWriter):
         return f
 
     def _write(self, data: np.ndarray) -> None:
-        if self._f is None:  # Ctrl-C / SIGTERM wait until the file holds its first samples: close() can finish it
-            with interrupts_deferred():
-                self._f = self._open()
-                self._f.write(data)
-            return
-        self._f.write(data)
+        try:
+            if self._f is None:  # Ctrl-C / SIGTERM wait until the file holds its first samples: close() finishes it
+                with interrupts_deferred():
+                    self._f = self._open()
+                    self._f.write(data)
+                return
+            self._f.write(data)
+        except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
+            self._failed = True
+            raise CsmError(f"cannot write {self.path}: {_write_failure(self.path, e)}") from e
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()  # idempotent
+            try:
+                self._f.close()  # idempotent
+            except (RuntimeError, OSError) as e:
+                if not self._failed:  # after a failed write its error is the one to report
+                    raise CsmError(f"cannot write {self.path}: {_write_failure(self.path, e)}") from e
+
+
+def _write_failure(path: Path, error: Exception) -> str:
+    """Why a write failed, in words: libsndfile says only "System error." for a full disk."""
+    try:
+        stat = os.statvfs(path.parent)
+        if stat.f_bavail * stat.f_frsize < 1 << 20:
+            return "no space left on device"
+    except OSError:
+        pass
+    return getattr(error, "strerror", None) or str(error)
 
 
 class StreamWriter(AudioWriter):
@@ -201,9 +221,10 @@ class StreamWriter(AudioWriter):
     the convention of ffmpeg, sox and libsndfile for piped WAV; readers take the length from the stream's end.
     """
 
-    def __init__(self, out: IO[bytes], sample_rate: int, *, raw: bool = False, owns: bool = False) -> None:
+    def __init__(self, out: IO[bytes], sample_rate: int, *, raw: bool = False, owns: bool = False,
+                 name: str = "stdout") -> None:
         super().__init__(sample_rate)
-        self._out, self._owns, self._closed = out, owns, False
+        self._out, self._owns, self._closed, self.name = out, owns, False, name
         if not raw:
             unknown = 0xFFFFFFFF
             fmt = (16, 1, 1, sample_rate, sample_rate * 2, 2, 16)  # fmt size, PCM, mono, rate, bytes/s, align, bits
@@ -220,6 +241,9 @@ class StreamWriter(AudioWriter):
             self._closed = True
             _point_at_devnull(self._out)
             raise OutputClosed("output pipe closed by the reader") from e
+        except OSError as e:  # a full disk (or /dev/full): nothing more can be delivered
+            self._closed = True
+            raise CsmError(f"cannot write {self.name}: {e.strerror or e}") from e
 
     def close(self) -> None:
         if self._closed:
@@ -299,15 +323,27 @@ def check_output(path: str | Path, raw: bool = False, stdout: IO[Any] | None = N
             raise CsmError("refusing to write binary audio to a terminal; redirect or use -o FILE")
         return
     p = check_writable(path)  # first: `-o .` is a directory, not a file without a suffix
+    if _is_stream(p):
+        if not raw and p.suffix.lower() in WRITE_FORMATS and p.suffix.lower() != ".wav":
+            raise CsmError(f"{p} is not a regular file: only WAV (or --raw) can be streamed into it")
+        return
     if not raw and p.name.lower() in WRITE_FORMATS:  # `-o .wav`: Path(".wav").suffix is "", all name
         raise CsmError(f"{p}: give a file name before {p.name}, like out{p.name}")
     if not raw and p.suffix.lower() not in WRITE_FORMATS:
-        raise CsmError(f"unsupported output format '{p.name}': use {', '.join(WRITE_FORMATS)} or '-' for stdout")
+        raise CsmError(f"{p}: unsupported output format '{p.suffix or p.name}': use {', '.join(WRITE_FORMATS)} or '-' "
+                       "for stdout")
 
 
 def _binary(stdout: IO[Any] | None) -> IO[bytes]:
     out = stdout if stdout is not None else sys.stdout
+    if out is None:  # started with stdout closed (`>&-`)
+        raise CsmError("stdout is closed: write to a file with -o FILE")
     return getattr(out, "buffer", out)  # text stdout -> its binary buffer
+
+
+def _is_stream(p: Path) -> bool:
+    """An existing path that is no regular file: a FIFO or a device such as /dev/null, written like stdout."""
+    return p.exists() and not p.is_file() and not p.is_dir()
 
 
 def open_writer(path: str | Path, sample_rate: int, *, raw: bool = False, stdout: IO[Any] | None = None) -> AudioWriter:
@@ -317,8 +353,8 @@ def open_writer(path: str | Path, sample_rate: int, *, raw: bool = False, stdout
     if str(path) == "-":
         return StreamWriter(_binary(stdout), sample_rate, raw=raw)
     p = Path(path)
-    if raw:
-        return StreamWriter(_CreatedOnWrite(p), sample_rate, raw=True, owns=True)  # type: ignore[arg-type]
+    if raw or _is_stream(p):  # a FIFO or device: a streamed WAV, as on stdout
+        return StreamWriter(_CreatedOnWrite(p), sample_rate, raw=raw, owns=True, name=str(p))  # type: ignore[arg-type]
     return FileWriter(p, sample_rate, *WRITE_FORMATS[p.suffix.lower()])
 
 

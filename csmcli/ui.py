@@ -68,6 +68,8 @@ def error(msg: str) -> None:
 
 def print_json(obj: Any) -> None:
     """Write `obj` as JSON to stdout (not through Rich, so pipes get exact, uncoloured text)."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        raise CsmError("stdout is closed: nowhere to write the JSON")
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
 

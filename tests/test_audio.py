@@ -374,3 +374,40 @@ def test_file_writer_closes_on_keyboard_interrupt(tmp_path):
         w.write(sine(0.1))
         raise KeyboardInterrupt
     assert w._f.closed
+
+
+@pytest.mark.parametrize("ext", ["wav", "flac"])
+def test_a_write_that_fails_on_a_full_disk_says_so_in_one_line(tmp_path, monkeypatch, ext):
+    """libsndfile reports a full disk as "System error.": the writer names the file and the reason (free space
+    read from the file system), and its close() after that failure raises nothing more; what the first write put
+    in the file stays readable."""
+    import csmcli.audio as audio_module
+
+    path = tmp_path / f"out.{ext}"
+    writer = open_writer(path, 24000)
+    writer.write(np.zeros(1920, dtype=np.float32))
+
+    def refuse(data):
+        raise sf.LibsndfileError(2, "")  # the code libsndfile returns for a failed system call
+
+    monkeypatch.setattr(writer._f, "write", refuse)
+    full = os.statvfs_result((4096, 4096, 100, 0, 0, 10, 0, 0, 0, 255))  # no free blocks
+    monkeypatch.setattr(audio_module.os, "statvfs", lambda path: full)
+    with pytest.raises(CsmError, match=rf"^cannot write {path}: no space left on device$"):
+        writer.write(np.zeros(1920, dtype=np.float32))
+    writer.close()
+    assert len(sf.read(path)[0]) == 1920
+
+
+def test_a_write_that_fails_for_another_reason_keeps_the_library_s_words(tmp_path, monkeypatch):
+    path = tmp_path / "out.wav"
+    writer = open_writer(path, 24000)
+    writer.write(np.zeros(1920, dtype=np.float32))
+
+    def refuse(data):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer._f, "write", refuse)
+    with pytest.raises(CsmError, match=r"^cannot write .*out.wav: Input/output error$"):
+        writer.write(np.zeros(1920, dtype=np.float32))
+    writer.close()

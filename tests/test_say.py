@@ -7,6 +7,7 @@ Random weights essentially never emit EOS (an all-zero frame), so every sentence
 from __future__ import annotations
 
 import io
+import os
 import re
 import shlex
 import signal
@@ -37,7 +38,7 @@ BAD = {
     "missing ref audio": ((TEXT, "--ref-audio", "no-such.wav", "--ref-text", "hi"), "audio file not found"),
     "corrupt ref audio": ((TEXT, "--ref-audio", "garbage.wav", "--ref-text", "hi"), "cannot read audio file"),
     "ref audio without ref text": ((TEXT, "--ref-audio", "ref.wav"), "--ref-audio and --ref-text go together"),
-    "unknown extension": ((TEXT, "-o", "out.xyz"), "unsupported output format 'out.xyz'"),
+    "unknown extension": ((TEXT, "-o", "out.xyz"), "out.xyz: unsupported output format '.xyz'"),
     "missing output directory": ((TEXT, "-o", "no/such/out.wav"), "cannot write no/such/out.wav: directory"),
     "context not a list": ((TEXT, "--context", "turns.yaml"), "turns.yaml: expected a list of turns"),
     "malformed context": ((TEXT, "--context", "broken.yaml"), "broken.yaml: not valid JSON/YAML"),  # multi-line
@@ -46,6 +47,7 @@ BAD = {
     "missing codec": ((TEXT, "--codec", "/no/such/mimi"), "/no/such/mimi: no such Mimi checkpoint"),
     "missing model": ((TEXT, "--model", "/no/such/dir"), "/no/such/dir: no such directory"),
     "corrupt weights": ((TEXT, "--model", "corrupt"), "corrupt/model.safetensors: not a readable safetensors file"),
+    "flac into a fifo": ((TEXT, "-o", "pipe.flac"), "pipe.flac is not a regular file: only WAV (or --raw) can be"),
 }
 
 
@@ -61,6 +63,8 @@ def _bad_input_files(directory, checkpoint, case: str) -> None:
     (directory / "turns.yaml").write_text("speaker: 0\ntext: not a list\n")
     (directory / "broken.yaml").write_text("- speaker: 0\n  text: [unclosed\n")  # the parser's message spans lines
     (directory / "speaker.yaml").write_text("- {speaker: 1.7, text: Hello there.}\n")
+    if case == "flac into a fifo":
+        os.mkfifo(directory / "pipe.flac")  # nobody reads it: opening it would block, so it must be refused first
     if case != "corrupt weights":
         return
     (directory / "corrupt").mkdir(exist_ok=True)
@@ -83,6 +87,9 @@ def runs(hf_checkpoint, tmp_path_factory):
     (runs.dir("unwritable codes") / "full.npy").symlink_to("/dev/full")  # opens, then every write fails: ENOSPC
     runs.start("unwritable codes", "say", TEXT, *SHORT, "-t", "0", "--dtype", "bfloat16", "-o", "out.wav",
                "--save-codes", "full.npy", *model)
+    (runs.dir("audio to a full disk") / "full.wav").symlink_to("/dev/full")
+    runs.start("audio to a full disk", "say", TEXT, *SHORT, "-t", "0", "-o", "full.wav", *model)
+    runs.start("audio to /dev/null", "say", TEXT, *SHORT, "-t", "0", "-o", "/dev/null", *model)
     for case, (args, _) in BAD.items():
         _bad_input_files(runs.dir(f"bad {case}"), hf_checkpoint, case)
         runs.start(f"bad {case}", "say", *args, *model[:2], *(() if "--model" in args else model[2:]))
@@ -253,6 +260,39 @@ def test_codes_that_cannot_be_written_fail_the_run_but_keep_the_audio(runs):
     assert SUMMARY.match(result.lines[-2]), result.lines
     assert result.lines[-1] == "error: cannot write full.npy: No space left on device", result.lines
     assert len(result.wav()) == FRAMES * FRAME
+
+
+def test_audio_into_a_full_disk_is_one_error_line_after_the_summary(runs):
+    """A disk that fills up (/dev/full: every write fails with ENOSPC) ends the run with the totals and one error
+    line naming the file and the reason, exit 2; not libsndfile's "System error." and an exit 1."""
+    result = runs("audio to a full disk")
+    assert result.code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.lines[-1] == "error: cannot write full.wav: No space left on device", result.lines
+
+
+def test_audio_into_dev_null_or_a_fifo_is_streamed_wav(runs, hf_checkpoint, tmp_path):
+    """/dev/null and a FIFO are no regular files (libsndfile cannot seek back to finish a header there): they get
+    the WAV that `-o -` streams, and the FIFO's reader reads every frame."""
+    assert_ok(runs("audio to /dev/null"))
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(command("say", TEXT, *SHORT, "-t", "0", "-o", str(fifo), *model_args(hf_checkpoint)),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    with open(fifo, "rb") as reader:  # blocks until the writer opens its end
+        data = reader.read()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out == b"", err.decode()
+    assert len(sf.read(io.BytesIO(data), dtype="int16")[0]) == FRAMES * FRAME
+
+
+@pytest.mark.parametrize("args", [("say", TEXT, *SHORT, "-o", "-"), ("info", "--json")])
+def test_a_closed_stdout_is_one_error_line(hf_checkpoint, tmp_path, args):
+    """Started with stdout closed (`>&-`): one line and exit 2, not an AttributeError on None and exit 1."""
+    cmd = shlex.join(command(*args, *(model_args(hf_checkpoint) if args[0] == "say" else ())))
+    p = subprocess.run(["bash", "-c", f"{cmd} >&-"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=env())
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines()[-1].startswith("error: stdout is closed"), p.stderr
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
