@@ -338,10 +338,11 @@ def _speak(live: bool, params: dict[str, Any]) -> None:
     kw = {k: v for k, v in params.items() if k != "list_devices"}
     kw["overrides"] = {k: kw.pop(k) for k in _OVERRIDE_FLAGS}
     kw["audio_device"] = kw.pop("device")
+    inputs = {"-f": kw["text_file"], "--context": kw["context"], "--ref-audio": kw["ref_audio"]}
     text = speak.read_text(kw.pop("text"), kw.pop("text_file"), sys.stdin)
     context = speak.load_context(kw.pop("context"), kw.pop("ref_audio"), kw.pop("ref_text"), kw["speaker"])
     # before the seconds that loading the model takes
-    speak.check_outputs(kw["output"], kw["raw"], kw["play"], kw["audio_device"], kw["save_codes"])
+    speak.check_outputs(kw["output"], kw["raw"], kw["play"], kw["audio_device"], kw["save_codes"], inputs)
     pipeline = _pipeline(
         kw.pop("model"),
         kw.pop("random_weights"),

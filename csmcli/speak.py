@@ -4,8 +4,10 @@ per-chunk timings, and stop cleanly (Ctrl-C leaves a valid file and still prints
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
+import unicodedata
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +79,9 @@ def read_text(text: str | None, text_file: str | None, stdin) -> str:
         raise CsmError("no text: give TEXT, '-' to read stdin, or -f FILE")
     elif text == "-":
         text = stdin.read()
-    if not text.strip():  # would load the model, then write an empty file and exit 0
+    # Nothing to say would load the model, then write an empty file and exit 0; invisible characters (zero-width
+    # spaces, a byte-order mark, control characters) are nothing to say either.
+    if not "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf")).strip():
         raise CsmError("text is empty: give the words to speak")
     try:  # bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer rejects with a TypeError
         text.encode("utf-8")
@@ -86,9 +90,19 @@ def read_text(text: str | None, text_file: str | None, stdin) -> str:
     return text
 
 
-def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str | None, save_codes: str | None) -> None:
+def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str | None, save_codes: str | None,
+                  inputs: dict[str, str | None] | None = None) -> None:
     """Refuse a bad -o, --save-codes or --device now, not after the seconds it takes to load the model; name a
-    --raw or --device that has nothing to act on."""
+    --raw or --device that has nothing to act on. `inputs`: the files read, by option (-f, --context,
+    --ref-audio), which no output may overwrite."""
+    out = output if output != "-" else None
+    clashes = [("-o", out, "--save-codes", save_codes, "the codes would replace the audio")]
+    clashes += [(flag, path, source, given, "it would be overwritten")
+                for flag, path in (("-o", out), ("--save-codes", save_codes))
+                for source, given in (inputs or {}).items()]
+    for flag, path, other, other_path, what in clashes:
+        if path and other_path and _same_file(path, other_path):
+            raise CsmError(f"{flag} {path} is the file given to {other}: {what}")
     if output is not None:
         audio.check_output(output, raw)
         suffix = Path(output).suffix.lower()
@@ -106,6 +120,13 @@ def check_outputs(output: str | None, raw: bool, play: bool, audio_device: str |
         audio.resolve_device(audio_device)
     elif audio_device is not None:
         ui.warn(f"--device {audio_device} has no effect without playback (--play)")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)  # links and other spellings of one file
+    except OSError:  # one does not exist yet
+        return Path(a).resolve() == Path(b).resolve()
 
 
 CONTEXT_KEYS = ("speaker", "text", "audio")

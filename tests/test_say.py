@@ -48,6 +48,12 @@ BAD = {
     "missing model": ((TEXT, "--model", "/no/such/dir"), "/no/such/dir: no such directory"),
     "corrupt weights": ((TEXT, "--model", "corrupt"), "corrupt/model.safetensors: not a readable safetensors file"),
     "flac into a fifo": ((TEXT, "-o", "pipe.flac"), "pipe.flac is not a regular file: only WAV (or --raw) can be"),
+    "codes over the audio": ((TEXT, "-o", "same.npy", "--raw", "--save-codes", "./same.npy"),
+                             "-o same.npy is the file given to --save-codes: the codes would replace the audio"),
+    "audio over the text": (("-f", "text.txt", "-o", "text.txt", "--raw"),
+                            "-o text.txt is the file given to -f: it would be overwritten"),
+    "audio over the reference": ((TEXT, "--ref-audio", "ref.wav", "--ref-text", "hi", "-o", "ref.wav"),
+                                 "-o ref.wav is the file given to --ref-audio: it would be overwritten"),
 }
 
 
@@ -63,6 +69,7 @@ def _bad_input_files(directory, checkpoint, case: str) -> None:
     (directory / "turns.yaml").write_text("speaker: 0\ntext: not a list\n")
     (directory / "broken.yaml").write_text("- speaker: 0\n  text: [unclosed\n")  # the parser's message spans lines
     (directory / "speaker.yaml").write_text("- {speaker: 1.7, text: Hello there.}\n")
+    (directory / "text.txt").write_text("Hello there.\n")
     if case == "flac into a fifo":
         os.mkfifo(directory / "pipe.flac")  # nobody reads it: opening it would block, so it must be refused first
     if case != "corrupt weights":
@@ -307,7 +314,8 @@ def test_bad_input_is_one_error_line_and_exit_2(runs, case):
     assert not (result.dir / "out.wav").exists()  # refused before any output was made
 
 
-@pytest.mark.parametrize(("text", "stdin"), [("", ""), ("  \n ", ""), ("-", " \n\n")])
+@pytest.mark.parametrize(("text", "stdin"), [("", ""), ("  \n ", ""), ("-", " \n\n"), ("\u200b\ufeff\u200d\x07 ", ""),
+                                            ("\u00a0\u3000", "")])
 def test_blank_text_is_refused(text, stdin):
     with pytest.raises(CsmError, match="text is empty"):
         speak.read_text(text, None, io.StringIO(stdin))
