@@ -15,9 +15,9 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from csmcli import __version__
+from csmcli import __version__, ui
 from csmcli.gpu import probe_gpus, torch_versions
-from csmcli.presets import get_preset, load_presets, resolve_preset
+from csmcli.presets import get_preset, presets_for, resolve_preset
 
 DEFAULT_REPO = "sesame/csm-1b"
 _LIBRARIES = ("transformers", "huggingface-hub", "safetensors", "typer", "numpy")
@@ -26,7 +26,7 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 def gather(preset_name: str | None = None) -> dict[str, Any]:
     """The whole report as plain JSON-able data."""
-    presets = load_presets()
+    presets = presets_for(preset_name, ui.warn)
     if preset_name is not None:
         get_preset(preset_name, presets)  # a typo should fail before the slow probes
     probe = probe_gpus()

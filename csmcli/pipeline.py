@@ -85,13 +85,15 @@ def pick_device(requested: str | None, preset: Preset | None = None) -> torch.de
 def choose_preset(preset_name: str | None, torch_device: str | None, overrides: dict) -> tuple[Preset, str]:
     """The preset a run uses (`--preset` or the GPU's memory, then flags) and why; the GPU is the one
     `--torch-device cuda:N` names."""
+    from csmcli import ui
     from csmcli.gpu import detect_gpus
-    from csmcli.presets import resolve_preset
+    from csmcli.presets import presets_for, resolve_preset
 
     device = pick_device(torch_device) if torch_device is not None else None  # a bad value fails before any probe
+    presets = presets_for(preset_name, ui.warn)
     gpus = detect_gpus() if device is None or device.type == "cuda" else []
     index = device.index or 0 if device is not None else 0
-    return resolve_preset(preset_name, gpus[index] if index < len(gpus) else None, **overrides)
+    return resolve_preset(preset_name, gpus[index] if index < len(gpus) else None, presets=presets, **overrides)
 
 
 def random_codec(device: torch.device, config=None) -> MimiCodec:

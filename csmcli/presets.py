@@ -6,6 +6,7 @@
 import dataclasses
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,23 @@ def presets_dir() -> Path:
     raise CsmError(f"no presets directory found (looked in {here / 'presets'} and {here.parent / 'presets'})")
 
 
-def load_presets(directory: Path | str | None = None) -> dict[str, Preset]:
-    """Load and validate every `*.toml` in `directory` (default: the shipped presets), smallest tier first."""
+def load_presets(directory: Path | str | None = None,
+                 skip: Callable[[Path, CsmError], None] | None = None) -> dict[str, Preset]:
+    """Load and validate every `*.toml` in `directory` (default: the shipped presets), smallest tier first. A file
+    that does not load is an error; with `skip`, it is handed to `skip` (path, error) and left out instead, so that
+    one hand-edited file does not stop every command."""
     root = Path(directory) if directory is not None else presets_dir()
     files = sorted(root.glob("*.toml"))
     if not files:
         raise CsmError(f"no preset files (*.toml) in {root}")
-    presets = [load_preset_file(path) for path in files]
+    presets = []
+    for path in files:
+        try:
+            presets.append(load_preset_file(path))
+        except CsmError as e:
+            if skip is None:
+                raise
+            skip(path, e)
     presets.sort(key=lambda p: (p.min_vram_gb, p.name))
     return {p.name: p for p in presets}
 
@@ -210,10 +221,23 @@ def resolve_preset(
 
 def get_preset(name: str, presets: dict[str, Preset] | None = None) -> Preset:
     presets = load_presets() if presets is None else presets
-    try:
+    if name in presets:
         return presets[name]
-    except KeyError:
-        raise CsmError(f"unknown preset '{name}' (available: {', '.join(presets)})") from None
+    path = presets_dir() / f"{name}.toml"
+    if path.is_file():  # left out because it does not load: its own error, not "unknown"
+        load_preset_file(path)
+    raise CsmError(f"unknown preset '{name}' (available: {', '.join(presets)})")
+
+
+def presets_for(name: str | None, warn: Callable[[str], None]) -> dict[str, Preset]:
+    """The presets a command chooses from: a file that does not load is left out with a warning, unless it is the
+    one `--preset` names (then its error is the command's, from `get_preset`)."""
+
+    def skip(path: Path, error: CsmError) -> None:
+        if path.stem != name:
+            warn(f"{error} (left out)")
+
+    return load_presets(skip=skip)
 
 
 def _cpu_preset(presets: dict[str, Preset]) -> Preset:

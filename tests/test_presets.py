@@ -225,3 +225,29 @@ def test_resolve_preset_uses_float16_on_gpus_without_bf16(presets):
 def test_unknown_preset_name_lists_the_choices(presets):
     with pytest.raises(CsmError, match=r"unknown preset 'huge'.*80gb"):
         get_preset("huge", presets)
+
+
+def test_a_preset_file_that_does_not_load_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    """One broken file among the presets (hand-edited) no longer stops every command: it is left out with a
+    warning; only `--preset` naming it gets its error (without the warning), and a name without a file is still
+    "unknown"."""
+    import csmcli.presets as presets_module
+
+    directory = tmp_path / "p"
+    shutil.copytree(presets_dir(), directory)
+    (directory / "broken.toml").write_text("name = \n")
+    monkeypatch.setattr(presets_module, "presets_dir", lambda: directory)
+    warned = []
+    presets = presets_module.presets_for(None, warned.append)
+    assert list(presets) == TIERS
+    assert len(warned) == 1 and "broken.toml: invalid TOML" in warned[0] and warned[0].endswith("(left out)")
+    warned.clear()
+    presets = presets_module.presets_for("broken", warned.append)
+    assert not warned
+    with pytest.raises(CsmError, match=r"broken\.toml: invalid TOML"):
+        presets_module.resolve_preset("broken", None, presets=presets)
+    with pytest.raises(CsmError, match=r"unknown preset 'huge'"):
+        presets_module.resolve_preset("huge", None, presets=presets)
+    assert presets_module.resolve_preset("cpu", None, presets=presets)[0].name == "cpu"
+    with pytest.raises(CsmError, match=r"broken\.toml: invalid TOML"):
+        load_presets(directory)  # without `skip`, as before
