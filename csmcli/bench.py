@@ -540,7 +540,8 @@ def render_table(report: BenchReport):
 def run_cli(ctx: BenchContext, settings: BenchSettings,
             on_interrupt: Callable[[BenchReport], None] | None = None) -> BenchReport:
     """`run` with the table on stderr (live on a terminal). Ctrl-C or SIGTERM: the table of the rows measured so
-    far is printed and handed to `on_interrupt` (header `interrupted: true`) before the interrupt goes on."""
+    far is printed and handed to `on_interrupt` (header `interrupted: true`; perhaps no rows) before the interrupt
+    goes on."""
     from rich.live import Live
 
     from csmcli import ui
@@ -574,7 +575,7 @@ def run_cli(ctx: BenchContext, settings: BenchSettings,
         report.header["interrupted"] = True
         if live is None and not ui.is_quiet() and report.rows:
             ui.console.print(render_table(report))
-        if on_interrupt is not None and report.rows:
+        if on_interrupt is not None:
             on_interrupt(report)
         raise
     if live is None and not ui.is_quiet():

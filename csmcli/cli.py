@@ -466,7 +466,7 @@ def stream(
 def _int_list(value: str, flag: str, most: int) -> list[int]:
     """A comma list of whole numbers in 1..most; a repeated value is measured once (warned)."""
     try:
-        values = [int(v) for v in value.split(",") if v.strip()]
+        values = [int(v) for v in value.split(",")]  # an empty item ("1,,4", "") is a typo, not nothing
     except ValueError:
         raise CsmError(f"{flag} takes a comma list of whole numbers, like 1,4,16; got {value!r}") from None
     if not values or min(values) < 1 or max(values) > most:
@@ -538,8 +538,8 @@ def bench(
         raise CsmError("--write-preset needs --suggest")
     if prompt_rows + frames > 2048:  # CSM-1B's positions; bench would otherwise time clamped garbage
         raise CsmError(f"--prompt-rows {prompt_rows} + --frames {frames} exceed the model's 2048 positions")
-    batches = _int_list(batch, "--batch", MAX_BENCH_BATCH) if batch else [1]
-    chunks = _int_list(chunk_frames, "--chunk-frames", 2048) if chunk_frames else None
+    batches = _int_list(batch, "--batch", MAX_BENCH_BATCH) if batch is not None else [1]
+    chunks = _int_list(chunk_frames, "--chunk-frames", 2048) if chunk_frames is not None else None
     if ui.is_quiet() and not output and not suggest:  # the table is all there would be, and --quiet hides it
         raise CsmError("--quiet hides bench's table: give -o FILE (or --suggest) to keep the measurements")
     if output:  # refused now, not after the measurements
@@ -582,7 +582,9 @@ def bench(
                 "preset will not describe CSM-1B on a GPU")
 
     def keep_what_was_measured(partial: b.BenchReport) -> None:
-        if output:
+        if not partial.rows:  # nothing to keep: an earlier file of that name must not pass for these results
+            ui.info("interrupted before the first measurement" + (f": {output} not written" if output else ""))
+        elif output:
             b.write_report(partial, Path(output))
             ui.info(f"wrote {output}: what was measured before the interrupt ({len(partial.rows)} rows)")
 
@@ -608,6 +610,8 @@ def info(
     """
     from csmcli import info as report  # imports torch: keep it out of `csmcli --help`
 
+    if ui.is_quiet() and not json_output:  # the table is all there would be, and --quiet hides it (as bench's)
+        raise CsmError("--quiet hides info's table: give --json to have the report on stdout")
     data = report.gather(preset)
     if json_output:
         ui.print_json(data)

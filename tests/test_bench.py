@@ -303,6 +303,22 @@ def test_an_interrupted_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     assert re.search(r"^│\s+1 │", result.stderr, re.MULTILINE), result.stderr  # the table of that row
 
 
+def test_a_bench_interrupted_before_its_first_row_says_so_and_leaves_an_old_report_alone(tmp_path, monkeypatch):
+    """Nothing measured: no table, and an existing -o file of that name is left as it was, so the message says it
+    was not written (it must not pass for these results)."""
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "measure", ctrl_c)
+    path = tmp_path / "old.json"
+    path.write_text("old")
+    result = cli(*TINY_RUN, "-o", str(path))
+    assert result.exit_code == 130, (result.stderr, result.exception)
+    assert path.read_text() == "old"
+    assert result.stderr.splitlines()[-1] == f"interrupted before the first measurement: {path} not written"
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [("cpu", "error: preset 'cpu' ships with csmcli: choose another --write-preset NAME"),
@@ -330,6 +346,9 @@ def test_write_preset_refuses_bad_names_before_measuring(tmp_presets, name, mess
         (("--chunk-frames", "4096"), "error: --chunk-frames takes numbers from 1 to 2048, got '4096'"),
         (("-o", ""), "error: -o is empty: give a .json, .md or .csv path"),
         (("--chunk-frames", "a"), "error: --chunk-frames takes a comma list of whole numbers, like 1,4,16; got 'a'"),
+        # an unset shell variable or a doubled comma: was the default batch, or the list without the gap
+        (("--batch", ""), "error: --batch takes a comma list of whole numbers, like 1,4,16; got ''"),
+        (("--batch", "1,,2"), "error: --batch takes a comma list of whole numbers, like 1,4,16; got '1,,2'"),
         (("-o", "x.txt"), "error: x.txt: unknown report format (use .json, .md or .csv)"),
         # --tiny makes the device cpu only when none is given; an empty value is a mistake, not a default
         (("--torch-device", ""), "error: --torch-device '': not a device (use cpu, cuda or cuda:N)"),

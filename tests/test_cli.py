@@ -128,6 +128,7 @@ def test_subcommand_help_does_not_import_torch():
         (("say", "hi", "-o", "."), "error: cannot write .: it is a directory"),
         (("say", "hi", "-o", "/proc/out.wav"), "error: cannot write /proc/out.wav: No such file or directory"),
         (("bench", "--tiny", "-o", "/proc/report.json"), "error: cannot write /proc/report.json: No such file"),
+        (("-q", "info"), "error: --quiet hides info's table: give --json to have the report on stdout"),
         # empty values (an unset shell variable): --model "" used to fall back to sesame/csm-1b, --tokenizer "" was
         # ignored, -o "" named the current directory
         (("say", "hi", "--model", ""), "error: --model is empty: give a checkpoint directory or hub id"),
