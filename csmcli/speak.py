@@ -232,12 +232,15 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
                                                 refresh_per_second=8, transient=False))
                 # The last render leaves the totals to the summary line, also after Ctrl-C (else printed twice).
                 stack.callback(lambda: live.update(_chunk_table(rows, None, player is not None)))
-            lost_warned = False
+            lost_warned = clip_warned = False
             for chunk in pipeline.speak(job.text, job.speaker, params, context=context,
                                         max_seconds=job.max_seconds, warn=ui.warn):
                 with audio.interrupts_deferred():  # the file, the totals and the codes hold the chunk, or none do
                     _deliver(chunk, writer, player, totals, start)
                     codes.append(chunk.codes)
+                if not clip_warned and (clipped := _clipped(chunk.pcm)):
+                    clip_warned = True
+                    ui.warn(f"chunk {chunk.index}: {clipped}")
                 if player is not None and player.lost and not lost_warned:
                     lost_warned = True
                     ui.warn(PLAYBACK_LOST + (f"; still writing {job.output}" if job.output else ""))
@@ -274,6 +277,25 @@ def _deliver(chunk: AudioChunk, writer, player, totals: Totals, start: float) ->
     totals.generate_seconds += chunk.generate_seconds
     totals.decode_seconds += chunk.decode_seconds
     totals.wall_seconds = time.perf_counter() - start
+
+
+CLIP_WARN_FRACTION = 1e-3
+"""A chunk with more of its samples beyond full scale than this is reported (once a run): the writers clip them to
+±1, which is audible; a stray peak is not worth a line."""
+
+
+def _clipped(pcm: np.ndarray | None) -> str | None:
+    """What to say about `pcm`'s samples the writers will change (clip to ±1, or silence where not numbers)."""
+    if pcm is None or not len(pcm):
+        return None
+    bad = int(np.count_nonzero(~np.isfinite(pcm)))
+    if bad:
+        return f"{bad} samples are not numbers (NaN or infinite): written as silence"
+    over = int(np.count_nonzero(np.abs(pcm) > 1.0))
+    if over > CLIP_WARN_FRACTION * len(pcm):
+        return (f"{100 * over / len(pcm):.1f}% of the samples are beyond full scale: clipped to it "
+                "(warned once a run)")
+    return None
 
 
 def _row(chunk: AudioChunk, player) -> tuple[Any, ...]:

@@ -210,3 +210,34 @@ def test_an_interrupt_never_separates_a_chunk_s_audio_from_its_totals_and_codes(
     assert writer.samples == FRAME  # the interrupt came during the first chunk: only it was written
     assert said[-1].startswith("0.08 s of audio in "), said  # said "no audio generated: ... not written"
     assert np.load(codes).shape == (1, 32)
+
+
+class _LoudPipeline(_Pipeline):
+    """Chunks 1 and 2 go beyond full scale (2% and 50% of their samples), chunk 0 by a single sample."""
+
+    def speak(self, text, speaker, params, *, context, max_seconds, warn):
+        for i, loud in enumerate((1, FRAME // 50, FRAME // 2)):
+            pcm = np.full(FRAME, 0.5, np.float32)
+            pcm[:loud] = 1.5
+            yield AudioChunk(i, 0, torch.zeros(1, 32, dtype=torch.long), pcm, 24000, 0.01, 0.01,
+                             "eos" if i == 2 else None)
+
+
+def test_audible_clipping_is_warned_once_and_a_stray_peak_not_at_all(tmp_path, monkeypatch):
+    """The writers clip samples beyond full scale to it: a chunk where that is audible (more than 0.1% of its
+    samples) is named once a run; one sample over is not worth a line. The file holds the clipped samples."""
+    warned = []
+    monkeypatch.setattr(speak.ui, "warn", warned.append)
+    monkeypatch.setattr(speak.ui, "info", lambda msg: None)
+    out = tmp_path / "out.wav"
+    speak.run(_LoudPipeline(), speak.SpeakJob("Hello.", output=str(out)))
+    assert warned == ["chunk 1: 2.0% of the samples are beyond full scale: clipped to it (warned once a run)"]
+    samples = sf.read(out, dtype="int16")[0]
+    assert len(samples) == 3 * FRAME and samples.max() == 32767
+
+
+def test_samples_that_are_not_numbers_are_named():
+    pcm = np.zeros(FRAME, np.float32)
+    pcm[3] = np.nan
+    assert speak._clipped(pcm) == "1 samples are not numbers (NaN or infinite): written as silence"
+    assert speak._clipped(np.zeros(FRAME, np.float32)) is None
