@@ -6,8 +6,10 @@ outside. sounddevice is imported inside functions so this module imports on mach
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import stat as stat_mode
 import struct
 import sys
 import threading
@@ -208,7 +210,7 @@ def _write_failure(path: Path, error: Exception) -> str:
     try:
         stat = os.statvfs(path.parent)
         if stat.f_bavail * stat.f_frsize < 1 << 20:
-            return "no space left on device"
+            return os.strerror(errno.ENOSPC)  # the words the OS uses elsewhere: "No space left on device"
     except OSError:
         pass
     return getattr(error, "strerror", None) or str(error)
@@ -326,6 +328,8 @@ def check_output(path: str | Path, raw: bool = False, stdout: IO[Any] | None = N
     if _is_stream(p):
         if not raw and p.suffix.lower() in WRITE_FORMATS and p.suffix.lower() != ".wav":
             raise CsmError(f"{p} is not a regular file: only WAV (or --raw) can be streamed into it")
+        if _is_terminal(p):  # `-o /dev/tty`, `-o /dev/stdout` on a terminal: what `-o -` refuses there
+            raise CsmError(f"refusing to write binary audio to a terminal ({p}); redirect or use -o FILE")
         return
     if not raw and p.name.lower() in WRITE_FORMATS:  # `-o .wav`: Path(".wav").suffix is "", all name
         raise CsmError(f"{p}: give a file name before {p.name}, like out{p.name}")
@@ -339,6 +343,21 @@ def _binary(stdout: IO[Any] | None) -> IO[bytes]:
     if out is None:  # started with stdout closed (`>&-`)
         raise CsmError("stdout is closed: write to a file with -o FILE")
     return getattr(out, "buffer", out)  # text stdout -> its binary buffer
+
+
+def _is_terminal(p: Path) -> bool:
+    """A character device that is a terminal (opened without waiting or taking it as controlling terminal; FIFOs
+    are not opened: that would wait for a reader)."""
+    try:
+        if not stat_mode.S_ISCHR(p.stat().st_mode):
+            return False
+        fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.isatty(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_stream(p: Path) -> bool:

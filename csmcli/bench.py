@@ -449,9 +449,10 @@ def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, comp
         if settings.compare_transformers else None
     for batch in settings.batches:
         engine = Engine(model, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile, fused_kernels=fused_kernels)
-        engine.warmup()
-        chunks = ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs) if decoder is not None else None
+        chunks = None
         try:
+            engine.warmup()
+            chunks = ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs) if decoder is not None else None
             if chunks is not None:
                 chunks.warmup(n for c in settings.chunk_frames for n in chunk_sizes(settings.first_chunk_frames, c))
             for chunk in settings.chunk_frames:
@@ -463,9 +464,11 @@ def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, comp
                 if on_row is not None:
                     on_row(row)
         finally:
-            if chunks is not None:
-                chunks.close()
-            engine.close()
+            try:
+                if chunks is not None:
+                    chunks.close()
+            finally:
+                engine.close()
         del engine
         if model.codebook0_head.weight.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -26,7 +26,6 @@ class CsmGroup(TyperGroup):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Usage errors (an unknown option, a value out of range) as one line too, not Click's boxed panel."""
         standalone = kwargs.pop("standalone_mode", True)
-        self.standalone = standalone
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except typer.Abort:  # end of input at a prompt, or Ctrl-C while the arguments are still parsed
@@ -64,8 +63,8 @@ class CsmGroup(TyperGroup):
                 raise
             _report(e, f"{type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)", code=1)
         finally:
-            stopped = any(signal.getsignal(sig) == signal.SIG_IGN for sig in previous)
-            if not (stopped and getattr(self, "standalone", False)):  # the process exits now: keep ignoring them
+            stopped = any(signal.getsignal(sig) is _ignore_more for sig in previous)
+            if not (stopped and _exits_after_command):  # the process exits next: keep ignoring them until then
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
@@ -78,18 +77,32 @@ class Terminated(KeyboardInterrupt):
 def _raise_interrupt(signum: int, frame: Any) -> None:
     # The first Ctrl-C or SIGTERM stops the run; later ones are ignored, so that they cannot cut short the clean-up
     # that keeps the audio file valid (they would also surface as "Exception ignored" tracebacks from generators
-    # being closed). Ctrl-\ (SIGQUIT) still ends a clean-up that hangs.
+    # being closed). Ctrl-\ (SIGQUIT) still ends a clean-up that hangs. A handler that does nothing, not SIG_IGN:
+    # a second signal already noted while the first was handled would otherwise raise "Signal ... ignored due to
+    # race condition".
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        if signal.getsignal(sig) is _raise_interrupt:
+            signal.signal(sig, _ignore_more)
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _ignore_more(signum: int, frame: Any) -> None:
+    pass
+
+
+_exits_after_command = False
+"""Set by the console script (`main`), whose process ends with the command: after an interrupt the handlers stay
+ignoring until then. Run in-process (tests, typer's CliRunner, an embedding program), they are restored."""
 
 
 def _stop_like_ctrl_c() -> dict[int, Any]:
     """Route Ctrl-C to KeyboardInterrupt and SIGTERM to `Terminated` while a command runs, once (main thread only);
-    returns the handlers to restore."""
+    returns the handlers to restore. A signal ignored when we started (`csmcli ... &` in a script: the shell keeps
+    the terminal's Ctrl-C away from it) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(sig) != signal.SIG_IGN}
 
 
 def _report(exc: BaseException, line: str, code: int) -> None:
@@ -452,6 +465,7 @@ def stream(
     if list_devices:
         from csmcli import audio
 
+        ui.require_stdout("the device list")
         devices = audio.list_devices()
         if not devices:  # would print nothing and exit 0
             raise CsmError("audio playback unavailable: PortAudio finds no output device")
@@ -546,6 +560,8 @@ def bench(
         b.check_report_path(Path(output))
     if write_preset is not None:
         b.check_preset_name(write_preset)
+    if suggest:
+        ui.require_stdout("the suggested preset")
     ctx = b.prepare(
         model=model,
         random_weights=random_weights,
@@ -612,6 +628,8 @@ def info(
 
     if ui.is_quiet() and not json_output:  # the table is all there would be, and --quiet hides it (as bench's)
         raise CsmError("--quiet hides info's table: give --json to have the report on stdout")
+    if json_output:
+        ui.require_stdout("the JSON")  # before the probes
     data = report.gather(preset)
     if json_output:
         ui.print_json(data)
@@ -621,4 +639,6 @@ def info(
 
 def main() -> None:
     """Console-script entry point."""
+    global _exits_after_command
+    _exits_after_command = True
     app(prog_name="csmcli")

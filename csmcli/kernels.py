@@ -535,14 +535,21 @@ def release_l2(index: int) -> None:
     for key in [key for key in _l2_ratio if key[0] == index]:
         del _l2_ratio[key]
     _l2_max_window.pop(index, None)
+    before = _l2_limit_before.pop(index, 0)
     rt = cudart()
     if rt is None:
         return
-    with torch.cuda.device(index):
-        torch.cuda.synchronize()  # no kernel with a window still running
-        if (rt.cudaCtxResetPersistingL2Cache()
-                or rt.cudaDeviceSetLimit(_LIMIT_PERSISTING_L2, ctypes.c_size_t(_l2_limit_before.pop(index, 0)))):
-            _l2_failed(rt)
+    # The runtime's own calls, which return codes: torch's would raise again a CUDA error already on the device,
+    # in place of the one that ends the run (an engine is closed in `finally` blocks).
+    current = ctypes.c_int(-1)
+    if rt.cudaGetDevice(ctypes.byref(current)) or rt.cudaSetDevice(index):
+        _l2_failed(rt)
+        return
+    if (rt.cudaDeviceSynchronize()  # no kernel with a window still running
+            or rt.cudaCtxResetPersistingL2Cache()
+            or rt.cudaDeviceSetLimit(_LIMIT_PERSISTING_L2, ctypes.c_size_t(before))):
+        _l2_failed(rt)
+    rt.cudaSetDevice(current.value)
 
 
 @contextmanager

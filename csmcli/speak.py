@@ -67,6 +67,12 @@ class Totals:
                 f"{self.generate_seconds * 1000 / self.frames:.1f} ms/frame{first}){underruns}")
 
 
+def is_blank(text: str) -> bool:
+    """Nothing to say: whitespace, and characters that are not seen or heard (zero-width spaces, a byte-order mark,
+    control characters)."""
+    return not "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf")).strip()
+
+
 def read_text(text: str | None, text_file: str | None, stdin) -> str:
     if text is not None and text_file is not None:
         raise CsmError("give TEXT or -f FILE, not both")
@@ -79,9 +85,7 @@ def read_text(text: str | None, text_file: str | None, stdin) -> str:
         raise CsmError("no text: give TEXT, '-' to read stdin, or -f FILE")
     elif text == "-":
         text = stdin.read()
-    # Nothing to say would load the model, then write an empty file and exit 0; invisible characters (zero-width
-    # spaces, a byte-order mark, control characters) are nothing to say either.
-    if not "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf")).strip():
+    if is_blank(text):  # would load the model, then write an empty file and exit 0
         raise CsmError("text is empty: give the words to speak")
     try:  # bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer rejects with a TypeError
         text.encode("utf-8")
@@ -139,7 +143,7 @@ def load_context(path: str | None, ref_audio: str | None, ref_text: str | None, 
         turns += _context_file(Path(path))
     if (ref_audio is None) != (ref_text is None):
         raise CsmError("--ref-audio and --ref-text go together: the model needs the words spoken in the reference")
-    if ref_text is not None and not ref_text.strip():
+    if ref_text is not None and is_blank(ref_text):
         raise CsmError("--ref-text is empty: give the words spoken in --ref-audio")
     if ref_audio is not None:
         turns.append(Segment(speaker, ref_text, audio=_audio(ref_audio)))
@@ -174,7 +178,7 @@ def _context_file(path: Path) -> list[Segment]:
         spk = turn["speaker"]
         if not isinstance(spk, int) or isinstance(spk, bool) or spk < 0:  # 1.7 or true is a typo, not speaker 1
             raise CsmError(f"{path}: turn {i + 1}: speaker must be an integer >= 0, got {spk!r}")
-        if not turn["text"].strip():
+        if is_blank(turn["text"]):
             raise CsmError(f"{path}: turn {i + 1}: text is empty (the words spoken in that turn)")
         clip = turn.get("audio")
         if clip is not None and not (isinstance(clip, str) and clip.strip()):
@@ -232,15 +236,16 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
                                                 refresh_per_second=8, transient=False))
                 # The last render leaves the totals to the summary line, also after Ctrl-C (else printed twice).
                 stack.callback(lambda: live.update(_chunk_table(rows, None, player is not None)))
-            lost_warned = clip_warned = False
+            lost_warned, clip_warned = False, set()
             for chunk in pipeline.speak(job.text, job.speaker, params, context=context,
                                         max_seconds=job.max_seconds, warn=ui.warn):
                 with audio.interrupts_deferred():  # the file, the totals and the codes hold the chunk, or none do
                     _deliver(chunk, writer, player, totals, start)
                     codes.append(chunk.codes)
-                if not clip_warned and (clipped := _clipped(chunk.pcm)):
-                    clip_warned = True
-                    ui.warn(f"chunk {chunk.index}: {clipped}")
+                for kind, said in _clipped(chunk.pcm).items():  # each kind once a run
+                    if kind not in clip_warned:
+                        clip_warned.add(kind)
+                        ui.warn(f"chunk {chunk.index}: {said}")
                 if player is not None and player.lost and not lost_warned:
                     lost_warned = True
                     ui.warn(PLAYBACK_LOST + (f"; still writing {job.output}" if job.output else ""))
@@ -284,18 +289,20 @@ CLIP_WARN_FRACTION = 1e-3
 ±1, which is audible; a stray peak is not worth a line."""
 
 
-def _clipped(pcm: np.ndarray | None) -> str | None:
-    """What to say about `pcm`'s samples the writers will change (clip to ±1, or silence where not numbers)."""
+def _clipped(pcm: np.ndarray | None) -> dict[str, str]:
+    """What to say about `pcm`'s samples the writers will change, by kind: "nan" (silenced where not numbers),
+    "clip" (clipped to ±1)."""
     if pcm is None or not len(pcm):
-        return None
+        return {}
+    said = {}
     bad = int(np.count_nonzero(~np.isfinite(pcm)))
     if bad:
-        return f"{bad} samples are not numbers (NaN or infinite): written as silence"
-    over = int(np.count_nonzero(np.abs(pcm) > 1.0))
+        said["nan"] = f"{bad} samples are not numbers (NaN or infinite): written as silence (warned once a run)"
+    over = int(np.count_nonzero(np.abs(np.nan_to_num(pcm)) > 1.0))
     if over > CLIP_WARN_FRACTION * len(pcm):
-        return (f"{100 * over / len(pcm):.1f}% of the samples are beyond full scale: clipped to it "
-                "(warned once a run)")
-    return None
+        said["clip"] = (f"{100 * over / len(pcm):.1f}% of the samples are beyond full scale: clipped to it "
+                        "(warned once a run)")
+    return said
 
 
 def _row(chunk: AudioChunk, player) -> tuple[Any, ...]:

@@ -66,10 +66,16 @@ def error(msg: str) -> None:
     _line("error: " + " ".join(msg.split()), "bold red")
 
 
+def require_stdout(what: str) -> None:
+    """Refuse to run a command whose result goes to stdout when stdout is closed (`>&-`): Python then has no
+    sys.stdout, and typer.echo would drop the text without a word."""
+    if sys.stdout is None:
+        raise CsmError(f"stdout is closed: nowhere to write {what}")
+
+
 def print_json(obj: Any) -> None:
     """Write `obj` as JSON to stdout (not through Rich, so pipes get exact, uncoloured text)."""
-    if sys.stdout is None:  # started with stdout closed (`>&-`)
-        raise CsmError("stdout is closed: nowhere to write the JSON")
+    require_stdout("the JSON")
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
 

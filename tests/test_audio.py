@@ -323,6 +323,19 @@ def test_stdout_refuses_terminal():
         os.close(slave)
 
 
+def test_a_terminal_device_given_to_o_is_refused_like_stdout_on_one():
+    """`-o /dev/tty` (or `/dev/stdout` on a terminal) is a device, streamed like `-o -`: a terminal is refused as
+    `-o -` on one is; a device that is no terminal (/dev/null) is not."""
+    master, slave = pty.openpty()
+    try:
+        with pytest.raises(CsmError, match="refusing to write binary audio to a terminal"):
+            check_output(os.ttyname(slave))
+        check_output("/dev/null")
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_stdout_accepts_text_stream_with_buffer():
     buf = io.TextIOWrapper(io.BytesIO())
     with open_writer("-", RATE, raw=True, stdout=buf) as w:
@@ -393,7 +406,7 @@ def test_a_write_that_fails_on_a_full_disk_says_so_in_one_line(tmp_path, monkeyp
     monkeypatch.setattr(writer._f, "write", refuse)
     full = os.statvfs_result((4096, 4096, 100, 0, 0, 10, 0, 0, 0, 255))  # no free blocks
     monkeypatch.setattr(audio_module.os, "statvfs", lambda path: full)
-    with pytest.raises(CsmError, match=rf"^cannot write {path}: no space left on device$"):
+    with pytest.raises(CsmError, match=rf"^cannot write {path}: No space left on device$"):
         writer.write(np.zeros(1920, dtype=np.float32))
     writer.close()
     assert len(sf.read(path)[0]) == 1920

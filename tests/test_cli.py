@@ -125,6 +125,7 @@ def test_subcommand_help_does_not_import_torch():
         (("bogus",), "error: No such command 'bogus'. (see 'csmcli --help')"),
         (("say", "hi", "--seed", str(2**63)), "error: Invalid value for '--seed': 9223372036854775808 is not in the"),
         (("say", "hi", "--ref-audio", "me.wav", "--ref-text", " "), "error: --ref-text is empty: give the words"),
+        (("say", "hi", "--ref-audio", "me.wav", "--ref-text", "\u200b"), "error: --ref-text is empty: give the words"),
         (("say", "hi", "-o", "."), "error: cannot write .: it is a directory"),
         (("say", "hi", "-o", "/proc/out.wav"), "error: cannot write /proc/out.wav: No such file or directory"),
         (("bench", "--tiny", "-o", "/proc/report.json"), "error: cannot write /proc/report.json: No such file"),
@@ -400,3 +401,38 @@ def test_fp8_flag_quantizes_the_model_the_engine_gets(args, expected, hf_checkpo
 @pytest.mark.parametrize("args", [["--batch", "0"], ["--chunk-frames", "x"], ["--dtype", "float64"]])
 def test_bad_preset_flag_values_are_usage_errors(args):
     assert CliRunner().invoke(_options_app(), args).exit_code == 2
+
+
+def test_an_interrupted_command_run_in_process_gives_the_signal_handlers_back(monkeypatch):
+    """Run in-process (typer's CliRunner, an embedding program), a command stopped by Ctrl-C exits 130 and leaves
+    SIGINT and SIGTERM as they were: ignoring later signals is only for the console script, whose process ends."""
+    import signal
+
+    from csmcli import info
+
+    def interrupted(preset_name=None):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(info, "gather", interrupted)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, ["info", "--json"])
+    assert result.exit_code == 130, result.output
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_signal_ignored_from_the_start_stays_ignored():
+    """`csmcli ... &` in a script: the shell starts it with SIGINT ignored, so the terminal's Ctrl-C is not for it."""
+    import signal
+
+    from csmcli import cli
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        restore = cli._stop_like_ctrl_c()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.SIGINT not in restore
+        assert signal.getsignal(signal.SIGTERM) is cli._raise_interrupt
+    finally:
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, previous)

@@ -270,8 +270,9 @@ def test_codes_that_cannot_be_written_fail_the_run_but_keep_the_audio(runs):
 
 
 def test_audio_into_a_full_disk_is_one_error_line_after_the_summary(runs):
-    """A disk that fills up (/dev/full: every write fails with ENOSPC) ends the run with the totals and one error
-    line naming the file and the reason, exit 2; not libsndfile's "System error." and an exit 1."""
+    """Output that fills up (/dev/full, a device: streamed WAV, every write fails with ENOSPC) ends the run with the
+    totals and one error line naming the file and the reason, exit 2, not an OSError and exit 1. (A regular file on
+    a full disk, where libsndfile says only "System error.": tests/test_audio.py.)"""
     result = runs("audio to a full disk")
     assert result.code == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.lines[-1] == "error: cannot write full.wav: No space left on device", result.lines
@@ -292,7 +293,8 @@ def test_audio_into_dev_null_or_a_fifo_is_streamed_wav(runs, hf_checkpoint, tmp_
     assert len(sf.read(io.BytesIO(data), dtype="int16")[0]) == FRAMES * FRAME
 
 
-@pytest.mark.parametrize("args", [("say", TEXT, *SHORT, "-o", "-"), ("info", "--json")])
+@pytest.mark.parametrize("args", [("say", TEXT, *SHORT, "-o", "-"), ("info", "--json"), ("stream", "--list-devices"),
+                                  ("bench", "--tiny", "--suggest")])
 def test_a_closed_stdout_is_one_error_line(hf_checkpoint, tmp_path, args):
     """Started with stdout closed (`>&-`): one line and exit 2, not an AttributeError on None and exit 1."""
     cmd = shlex.join(command(*args, *(model_args(hf_checkpoint) if args[0] == "say" else ())))

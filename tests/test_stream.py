@@ -236,8 +236,12 @@ def test_audible_clipping_is_warned_once_and_a_stray_peak_not_at_all(tmp_path, m
     assert len(samples) == 3 * FRAME and samples.max() == 32767
 
 
-def test_samples_that_are_not_numbers_are_named():
+def test_samples_that_are_not_numbers_are_named_beside_clipping():
+    """NaN and clipping are two warnings, each once a run: one said does not silence the other."""
     pcm = np.zeros(FRAME, np.float32)
     pcm[3] = np.nan
-    assert speak._clipped(pcm) == "1 samples are not numbers (NaN or infinite): written as silence"
-    assert speak._clipped(np.zeros(FRAME, np.float32)) is None
+    pcm[4:100] = 2.0
+    assert speak._clipped(pcm) == {
+        "nan": "1 samples are not numbers (NaN or infinite): written as silence (warned once a run)",
+        "clip": "5.0% of the samples are beyond full scale: clipped to it (warned once a run)"}
+    assert speak._clipped(np.zeros(FRAME, np.float32)) == {}
