@@ -295,10 +295,10 @@ def _clipped(pcm: np.ndarray | None) -> dict[str, str]:
     if pcm is None or not len(pcm):
         return {}
     said = {}
-    bad = int(np.count_nonzero(~np.isfinite(pcm)))
+    bad = int(np.count_nonzero(np.isnan(pcm)))
     if bad:
-        said["nan"] = f"{bad} samples are not numbers (NaN or infinite): written as silence (warned once a run)"
-    over = int(np.count_nonzero(np.abs(np.nan_to_num(pcm)) > 1.0))
+        said["nan"] = f"{bad} samples are not numbers (NaN): written as silence (warned once a run)"
+    over = int(np.count_nonzero(np.abs(np.nan_to_num(pcm, nan=0.0)) > 1.0))  # infinities among them
     if over > CLIP_WARN_FRACTION * len(pcm):
         said["clip"] = (f"{100 * over / len(pcm):.1f}% of the samples are beyond full scale: clipped to it "
                         "(warned once a run)")

@@ -16,6 +16,7 @@ from clirun import FRAME, FRAMES, SHORT, TEXT, csmcli, model_args, seeded_say, s
 from test_audio_player import pulse_sink  # noqa: F401 - the fixture, used by name below
 
 from csmcli import speak
+from csmcli.audio import to_int16
 from csmcli.pipeline import AudioChunk
 
 TOTALS = re.compile(
@@ -240,8 +241,10 @@ def test_samples_that_are_not_numbers_are_named_beside_clipping():
     """NaN and clipping are two warnings, each once a run: one said does not silence the other."""
     pcm = np.zeros(FRAME, np.float32)
     pcm[3] = np.nan
-    pcm[4:100] = 2.0
+    pcm[4:99] = 2.0
+    pcm[99] = -np.inf  # clipped to full scale by the writers, like any sample beyond it
     assert speak._clipped(pcm) == {
-        "nan": "1 samples are not numbers (NaN or infinite): written as silence (warned once a run)",
+        "nan": "1 samples are not numbers (NaN): written as silence (warned once a run)",
         "clip": "5.0% of the samples are beyond full scale: clipped to it (warned once a run)"}
+    assert to_int16(pcm)[3] == 0 and to_int16(pcm)[99] == -32767
     assert speak._clipped(np.zeros(FRAME, np.float32)) == {}
