@@ -35,7 +35,7 @@ extern "C" __global__ void bulk_read(const unsigned char* __restrict__ src, unsi
 #endif
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&bars[s])));
+      mbar_init(smem_addr(&bars[s]), 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     for (int c = 0; c < chunks + STAGES; ++c) {
       const int s = c % STAGES;
@@ -43,11 +43,8 @@ extern "C" __global__ void bulk_read(const unsigned char* __restrict__ src, unsi
         mbar_wait(smem_addr(&bars[s]), ((c - STAGES) / STAGES) & 1);
       }
       if (c < chunks) {
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                     :: "r"(smem_addr(&bars[s])), "r"(CHUNK) : "memory");
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     :: "r"(smem_addr(smem + s * CHUNK)), "l"(base + (unsigned long long)c * CHUNK), "r"(CHUNK),
-                        "r"(smem_addr(&bars[s])) : "memory");
+        mbar_expect(smem_addr(&bars[s]), CHUNK);
+        bulk(smem_addr(smem + s * CHUNK), base + (unsigned long long)c * CHUNK, CHUNK, smem_addr(&bars[s]));
       }
     }
 #if PDL
@@ -105,7 +102,7 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
 #if HANDOFF  // warp 1 waits for each chunk and hands the slot back (a consumer's round trip, without its work)
   if (threadIdx.x == 32) {
     for (int s = 0; s < STAGES; ++s)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&empty_bars[s])));
+      mbar_init(smem_addr(&empty_bars[s]), 1);
   }
 #endif
   const unsigned char* xbase = xsrc + (unsigned long long)XBYTES * (cluster % XSLICES);
@@ -113,23 +110,19 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
   const int chunks = (int)(share / CHUNK);
   if (threadIdx.x == 0) {
     for (int s = 0; s <= STAGES; ++s)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&bars[s])));
+      mbar_init(smem_addr(&bars[s]), 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
   if (threadIdx.x == 0) {
     for (int c = 0; c < STAGES && c < chunks; ++c) {
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                   :: "r"(smem_addr(&bars[c])), "r"(CHUNK) : "memory");
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                   :: "r"(smem_addr(ring + c * CHUNK)), "l"(base + (unsigned long long)c * CHUNK), "r"(CHUNK),
-                      "r"(smem_addr(&bars[c])) : "memory");
+      mbar_expect(smem_addr(&bars[c]), CHUNK);
+      bulk(smem_addr(ring + c * CHUNK), base + (unsigned long long)c * CHUNK, CHUNK, smem_addr(&bars[c]));
     }
 #if PDL
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                 :: "r"(smem_addr(&bars[STAGES])), "r"((unsigned)XBYTES) : "memory");
+    mbar_expect(smem_addr(&bars[STAGES]), (unsigned)XBYTES);
     const unsigned part = (unsigned)(XBYTES / CL);
     for (unsigned off = rank * part; off < (rank + 1) * part; off += 16384) {
       const unsigned size = min(16384u, (rank + 1) * part - off);
@@ -139,9 +132,7 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
                    :: "r"(smem_addr(smem + off)), "l"(xbase + off), "r"(size), "r"(smem_addr(&bars[STAGES])),
                       "h"((unsigned short)((1 << CL) - 1)) : "memory");
 #else
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                   :: "r"(smem_addr(smem + off)), "l"(xbase + off), "r"(size), "r"(smem_addr(&bars[STAGES]))
-                   : "memory");
+      bulk(smem_addr(smem + off), xbase + off, size, smem_addr(&bars[STAGES]));
 #endif
     }
     for (int c = STAGES; c < chunks + STAGES; ++c) {
@@ -149,11 +140,8 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
       const unsigned parity = ((c - STAGES) / STAGES) & 1;
       mbar_wait(smem_addr(HANDOFF ? &empty_bars[s] : &bars[s]), parity);
       if (c < chunks) {
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                     :: "r"(smem_addr(&bars[s])), "r"(CHUNK) : "memory");
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     :: "r"(smem_addr(ring + s * CHUNK)), "l"(base + (unsigned long long)c * CHUNK), "r"(CHUNK),
-                        "r"(smem_addr(&bars[s])) : "memory");
+        mbar_expect(smem_addr(&bars[s]), CHUNK);
+        bulk(smem_addr(ring + s * CHUNK), base + (unsigned long long)c * CHUNK, CHUNK, smem_addr(&bars[s]));
       }
     }
     mbar_wait(smem_addr(&bars[STAGES]), 0);
@@ -166,7 +154,7 @@ bulkx_read(const unsigned char* __restrict__ src, unsigned long long bytes, unsi
     for (int c = 0; c < chunks; ++c) {
       const int s = c % STAGES;
       mbar_wait(smem_addr(&bars[s]), (unsigned)((c / STAGES) & 1));
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(&empty_bars[s])) : "memory");
+      mbar_arrive(smem_addr(&empty_bars[s]));
     }
   }
 #endif

@@ -82,18 +82,6 @@ struct __align__(64) TensorMap { u64 data[16]; };
 #define STAGE_TX STAGE_BYTES
 #endif
 
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count));
-}
-
-__device__ __forceinline__ void mbar_expect(unsigned bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-
 __device__ __forceinline__ void consumer_wait(unsigned bar, unsigned parity) {
 #if LANE_WAIT
   if ((threadIdx.x & 31) == 0) mbar_wait(bar, parity);
@@ -107,11 +95,6 @@ __device__ __forceinline__ void tma_2d(unsigned dst, const TensorMap* map, int c
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
                "[%0], [%1, {%2, %3}], [%4];"
                :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void bulk(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(dst), "l"((u64)src), "r"(bytes), "r"(bar) : "memory");
 }
 
 __device__ __forceinline__ u64 desc(unsigned addr) {  // K-major, 128-byte swizzle, 8-row groups 1024 bytes apart
