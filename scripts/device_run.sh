@@ -25,6 +25,7 @@ for step in "$@"; do
     tunegemv) python3 scripts/tune_kernels.py gemv 2>&1 | tee "$out/tunegemv.txt" ;;
     tunebatched) python3 scripts/tune_kernels.py batched 2>&1 | tee "$out/tunebatched.txt" ;;
     tunesample) python3 scripts/tune_kernels.py sample 2>&1 | tee "$out/tunesample.txt" ;;
+    tunewide) python3 scripts/tune_kernels.py wide 2>&1 | tee "$out/tunewide.txt" ;;
     tunefp8) python3 scripts/tune_kernels.py fp8 2>&1 | tee "$out/tunefp8.txt" ;;
     tunefp8batched) python3 scripts/tune_kernels.py fp8batched 2>&1 | tee "$out/tunefp8batched.txt" ;;
     tuneprefill) python3 scripts/tune_kernels.py prefill 2>&1 | tee "$out/tuneprefill.txt" ;;
@@ -42,6 +43,13 @@ for step in "$@"; do
                 -o "$out/sweepfp8.json" 2>&1 | tee "$out/sweepfp8.txt" ;;
     sweep) csm bench --random-weights --batch 1,4,16,64 --chunk-frames 8 --frames 60 --reps 3 \
              -o "$out/sweep.json" 2>&1 | tee "$out/sweep.txt" ;;
+    wide) csm bench --random-weights --batch 64,128,256 --chunk-frames 8 --frames 60 --reps 3 \
+            -o "$out/wide.json" 2>&1 | tee "$out/wide.txt" ;;
+    long256) csm bench --random-weights --batch 256 --frames 1000 --reps 2 --chunk-frames 8 \
+               -o "$out/long256.json" 2>&1 | tee "$out/long256.txt" ;;
+    widetests) python3 -m pytest -q -o addopts=-ra tests/test_engine_cuda.py tests/test_kernels.py \
+                 tests/test_kernel_layouts.py -k "alone_and_in_a_full or programmatic or 256-row or 64-row or folded_into \
+                 or wider or busy_slot" 2>&1 | tee "$out/widetests.txt" || true ;;
     compile) csm bench --random-weights --compile --batch 1 --chunk-frames 8 --frames 100 --reps 3 \
                -o "$out/compile.json" 2>&1 | tee "$out/compile.txt" ;;
     hfdebug) CUDA_LAUNCH_BLOCKING=1 CSMCLI_DEBUG=1 python3 -m csmcli bench --random-weights --compare transformers \

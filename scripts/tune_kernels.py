@@ -23,7 +23,19 @@ SHAPES = {  # name: (N, K, gated)
 }
 
 
-def candidates(m: int, k: int, gated: bool, stages: bool = False, fp8: bool = False):
+def candidates(m: int, k: int, gated: bool, stages: bool = False, fp8: bool = False, wide: bool = False):
+    if wide:  # 128 / 256 rows: tiles of 64-256 rows (weight @ x.T); K blocks of 128 on 3 stages or 64 on 4
+        splits = (1,) if gated else (1, 2, 4) if k <= 2048 else (2, 4, 8)
+        found = []
+        for bm, n, (bk, st), w, s in itertools.product((64, 128, 256), (32, 64, 128), ((128, 3), (64, 4), (128, 4)),
+                                                        (4, 8), splits):
+            weight_rows = 2 * n if gated else n
+            if (w == 4 and bm > 64) or (st == 4 and bk == 128 and not gated):
+                continue
+            if st * (bm + weight_rows) * bk * 2 > 200_000 or weight_rows * bm > 128 * 32 * w:  # smem, registers
+                continue
+            found.append((bm, n, bk, w, s, st))
+        return found
     if m >= 256:  # a prompt's prefill: large tiles
         return list(itertools.product((64, 128), (64, 128), (64, 128), (4, 8), (1,), (3, 4)))
     if m == 1:  # split K measured no faster at one row (2026-11-23); 2 warps and short blocks won for fp8 gate/up
@@ -72,6 +84,9 @@ def main(ms=(1, 16, 64)):
         ms = (1,)
     if mode.endswith("prefill"):
         ms = (256,)
+    wide = mode == "wide"
+    if wide:
+        ms = (128, 256)
     fp8 = mode.startswith("fp8")
     torch.manual_seed(0)
     best_table = {}
@@ -79,6 +94,8 @@ def main(ms=(1, 16, 64)):
         if fp8 and ("head" in name or "proj" in name):  # not quantized (`Csm.to_fp8`)
             continue
         if mode.endswith("prefill") and (not name.startswith("bb") or "head" in name):  # prefill: the layers
+            continue
+        if wide and name in ("dec proj", "bb head"):  # once a frame each: they keep the 64-row tiles
             continue
         rows = 2 * n if gated else n
         nbytes = rows * k * (1 if fp8 else 2)
@@ -90,12 +107,16 @@ def main(ms=(1, 16, 64)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             norm = torch.ones(k, device="cuda", dtype=torch.bfloat16)
             results = []
-            configs = candidates(m, k, gated, stages=mode == "batched", fp8=fp8)
+            configs = candidates(m, k, gated, stages=mode == "batched", fp8=fp8, wide=wide)
             current = kernels.linear_config(m, n, k, gated, fp8)
             for config in configs + [current] * (current not in configs):
                 try:
-                    us = graph_time([lambda w=w, c=config, x=x, norm=norm, gated=gated, scale=scale: kernels.linear(
-                        x, w, scale=scale, norm=norm, eps=1e-5, gated=gated, config=c) for w in stored])
+                    if wide:
+                        us = graph_time(wide_calls(name, x, stored, gated, config))
+                    else:
+                        us = graph_time([lambda w=w, c=config, x=x, norm=norm, gated=gated, scale=scale:
+                                         kernels.linear(x, w, scale=scale, norm=norm, eps=1e-5, gated=gated, config=c)
+                                         for w in stored])
                 except Exception as e:  # a config this Triton cannot build: skip it
                     print(f"  {name} m={m} {config}: {type(e).__name__}", file=sys.stderr)
                     continue
@@ -112,6 +133,21 @@ def main(ms=(1, 16, 64)):
     print("BEST =", best_table)
     if mode == "all":
         sample_timings()
+
+
+def wide_calls(name: str, x, weights, gated: bool, config):
+    """One product per weight copy as an engine of 64+ slots launches it (`generate.FrameStepper`): normed products
+    (QKV, gate/up, heads) on folded weights with the rows' squares handed on, the heads on a transposed copy, the
+    output and down projections with a residual and their output's squares."""
+    m = x.shape[0]
+    if name.endswith("head"):
+        weights = [w.T.contiguous().T for w in weights]  # [N, K] read through the strides of a [K, N] copy
+    if "qkv" in name or "w13" in name or "head" in name:
+        squares = torch.rand(m, 4, device="cuda") * x.shape[1]  # [M, parts]: the RMS from the squares handed on
+        return [lambda w=w: kernels.linear(x, w, norm_folded=True, eps=1e-5, squares=squares, gated=gated,
+                                           config=config) for w in weights]
+    residual = torch.randn(m, weights[0].shape[0], device="cuda", dtype=x.dtype)  # [M, N]
+    return [lambda w=w: kernels.linear_with_squares(x, w, residual=residual, config=config) for w in weights]
 
 
 def sample_timings(vocab=2051):

@@ -35,7 +35,9 @@ def run(model, requests, max_batch, cuda_graphs):
 
 
 def requests(n, frames=24, greedy=True):
-    return [Request(synthetic_prompt(17 + 13 * i, seed=i),
+    """Prompts of 17 + 13 i rows (wrapped to stay within 1004); all greedy, or with `greedy=False` the even ones
+    sampled."""
+    return [Request(synthetic_prompt(17 + 13 * i % 988, seed=i),
                     SamplingParams(0.0) if greedy or i % 2 else SamplingParams(0.9, 50, seed=i), frames)
             for i in range(n)]
 
@@ -67,11 +69,11 @@ def test_slot_joining_mid_run_leaves_others_unchanged(model):
     assert mixed[joiner.id].shape == (10, 32)
 
 
-@pytest.mark.parametrize("max_batch", [8, 64])
+@pytest.mark.parametrize("max_batch", [8, 64, 128, 256])
 def test_a_request_alone_and_in_a_full_batch_makes_the_same_codes(model, max_batch):
     """With one busy slot the engine replays its 1-row frame graph, with all slots busy its full one: block sizes
     follow the engine's batch, so the request's codes are the same either way (sampled, bf16, exact). 64 slots: the
-    64-row tiles computed as weight @ x.T."""
+    64-row tiles computed as weight @ x.T; 128 and 256: their own tables of 64- to 256-row tiles."""
     alone = Request(synthetic_prompt(40, seed=5), SamplingParams(0.9, 50, seed=11), 20)
     crowd = Request(alone.prompt, alone.params, 20)
     engine = Engine(model, max_batch=max_batch)
@@ -83,13 +85,14 @@ def test_a_request_alone_and_in_a_full_batch_makes_the_same_codes(model, max_bat
     assert torch.equal(torch.cat(by_id[alone.id]), torch.cat(by_id[crowd.id]))
 
 
-@pytest.mark.parametrize(("weights", "max_batch"), [("model", 1), ("model", 8), ("model", 64), ("fp8_model", 1),
-                                                   ("fp8_model", 8)])
+@pytest.mark.parametrize(("weights", "max_batch"), [("model", 1), ("model", 8), ("model", 64), ("model", 256),
+                                                   ("fp8_model", 1), ("fp8_model", 8)])
 def test_programmatic_dependent_launch_changes_no_code(weights, max_batch, request, monkeypatch):
     """On Hopper the fused kernels start before the previous kernel ends and wait for its results inside
     (`gdc_wait`); a missing wait would read stale activations or caches. Graphed engines of one slot (the next
     kernel launches at once; fp8: the GEMV also loads its per-row scales before the wait), 8 and 64 slots (the next
-    kernel launches when the main loop is done; at 64 the 64-row split-K tiles and their sums), three sampled
+    kernel launches when the main loop is done; at 64 the 64-row split-K tiles and their sums, at 256 the 256-row
+    table's tiles), three sampled
     requests: the codes with PDL equal those with every kernel launched after the previous one finished."""
     from csmcli import kernels
 

@@ -1,5 +1,5 @@
-"""A 64-slot engine's frame step compiled for Hopper (sm_90; on the CPU, no GPU needed): the number of busy slots
-must not change how any kernel adds numbers up.
+"""A 64-slot (and 128-, 256-slot) engine's frame step compiled for Hopper (sm_90; on the CPU, no GPU needed): the
+number of busy slots must not change how any kernel adds numbers up.
 
 An engine of 64 slots with one busy slot replays its 1-row frame graph with the 64-row block sizes, and that slot
 must draw the same codes as in a full batch (tests/test_engine_cuda.py checks it on a GPU). Block sizes follow the
@@ -105,10 +105,10 @@ def frame_launches(stepper: FrameStepper, rows: int | None) -> list[tuple[object
     return launches
 
 
-def check_layouts() -> None:
+def check_layouts(slots: int) -> None:
     with torch.device("meta"):
         model = Csm(CSM_1B).to(torch.bfloat16)
-    stepper = FrameStepper(model, 64, fused=True)
+    stepper = FrameStepper(model, slots, fused=True)
     compiled: dict = {}
 
     def compiled_layouts(fn, args, kwargs):
@@ -128,7 +128,7 @@ def check_layouts() -> None:
             assert any(kwargs.get("PARTS_IN") for _, _, kwargs in full) == share
             apart = 0
             for (fn, args_full, kwargs_full), (_, args_alone, kwargs_alone) in zip(full, alone, strict=True):
-                assert kwargs_full == kwargs_alone  # the same block sizes: they follow the engine's 64 slots
+                assert kwargs_full == kwargs_alone  # the same block sizes: they follow the engine's slots
                 if specialization(args_full) == specialization(args_alone):
                     continue  # compiled as one kernel
                 apart += 1
@@ -139,15 +139,17 @@ def check_layouts() -> None:
         kernels.SHARE_SQUARES = shared
 
 
-def test_one_busy_slot_adds_up_as_a_full_batch():
+@pytest.mark.parametrize("slots", [64, 128, 256])  # the 64-, 128- and 256-row tables
+def test_one_busy_slot_adds_up_as_a_full_batch(slots):
     if kernels.INTERPRET:  # the interpreter's kernels cannot be compiled: check in a process without it
         env = {**os.environ, "TRITON_INTERPRET": "0"}
-        done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+        done = subprocess.run([sys.executable, __file__, str(slots)], env=env, capture_output=True, text=True,
+                              timeout=900)
         assert done.returncode == 0 and done.stdout.strip().endswith("same layouts"), done.stdout + done.stderr
         return
-    check_layouts()
+    check_layouts(slots)
 
 
 if __name__ == "__main__":
-    check_layouts()
+    check_layouts(int(sys.argv[1]))
     print("same layouts")

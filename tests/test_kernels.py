@@ -39,7 +39,7 @@ def reference_linear(x, weight, norm=None, eps=1e-5, residual=None, gated=False)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("fusion", ["plain", "norm", "residual", "gated", "transposed"])
-@pytest.mark.parametrize("blocks", ["shape's own", "small", "small, split K", "64-row tiles"])
+@pytest.mark.parametrize("blocks", ["shape's own", "small", "small, split K", "64-row tiles", "256-row tiles"])
 def test_linear_matches_torch(dtype, m, fusion, blocks):
     g = torch.Generator().manual_seed(m)
     n, k = 48, 80  # not multiples of the small blocks: masked edges, several K steps
@@ -47,8 +47,8 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
     weight = (torch.randn(2 * n if fusion == "gated" else n, k, generator=g) / k**0.5).to(DEVICE, dtype)
     split = 3 if blocks in ("small, split K", "64-row tiles") and fusion != "gated" else 1  # K = 80: 32, 32, 16
     config = None if blocks == "shape's own" else ((1 if m == 1 else 16), 16, 32, 4, split, 3)
-    if blocks == "64-row tiles" and m > 1:  # computed as weight @ x.T
-        config = (64, 16, 32, 4, split, 3)
+    if blocks.endswith("-row tiles") and m > 1:  # computed as weight @ x.T
+        config = (int(blocks[:3].strip("-")), 16, 32, 4, split, 3)
     norm = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
     residual = torch.randn(m, n, generator=g).to(DEVICE, dtype)
     if fusion == "plain":
@@ -73,11 +73,12 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("gated", "config"), [(gated, config) for gated in (False, True) for config in
-                                               [(16, 16, 32, 4, 1, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 1, 3)]
+                                               [(16, 16, 32, 4, 1, 3), (16, 16, 32, 4, 3, 3), (64, 16, 32, 4, 1, 3),
+                                                (128, 16, 32, 4, 1, 3), (256, 16, 32, 4, 3, 3)]
                                                if not (gated and config[4] > 1)])  # gated products are never split
 def test_linear_with_the_norm_folded_into_the_weight_matches_torch(dtype, gated, config):
     """`norm_folded`: the norm's weight in the weight's columns, each row scaled by its 1 / RMS after the product,
-    gives torch's RMSNorm then matmul: 16- and 64-row tiles, split K, 70 rows (the last row block masked), K = 80
+    gives torch's RMSNorm then matmul: 16- to 256-row tiles, split K, 70 rows (the last row block masked), K = 80
     (a masked last K block), gated and plain."""
     g = torch.Generator().manual_seed(7)
     m, n, k = 70, 48, 80
@@ -263,6 +264,26 @@ def test_fp8_never_picks_cublas(shape, monkeypatch):
     assert kernels.linear_config(bucket, n, k, gated) == kernels.CUBLAS
     for m in (17, 64, 128):
         assert kernels.linear_config(m, n, k, gated, fp8=True) != kernels.CUBLAS, (m, n, k, gated)
+
+
+def test_engines_of_more_than_64_slots_use_the_wider_tables():
+    """65-128 slots read the 128-row table, more the 256-row one, for every layer product and head of the frame
+    step; shapes not measured wider (the projection, the backbone's head) and fp8 weights keep the 64-row tiles."""
+    measured = {(1536, 1024, False), (1024, 1024, False), (8192, 1024, True), (1024, 8192, False),
+                (2051, 1024, False), (3072, 2048, False), (2048, 2048, False), (8192, 2048, True),
+                (2048, 8192, False)}
+    for rows, bucket in ((65, 128), (128, 128), (129, 256), (256, 256), (300, 256)):
+        assert kernels.rows_bucket(rows) == bucket
+        for (table_rows, n, k, gated), config in kernels._LINEAR_CONFIGS.items():
+            if table_rows != 64:
+                continue
+            got = kernels.linear_config(rows, n, k, gated)
+            if (n, k, gated) in measured:
+                assert got == kernels._LINEAR_CONFIGS[(bucket, n, k, gated)] and got[0] >= 64, (rows, n, k)
+            else:
+                assert got == config, (rows, n, k)
+            fp8 = kernels.linear_config(rows, n, k, gated, fp8=True)
+            assert fp8 == kernels.linear_config(64, n, k, gated, fp8=True), (rows, n, k)
 
 
 @pytest.mark.parametrize("residual", [False, True])
