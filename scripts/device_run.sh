@@ -81,6 +81,7 @@ for step in "$@"; do
     ingraph16) python3 scripts/tune_in_graph.py 16 dec 2>&1 | tee "$out/ingraph16.txt" ;;
     ingraph64) python3 scripts/tune_in_graph.py 64 dec 2>&1 | tee "$out/ingraph64.txt" ;;
     ingraph64all) python3 scripts/tune_in_graph.py 64 2>&1 | tee "$out/ingraph64all.txt" ;;
+    ingraph128|ingraph256) python3 scripts/tune_in_graph.py "${step#ingraph}" dec 2>&1 | tee "$out/$step.txt" ;;
     ingraph64fp8) python3 scripts/tune_in_graph.py 64 fp8 dec 2>&1 | tee "$out/ingraph64fp8.txt" ;;
     knobs) python3 scripts/tune_in_graph.py 1 knobs 2>&1 | tee "$out/knobs.txt" ;;
     knobs16) python3 scripts/tune_in_graph.py 16 knobs 2>&1 | tee "$out/knobs16.txt" ;;

@@ -8,7 +8,7 @@ and timed against the current table in back-to-back pairs, several rounds. Then 
 against the current table. Also the kernels' launch constants in KNOBS (attention and sampling warps, radix
 digit bits), one at a time. Prints ms/frame; changes nothing.
 
-Usage: tune_in_graph.py [1|16|64] [fp8] [dec|knobs|bigk] [knob=NAME]
+Usage: tune_in_graph.py [1|16|64|128|256] [fp8] [dec|knobs|bigk] [knob=NAME]
   rows bucket (default 1); fp8: the fp8 weights' table; dec: the depth decoder's shapes only; knobs: only KNOBS;
   knob=NAME: of the knobs only NAME; bigk: the batched K = 1024 products without a gate (QKV, o, heads) on K blocks
   of 512 and 1024 (1-3 stages) instead of the neighbours"""
