@@ -396,8 +396,8 @@ def rows_bucket(m: int) -> int:
 
 def linear_config(m: int, n: int, k: int, gated: bool, fp8: bool = False) -> LinearConfig:
     """Block sizes for an `[m, k] x [k, n]` product (n output columns; gated: the weight has 2n rows; fp8: 1-byte
-    weights), from H100 measurements (scripts/tune_kernels.py). They fix the summation order, so they depend only
-    on the shape."""
+    weights), from H100 and H200 measurements (scripts/tune_kernels.py, scripts/tune_in_graph.py). They fix the
+    summation order, so they depend only on the shape and the engine's rows bucket, not on how many rows run."""
     bucket = rows_bucket(m)
     if bucket > 64 and (fp8 or (bucket, n, k, gated) not in _LINEAR_CONFIGS):  # not measured wider: 64-row tiles
         bucket = 64

@@ -102,6 +102,8 @@ def main(ms=(1, 16, 64)):
         copies = max(4, min(64, (512 << 20) // nbytes))
         weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         stored = [w.to(torch.float8_e4m3fn) for w in weights] if fp8 else weights
+        if wide and name.endswith("head"):  # the engine's heads: [N, K] read through the strides of a [K, N] copy
+            stored = [w.T.contiguous().T for w in stored]
         scale = torch.ones(rows, device="cuda") if fp8 else None
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -137,11 +139,9 @@ def main(ms=(1, 16, 64)):
 
 def wide_calls(name: str, x, weights, gated: bool, config):
     """One product per weight copy as an engine of 64+ slots launches it (`generate.FrameStepper`): normed products
-    (QKV, gate/up, heads) on folded weights with the rows' squares handed on, the heads on a transposed copy, the
-    output and down projections with a residual and their output's squares."""
+    (QKV, gate/up, heads: their weights given as transposed copies) on folded weights with the rows' squares handed
+    on, the output and down projections with a residual and their output's squares."""
     m = x.shape[0]
-    if name.endswith("head"):
-        weights = [w.T.contiguous().T for w in weights]  # [N, K] read through the strides of a [K, N] copy
     if "qkv" in name or "w13" in name or "head" in name:
         squares = torch.rand(m, 4, device="cuda") * x.shape[1]  # [M, parts]: the RMS from the squares handed on
         return [lambda w=w: kernels.linear(x, w, norm_folded=True, eps=1e-5, squares=squares, gated=gated,
