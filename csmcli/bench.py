@@ -40,6 +40,7 @@ from csmcli.engine import (
 )
 from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS
+from csmcli.gpu import out_of_memory_summary
 from csmcli.model import Csm, CsmConfig, TransformerConfig
 from csmcli.prompt import synthetic_prompt
 from csmcli.sampling import SamplingParams
@@ -541,10 +542,11 @@ def render_table(report: BenchReport):
 
 
 def run_cli(ctx: BenchContext, settings: BenchSettings,
-            on_interrupt: Callable[[BenchReport], None] | None = None) -> BenchReport:
-    """`run` with the table on stderr (live on a terminal). Ctrl-C or SIGTERM: the table of the rows measured so
-    far is printed and handed to `on_interrupt` (header `interrupted: true`; perhaps no rows) before the interrupt
-    goes on."""
+            on_stop: Callable[[BenchReport, bool], None] | None = None) -> BenchReport:
+    """`run` with the table on stderr (live on a terminal). Ctrl-C or SIGTERM, or the GPU's memory running out (a
+    batch size too large for it): the table of the rows measured so far is printed and handed to `on_stop` (with
+    True for an interrupt; header `interrupted: true` or `out_of_memory_at_batch`; perhaps no rows) before the
+    interrupt goes on, or a one-line error for the memory."""
     from rich.live import Live
 
     from csmcli import ui
@@ -574,13 +576,20 @@ def run_cli(ctx: BenchContext, settings: BenchSettings,
         with live if live is not None else contextlib.nullcontext():
             full = run(ctx.model, ctx.decoder, settings, cuda_graphs=cuda_graphs, compile=ctx.preset.compile,
                        fused_kernels=fused_kernels, head=head, on_row=on_row)
-    except KeyboardInterrupt:
-        report.header["interrupted"] = True
+    except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        batch = settings.batches[min(len(report.rows) // len(settings.chunk_frames), len(settings.batches) - 1)]
+        if interrupted:
+            report.header["interrupted"] = True
+        else:
+            report.header["out_of_memory_at_batch"] = batch
         if live is None and not ui.is_quiet() and report.rows:
             ui.console.print(render_table(report))
-        if on_interrupt is not None:
-            on_interrupt(report)
-        raise
+        if on_stop is not None:
+            on_stop(report, interrupted)
+        if interrupted:
+            raise
+        raise CsmError(f"out of GPU memory at --batch {batch}: {out_of_memory_summary(e)}") from None
     if live is None and not ui.is_quiet():
         ui.console.print(render_table(full))
     return full

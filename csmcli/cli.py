@@ -20,8 +20,8 @@ from csmcli.errors import DEBUG_ENV, CsmError
 
 
 class CsmGroup(TyperGroup):
-    """Turns exceptions from any command into one line and an exit code (0 ok, 1 bug, 2 user error, 130 Ctrl-C,
-    143 SIGTERM)."""
+    """Turns exceptions from any command into one line and an exit code (0 ok, 1 bug, 2 user error or out of GPU
+    memory, 130 Ctrl-C, 143 SIGTERM)."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Usage errors (an unknown option, a value out of range) as one line too, not Click's boxed panel."""
@@ -61,7 +61,13 @@ class CsmGroup(TyperGroup):
         except Exception as e:
             if hasattr(e, "exit_code"):  # typer.Exit / Abort / usage errors: Typer reports those itself
                 raise
-            _report(e, f"{type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)", code=1)
+            if type(e).__name__ == "OutOfMemoryError":  # torch's (not imported here): the GPU, not a bug
+                from csmcli.gpu import out_of_memory_summary
+
+                _report(e, f"out of GPU memory: {out_of_memory_summary(e)} (`csmcli info` shows what other programs "
+                           "leave free)", code=2)
+            else:
+                _report(e, f"{type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)", code=1)
         finally:
             stopped = any(signal.getsignal(sig) is _ignore_more for sig in previous)
             if not (stopped and _exits_after_command):  # the process exits next: keep ignoring them until then
@@ -492,8 +498,9 @@ def _int_list(value: str, flag: str, most: int) -> list[int]:
 
 
 MAX_BENCH_BATCH = 1024
-"""The most streams `bench --batch` takes: far beyond any GPU's memory for CSM-1B's caches (64 streams of 2048
-positions take ~17 GB), so a typo is refused instead of failing inside torch."""
+"""The most streams `bench --batch` takes: their caches of 2048 positions alone take ~70 GB in bf16 (256 streams
+took 24 GB in all on an H200), so a digit too many is refused at once; a size that the GPU cannot hold stops the run
+with one line."""
 
 
 @app.command()
@@ -597,14 +604,16 @@ def bench(
         ui.warn(f"--write-preset {write_preset}: measured {'on the tiny model' if tiny else 'without a GPU'}, the "
                 "preset will not describe CSM-1B on a GPU")
 
-    def keep_what_was_measured(partial: b.BenchReport) -> None:
+    def keep_what_was_measured(partial: b.BenchReport, interrupted: bool) -> None:
         if not partial.rows:  # nothing to keep: an earlier file of that name must not pass for these results
-            ui.info("interrupted before the first measurement" + (f": {output} not written" if output else ""))
+            stopped = "interrupted" if interrupted else "out of GPU memory"
+            ui.info(f"{stopped} before the first measurement" + (f": {output} not written" if output else ""))
         elif output:
             b.write_report(partial, Path(output))
-            ui.info(f"wrote {output}: what was measured before the interrupt ({len(partial.rows)} rows)")
+            cause = "the interrupt" if interrupted else "the GPU's memory ran out"
+            ui.info(f"wrote {output}: what was measured before {cause} ({len(partial.rows)} rows)")
 
-    report = b.run_cli(ctx, settings, on_interrupt=keep_what_was_measured)
+    report = b.run_cli(ctx, settings, on_stop=keep_what_was_measured)
     if output:
         b.write_report(report, Path(output))
         ui.info(f"wrote {output}")

@@ -56,6 +56,12 @@ def probe_gpus() -> GpuProbe:
     return GpuProbe([], "none", [nvml_note, torch_note])
 
 
+def out_of_memory_summary(error: BaseException) -> str:
+    """torch's CUDA out-of-memory message cut to what was asked for and what was free: its advice on the
+    allocator's settings and the link that follow are about PyTorch, not csmcli."""
+    return ". ".join(str(error).split(". ")[:3]).rstrip(".")
+
+
 def bf16_native(compute_capability: tuple[int, int] | None) -> bool:
     # Ampere (8.0) and newer have bfloat16 tensor cores; older cards emulate it slowly.
     return compute_capability is not None and compute_capability >= (8, 0)

@@ -303,6 +303,37 @@ def test_an_interrupted_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     assert re.search(r"^│\s+1 │", result.stderr, re.MULTILINE), result.stderr  # the table of that row
 
 
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                 "1.20 GiB is free. Including non-PyTorch memory, this process has 77.98 GiB memory in use. If "
+                 "reserved but unallocated memory is large try setting "
+                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+
+def test_a_batch_too_large_for_the_gpu_is_one_line_and_keeps_the_rows_before_it(tmp_path, monkeypatch):
+    """`--batch 64,128,256,1024` on a GPU that holds 256 streams: the engine of 1024 slots runs out of memory. The
+    rows already measured are kept (table, -o marked with the batch that did not fit), and the error is one line
+    naming the batch and what torch asked for, exit 2."""
+    real = bench.Engine
+
+    def engine(model, max_batch, **kwargs):
+        if max_batch == 2:
+            raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+        return real(model, max_batch=max_batch, **kwargs)
+
+    monkeypatch.setattr(bench, "Engine", engine)
+    path = tmp_path / "partial.json"
+    result = cli(*TINY_RUN, "--batch", "1,2", "-o", str(path))
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    data = json.loads(path.read_text())
+    assert data["header"]["out_of_memory_at_batch"] == 2 and [row["batch"] for row in data["rows"]] == [1]
+    assert "interrupted" not in data["header"]
+    assert f"wrote {path}: what was measured before the GPU's memory ran out (1 rows)" in result.stderr
+    assert re.search(r"^│\s+1 │", result.stderr, re.MULTILINE), result.stderr  # the table of that row
+    assert result.stderr.splitlines()[-1] == ("error: out of GPU memory at --batch 2: CUDA out of memory. Tried to "
+                                              "allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                                              "1.20 GiB is free")
+
+
 def test_a_bench_interrupted_before_its_first_row_says_so_and_leaves_an_old_report_alone(tmp_path, monkeypatch):
     """Nothing measured: no table, and an existing -o file of that name is left as it was, so the message says it
     was not written (it must not pass for these results)."""
