@@ -442,38 +442,63 @@ def suggest_preset(report: BenchReport, name: str) -> str:
 
 
 def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, compile: bool, fused_kernels: bool,
-        head: dict[str, Any], on_row=None) -> BenchReport:
-    """Every (batch, chunk) combination, one engine per batch size (its graph is captured for that batch)."""
+        head: dict[str, Any], on_row=None, on_out_of_memory=None) -> BenchReport:
+    """Every (batch, chunk) combination, one engine per batch size (its graph is captured for that batch).
+
+    A batch size the GPU's memory cannot hold is left out, and so is every larger one; the header lists them
+    (`out_of_memory_batches`) and `on_out_of_memory(batch, summary)` hears of each (summary: torch's message cut
+    short for the size that failed, None for the larger ones not tried)."""
     report = BenchReport(head)
     bytes_per_frame = weight_bytes_per_frame(model, fused_kernels)
     hf_ms = transformers_ms_per_frame(model, min(settings.frames, 50), settings.prompt_rows) \
         if settings.compare_transformers else None
+    too_large: int | None = None  # the smallest batch size that did not fit
     for batch in settings.batches:
-        engine = Engine(model, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile, fused_kernels=fused_kernels)
-        chunks = None
-        try:
-            engine.warmup()
-            chunks = ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs) if decoder is not None else None
-            if chunks is not None:
-                chunks.warmup(n for c in settings.chunk_frames for n in chunk_sizes(settings.first_chunk_frames, c))
-            for chunk in settings.chunk_frames:
-                row = measure(engine, chunks, settings, batch, chunk, head.get("gpu"), bytes_per_frame)
-                if hf_ms is not None:
-                    row.transformers_ms_per_frame = hf_ms
-                    row.speedup_vs_transformers = hf_ms / row.ms_per_frame_p50 * batch
-                report.rows.append(row)
-                if on_row is not None:
-                    on_row(row)
-        finally:
+        summary = None
+        if too_large is None or batch < too_large:
             try:
-                if chunks is not None:
-                    chunks.close()
-            finally:
-                engine.close()
-        del engine
+                _measure_batch(model, decoder, settings, batch, cuda_graphs, compile, fused_kernels, report,
+                               hf_ms, bytes_per_frame, on_row)
+                continue
+            except torch.OutOfMemoryError as e:
+                summary = out_of_memory_summary(e)
+                too_large = batch if too_large is None else min(batch, too_large)
+            if model.codebook0_head.weight.device.type == "cuda":  # the failed engine's memory, for the next size
+                torch.cuda.empty_cache()
+        report.header.setdefault("out_of_memory_batches", []).append(batch)
+        if on_out_of_memory is not None:
+            on_out_of_memory(batch, summary)
+    return report
+
+
+def _measure_batch(model: Csm, decoder, settings: BenchSettings, batch: int, cuda_graphs: bool, compile: bool,
+                   fused_kernels: bool, report: BenchReport, hf_ms: float | None, bytes_per_frame: float,
+                   on_row) -> None:
+    """`batch` streams at each chunk size, on an engine of their own (closed after, also on failure)."""
+    engine = Engine(model, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile, fused_kernels=fused_kernels)
+    chunks = None
+    try:
+        engine.warmup()
+        chunks = ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs) if decoder is not None else None
+        if chunks is not None:
+            chunks.warmup(n for c in settings.chunk_frames for n in chunk_sizes(settings.first_chunk_frames, c))
+        for chunk in settings.chunk_frames:
+            row = measure(engine, chunks, settings, batch, chunk, report.header.get("gpu"), bytes_per_frame)
+            if hf_ms is not None:
+                row.transformers_ms_per_frame = hf_ms
+                row.speedup_vs_transformers = hf_ms / row.ms_per_frame_p50 * batch
+            report.rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    finally:
+        try:
+            if chunks is not None:
+                chunks.close()
+        finally:
+            engine.close()
+        del engine, chunks
         if model.codebook0_head.weight.device.type == "cuda":
             torch.cuda.empty_cache()
-    return report
 
 
 # ---------------------------------------------------------------- CLI glue
@@ -542,11 +567,11 @@ def render_table(report: BenchReport):
 
 
 def run_cli(ctx: BenchContext, settings: BenchSettings,
-            on_stop: Callable[[BenchReport, bool], None] | None = None) -> BenchReport:
-    """`run` with the table on stderr (live on a terminal). Ctrl-C or SIGTERM, or the GPU's memory running out (a
-    batch size too large for it): the table of the rows measured so far is printed and handed to `on_stop` (with
-    True for an interrupt; header `interrupted: true` or `out_of_memory_at_batch`; perhaps no rows) before the
-    interrupt goes on, or a one-line error for the memory."""
+            on_interrupt: Callable[[BenchReport], None] | None = None) -> BenchReport:
+    """`run` with the table on stderr (live on a terminal), a warning for each batch size left out for lack of GPU
+    memory, and a one-line error if none fitted. Ctrl-C or SIGTERM: the table of the rows measured so far is
+    printed and handed to `on_interrupt` (header `interrupted: true`; perhaps no rows) before the interrupt goes
+    on."""
     from rich.live import Live
 
     from csmcli import ui
@@ -572,24 +597,28 @@ def run_cli(ctx: BenchContext, settings: BenchSettings,
         if live is not None:
             live.update(render_table(report))
 
+    failures: list[str] = []
+
+    def on_out_of_memory(batch: int, summary: str | None) -> None:
+        if summary is not None:
+            failures.append(f"out of GPU memory at --batch {batch}: {summary}")
+            ui.warn(f"{failures[-1]}; left out, with any larger --batch")
+        else:
+            ui.warn(f"--batch {batch} left out: a smaller size did not fit in the GPU's memory")
+
     try:
         with live if live is not None else contextlib.nullcontext():
             full = run(ctx.model, ctx.decoder, settings, cuda_graphs=cuda_graphs, compile=ctx.preset.compile,
-                       fused_kernels=fused_kernels, head=head, on_row=on_row)
-    except (KeyboardInterrupt, torch.OutOfMemoryError) as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        batch = settings.batches[min(len(report.rows) // len(settings.chunk_frames), len(settings.batches) - 1)]
-        if interrupted:
-            report.header["interrupted"] = True
-        else:
-            report.header["out_of_memory_at_batch"] = batch
+                       fused_kernels=fused_kernels, head=head, on_row=on_row, on_out_of_memory=on_out_of_memory)
+    except KeyboardInterrupt:
+        report.header["interrupted"] = True
         if live is None and not ui.is_quiet() and report.rows:
             ui.console.print(render_table(report))
-        if on_stop is not None:
-            on_stop(report, interrupted)
-        if interrupted:
-            raise
-        raise CsmError(f"out of GPU memory at --batch {batch}: {out_of_memory_summary(e)}") from None
+        if on_interrupt is not None:
+            on_interrupt(report)
+        raise
+    if not full.rows and failures:
+        raise CsmError(failures[0])
     if live is None and not ui.is_quiet():
         ui.console.print(render_table(full))
     return full

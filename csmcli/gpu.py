@@ -56,10 +56,16 @@ def probe_gpus() -> GpuProbe:
     return GpuProbe([], "none", [nvml_note, torch_note])
 
 
+_OUT_OF_MEMORY_ADVICE = ("Including non-PyTorch memory", "Of the allocated memory", "If reserved", "See documentation")
+
+
 def out_of_memory_summary(error: BaseException) -> str:
-    """torch's CUDA out-of-memory message cut to what was asked for and what was free: its advice on the
-    allocator's settings and the link that follow are about PyTorch, not csmcli."""
-    return ". ".join(str(error).split(". ")[:3]).rstrip(".")
+    """torch's CUDA out-of-memory message on one line, up to its own process's accounting and its advice on
+    PyTorch's allocator: what was asked for, what was free, and which other processes hold memory."""
+    text = " ".join(str(error).split())  # one line: some allocator backends' messages have several
+    for marker in _OUT_OF_MEMORY_ADVICE:
+        text = text.split(marker)[0]
+    return text.strip().rstrip(".")
 
 
 def bf16_native(compute_capability: tuple[int, int] | None) -> bool:

@@ -5,7 +5,9 @@ and cuBLAS (torch.nn.functional.linear), in microseconds and weight GB/s.
 
 Modes (first argument): all (default), gemv (one row), batched (64 rows), fp8 (one row, fp8 weights), fp8batched
 (64 rows, fp8 weights: cuBLAS is then timed on bf16 weights, for reference), sample (the draw only), prefill and
-fp8prefill (256 rows, the backbone's shapes: a prompt's prefill)."""
+fp8prefill (256 rows, the backbone's shapes: a prompt's prefill), wide (128 and 256 rows: the frame step's layer
+products and decoder heads with the fusions an engine of that many slots uses: folded norms and handed-on squares,
+residuals with squares out; tiles of 64-256 rows)."""
 
 import itertools
 import sys
@@ -102,8 +104,6 @@ def main(ms=(1, 16, 64)):
         copies = max(4, min(64, (512 << 20) // nbytes))
         weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         stored = [w.to(torch.float8_e4m3fn) for w in weights] if fp8 else weights
-        if wide and name.endswith("head"):  # the engine's heads: [N, K] read through the strides of a [K, N] copy
-            stored = [w.T.contiguous().T for w in stored]
         scale = torch.ones(rows, device="cuda") if fp8 else None
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -139,8 +139,9 @@ def main(ms=(1, 16, 64)):
 
 def wide_calls(name: str, x, weights, gated: bool, config):
     """One product per weight copy as an engine of 64+ slots launches it (`generate.FrameStepper`): normed products
-    (QKV, gate/up, heads: their weights given as transposed copies) on folded weights with the rows' squares handed
-    on, the output and down projections with a residual and their output's squares."""
+    (QKV, gate/up, heads; the heads' weights row-major `[N, K]` like the others, as `Csm.decode_codebooks` reads
+    them) on folded weights with the rows' squares handed on, the output and down projections with a residual and
+    their output's squares."""
     m = x.shape[0]
     if "qkv" in name or "w13" in name or "head" in name:
         squares = torch.rand(m, 4, device="cuda") * x.shape[1]  # [M, parts]: the RMS from the squares handed on

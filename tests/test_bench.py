@@ -309,27 +309,45 @@ OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a to
                  "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
 
 
-def test_a_batch_too_large_for_the_gpu_is_one_line_and_keeps_the_rows_before_it(tmp_path, monkeypatch):
-    """`--batch 64,128,256,1024` on a GPU that holds 256 streams: the engine of 1024 slots runs out of memory. The
-    rows already measured are kept (table, -o marked with the batch that did not fit), and the error is one line
-    naming the batch and what torch asked for, exit 2."""
-    real = bench.Engine
+def test_batch_sizes_the_gpu_cannot_hold_are_left_out_with_a_warning(tmp_path, monkeypatch):
+    """`--batch 1,3,4,2`, and the GPU runs out of memory at 3 streams partway (its second chunk size): the row it
+    measured is kept, 3 and the larger 4 are left out (each warned, listed in the header), the smaller 2 after them
+    is still measured, the run ends well (exit 0) and --suggest still suggests."""
+    real = bench.measure
 
-    def engine(model, max_batch, **kwargs):
-        if max_batch == 2:
+    def measure(engine, chunks, settings, batch, chunk, *args):
+        if (batch, chunk) == (3, 3):
             raise torch.OutOfMemoryError(OUT_OF_MEMORY)
-        return real(model, max_batch=max_batch, **kwargs)
+        return real(engine, chunks, settings, batch, chunk, *args)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    path = tmp_path / "results.json"
+    result = cli(*TINY_RUN, "--batch", "1,3,4,2", "--chunk-frames", "2,3", "-o", str(path), "--suggest")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    data = json.loads(path.read_text())
+    assert [(row["batch"], row["chunk_frames"]) for row in data["rows"]] == [(1, 2), (1, 3), (3, 2), (2, 2), (2, 3)]
+    assert data["header"]["out_of_memory_batches"] == [3, 4]
+    summary = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+               "1.20 GiB is free")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings[-2:] == [f"warning: out of GPU memory at --batch 3: {summary}; left out, with any larger --batch",
+                             "warning: --batch 4 left out: a smaller size did not fit in the GPU's memory"]
+    assert "max_batch = " in result.stdout
+
+
+def test_a_bench_where_no_batch_size_fits_is_one_line(tmp_path, monkeypatch):
+    """Not even one stream fits: the error names the size and what torch asked for, exit 2, and -o is not
+    written."""
+
+    def engine(*args, **kwargs):
+        raise torch.OutOfMemoryError(OUT_OF_MEMORY)
 
     monkeypatch.setattr(bench, "Engine", engine)
-    path = tmp_path / "partial.json"
-    result = cli(*TINY_RUN, "--batch", "1,2", "-o", str(path))
+    path = tmp_path / "results.json"
+    result = cli(*TINY_RUN, "-o", str(path))
     assert result.exit_code == 2, (result.stderr, result.exception)
-    data = json.loads(path.read_text())
-    assert data["header"]["out_of_memory_at_batch"] == 2 and [row["batch"] for row in data["rows"]] == [1]
-    assert "interrupted" not in data["header"]
-    assert f"wrote {path}: what was measured before the GPU's memory ran out (1 rows)" in result.stderr
-    assert re.search(r"^│\s+1 │", result.stderr, re.MULTILINE), result.stderr  # the table of that row
-    assert result.stderr.splitlines()[-1] == ("error: out of GPU memory at --batch 2: CUDA out of memory. Tried to "
+    assert not path.exists()
+    assert result.stderr.splitlines()[-1] == ("error: out of GPU memory at --batch 1: CUDA out of memory. Tried to "
                                               "allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
                                               "1.20 GiB is free")
 

@@ -423,23 +423,24 @@ def test_an_interrupted_command_run_in_process_gives_the_signal_handlers_back(mo
 
 def test_running_out_of_gpu_memory_is_one_line_not_a_bug(monkeypatch):
     """torch's CUDA out-of-memory error (another program holds the GPU, a model too large for it) is the machine's
-    limit, not a csmcli bug: one line with what was asked for and what was free, exit 2; not torch's paragraph of
-    allocator advice."""
+    limit, not a csmcli bug: one line with what was asked for, what was free and who holds the rest, exit 2; not
+    torch's lines of accounting and allocator advice."""
     import torch
 
     from csmcli import info
 
     def out_of_memory(preset_name=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity "
-                                     "of 7.60 GiB of which 3.12 MiB is free. Process 4242 has 7.59 GiB memory in use. "
-                                     "See documentation for Memory Management")
+                                     "of 7.60 GiB of which 3.12 MiB is free. Process 4242 has 7.59 GiB memory in use.\n"
+                                     "Of the allocated memory 7.1 GiB is allocated by PyTorch. See documentation for "
+                                     "Memory Management")
 
     monkeypatch.setattr(info, "gather", out_of_memory)
     result = CliRunner().invoke(app, ["info", "--json"])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == ("error: out of GPU memory: CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 "
-                                     "has a total capacity of 7.60 GiB of which 3.12 MiB is free (`csmcli info` shows "
-                                     "what other programs leave free)")
+                                     "has a total capacity of 7.60 GiB of which 3.12 MiB is free. Process 4242 has "
+                                     "7.59 GiB memory in use (`csmcli info` shows what other programs leave free)")
 
 
 def test_a_signal_ignored_from_the_start_stays_ignored():
