@@ -26,16 +26,17 @@ from csmcli.model import CSM_1B
 
 FRAMES = 40  # per timing: ~0.2 s at one row
 ROUNDS = 3
+WIDE = (64, 128, 256)  # the rows buckets of more than 16 rows
 KNOBS = {  # kernels' module constants read at launch: the values to try besides the current one, the rows buckets
-    "ATTENTION_WARPS": ((2, 4, 16), (1, 16)), "ATTENTION_WARPS_64": ((2, 8, 16), (64,)),
-    "SAMPLE_WARPS": ((4, 8, 32), (1, 16, 64)), "SAMPLE_RADIX_BITS": ((2, 8), (1, 16, 64)),
-    "FOLD_NORMS": ((False,), (64,)), "SAMPLE_SPLIT_TAIL": ((False,), (1, 16, 64)),
-    "SPLIT_SUM_BLOCK": ((128, 512, 1024, 2048), (16, 64)), "SHARE_SQUARES": ((False,), (64,)),
-    "ATTENTION_POSITIONS": ((64, 128, 512), (1, 16)), "ATTENTION_POSITIONS_64": ((32, 128, 256), (64,)),
+    "ATTENTION_WARPS": ((2, 4, 16), (1, 16)), "ATTENTION_WARPS_64": ((2, 8, 16), WIDE),
+    "SAMPLE_WARPS": ((4, 8, 32), (1, 16, *WIDE)), "SAMPLE_RADIX_BITS": ((2, 8), (1, 16, *WIDE)),
+    "FOLD_NORMS": ((False,), WIDE), "SAMPLE_SPLIT_TAIL": ((False,), (1, 16, *WIDE)),
+    "SPLIT_SUM_BLOCK": ((128, 512, 1024, 2048), (16, *WIDE)), "SHARE_SQUARES": ((False,), WIDE),
+    "ATTENTION_POSITIONS": ((64, 128, 512), (1, 16)), "ATTENTION_POSITIONS_64": ((32, 128, 256), WIDE),
 }
 
 
-def neighbours(config: kernels.LinearConfig, k: int, gated: bool) -> list[kernels.LinearConfig]:
+def neighbours(config: kernels.LinearConfig, k: int, gated: bool, rows: int) -> list[kernels.LinearConfig]:
     if config == kernels.CUBLAS:
         return [(16, 64, 128, 8, 1, 3), (16, 64, 128, 8, 4, 3), (64, 64, 128, 8, 4, 3), (64, 64, 128, 8, 8, 3)]
     bm, bn, bk, warps, split, stages = config
@@ -51,6 +52,7 @@ def neighbours(config: kernels.LinearConfig, k: int, gated: bool) -> list[kernel
     found += [(bm, bn, bk, warps, s, stages) for s in (split // 2, split * 2) if 1 <= s <= 16 and not gated]
     found += [(bm, bn, bk, warps, split, s) for s in (stages - 1, stages + 1) if 2 <= s <= 5]
     found += [(64 if bm == 16 else 16, bn, bk, warps, split, 4 if bm == 16 else 3)]
+    found += [(b, bn, bk, warps, split, stages) for b in (bm // 2, bm * 2) if 64 <= b <= rows and bm >= 64]
     if not gated and not (bm == 16 and split == 1):
         found.append(kernels.CUBLAS)
     return found
@@ -133,7 +135,7 @@ def main() -> None:
             return [(bm, bn, b, warps, split, s) for b in (64, 128) for s in range(4, 9)
                     if (b, s) != (bk, stages) and s * stage_bytes[b] <= 200_000]
         if not bigk:
-            return neighbours(table[key], key[2], key[3])
+            return neighbours(table[key], key[2], key[3], rows)
         # bigk: the whole K (or half) in one block, all its loads in flight at once, on 1-3 stages
         bm, bn, _, warps, split, _ = table[key]
         return [(bm, bn, b, warps, split, s) for b in (512, 1024) if b <= key[2] for s in (1, 2, 3)]

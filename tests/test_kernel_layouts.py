@@ -7,8 +7,8 @@ engine, but Triton also compiles every int argument equal to 1 as a constant, so
 load whose address uses M as a stride can get another register layout, and a reduction over it another order of
 additions. That happened to the rows' sums of squares stored `[parts, M]` (the GPU test failed); stored `[M, parts]`,
 M is no stride. Here every kernel launch of a full-size frame step (a CSM-1B on the meta device: nothing runs) is
-compiled as Triton specializes it for 64 rows and for one, and the layouts of its values and of every reduction's
-input must be the same."""
+compiled as Triton specializes it for all the engine's rows and for one, and the layouts of its values and of every
+reduction's input must be the same."""
 
 from __future__ import annotations
 

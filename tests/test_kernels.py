@@ -45,7 +45,7 @@ def test_linear_matches_torch(dtype, m, fusion, blocks):
     n, k = 48, 80  # not multiples of the small blocks: masked edges, several K steps
     x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
     weight = (torch.randn(2 * n if fusion == "gated" else n, k, generator=g) / k**0.5).to(DEVICE, dtype)
-    split = 3 if blocks in ("small, split K", "64-row tiles") and fusion != "gated" else 1  # K = 80: 32, 32, 16
+    split = 3 if blocks not in ("shape's own", "small") and fusion != "gated" else 1  # K = 80: 32, 32, 16
     config = None if blocks == "shape's own" else ((1 if m == 1 else 16), 16, 32, 4, split, 3)
     if blocks.endswith("-row tiles") and m > 1:  # computed as weight @ x.T
         config = (int(blocks[:3].strip("-")), 16, 32, 4, split, 3)
@@ -90,14 +90,15 @@ def test_linear_with_the_norm_folded_into_the_weight_matches_torch(dtype, gated,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("m", "producer"), [(3, (16, 32, 32, 4, 1, 3)), (70, (64, 64, 32, 4, 3, 3)),
-                                             (1, (1, 64, 32, 4, 1, 3))])
+@pytest.mark.parametrize(("m", "producer", "tile_rows"), [(3, (16, 32, 32, 4, 1, 3), 16),
+                                                          (70, (64, 64, 32, 4, 3, 3), 64), (1, (1, 64, 32, 4, 1, 3), 1),
+                                                          (130, (256, 64, 32, 4, 3, 3), 128)])
 @pytest.mark.parametrize("consumer", ["norm", "norm folded", "gated, norm folded"])
-def test_rows_squares_from_the_producer_give_the_same_normed_product(dtype, m, producer, consumer):
+def test_rows_squares_from_the_producer_give_the_same_normed_product(dtype, m, producer, tile_rows, consumer):
     """`linear_with_squares` writes its output rows' sums of squares in parts (per column tile, or per split-K sum
     program: N = 512 is two 256-wide parts), and a normed product given them (`squares=`) matches the same product
-    that sums x's squares itself, and torch: 1, 3 and 70 rows (masked row blocks), one-row, 16-row and (split K)
-    64-row tiles."""
+    that sums x's squares itself, and torch: 1, 3, 70 and 130 rows (masked row blocks), one-row, 16-row and (split
+    K) 64- and 256-row producer tiles, consumers of 1 to 128 rows."""
     g = torch.Generator().manual_seed(11)
     k, n, n2 = 96, 512, 48
     x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
@@ -111,7 +112,7 @@ def test_rows_squares_from_the_producer_give_the_same_normed_product(dtype, m, p
     gated = consumer.startswith("gated")
     w2 = (torch.randn(2 * n2 if gated else n2, n, generator=g) / n**0.5).to(DEVICE, dtype)
     norm = (1 + 0.3 * torch.randn(n, generator=g)).to(DEVICE, dtype)
-    config = (1 if m == 1 else 64 if m > 16 else 16, 16, 128, 4, 1, 3)
+    config = (tile_rows, 16, 128, 4, 1, 3)
     if consumer == "norm":
         weight2, options = w2, dict(norm=norm)
     elif m == 1:
