@@ -459,12 +459,14 @@ def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, comp
             try:
                 _measure_batch(model, decoder, settings, batch, cuda_graphs, compile, fused_kernels, report,
                                hf_ms, bytes_per_frame, on_row)
-                continue
             except torch.OutOfMemoryError as e:
                 summary = out_of_memory_summary(e)
                 too_large = batch if too_large is None else min(batch, too_large)
-            if model.codebook0_head.weight.device.type == "cuda":  # the failed engine's memory, for the next size
+            # Out here, where a failure's traceback (which holds the engine) is gone: its memory, for the next size.
+            if model.codebook0_head.weight.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if summary is None:
+                continue
         report.header.setdefault("out_of_memory_batches", []).append(batch)
         if on_out_of_memory is not None:
             on_out_of_memory(batch, summary)
@@ -496,9 +498,6 @@ def _measure_batch(model: Csm, decoder, settings: BenchSettings, batch: int, cud
                 chunks.close()
         finally:
             engine.close()
-        del engine, chunks
-        if model.codebook0_head.weight.device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- CLI glue
