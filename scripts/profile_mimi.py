@@ -1,7 +1,8 @@
 """Where a 64-stream rep's time outside the frame steps goes (CUDA): the Mimi decode of a chunk (graphed, as the
-bench runs it; its eager kernel census; cuDNN autotuning and a bf16 decoder transformer as what-ifs), and the
+bench runs it; its eager kernel census; the what-ifs below), and the
 admission of 64 prompts (wall time against the prefill graphs' own GPU time: the host's share; its GPU gaps and
-busiest host calls). `profile_mimi.py admission`: only the admission."""
+busiest host calls). `profile_mimi.py admission`: only the admission; `profile_mimi.py wide`: both at 256
+streams. What-ifs (not what csmcli runs): cuDNN autotuning, TF32 matmuls, a bf16 decoder transformer."""
 
 import contextlib
 import itertools
@@ -24,9 +25,12 @@ from csmcli.sampling import SamplingParams
 def mimi(batch: int, chunk: int) -> None:
     codec = random_codec(torch.device("cuda"))
     codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
+    tf32 = torch.backends.cuda.matmul
     for label, setup in (("as run", lambda: None),
                          ("cudnn.benchmark", lambda: setattr(torch.backends.cudnn, "benchmark", True)),
-                         ("bf16 transformer", lambda: codec.decoder.set_transformer_dtype(torch.bfloat16))):
+                         ("tf32 matmuls", lambda: setattr(tf32, "allow_tf32", True)),  # as cuDNN's convs already run
+                         ("bf16 transformer", lambda: (setattr(tf32, "allow_tf32", False),
+                                                       codec.decoder.set_transformer_dtype(torch.bfloat16)))):
         setup()
         chunks = ChunkDecoder(codec.decoder, batch, 32)
         chunks.warmup([chunk])
@@ -38,6 +42,7 @@ def mimi(batch: int, chunk: int) -> None:
                 parts(codec.decoder, codes)
         chunks.close()
     torch.backends.cudnn.benchmark = False
+    tf32.allow_tf32 = False
 
 
 def parts(decoder, codes) -> None:
@@ -125,6 +130,11 @@ def admission(batch: int, rows: int = 200) -> None:
 def main():
     if sys.argv[1:] == ["admission"]:
         admission(64)
+        return
+    if sys.argv[1:] == ["wide"]:  # 256 streams: where the rep's Mimi and prefill shares go
+        torch.backends.cudnn.allow_tf32 = True
+        mimi(256, 8)
+        admission(256)
         return
     torch.backends.cudnn.allow_tf32 = True  # torch's default, as the CLI runs
     for batch, chunk in ((64, 8), (64, 2), (1, 8)):
