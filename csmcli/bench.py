@@ -461,7 +461,7 @@ def run(model: Csm, decoder, settings: BenchSettings, *, cuda_graphs: bool, comp
                                hf_ms, bytes_per_frame, on_row)
             except torch.OutOfMemoryError as e:
                 summary = out_of_memory_summary(e)
-                too_large = batch if too_large is None else min(batch, too_large)
+                too_large = batch  # only sizes below an earlier failure are tried: this one is the smallest
             # Out here, where a failure's traceback (which holds the engine) is gone: its memory, for the next size.
             if model.codebook0_head.weight.device.type == "cuda":
                 torch.cuda.empty_cache()
