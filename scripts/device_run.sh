@@ -45,6 +45,8 @@ for step in "$@"; do
              -o "$out/sweep.json" 2>&1 | tee "$out/sweep.txt" ;;
     wide) csm bench --random-weights --batch 64,128,256 --chunk-frames 8 --frames 60 --reps 3 \
             -o "$out/wide.json" 2>&1 | tee "$out/wide.txt" ;;
+    b512) csm bench --random-weights --batch 512 --chunk-frames 8 --frames 60 --reps 2 \
+            -o "$out/b512.json" 2>&1 | tee "$out/b512.txt" ;;
     long256) csm bench --random-weights --batch 256 --frames 1000 --reps 2 --chunk-frames 8 \
                -o "$out/long256.json" 2>&1 | tee "$out/long256.txt" ;;
     widetests) python3 -m pytest -q -o addopts=-ra tests/test_engine_cuda.py tests/test_kernels.py \
@@ -62,6 +64,7 @@ for step in "$@"; do
     mimi) python3 scripts/profile_mimi.py 2>&1 | grep -v Warn | tee "$out/mimi.txt" ;;
     admission) python3 scripts/profile_mimi.py admission 2>&1 | grep -v Warn | tee "$out/admission.txt" ;;
     mimiwide) python3 scripts/profile_mimi.py wide 2>&1 | grep -v Warn | tee "$out/mimiwide.txt" ;;
+    layouts) python3 scripts/profile_mimi.py layouts 2>&1 | grep -v Warn | tee "$out/layouts.txt" ;;
     enginetests) python3 -m pytest -q -o addopts=-ra tests/test_engine_cuda.py 2>&1 | tee "$out/enginetests.txt" || true ;;
     kerneltests) python3 -m pytest -q -o addopts=-ra tests/test_kernels.py 2>&1 | tee "$out/kerneltests.txt" || true ;;
     codectests) python3 -m pytest -q -o addopts=-ra tests/test_codec_cuda.py tests/test_codec.py 2>&1 | tee "$out/codectests.txt" || true ;;

@@ -5,12 +5,14 @@ busiest host calls). `profile_mimi.py admission`: only the admission; `profile_m
 streams. What-ifs (not what csmcli runs): cuDNN autotuning, TF32 matmuls, a bf16 decoder transformer."""
 
 import contextlib
+import functools
 import itertools
 import sys
 import time
 from collections import deque
 
 import torch
+import torch.nn.functional as F
 from profile_frame import census, timed  # scripts/ is on the path when a script runs
 
 from csmcli import codec as codec_module
@@ -72,6 +74,84 @@ def parts(decoder, codes) -> None:
     codec_module.BY_STEPS_ROWS = rows
 
 
+def layouts(batches=(16, 64, 128, 256), chunk: int = 8) -> None:
+    """What-ifs for the SEANet and the transformer's attention, layer by layer (not what csmcli runs): each conv as
+    run (channels first, which cuDNN's NHWC kernels transpose around) against the same conv on channels-last
+    inputs (conv2d over a height of 1, the layout kept between layers); the stride-8 transposed conv as a matmul
+    against cuDNN at each batch; the attention by SDPA against two matmuls and a softmax."""
+    decoder = random_codec(torch.device("cuda")).decoder
+    for batch in batches:
+        codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
+        with torch.no_grad(), decoder.streaming(batch):
+            latents = decoder.upsample(decoder.quantizer(codes)).transpose(1, 2)  # [B, 2n, hidden]
+            steps = decoder.decoder_transformer(latents).float().transpose(1, 2)  # [B, hidden, 2n]
+            inputs = {}
+            convs = (codec_module._CausalConv1d, codec_module._CausalConvTranspose1d)
+            hooks = [m.register_forward_pre_hook(functools.partial(_catch, inputs))
+                     for m in decoder.decoder.modules() if isinstance(m, convs)]
+            decoder.decoder(steps)
+            for h in hooks:
+                h.remove()
+            first = last = 0.0
+            for module, x in inputs.items():
+                a, c = _conv_layouts(batch, module, x)
+                first, last = first + a, last + c
+            print(f"B={batch:3d} all {len(inputs)} convs: channels first {first:.2f} ms, channels last {last:.2f} ms",
+                  flush=True)
+            layer = decoder.decoder.layers[2]
+            rows = codec_module.BY_STEPS_ROWS
+            for from_rows in (0, 10**9):
+                codec_module.BY_STEPS_ROWS = from_rows
+                ms = timed(functools.partial(layer, inputs[layer]))
+                print(f"B={batch:3d} stride-8 convT {'by steps' if from_rows == 0 else 'cuDNN   '} {ms:7.3f} ms",
+                      flush=True)
+            codec_module.BY_STEPS_ROWS = rows
+            _attention_what_if(batch, decoder.decoder_transformer.layers[0].self_attn, 2 * chunk)
+
+
+def _catch(inputs: dict, module, args) -> None:
+    inputs.setdefault(module, args[0])
+
+
+def _conv_layouts(batch: int, module, x) -> tuple[float, float]:
+    conv = module.conv
+    transposed = isinstance(module, codec_module._CausalConvTranspose1d)
+    if not transposed and module.context:
+        x = torch.cat([x.new_zeros(*x.shape[:-1], module.context), x], -1)  # [B, C_in, context + T]
+    w, b = conv.weight, conv.bias
+    x_cl = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # [B, C, 1, T] stored as [B, 1, T, C]
+    w_cl = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    if transposed:
+        ref = functools.partial(F.conv_transpose1d, x, w, b, conv.stride, groups=conv.groups)
+        alt = functools.partial(F.conv_transpose2d, x_cl, w_cl, b, (1, conv.stride[0]), groups=conv.groups)
+    else:
+        ref = functools.partial(F.conv1d, x, w, b, dilation=conv.dilation)
+        alt = functools.partial(F.conv2d, x_cl, w_cl, b, dilation=(1, conv.dilation[0]))
+    diff = (ref() - alt().squeeze(2)).abs().max().item()
+    a, c = timed(ref), timed(alt)
+    print(f"B={batch:3d} {'convT' if transposed else 'conv '} {tuple(w.shape)!s:16s} in {tuple(x.shape)!s:20s} "
+          f"channels first {a:7.3f} ms, channels last {c:7.3f} ms (max diff {diff:.1e})", flush=True)
+    return a, c
+
+
+def _attention_what_if(batch: int, attention, steps: int) -> None:
+    slots, d = attention.slots, attention.head_dim
+    q = torch.randn(batch, attention.n_heads, steps, d, device="cuda")  # [B, H, T, D]
+    k, v = (torch.randn(batch, attention.n_kv_heads, slots, d, device="cuda") for _ in "kv")  # [B, H, slots, D]
+    mask = torch.rand(steps, slots, device="cuda") < 0.9  # [T, slots]
+    mask[:, 0] = True
+    bias = torch.zeros(steps, slots, device="cuda").masked_fill_(~mask, float("-inf"))
+
+    def by_matmuls():
+        return (q @ k.transpose(-1, -2) * d**-0.5 + bias).softmax(-1) @ v  # scores [B, H, T, slots]
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    diff = (sdpa() - by_matmuls()).abs().max().item()
+    print(f"B={batch:3d} attention ({steps} steps, {slots} slots): SDPA {timed(sdpa):.3f} ms, matmuls "
+          f"{timed(by_matmuls):.3f} ms a layer (max diff {diff:.1e})", flush=True)
+
 def admission(batch: int, rows: int = 200) -> None:
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
     engine = Engine(model, max_batch=batch)
@@ -130,6 +210,10 @@ def admission(batch: int, rows: int = 200) -> None:
 def main():
     if sys.argv[1:] == ["admission"]:
         admission(64)
+        return
+    if sys.argv[1:] == ["layouts"]:
+        torch.backends.cudnn.allow_tf32 = True
+        layouts()
         return
     if sys.argv[1:] == ["wide"]:  # 256 streams: where the rep's Mimi and prefill shares go
         torch.backends.cudnn.allow_tf32 = True
