@@ -67,10 +67,10 @@ def parts(decoder, codes) -> None:
     # the stride-8 transposed conv as a matmul (codec.BY_STEPS_ROWS) against cuDNN
     layer = decoder.decoder.layers[2]
     rows = codec_module.BY_STEPS_ROWS
-    for from_rows in (0, 10**9):  # the matmul at any row count, then never
+    for from_rows in (range(10**9), range(0)):  # the matmul at any row count, then never
         codec_module.BY_STEPS_ROWS = from_rows
         ms = timed(lambda: layer(inputs[layer]))
-        print(f"  seanet layer 2 {'by steps' if from_rows == 0 else 'cuDNN'}: {ms:7.3f} ms", flush=True)
+        print(f"  seanet layer 2 {'by steps' if from_rows else 'cuDNN'}: {ms:7.3f} ms", flush=True)
     codec_module.BY_STEPS_ROWS = rows
 
 
@@ -100,10 +100,10 @@ def layouts(batches=(16, 64, 128, 256), chunk: int = 8) -> None:
                   flush=True)
             layer = decoder.decoder.layers[2]
             rows = codec_module.BY_STEPS_ROWS
-            for from_rows in (0, 10**9):
+            for from_rows in (range(10**9), range(0)):
                 codec_module.BY_STEPS_ROWS = from_rows
                 ms = timed(functools.partial(layer, inputs[layer]))
-                print(f"B={batch:3d} stride-8 convT {'by steps' if from_rows == 0 else 'cuDNN   '} {ms:7.3f} ms",
+                print(f"B={batch:3d} stride-8 convT {'by steps' if from_rows else 'cuDNN   '} {ms:7.3f} ms",
                       flush=True)
             codec_module.BY_STEPS_ROWS = rows
             _attention_what_if(batch, decoder.decoder_transformer.layers[0].self_attn, 2 * chunk)

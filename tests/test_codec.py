@@ -114,13 +114,28 @@ def test_chunks_longer_than_the_key_ring_go_through_in_pieces(tiny):
         close(decode_in_chunks(codec.decoder, codes, RING_STEPS // 2 + 1), reference)
 
 
-@pytest.mark.parametrize("from_rows", [0, 10**9])
-def test_stride8_layer_as_a_matmul_or_through_cudnn_decodes_the_same(tiny, from_rows, monkeypatch):
-    # the SEANet's stride-8 transposed conv runs as a matmul from BY_STEPS_ROWS streams x steps: force each way
-    monkeypatch.setattr(codec_module, "BY_STEPS_ROWS", from_rows)
+@pytest.mark.parametrize("rows", [range(10**9), range(0)], ids=["matmul", "cudnn"])
+def test_stride8_layer_as_a_matmul_or_through_cudnn_decodes_the_same(tiny, rows, monkeypatch):
+    # the SEANet's stride-8 transposed conv runs as a matmul for BY_STEPS_ROWS streams x steps: force each way
+    monkeypatch.setattr(codec_module, "BY_STEPS_ROWS", rows)
     _, _, codec, codes, reference = tiny
     with codec.decoder.streaming(1):
         close(decode_in_chunks(codec.decoder, codes, 2), reference)
+
+
+@pytest.mark.parametrize("rows", [range(10**9), range(0)], ids=["matmul", "cudnn"])
+def test_time_major_layout_decodes_the_same(tiny, rows, monkeypatch):
+    """The layout CUDA runs the SEANet in ([B, C, T] stored as [B, T, C]), forced on the CPU: every state is
+    time-major, and chunks still equal transformers' one-shot decode."""
+    monkeypatch.setattr(codec_module, "TIME_MAJOR_DEVICES", ("cpu",))
+    monkeypatch.setattr(codec_module, "BY_STEPS_ROWS", rows)
+    _, _, codec, codes, reference = tiny
+    with codec.decoder.streaming(2):
+        convs = [s for s in codec.decoder.state_tensors() if s.dim() == 3]  # [B, C, T] histories and tails
+        assert convs and all(s.transpose(1, 2).is_contiguous() for s in convs)
+        pcm = decode_in_chunks(codec.decoder, codes.expand(2, -1, -1), 3)  # [2, 1, N * frame]
+    close(pcm[:1], reference)
+    close(pcm[1:], reference)
 
 
 def test_stateless_chunks_do_not_match(tiny):

@@ -52,6 +52,25 @@ def test_cuda_bf16_transformer_stays_close(setup):
     assert 1e-5 < error < 5e-2
 
 
+@pytest.mark.parametrize("batch", [2, 64])
+def test_seanet_activations_stay_time_major(setup, batch):
+    """cuDNN's NHWC kernels keep the SEANet's time-major layout from layer to layer (no transposes around convs);
+    64 streams run the stride-8 transposed conv as a matmul."""
+    decoder, codes, _ = setup
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, args, out: outputs.append((type(m).__name__, out)))
+             for m in decoder.decoder.modules() if m is not decoder.decoder and not isinstance(m, torch.nn.Sequential)]
+    try:
+        with decoder.streaming(batch):
+            decoder.decode_chunk(codes[:1, :, :8].expand(batch, -1, -1))
+    finally:
+        for h in hooks:
+            h.remove()
+    wide = [(name, out) for name, out in outputs if out.shape[1] > 1]  # [B, C, T]; C = 1 is both layouts
+    assert wide
+    assert [name for name, out in wide if not out.transpose(1, 2).is_contiguous()] == []
+
+
 def capture(decoder: StreamingMimiDecoder, codes_in: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Capture one decode_chunk on the static `codes_in`; call inside streaming(), reset() before replaying."""
     stream = torch.cuda.Stream()
