@@ -109,6 +109,22 @@ def layouts(batches=(16, 64, 128, 256), chunk: int = 8) -> None:
             _attention_what_if(batch, decoder.decoder_transformer.layers[0].self_attn, 2 * chunk)
 
 
+def chunk_layouts(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
+    """A graphed chunk (as the engine decodes it) with the SEANet time-major (as CUDA runs it) and channels-first."""
+    decoder = random_codec(torch.device("cuda")).decoder
+    for batch in batches:
+        codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
+        for devices in (("cuda",), ()):
+            codec_module.TIME_MAJOR_DEVICES = devices
+            chunks = ChunkDecoder(decoder, batch, 32)
+            chunks.warmup([chunk])
+            ms = timed(functools.partial(chunks.decode, codes))
+            chunks.close()
+            print(f"mimi B={batch:3d} chunk={chunk} {'time-major' if devices else 'channels-first'} graphed "
+                  f"{ms:7.2f} ms/chunk", flush=True)
+    codec_module.TIME_MAJOR_DEVICES = ("cuda",)
+
+
 def _catch(inputs: dict, module, args) -> None:
     inputs.setdefault(module, args[0])
 
@@ -210,6 +226,10 @@ def admission(batch: int, rows: int = 200) -> None:
 def main():
     if sys.argv[1:] == ["admission"]:
         admission(64)
+        return
+    if sys.argv[1:] == ["chunks"]:
+        torch.backends.cudnn.allow_tf32 = True
+        chunk_layouts()
         return
     if sys.argv[1:] == ["layouts"]:
         torch.backends.cudnn.allow_tf32 = True
