@@ -38,9 +38,13 @@ if TYPE_CHECKING:
     from transformers import MimiConfig
 
 CSM_NUM_CODEBOOKS = 32
-BY_STEPS_ROWS = range(64, 2048)
-"""Streams x steps for which the stride-8 transposed conv runs as a matmul. Measured on an H200 (a chunk of 8 frames
-is 16 steps): 1 stream 0.20 ms against cuDNN's 0.09, 64 streams 0.45 against 1.0, 128 streams 0.89 against 0.34."""
+BY_STEPS_ROWS = 64
+"""Streams x steps from which the stride-8 transposed conv runs as a matmul (below: cuDNN). One stream's 8-frame
+chunk (16 steps) took 0.20 ms as a matmul against cuDNN's 0.09 on an H200 (an earlier session)."""
+BY_STEPS_STREAMS = 128
+"""Streams from which it runs through cuDNN again, whatever the steps: cuDNN's speed depends on the streams (its
+algorithm choice), the matmul's on the rows. 8-frame chunks on an H200 (twenty-sixth session, docs/BENCHMARKS.md):
+matmul / cuDNN 0.20 / 0.27 ms at 16 streams, 0.45 / 0.99 at 64, 0.89 / 0.34 at 128, 1.76 / 0.61 at 256."""
 RING_STEPS = 32
 """Transformer steps (two per frame) decoded together at most: longer chunks go through the transformer in pieces.
 Each layer's key ring holds the window and one piece; 16 frames covers every preset's chunk."""
@@ -67,29 +71,23 @@ _WEIGHT_NORM = (
 # ---------------------------------------------------------------------------------------------------- streaming
 
 
-TIME_MAJOR_DEVICES = ("cuda",)
-"""Device types on which the SEANet stores its activations and states time-major ([B, C, T] tensors laid out as
-[B, T, C], the transformer's and the dequantizer's own layout), and runs its convs as 2-d convs over a height of 1
-in channels-last (NHWC): cuDNN's fastest conv kernels read and write that layout, and fed channels-first they
-transpose around each conv (`conv1d` does not pick NHWC on its own). On an H200 the SEANet's convs of an 8-frame
-chunk took 3.1 instead of 4.2 ms at 64 streams, 8.4 instead of 12.7 at 256. On the CPU the layout is slower (one
-stream's chunk 68 against 52 ms), so it stays channels-first there."""
-
-
 def _time_major(like: Tensor, batch: int, channels: int, steps: int) -> Tensor:
-    """An empty [B, C, T] tensor on `like`'s device, time-major where TIME_MAJOR_DEVICES says."""
-    if like.device.type not in TIME_MAJOR_DEVICES:
-        return like.new_empty(batch, channels, steps)
+    """An empty [B, C, T] tensor stored as [B, T, C] (the transformer's and the dequantizer's layout), on `like`'s
+    device. The SEANet keeps every activation and state so and runs its convs as 2-d convs over a height of 1 in
+    channels-last (NHWC): the layout cuDNN's fastest conv kernels read and write; fed channels-first they transpose
+    around each conv, and `conv1d` does not pick NHWC on its own. On an H200 an 8-frame chunk's SEANet convs took
+    3.1 instead of 4.2 ms at 64 streams, 8.4 instead of 12.7 at 256; on 2 CPU cores one stream's 8-frame chunk
+    decodes in ~51 instead of ~61 ms, a 2-frame chunk in ~34 instead of ~60 (docs/BENCHMARKS.md, twenty-sixth
+    session)."""
     return like.new_empty(batch, steps, channels).transpose(1, 2)
 
 
-def _nhwc_weight(module: nn.Module, weight: Tensor) -> Tensor:
-    """A conv's `weight` [O, I, k] as [O, I, 1, k] in channels-last, made once per weight tensor, not per chunk."""
-    cached = module.__dict__.get("_nhwc_weight")
-    if cached is None or cached[0] != (weight.data_ptr(), weight.dtype):
-        nhwc = weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        cached = module.__dict__["_nhwc_weight"] = ((weight.data_ptr(), weight.dtype), nhwc)
-    return cached[1]
+def _nhwc_weight(weight: Tensor) -> Tensor:
+    """A conv's `weight` [O, I, k] as [O, I, 1, k] in channels-last: a view of the weight itself when it is stored
+    that way (`StreamingMimiDecoder._apply` lays its SEANet weights out so), else a copy. A view, not a cached
+    copy, so weights loaded in place reach the convs (and captured CUDA graphs) at once."""
+    w = weight.unsqueeze(2)
+    return w if w.is_contiguous(memory_format=torch.channels_last) else w.contiguous(memory_format=torch.channels_last)
 
 
 class _StreamingModule(nn.Module):
@@ -160,9 +158,7 @@ class _CausalConv1d(_StreamingModule):
 
     def _conv(self, x: Tensor) -> Tensor:  # [B, C_in, T'] -> [B, C_out, T' - context]
         conv = self.conv
-        if x.device.type not in TIME_MAJOR_DEVICES:
-            return conv(x)
-        w = _nhwc_weight(self, conv.weight)  # [C_out, C_in, 1, k]
+        w = _nhwc_weight(conv.weight)  # [C_out, C_in, 1, k]
         return F.conv2d(x.unsqueeze(2), w, conv.bias, dilation=(1, conv.dilation[0])).squeeze(2)
 
 
@@ -190,10 +186,11 @@ class _CausalConvTranspose1d(_StreamingModule):
 
     def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T * stride]
         conv, tail = self.conv, self.state.tail
-        if self.by_steps and x.shape[0] * x.shape[-1] in BY_STEPS_ROWS:
+        streams, steps = x.shape[0], x.shape[-1]
+        if self.by_steps and streams * steps >= BY_STEPS_ROWS and streams < BY_STEPS_STREAMS:
             y = self._overlap_add(self._steps(x))
-        elif x.device.type in TIME_MAJOR_DEVICES and conv.groups == 1:  # [B, C_out, T*s + overlap], time-major
-            w = _nhwc_weight(self, conv.weight)  # [C_in, C_out, 1, 2s]
+        elif conv.groups == 1:  # [B, C_out, T*s + overlap], time-major
+            w = _nhwc_weight(conv.weight)  # [C_in, C_out, 1, 2s]
             y = F.conv_transpose2d(x.unsqueeze(2), w, None, (1, conv.stride[0])).squeeze(2)
         else:
             y = F.conv_transpose1d(x, conv.weight, None, conv.stride, groups=conv.groups)  # [B, C_out, T*s + overlap]
@@ -476,7 +473,22 @@ class StreamingMimiDecoder(nn.Module):
         weights.update(_dequantizer_weights(config, state_dict, source))
         decoder.load_state_dict(weights, assign=True)
         decoder.decoder_transformer.inv_freq = _rope_inv_freq(config)  # non-persistent, still on meta
+        decoder._lay_out_conv_weights()
         return decoder.requires_grad_(False).eval()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> StreamingMimiDecoder:
+        """`.to()`, `.cuda()` and the like make new weights: lay them out again."""
+        super()._apply(fn, recurse)
+        self._lay_out_conv_weights()
+        return self
+
+    def _lay_out_conv_weights(self) -> None:
+        """Store the SEANet's conv weights [O, I, k] as [O, k, I] (the transposed convs' [I, O, k] likewise), so
+        that `_nhwc_weight` is a view of them."""
+        convs = (m.conv for m in self.decoder.modules() if isinstance(m, (_CausalConv1d, _CausalConvTranspose1d)))
+        for w in (conv.weight for conv in convs):
+            if not w.unsqueeze(2).is_contiguous(memory_format=torch.channels_last):
+                w.data = w.detach().transpose(1, 2).contiguous().transpose(1, 2)
 
     def set_transformer_dtype(self, dtype: torch.dtype) -> StreamingMimiDecoder:
         """Run the transformer (and its KV cache) in `dtype`; convs stay float32. Call outside `streaming()`.

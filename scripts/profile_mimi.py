@@ -2,7 +2,10 @@
 bench runs it; its eager kernel census; the what-ifs below), and the
 admission of 64 prompts (wall time against the prefill graphs' own GPU time: the host's share; its GPU gaps and
 busiest host calls). `profile_mimi.py admission`: only the admission; `profile_mimi.py wide`: both at 256
-streams. What-ifs (not what csmcli runs): cuDNN autotuning, TF32 matmuls, a bf16 decoder transformer."""
+streams. What-ifs (not what csmcli runs): cuDNN autotuning, TF32 matmuls, a bf16 decoder transformer.
+`profile_mimi.py layouts`: the SEANet's convs channels-first against channels-last, the stride-8 transposed conv's
+two paths and the attention's two forms, layer by layer at 16-256 streams; `profile_mimi.py chunks`: a graphed
+chunk at 1-256 streams."""
 
 import contextlib
 import functools
@@ -64,21 +67,31 @@ def parts(decoder, codes) -> None:
         x = inputs[layer]
         ms = timed(lambda layer=layer, x=x: layer(x))
         print(f"  seanet layer {i:2d} {type(layer).__name__:24s} in {tuple(x.shape)} {ms:7.3f} ms", flush=True)
-    # the stride-8 transposed conv as a matmul (codec.BY_STEPS_ROWS) against cuDNN
+    # the stride-8 transposed conv as a matmul (codec.BY_STEPS_ROWS / BY_STEPS_STREAMS) against cuDNN
     layer = decoder.decoder.layers[2]
-    rows = codec_module.BY_STEPS_ROWS
-    for from_rows in (range(10**9), range(0)):  # the matmul at any row count, then never
-        codec_module.BY_STEPS_ROWS = from_rows
-        ms = timed(lambda: layer(inputs[layer]))
-        print(f"  seanet layer 2 {'by steps' if from_rows else 'cuDNN'}: {ms:7.3f} ms", flush=True)
-    codec_module.BY_STEPS_ROWS = rows
+    for path in ("matmul", "cuDNN"):
+        with stride8_path(path):
+            ms = timed(lambda: layer(inputs[layer]))
+        print(f"  seanet layer 2 {path}: {ms:7.3f} ms", flush=True)
+
+
+@contextlib.contextmanager
+def stride8_path(path: str):
+    """The stride-8 transposed conv as a matmul ("matmul") or through cuDNN, whatever the streams and steps."""
+    saved = codec_module.BY_STEPS_ROWS, codec_module.BY_STEPS_STREAMS
+    codec_module.BY_STEPS_ROWS, codec_module.BY_STEPS_STREAMS = (0 if path == "matmul" else 10**9), 10**9
+    try:
+        yield
+    finally:
+        codec_module.BY_STEPS_ROWS, codec_module.BY_STEPS_STREAMS = saved
 
 
 def layouts(batches=(16, 64, 128, 256), chunk: int = 8) -> None:
     """What-ifs for the SEANet and the transformer's attention, layer by layer (not what csmcli runs): each conv as
     run (channels first, which cuDNN's NHWC kernels transpose around) against the same conv on channels-last
     inputs (conv2d over a height of 1, the layout kept between layers); the stride-8 transposed conv as a matmul
-    against cuDNN at each batch; the attention by SDPA against two matmuls and a softmax."""
+    against cuDNN at each batch; the attention by SDPA against two matmuls and a softmax. Channels-first is how
+    csmcli ran before the twenty-sixth session; since then it runs channels-last."""
     decoder = random_codec(torch.device("cuda")).decoder
     for batch in batches:
         codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
@@ -99,30 +112,24 @@ def layouts(batches=(16, 64, 128, 256), chunk: int = 8) -> None:
             print(f"B={batch:3d} all {len(inputs)} convs: channels first {first:.2f} ms, channels last {last:.2f} ms",
                   flush=True)
             layer = decoder.decoder.layers[2]
-            rows = codec_module.BY_STEPS_ROWS
-            for from_rows in (range(10**9), range(0)):
-                codec_module.BY_STEPS_ROWS = from_rows
-                ms = timed(functools.partial(layer, inputs[layer]))
-                print(f"B={batch:3d} stride-8 convT {'by steps' if from_rows else 'cuDNN   '} {ms:7.3f} ms",
-                      flush=True)
-            codec_module.BY_STEPS_ROWS = rows
+            for path in ("matmul", "cuDNN"):
+                with stride8_path(path):
+                    ms = timed(functools.partial(layer, inputs[layer]))
+                print(f"B={batch:3d} stride-8 convT {path:8s} {ms:7.3f} ms", flush=True)
             _attention_what_if(batch, decoder.decoder_transformer.layers[0].self_attn, 2 * chunk)
 
 
-def chunk_layouts(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
-    """A graphed chunk (as the engine decodes it) with the SEANet time-major (as CUDA runs it) and channels-first."""
+def graphed_chunks(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
+    """A graphed chunk as the engine decodes it, at each number of streams. (In the twenty-sixth session this step
+    also ran the SEANet channels-first, the layout before it, for comparison.)"""
     decoder = random_codec(torch.device("cuda")).decoder
     for batch in batches:
         codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
-        for devices in (("cuda",), ()):
-            codec_module.TIME_MAJOR_DEVICES = devices
-            chunks = ChunkDecoder(decoder, batch, 32)
-            chunks.warmup([chunk])
-            ms = timed(functools.partial(chunks.decode, codes))
-            chunks.close()
-            print(f"mimi B={batch:3d} chunk={chunk} {'time-major' if devices else 'channels-first'} graphed "
-                  f"{ms:7.2f} ms/chunk", flush=True)
-    codec_module.TIME_MAJOR_DEVICES = ("cuda",)
+        chunks = ChunkDecoder(decoder, batch, 32)
+        chunks.warmup([chunk])
+        ms = timed(functools.partial(chunks.decode, codes))
+        chunks.close()
+        print(f"mimi B={batch:3d} chunk={chunk} graphed {ms:7.2f} ms/chunk", flush=True)
 
 
 def _catch(inputs: dict, module, args) -> None:
@@ -134,7 +141,7 @@ def _conv_layouts(batch: int, module, x) -> tuple[float, float]:
     transposed = isinstance(module, codec_module._CausalConvTranspose1d)
     if not transposed and module.context:
         x = torch.cat([x.new_zeros(*x.shape[:-1], module.context), x], -1)  # [B, C_in, context + T]
-    w, b = conv.weight, conv.bias
+    x, w, b = x.contiguous(), conv.weight.contiguous(), conv.bias  # channels-first
     x_cl = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # [B, C, 1, T] stored as [B, 1, T, C]
     w_cl = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)
     if transposed:
@@ -158,8 +165,9 @@ def _attention_what_if(batch: int, attention, steps: int) -> None:
     mask[:, 0] = True
     bias = torch.zeros(steps, slots, device="cuda").masked_fill_(~mask, float("-inf"))
 
-    def by_matmuls():
-        return (q @ k.transpose(-1, -2) * d**-0.5 + bias).softmax(-1) @ v  # scores [B, H, T, slots]
+    def by_matmuls():  # as codec._Attention: scores [B H, T, slots]
+        scores = torch.baddbmm(bias, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=d**-0.5)
+        return (scores.softmax(-1) @ v.flatten(0, 1)).view_as(q)
 
     def sdpa():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -167,6 +175,7 @@ def _attention_what_if(batch: int, attention, steps: int) -> None:
     diff = (sdpa() - by_matmuls()).abs().max().item()
     print(f"B={batch:3d} attention ({steps} steps, {slots} slots): SDPA {timed(sdpa):.3f} ms, matmuls "
           f"{timed(by_matmuls):.3f} ms a layer (max diff {diff:.1e})", flush=True)
+
 
 def admission(batch: int, rows: int = 200) -> None:
     model = random_model(CSM_1B, "cuda", torch.bfloat16)
@@ -229,7 +238,7 @@ def main():
         return
     if sys.argv[1:] == ["chunks"]:
         torch.backends.cudnn.allow_tf32 = True
-        chunk_layouts()
+        graphed_chunks()
         return
     if sys.argv[1:] == ["layouts"]:
         torch.backends.cudnn.allow_tf32 = True

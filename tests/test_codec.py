@@ -8,6 +8,7 @@ biases, codebooks, weight-norm gains) are randomised so that each of them change
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import shutil
 
@@ -114,21 +115,26 @@ def test_chunks_longer_than_the_key_ring_go_through_in_pieces(tiny):
         close(decode_in_chunks(codec.decoder, codes, RING_STEPS // 2 + 1), reference)
 
 
-@pytest.mark.parametrize("rows", [range(10**9), range(0)], ids=["matmul", "cudnn"])
-def test_stride8_layer_as_a_matmul_or_through_cudnn_decodes_the_same(tiny, rows, monkeypatch):
-    # the SEANet's stride-8 transposed conv runs as a matmul for BY_STEPS_ROWS streams x steps: force each way
-    monkeypatch.setattr(codec_module, "BY_STEPS_ROWS", rows)
+def force_stride8_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The SEANet's stride-8 transposed conv as a matmul (`path` "matmul") or through the conv ("conv"), whatever
+    the streams and steps (`codec.BY_STEPS_ROWS`, `codec.BY_STEPS_STREAMS`)."""
+    monkeypatch.setattr(codec_module, "BY_STEPS_ROWS", 0 if path == "matmul" else 10**9)
+    monkeypatch.setattr(codec_module, "BY_STEPS_STREAMS", 10**9)
+
+
+@pytest.mark.parametrize("path", ["matmul", "conv"])
+def test_stride8_layer_as_a_matmul_or_through_cudnn_decodes_the_same(tiny, path, monkeypatch):
+    force_stride8_path(monkeypatch, path)
     _, _, codec, codes, reference = tiny
     with codec.decoder.streaming(1):
         close(decode_in_chunks(codec.decoder, codes, 2), reference)
 
 
-@pytest.mark.parametrize("rows", [range(10**9), range(0)], ids=["matmul", "cudnn"])
-def test_time_major_layout_decodes_the_same(tiny, rows, monkeypatch):
-    """The layout CUDA runs the SEANet in ([B, C, T] stored as [B, T, C]), forced on the CPU: every state is
-    time-major, and chunks still equal transformers' one-shot decode."""
-    monkeypatch.setattr(codec_module, "TIME_MAJOR_DEVICES", ("cpu",))
-    monkeypatch.setattr(codec_module, "BY_STEPS_ROWS", rows)
+@pytest.mark.parametrize("path", ["matmul", "conv"])
+def test_two_streams_keep_time_major_states_and_decode_the_same(tiny, path, monkeypatch):
+    """The SEANet's states are [B, C, T] stored as [B, T, C] (`codec._time_major`), and two streams' chunks, through
+    either path of the stride-8 transposed conv, each equal transformers' one-shot decode."""
+    force_stride8_path(monkeypatch, path)
     _, _, codec, codes, reference = tiny
     with codec.decoder.streaming(2):
         convs = [s for s in codec.decoder.state_tensors() if s.dim() == 3]  # [B, C, T] histories and tails
@@ -136,6 +142,28 @@ def test_time_major_layout_decodes_the_same(tiny, rows, monkeypatch):
         pcm = decode_in_chunks(codec.decoder, codes.expand(2, -1, -1), 3)  # [2, 1, N * frame]
     close(pcm[:1], reference)
     close(pcm[1:], reference)
+
+
+def test_convs_read_their_weights_in_place(tiny):
+    """Loaded, and again after `.to()`, the SEANet's conv weights are stored so that the 2-d convs read them as
+    they are (no copy), so weights loaded in place afterwards decode like a decoder built from them."""
+    model, _, codec, codes, _ = tiny
+    decoder = copy.deepcopy(codec.decoder)
+    convs = (codec_module._CausalConv1d, codec_module._CausalConvTranspose1d)
+
+    def read_in_place() -> bool:
+        weights = [m.conv.weight for m in decoder.decoder.modules() if isinstance(m, convs)]
+        return bool(weights) and all(codec_module._nhwc_weight(w).data_ptr() == w.data_ptr() for w in weights)
+
+    assert read_in_place()  # as `from_state_dict` made them
+    decoder.load_state_dict({k: v.contiguous() for k, v in decoder.state_dict().items()}, assign=True)
+    assert not read_in_place()  # new tensors in the plain layout: the convs copy them
+    decoder.to("cpu")
+    assert read_in_place()  # laid out again
+    decoder.decode(codes)  # first use before the new weights
+    other = StreamingMimiDecoder.from_state_dict(model.config, random_mimi(model.config, seed=5).state_dict())
+    decoder.load_state_dict(other.state_dict())  # copied into the existing tensors
+    close(decoder.decode(codes), other.decode(codes))
 
 
 def test_stateless_chunks_do_not_match(tiny):

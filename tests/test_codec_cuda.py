@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from test_codec import decode_in_chunks, random_codes, random_mimi
+from test_codec import decode_in_chunks, force_stride8_path, random_codes, random_mimi
 from transformers import MimiConfig
 
 from csmcli.codec import StreamingMimiDecoder
@@ -36,7 +36,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-def test_cuda_float32_chunks_equal_transformers(setup):
+@pytest.mark.parametrize("path", ["as run", "matmul", "conv"])
+def test_cuda_float32_chunks_equal_transformers(setup, path, monkeypatch):
+    if path != "as run":  # 2 streams run the stride-8 transposed conv through cuDNN; 16-127 as a matmul
+        force_stride8_path(monkeypatch, path)
     decoder, codes, reference = setup
     for chunk in (1, 4):
         with decoder.streaming(2):
@@ -55,7 +58,7 @@ def test_cuda_bf16_transformer_stays_close(setup):
 @pytest.mark.parametrize("batch", [2, 64])
 def test_seanet_activations_stay_time_major(setup, batch):
     """cuDNN's NHWC kernels keep the SEANet's time-major layout from layer to layer (no transposes around convs);
-    64 streams run the stride-8 transposed conv as a matmul."""
+    64 streams run the stride-8 transposed conv as a matmul (`codec.BY_STEPS_ROWS`), 2 through cuDNN."""
     decoder, codes, _ = setup
     outputs = []
     hooks = [m.register_forward_hook(lambda m, args, out: outputs.append((type(m).__name__, out)))
@@ -85,7 +88,10 @@ def capture(decoder: StreamingMimiDecoder, codes_in: torch.Tensor) -> tuple[torc
     return graph, pcm_out
 
 
-def test_cuda_graph_replay_equals_eager(setup):
+@pytest.mark.parametrize("path", ["as run", "matmul"])
+def test_cuda_graph_replay_equals_eager(setup, path, monkeypatch):
+    if path != "as run":
+        force_stride8_path(monkeypatch, path)
     decoder, codes, reference = setup
     chunk = 2
     with decoder.streaming(2):
