@@ -130,6 +130,18 @@ def test_stride8_layer_as_a_matmul_or_through_cudnn_decodes_the_same(tiny, path,
         close(decode_in_chunks(codec.decoder, codes, 2), reference)
 
 
+@pytest.mark.parametrize(("streams", "frames", "matmul"), [(1, 2, False), (4, 8, True), (64, 1, True), (128, 1, False)])
+def test_stride8_layer_takes_the_matmul_from_64_rows_below_128_streams(tiny, streams, frames, matmul, monkeypatch):
+    """Streams x steps (2 a frame) from BY_STEPS_ROWS, below BY_STEPS_STREAMS streams: where the matmul was faster
+    on an H200."""
+    calls, layer = [], codec_module._CausalConvTranspose1d
+    steps = layer._steps
+    monkeypatch.setattr(layer, "_steps", lambda self, x: calls.append(x.shape) or steps(self, x))
+    model, _, codec, _, _ = tiny
+    codec.decode(random_codes(model.config, streams, frames))
+    assert bool(calls) == matmul
+
+
 @pytest.mark.parametrize("path", ["matmul", "conv"])
 def test_two_streams_keep_time_major_states_and_decode_the_same(tiny, path, monkeypatch):
     """The SEANet's states are [B, C, T] stored as [B, T, C] (`codec._time_major`), and two streams' chunks, through
