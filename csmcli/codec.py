@@ -200,21 +200,21 @@ class _CausalConvTranspose1d(_StreamingModule):
         y = y[..., :n]
         return y if conv.bias is None else y + conv.bias[:, None]
 
-    def _steps(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, T, C_out, 2s]: each input step's outputs
-        w = self.conv.weight  # [C_in, C_out, 2s]
+    def _steps(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, T, 2s, C_out]: each input step's outputs
+        w = self.conv.weight.transpose(1, 2)  # [C_in, 2s, C_out]: contiguous as `_lay_out_conv_weights` stores it
         b, c_in, t = x.shape
-        steps = x.transpose(1, 2).reshape(b * t, c_in) @ w.flatten(1)  # [B T, C_out 2s]: one GEMM, not B small ones
-        return steps.view(b, t, -1, w.shape[-1])
+        w_steps = w.reshape(c_in, -1)  # [C_in, 2s C_out], a view
+        steps = x.transpose(1, 2).reshape(b * t, c_in) @ w_steps  # [B T, 2s C_out]: one GEMM, not B small ones
+        return steps.view(b, t, w.shape[1], -1)
 
-    def _overlap_add(self, steps: Tensor) -> Tensor:  # [B, T, C, 2s] -> [B, C, (T + 1) s], time-major
-        b, t, c, two_s = steps.shape
+    def _overlap_add(self, steps: Tensor) -> Tensor:  # [B, T, 2s, C] -> [B, C, (T + 1) s], time-major
+        b, t, two_s, c = steps.shape
         s = two_s // 2
         y = _time_major(steps, b, c, (t + 1) * s)
         y_steps = y.transpose(1, 2)  # [B, (T + 1) s, C]
-        y_steps[:, : t * s].view(b, t, s, c).copy_(steps[..., :s].transpose(-1, -2))
+        y_steps[:, : t * s].view(b, t, s, c).copy_(steps[:, :, :s])
         y_steps[:, t * s :].zero_()
-        # the second half of each step's outputs overlaps the next one's
-        y_steps[:, s:].view(b, t, s, c).add_(steps[..., s:].transpose(-1, -2))
+        y_steps[:, s:].view(b, t, s, c).add_(steps[:, :, s:])  # each step's second half overlaps the next one's
         return y
 
 
