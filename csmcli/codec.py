@@ -84,7 +84,7 @@ def _time_major(like: Tensor, batch: int, channels: int, steps: int) -> Tensor:
 
 def _nhwc_weight(weight: Tensor) -> Tensor:
     """A conv's `weight` [O, I, k] as [O, I, 1, k] in channels-last: a view of the weight itself when it is stored
-    that way (`StreamingMimiDecoder._apply` lays its SEANet weights out so), else a copy. A view, not a cached
+    that way (`StreamingMimiDecoder._lay_out_conv_weights`), else a copy. A view, not a cached
     copy, so weights loaded in place reach the convs (and captured CUDA graphs) at once."""
     w = weight.unsqueeze(2)
     return w if w.is_contiguous(memory_format=torch.channels_last) else w.contiguous(memory_format=torch.channels_last)
@@ -456,6 +456,8 @@ class StreamingMimiDecoder(nn.Module):
         self.decoder_transformer = _Transformer(config)
         self.decoder = _SeanetDecoder(config)
         self.frame_size = math.prod(config.upsampling_ratios) * stride
+        self._lay_out_conv_weights()
+        self.register_load_state_dict_post_hook(StreamingMimiDecoder._lay_out_conv_weights)
 
     @classmethod
     def from_state_dict(
@@ -473,18 +475,13 @@ class StreamingMimiDecoder(nn.Module):
         weights.update(_dequantizer_weights(config, state_dict, source))
         decoder.load_state_dict(weights, assign=True)
         decoder.decoder_transformer.inv_freq = _rope_inv_freq(config)  # non-persistent, still on meta
-        decoder._lay_out_conv_weights()
         return decoder.requires_grad_(False).eval()
 
-    def _apply(self, fn: Any, recurse: bool = True) -> StreamingMimiDecoder:
-        """`.to()`, `.cuda()` and the like make new weights: lay them out again."""
-        super()._apply(fn, recurse)
-        self._lay_out_conv_weights()
-        return self
-
-    def _lay_out_conv_weights(self) -> None:
+    def _lay_out_conv_weights(self, *_: Any) -> None:
         """Store the SEANet's conv weights [O, I, k] as [O, k, I] (the transposed convs' [I, O, k] likewise), so
-        that `_nhwc_weight` is a view of them."""
+        that `_nhwc_weight` is a view of them. Runs when the decoder is built and after every `load_state_dict`
+        (which may assign plain tensors); `.to()` keeps the layout. So `state_dict()` gives these weights
+        non-contiguous: `.contiguous()` them before safetensors' `save_file`."""
         convs = (m.conv for m in self.decoder.modules() if isinstance(m, (_CausalConv1d, _CausalConvTranspose1d)))
         for w in (conv.weight for conv in convs):
             if not w.unsqueeze(2).is_contiguous(memory_format=torch.channels_last):

@@ -165,7 +165,7 @@ def _attention_what_if(batch: int, attention, steps: int) -> None:
     mask[:, 0] = True
     bias = torch.zeros(steps, slots, device="cuda").masked_fill_(~mask, float("-inf"))
 
-    def by_matmuls():  # as codec._Attention: scores [B H, T, slots]
+    def by_matmuls():  # as codec._Attention (call c of the 26th session timed `(q @ k^T * s + bias).softmax @ v`)
         scores = torch.baddbmm(bias, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=d**-0.5)
         return (scores.softmax(-1) @ v.flatten(0, 1)).view_as(q)
 

@@ -144,21 +144,25 @@ def test_stride8_layer_takes_the_matmul_from_64_rows_below_128_streams(tiny, str
 
 @pytest.mark.parametrize("path", ["matmul", "conv"])
 def test_two_streams_keep_time_major_states_and_decode_the_same(tiny, path, monkeypatch):
-    """The SEANet's states are [B, C, T] stored as [B, T, C] (`codec._time_major`), and two streams' chunks, through
-    either path of the stride-8 transposed conv, each equal transformers' one-shot decode."""
+    """The SEANet's states are [B, C, T] stored as [B, T, C] (`codec._time_major`), and two different streams'
+    chunks, through either path of the stride-8 transposed conv, equal transformers' one-shot decode of both."""
     force_stride8_path(monkeypatch, path)
-    _, _, codec, codes, reference = tiny
+    model, _, codec, _, _ = tiny
+    codes = random_codes(model.config, 2, N_FRAMES, seed=4)  # [2, K, N]
+    with torch.no_grad():
+        reference = model.decode(codes).audio_values  # [2, 1, N * frame]
     with codec.decoder.streaming(2):
         convs = [s for s in codec.decoder.state_tensors() if s.dim() == 3]  # [B, C, T] histories and tails
         assert convs and all(s.transpose(1, 2).is_contiguous() for s in convs)
-        pcm = decode_in_chunks(codec.decoder, codes.expand(2, -1, -1), 3)  # [2, 1, N * frame]
-    close(pcm[:1], reference)
-    close(pcm[1:], reference)
+        close(decode_in_chunks(codec.decoder, codes, 3), reference)
 
 
-def test_convs_read_their_weights_in_place(tiny):
-    """Loaded, and again after `.to()`, the SEANet's conv weights are stored so that the 2-d convs read them as
-    they are (no copy), so weights loaded in place afterwards decode like a decoder built from them."""
+@pytest.mark.parametrize("path", ["matmul", "conv"])
+def test_convs_read_their_weights_in_place(tiny, path, monkeypatch):
+    """Built, loaded (also by assignment) and moved, the SEANet's conv weights are stored so that the 2-d convs
+    and the stride-8 matmul read them as they are (no copy), so weights loaded in place later decode like a
+    decoder built from them."""
+    force_stride8_path(monkeypatch, path)
     model, _, codec, codes, _ = tiny
     decoder = copy.deepcopy(codec.decoder)
     convs = (codec_module._CausalConv1d, codec_module._CausalConvTranspose1d)
@@ -169,13 +173,20 @@ def test_convs_read_their_weights_in_place(tiny):
 
     assert read_in_place()  # as `from_state_dict` made them
     decoder.load_state_dict({k: v.contiguous() for k, v in decoder.state_dict().items()}, assign=True)
-    assert not read_in_place()  # new tensors in the plain layout: the convs copy them
-    decoder.to("cpu")
-    assert read_in_place()  # laid out again
+    assert read_in_place()  # plain tensors assigned, then laid out again
+    decoder.to(torch.float64).to(torch.float32)
+    assert read_in_place()
     decoder.decode(codes)  # first use before the new weights
     other = StreamingMimiDecoder.from_state_dict(model.config, random_mimi(model.config, seed=5).state_dict())
     decoder.load_state_dict(other.state_dict())  # copied into the existing tensors
     close(decoder.decode(codes), other.decode(codes))
+
+
+def test_plain_conv_weights_are_copied_to_channels_last():
+    weight = torch.randn(6, 5, 3)  # [O, I, k], contiguous
+    nhwc = codec_module._nhwc_weight(weight)  # [O, I, 1, k]
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and nhwc.data_ptr() != weight.data_ptr()
+    assert torch.equal(nhwc, weight.unsqueeze(2))
 
 
 def test_stateless_chunks_do_not_match(tiny):
