@@ -76,9 +76,9 @@ def _time_major(like: Tensor, batch: int, channels: int, steps: int) -> Tensor:
     device. The SEANet keeps every activation and state so and runs its convs as 2-d convs over a height of 1 in
     channels-last (NHWC): the layout cuDNN's fastest conv kernels read and write; fed channels-first they transpose
     around each conv, and `conv1d` does not pick NHWC on its own. On an H200 an 8-frame chunk's SEANet convs took
-    3.1 instead of 4.2 ms at 64 streams, 8.4 instead of 12.7 at 256; on 2 CPU cores one stream's 8-frame chunk
-    decodes in ~51 instead of ~61 ms, a 2-frame chunk in ~34 instead of ~60 (docs/BENCHMARKS.md, twenty-sixth
-    session)."""
+    3.1 instead of 4.2 ms at 64 streams, 8.4 instead of 12.7 at 256; on 2 CPU cores one stream's 2-frame chunk
+    decodes in ~35 instead of ~60 ms, four streams' 8-frame chunk in ~142 instead of ~205 (docs/BENCHMARKS.md,
+    twenty-sixth session)."""
     return like.new_empty(batch, steps, channels).transpose(1, 2)
 
 
