@@ -346,7 +346,8 @@ _LINEAR_CONFIGS: dict[tuple[int, int, int, bool], LinearConfig] = {
     # head (once a frame) keep the 64-row tiles. Then at 256 in the frame graph (scripts/tune_in_graph.py 256 dec):
     # the decoder's QKV and o on 4 stages, its heads on 64 columns (-313 us a frame together). At 128 (the same,
     # 2026-11-29, each alone against the table): QKV on 4 stages -131, gate/up on 4 warps -104, down on K blocks of
-    # 128 -421, heads on 64 columns -47 us a frame; together NOT YET MEASURED (branch wide128-ingraph).
+    # 128 -421, heads on 64 columns -47 us a frame; together -440 (tune_in_graph.py's combined run), then `bench`
+    # 128 streams 7.46 -> 7.05 ms a frame, 875x -> 910x (twenty-sixth session).
     (128, 1536, 1024, False): (64, 64, 128, 4, 1, 4), (128, 1024, 1024, False): (64, 64, 128, 4, 4, 3),
     (128, 8192, 1024, True): (128, 64, 64, 4, 1, 4), (128, 1024, 8192, False): (128, 64, 128, 8, 8, 4),
     (128, 2051, 1024, False): (64, 64, 128, 4, 4, 3), (128, 3072, 2048, False): (64, 64, 128, 4, 1, 3),
