@@ -481,7 +481,8 @@ def _measure_batch(model: Csm, decoder, settings: BenchSettings, batch: int, cud
     chunks = None
     try:
         engine.warmup()
-        chunks = ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs) if decoder is not None else None
+        chunks = None if decoder is None else ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs,
+                                                           fused_kernels)
         if chunks is not None:
             chunks.warmup(n for c in settings.chunk_frames for n in chunk_sizes(settings.first_chunk_frames, c))
         for chunk in settings.chunk_frames:

@@ -128,6 +128,38 @@ class _PositionState:
     offset: Tensor  # [] int64: transformer position of the chunk's first step; continues across chunks
 
 
+@dataclass
+class _Activation:
+    """A SEANet activation [B, C, T] (time-major) not yet written out: a conv's output `x` plus `bias`, plus `skip`
+    plus `skip_bias` (a resnet block's input, added after it). With the fused kernels the convs leave their bias
+    out and one pass (`kernels.seanet_sum`) adds the biases and the skip and applies the ELU before the next conv,
+    writing straight into its padded input: cuDNN adds a bias in a pass of its own, and at 64 streams those adds,
+    the residual adds and the ELUs took ~2.2 ms of an 8-frame chunk's 6.7 on an H200 (docs/BENCHMARKS.md,
+    twenty-seventh session). In the torch path the convs add their own bias (the CPU's convs fuse it)."""
+
+    x: Tensor
+    bias: Tensor | None = None
+    skip: Tensor | None = None
+    skip_bias: Tensor | None = None
+
+    def write(self, elu: bool, fused: bool, out: Tensor | None = None) -> Tensor:
+        """The value, ELU'd if asked, into `out` (time-major [B, C, T], e.g. a slice of a padded input) or a new
+        tensor."""
+        if self.bias is None and self.skip is None and not elu:
+            return self.x if out is None else out.copy_(self.x)
+        if fused:
+            from csmcli import kernels  # here, so CPU-only installs never need Triton
+
+            return kernels.seanet_sum(self.x, self.bias, self.skip, self.skip_bias, elu, out)
+        y = self.x if self.bias is None else self.x + self.bias[:, None]
+        if self.skip is not None:
+            y = (self.skip if self.skip_bias is None else self.skip + self.skip_bias[:, None]) + y
+        if not elu:
+            return y if out is None else out.copy_(y)
+        # the same kernel as nn.ELU, so the same values; into `out` without a copy
+        return F.elu(y) if out is None else torch.ops.aten.elu.out(y, 1.0, 1, 1, out=out)
+
+
 class _CausalConv1d(_StreamingModule):
     """Stride-1 causal conv. One-shot Mimi left-pads with zeros; streaming starts from a zero history instead.
 
@@ -143,23 +175,23 @@ class _CausalConv1d(_StreamingModule):
     def init_state(self, batch_size: int) -> _ConvState:
         return _ConvState(_time_major(self.conv.weight, batch_size, self.conv.in_channels, self.context).zero_())
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T]
+    def forward(self, h: _Activation, elu: bool, fused: bool) -> _Activation:  # [B, C_in, T] -> [B, C_out, T]
+        """`elu`: an ELU before this conv (as well as `elu_input`); `fused`: see `_Activation`."""
+        elu = elu or self.elu_input
         if self.context == 0:  # nothing carried across chunks
-            return self._conv(F.elu(x) if self.elu_input else x)
-        history, t = self.state.history, x.shape[-1]
-        padded = _time_major(x, x.shape[0], x.shape[1], self.context + t)  # [B, C_in, context + T]
+            return self._conv(h.write(elu, fused), fused)
+        history, (b, c, t) = self.state.history, h.x.shape
+        padded = _time_major(h.x, b, c, self.context + t)  # [B, C_in, context + T]
         padded[..., : self.context] = history
-        if self.elu_input:  # the same kernel as nn.ELU, so the same values
-            torch.ops.aten.elu.out(x, 1.0, 1, 1, out=padded[..., self.context :])
-        else:
-            padded[..., self.context :] = x
+        h.write(elu, fused, out=padded[..., self.context :])
         history.copy_(padded[..., t:])
-        return self._conv(padded)
+        return self._conv(padded, fused)
 
-    def _conv(self, x: Tensor) -> Tensor:  # [B, C_in, T'] -> [B, C_out, T' - context]
+    def _conv(self, x: Tensor, fused: bool) -> _Activation:  # [B, C_in, T'] -> [B, C_out, T' - context]
         conv = self.conv
         w = _nhwc_weight(conv.weight)  # [C_out, C_in, 1, k]
-        return F.conv2d(x.unsqueeze(2), w, conv.bias, dilation=(1, conv.dilation[0])).squeeze(2)
+        y = F.conv2d(x.unsqueeze(2), w, None if fused else conv.bias, dilation=(1, conv.dilation[0])).squeeze(2)
+        return _Activation(y, conv.bias) if fused else _Activation(y)
 
 
 class _CausalConvTranspose1d(_StreamingModule):
@@ -184,7 +216,8 @@ class _CausalConvTranspose1d(_StreamingModule):
         tail = _time_major(self.conv.weight, batch_size, self.conv.out_channels, self.overlap).zero_()
         return _ConvTransposeState(tail)
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T * stride]
+    def forward(self, x: Tensor, add_bias: bool = True) -> Tensor:  # [B, C_in, T] -> [B, C_out, T * stride]
+        """`add_bias=False`: the caller adds the bias (`_Activation`)."""
         conv, tail = self.conv, self.state.tail
         streams, steps = x.shape[0], x.shape[-1]
         if self.by_steps and streams * steps >= BY_STEPS_ROWS and streams < BY_STEPS_STREAMS:
@@ -198,7 +231,7 @@ class _CausalConvTranspose1d(_StreamingModule):
         n = y.shape[-1] - self.overlap
         tail.copy_(y[..., n:])
         y = y[..., :n]
-        return y if conv.bias is None else y + conv.bias[:, None]
+        return y if conv.bias is None or not add_bias else y + conv.bias[:, None]
 
     def _steps(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, T, 2s, C_out]: each input step's outputs
         w = self.conv.weight.transpose(1, 2)  # [C_in, 2s, C_out]: contiguous as `_lay_out_conv_weights` stores it
@@ -232,8 +265,13 @@ class _ResnetBlock(nn.Module):
         )
         self.shortcut = _CausalConv1d(dim, dim, 1) if conv_shortcut else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.shortcut(x) + self.block(x)
+    def forward(self, h: _Activation, elu: bool, fused: bool) -> _Activation:
+        """shortcut(h) + block(h), left unwritten: the next conv's input pass adds it up."""
+        if elu or h.skip is not None:  # h is read twice: write it once
+            h = _Activation(h.write(elu, fused))
+        y = self.block[3](self.block[1](h, False, fused), False, fused)
+        skip = h if isinstance(self.shortcut, nn.Identity) else self.shortcut(h, False, fused)
+        return _Activation(y.x, y.bias, skip.x, skip.bias)
 
 
 class _SeanetDecoder(nn.Module):
@@ -259,8 +297,18 @@ class _SeanetDecoder(nn.Module):
         layers += [nn.Identity(), _CausalConv1d(c.num_filters, c.audio_channels, c.last_kernel_size, elu_input=True)]
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, hidden, 2n] -> [B, channels, n * frame_size]
-        return self.layers(x)
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:  # [B, hidden, 2n] -> [B, 1, n * frame_size]
+        """`fused`: biases, residuals and ELUs through `kernels.seanet_sum` (see `_Activation`)."""
+        h, elu = _Activation(x), False
+        for layer in self.layers:
+            if isinstance(layer, nn.ELU):  # applied by the next conv as it reads its input
+                elu = True
+            elif isinstance(layer, _CausalConvTranspose1d):
+                y = layer(h.write(elu, fused), add_bias=not fused)
+                h, elu = _Activation(y, layer.conv.bias if fused else None), False
+            elif not isinstance(layer, nn.Identity):
+                h, elu = layer(h, elu, fused), False
+        return h.write(elu, fused)
 
 
 # ---------------------------------------------------------------------------------------------------- transformer
@@ -456,6 +504,9 @@ class StreamingMimiDecoder(nn.Module):
         self.decoder_transformer = _Transformer(config)
         self.decoder = _SeanetDecoder(config)
         self.frame_size = math.prod(config.upsampling_ratios) * stride
+        self.fused_kernels = False
+        """The SEANet's biases, residuals and ELUs through one Triton kernel per conv input (`_Activation`): CUDA
+        only (or Triton's interpreter); `engine.ChunkDecoder` turns it on."""
         self._lay_out_conv_weights()
         self.register_load_state_dict_post_hook(StreamingMimiDecoder._lay_out_conv_weights)
 
@@ -533,7 +584,7 @@ class StreamingMimiDecoder(nn.Module):
         if self.upsample is not None:
             x = self.upsample(x)  # [B, hidden, 2n]
         x = self.decoder_transformer(x.transpose(1, 2)).float().transpose(1, 2)  # [B, hidden, 2n]
-        return self.decoder(x)  # [B, 1, n * frame_size]
+        return self.decoder(x, self.fused_kernels)  # [B, 1, n * frame_size]
 
     forward = decode_chunk
 

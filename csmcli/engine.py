@@ -408,11 +408,16 @@ class ChunkDecoder:
     The decoder's streaming state stays allocated for this object's life (graphs hold its addresses), so the
     decoder cannot be used for anything else meanwhile; `reset()` starts new utterances, `close()` frees it."""
 
-    def __init__(self, decoder: StreamingMimiDecoder, batch: int = 1, codebooks: int = 32, cuda_graphs: bool = True):
+    def __init__(self, decoder: StreamingMimiDecoder, batch: int = 1, codebooks: int = 32, cuda_graphs: bool = True,
+                 fused_kernels: bool = True):
         self.decoder, self.batch, self.codebooks = decoder, batch, codebooks
         param = next(decoder.parameters())
         self.device = param.device
         self.cuda_graphs = graphs_enabled(cuda_graphs, self.device)
+        # The SEANet's bias / residual / ELU passes as one Triton kernel each (`codec._Activation`): any CUDA GPU
+        # with Triton, unless switched off as the frame step's kernels are.
+        decoder.fused_kernels = (fused_kernels and self.device.type == "cuda" and has_triton()
+                                 and os.environ.get(NO_FUSED_ENV) != "1")
         self._streaming = ExitStack()
         self._streaming.enter_context(decoder.streaming(batch))
         self._graphs: dict[tuple[int, ...], CapturedCall] = {}  # by codes shape
@@ -457,3 +462,4 @@ class ChunkDecoder:
     def close(self) -> None:
         self._streaming.close()
         self._graphs.clear()
+        self.decoder.fused_kernels = False

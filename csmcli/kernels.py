@@ -1194,3 +1194,61 @@ def embed_sum(table: Tensor, codes: Tensor, vocab: int, mask: Tensor | None = No
         C=columns - has_text, HAS_MASK=mask is not None, HAS_TEXT=has_text, BLOCK_D=block_d, PDL=pdl, num_warps=4,
         launch_pdl=pdl > 0)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- Mimi
+
+
+@triton.jit
+def _seanet_sum_kernel(x_ptr, bias_ptr, skip_ptr, skip_bias_ptr, out_ptr, n, C, stride_xb, stride_sb, stride_ob,
+                       HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_SKIP_BIAS: tl.constexpr,
+                       ELU: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    stream = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # within the stream's [T, C] block
+    ok = offs < n
+    y = tl.load(x_ptr + stream * stride_xb + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs % C, mask=ok, other=0.0)
+    if HAS_SKIP:
+        skip = tl.load(skip_ptr + stream * stride_sb + offs, mask=ok, other=0.0)
+        if HAS_SKIP_BIAS:
+            skip = skip + tl.load(skip_bias_ptr + offs % C, mask=ok, other=0.0)
+        y = skip + y
+    if ELU:  # torch's ELU (alpha 1): expm1 below zero, CUDA's own expm1f
+        if LIBDEVICE:
+            y = tl.where(y > 0, y, libdevice.expm1(y))
+        else:
+            y = tl.where(y > 0, y, tl.exp(tl.minimum(y, 0.0)) - 1.0)  # numpy's exp warns of overflow
+    tl.store(out_ptr + stream * stride_ob + offs, y, mask=ok)
+
+
+SEANET_SUM_BLOCK = 2048
+
+
+def seanet_sum(x: Tensor, bias: Tensor | None = None, skip: Tensor | None = None, skip_bias: Tensor | None = None,
+               elu: bool = False, out: Tensor | None = None) -> Tensor:
+    """`(skip + skip_bias) + (x + bias)`, then ELU if asked, in one pass, with torch's roundings: a SEANet conv's
+    bias (cuDNN convs add it in a pass of their own), a resnet block's residual and the ELU before the next conv.
+    float32 [B, C, T] tensors stored time-major (each stream's [T, C] contiguous, streams at any stride: slices
+    of a padded buffer); biases [C]; into `out` (e.g. the next conv's padded input) or a new time-major tensor."""
+    streams, channels, steps = x.shape
+
+    def stream_stride(t: Tensor) -> int:
+        assert t.shape == x.shape and t.dtype == torch.float32
+        assert (t.stride(1) == 1 or channels == 1) and (t.stride(2) == channels or steps == 1), "not time-major"
+        return t.stride(0)
+
+    assert all(b is None or (b.shape == (channels,) and b.is_contiguous()) for b in (bias, skip_bias))
+    assert skip is not None or skip_bias is None
+    if out is None:
+        out = x.new_empty(streams, steps, channels).transpose(1, 2)  # [B, C, T], time-major
+    n = steps * channels
+    assert n < 2**31
+    _seanet_sum_kernel[(triton.cdiv(n, SEANET_SUM_BLOCK), streams)](
+        x, bias if bias is not None else x, skip if skip is not None else x,
+        skip_bias if skip_bias is not None else x, out, n, channels, stream_stride(x),
+        stream_stride(skip) if skip is not None else 0, stream_stride(out),
+        HAS_BIAS=bias is not None, HAS_SKIP=skip is not None, HAS_SKIP_BIAS=skip_bias is not None, ELU=elu,
+        LIBDEVICE=not INTERPRET, BLOCK=SEANET_SUM_BLOCK, num_warps=4,
+    )
+    return out

@@ -169,7 +169,8 @@ class Pipeline:
         self.engine = Engine(self.model, max_batch=1, cuda_graphs=preset.cuda_graphs, compile=preset.compile,
                              fused_kernels=preset.fused_kernels)
         # One decoder for the pipeline's life: its CUDA graphs hold the streaming state's addresses.
-        self.decoder = ChunkDecoder(codec.decoder, 1, self.model.cfg.num_codebooks, preset.cuda_graphs) \
+        self.decoder = ChunkDecoder(codec.decoder, 1, self.model.cfg.num_codebooks, preset.cuda_graphs,
+                                    self.engine.fused_kernels) \
             if codec is not None else None
 
     @classmethod

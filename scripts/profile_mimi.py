@@ -32,18 +32,22 @@ def mimi(batch: int, chunk: int) -> None:
     codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
     tf32 = torch.backends.cuda.matmul
     for label, setup in (("as run", lambda: None),
+                         ("torch-op passes", lambda: None),  # the SEANet's bias/residual/ELU passes unfused
                          ("cudnn.benchmark", lambda: setattr(torch.backends.cudnn, "benchmark", True)),
                          ("tf32 matmuls", lambda: setattr(tf32, "allow_tf32", True)),  # as cuDNN's convs already run
                          ("bf16 transformer", lambda: (setattr(tf32, "allow_tf32", False),
                                                        codec.decoder.set_transformer_dtype(torch.bfloat16)))):
         setup()
-        chunks = ChunkDecoder(codec.decoder, batch, 32)
+        chunks = ChunkDecoder(codec.decoder, batch, 32, fused_kernels=label != "torch-op passes")
         chunks.warmup([chunk])
         ms = timed(lambda c=chunks: c.decode(codes))
         print(f"mimi B={batch:3d} chunk={chunk} {label:17s} graphed {ms:7.2f} ms/chunk", flush=True)
+        if label in ("as run", "torch-op passes"):
+            with torch.no_grad():
+                census(lambda: codec.decoder.decode_chunk(codes), f"mimi B={batch} chunk={chunk} {label} eager",
+                       top=20)
         if label == "as run":
             with torch.no_grad():
-                census(lambda: codec.decoder.decode_chunk(codes), f"mimi B={batch} chunk={chunk} eager", top=20)
                 parts(codec.decoder, codes)
         chunks.close()
     torch.backends.cudnn.benchmark = False
@@ -54,21 +58,16 @@ def parts(decoder, codes) -> None:
     latents = decoder.upsample(decoder.quantizer(codes)).transpose(1, 2)  # [B, 2n, hidden]
     steps = decoder.decoder_transformer(latents).float().transpose(1, 2)  # [B, hidden, 2n]
     timings = {"quantizer+upsample": lambda: decoder.upsample(decoder.quantizer(codes)),
-               "transformer": lambda: decoder.decoder_transformer(latents), "seanet": lambda: decoder.decoder(steps)}
+               "transformer": lambda: decoder.decoder_transformer(latents),
+               "seanet, torch-op passes": lambda: decoder.decoder(steps, False),
+               "seanet, fused passes": lambda: decoder.decoder(steps, True)}
     for name, fn in timings.items():
-        print(f"  part {name:20s} eager {timed(fn):7.2f} ms", flush=True)
-    inputs = {}  # each SEANet layer's input, caught on the way through
-    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0]))
-             for m in decoder.decoder.layers]
-    decoder.decoder(steps)
-    for h in hooks:
-        h.remove()
-    for i, layer in enumerate(decoder.decoder.layers):
-        x = inputs[layer]
-        ms = timed(lambda layer=layer, x=x: layer(x))
-        print(f"  seanet layer {i:2d} {type(layer).__name__:24s} in {tuple(x.shape)} {ms:7.3f} ms", flush=True)
+        print(f"  part {name:24s} eager {timed(fn):7.2f} ms", flush=True)
     # the stride-8 transposed conv as a matmul (codec.BY_STEPS_ROWS / BY_STEPS_STREAMS) against cuDNN
-    layer = decoder.decoder.layers[2]
+    layer, inputs = decoder.decoder.layers[2], {}
+    hook = layer.register_forward_pre_hook(functools.partial(_catch, inputs))
+    decoder.decoder(steps)
+    hook.remove()
     for path in ("matmul", "cuDNN"):
         with stride8_path(path):
             ms = timed(lambda: layer(inputs[layer]))
@@ -120,20 +119,24 @@ def layouts(batches=(16, 64, 128, 256), chunk: int = 8) -> None:
 
 
 def graphed_chunks(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
-    """A graphed chunk as the engine decodes it, at each number of streams. (In the twenty-sixth session this step
-    also ran the SEANet channels-first, the layout before it, for comparison.)"""
+    """A graphed chunk as the engine decodes it, at each number of streams, with the SEANet's bias / residual /
+    ELU passes fused (as run) and as torch ops. (In the twenty-sixth session this step ran the SEANet
+    channels-first, the layout before it, for comparison.)"""
     decoder = random_codec(torch.device("cuda")).decoder
     for batch in batches:
         codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
-        chunks = ChunkDecoder(decoder, batch, 32)
-        chunks.warmup([chunk])
-        ms = timed(functools.partial(chunks.decode, codes))
-        chunks.close()
-        print(f"mimi B={batch:3d} chunk={chunk} graphed {ms:7.2f} ms/chunk", flush=True)
+        for fused in (True, False):
+            chunks = ChunkDecoder(decoder, batch, 32, fused_kernels=fused)
+            chunks.warmup([chunk])
+            ms = timed(functools.partial(chunks.decode, codes))
+            chunks.close()
+            passes = "fused passes" if fused else "torch-op passes"
+            print(f"mimi B={batch:3d} chunk={chunk} {passes:15s} graphed {ms:7.2f} ms/chunk", flush=True)
 
 
 def _catch(inputs: dict, module, args) -> None:
-    inputs.setdefault(module, args[0])
+    x = args[0]  # a stride-1 conv's input is a `codec._Activation`: its value
+    inputs.setdefault(module, x.write(False, False) if isinstance(x, codec_module._Activation) else x)
 
 
 def _conv_layouts(batch: int, module, x) -> tuple[float, float]:

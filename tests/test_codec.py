@@ -142,12 +142,17 @@ def test_stride8_layer_takes_the_matmul_from_64_rows_below_128_streams(tiny, str
     assert bool(calls) == matmul
 
 
+@pytest.mark.parametrize("kernels", ["torch", "fused"])
 @pytest.mark.parametrize("path", ["matmul", "conv"])
-def test_two_streams_keep_time_major_states_and_decode_the_same(tiny, path, monkeypatch):
+def test_two_streams_keep_time_major_states_and_decode_the_same(tiny, path, kernels, monkeypatch):
     """The SEANet's states are [B, C, T] stored as [B, T, C] (`codec._time_major`), and two different streams'
-    chunks, through either path of the stride-8 transposed conv, equal transformers' one-shot decode of both."""
+    chunks, through either path of the stride-8 transposed conv, with the biases, residuals and ELUs as torch ops
+    or as `kernels.seanet_sum` (Triton's interpreter here), equal transformers' one-shot decode of both."""
     force_stride8_path(monkeypatch, path)
     model, _, codec, _, _ = tiny
+    if kernels == "fused":
+        pytest.importorskip("triton")
+        monkeypatch.setattr(codec.decoder, "fused_kernels", True)
     codes = random_codes(model.config, 2, N_FRAMES, seed=4)  # [2, K, N]
     with torch.no_grad():
         reference = model.decode(codes).audio_values  # [2, 1, N * frame]

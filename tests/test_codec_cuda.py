@@ -36,13 +36,48 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("path", ["matmul", "conv"])
-def test_cuda_float32_chunks_equal_transformers(setup, path, monkeypatch):
+def test_cuda_float32_chunks_equal_transformers(setup, path, fused, monkeypatch):
+    """Either stride-8 path; the SEANet's biases, residuals and ELUs as torch ops or `kernels.seanet_sum`."""
     force_stride8_path(monkeypatch, path)  # 2 streams' chunks of 1 and 4 frames would take cuDNN
     decoder, codes, reference = setup
+    monkeypatch.setattr(decoder, "fused_kernels", fused)
     for chunk in (1, 4):
         with decoder.streaming(2):
             assert relative_error(decode_in_chunks(decoder, codes, chunk), reference) < 1e-4
+
+
+@pytest.mark.parametrize("streams", [2, 64])
+def test_fused_seanet_passes_equal_the_torch_ops(setup, streams, monkeypatch):
+    """`kernels.seanet_sum` adds in torch's order with CUDA's expm1f, and the convs without their bias run the
+    same kernels: the audio is the same to the last bit or two (a lost bias or residual is >= 1e-2 of the peak).
+    64 streams take the stride-8 matmul."""
+    decoder, codes, _ = setup
+    codes = codes[:, :, :16].repeat(streams // 2, 1, 1)  # [streams, 32, 16]
+    pcm = {}
+    for fused in (False, True):
+        monkeypatch.setattr(decoder, "fused_kernels", fused)
+        with decoder.streaming(streams):
+            pcm[fused] = decode_in_chunks(decoder, codes, 8)
+    error = relative_error(pcm[True], pcm[False])
+    print(f"{streams} streams: fused against torch ops, max difference {error:.1e} of peak")
+    assert error < 1e-6
+
+
+def test_chunk_decoder_turns_the_fused_passes_on(setup, monkeypatch):
+    from csmcli.engine import NO_FUSED_ENV, ChunkDecoder
+
+    decoder, _, _ = setup
+    for requested, env, on in ((True, None, True), (False, None, False), (True, "1", False)):
+        if env is None:
+            monkeypatch.delenv(NO_FUSED_ENV, raising=False)
+        else:
+            monkeypatch.setenv(NO_FUSED_ENV, env)
+        chunks = ChunkDecoder(decoder, 2, 32, cuda_graphs=False, fused_kernels=requested)
+        assert decoder.fused_kernels is on
+        chunks.close()
+        assert decoder.fused_kernels is False
 
 
 def test_cuda_bf16_transformer_stays_close(setup):
@@ -54,13 +89,21 @@ def test_cuda_bf16_transformer_stays_close(setup):
     assert 1e-5 < error < 5e-2
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("batch", [2, 64])
-def test_seanet_activations_stay_time_major(setup, batch):
+def test_seanet_activations_stay_time_major(setup, batch, fused, monkeypatch):
     """cuDNN's NHWC kernels keep the SEANet's time-major layout from layer to layer (no transposes around convs);
     64 streams run the stride-8 transposed conv as a matmul (`codec.BY_STEPS_ROWS`), 2 through cuDNN."""
     decoder, codes, _ = setup
+    monkeypatch.setattr(decoder, "fused_kernels", fused)
     outputs = []
-    hooks = [m.register_forward_hook(lambda m, args, out: outputs.append((type(m).__name__, out)))
+
+    def keep(m, args, out):  # convs and blocks give a `codec._Activation`: its tensors
+        for t in (out,) if isinstance(out, torch.Tensor) else (out.x, out.skip):
+            if t is not None:
+                outputs.append((type(m).__name__, t))
+
+    hooks = [m.register_forward_hook(keep)
              for m in decoder.decoder.modules() if m is not decoder.decoder and not isinstance(m, torch.nn.Sequential)]
     try:
         with decoder.streaming(batch):
@@ -70,7 +113,8 @@ def test_seanet_activations_stay_time_major(setup, batch):
             h.remove()
     wide = [(name, out) for name, out in outputs if out.shape[1] > 1]  # [B, C, T]; C = 1 is both layouts
     assert wide
-    assert [name for name, out in wide if not out.transpose(1, 2).is_contiguous()] == []
+    # each stream's [T, C] contiguous (a transposed conv's output may be a slice of a longer one)
+    assert [name for name, out in wide if (out.stride(1), out.stride(2)) != (1, out.shape[1])] == []
 
 
 def capture(decoder: StreamingMimiDecoder, codes_in: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

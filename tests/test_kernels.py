@@ -253,6 +253,45 @@ def test_silu_mul_kernel_equals_torch(dtype):
                                                  else tolerance(dtype)))
 
 
+def time_major(streams: int, channels: int, steps: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(streams, steps, channels, generator=g).to(DEVICE).transpose(1, 2)  # [B, C, T] as [B, T, C]
+
+
+@pytest.mark.parametrize(("bias", "skip", "skip_bias", "elu"), [
+    (True, False, False, False), (True, False, False, True), (False, False, False, True), (True, True, False, False),
+    (True, True, True, True), (False, True, True, False),
+])  # fmt: skip
+@pytest.mark.parametrize("channels", [1, 12])
+def test_seanet_sum_equals_the_torch_ops(bias, skip, skip_bias, elu, channels):
+    """`kernels.seanet_sum` (the Mimi SEANet's bias + residual + ELU pass) against the torch ops it replaces, on
+    time-major tensors as the SEANet has them: `x` a slice of a conv output longer than the chunk, the result
+    written into the chunk's part of a padded buffer (streams at a stride of their own), 1 or several channels,
+    more elements per stream than the kernel's block. On CUDA bit for bit (CUDA's expm1f, torch's order of
+    adds); the interpreter's exp is numpy's."""
+    g = torch.Generator().manual_seed(9)
+    streams, steps, context = 3, 2 * kernels.SEANET_SUM_BLOCK // channels + 5, 4
+    x = time_major(streams, channels, steps + 3, g)[..., :steps]  # [B, C, T] of a longer output
+    b = torch.randn(channels, generator=g).to(DEVICE) if bias else None
+    s = time_major(streams, channels, steps, g) if skip else None
+    sb = torch.randn(channels, generator=g).to(DEVICE) if skip_bias else None
+    want = x if b is None else x + b[:, None]
+    if s is not None:
+        want = (s if sb is None else s + sb[:, None]) + want
+    want = F.elu(want) if elu else want
+    padded = time_major(streams, channels, context + steps, g)
+    before = padded[..., :context].clone()
+    got = kernels.seanet_sum(x, b, s, sb, elu, out=padded[..., context:])
+    assert got.data_ptr() == padded[..., context:].data_ptr()
+    assert torch.equal(padded[..., :context], before)
+    fresh = kernels.seanet_sum(x, b, s, sb, elu)
+    assert fresh.transpose(1, 2).is_contiguous()
+    for result in (got, fresh):
+        if DEVICE == "cuda":
+            assert torch.equal(result, want)
+        else:
+            torch.testing.assert_close(result, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(64, 1024, 8192, False), (64, 2048, 2048, False), (64, 2048, 8192, False),
                                    (64, 2051, 1024, False)])
 def test_fp8_never_picks_cublas(shape, monkeypatch):
