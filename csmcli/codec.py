@@ -336,13 +336,13 @@ class _Attention(_StreamingModule):
         shape = (batch_size, self.n_kv_heads, self.slots, self.head_dim)
         return _KVState(w.new_zeros(shape), w.new_zeros(shape))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor, fused: bool) -> Tensor:
         """x [B, T, C] at ring slots `slots [T]`; `mask [T, slots]` (0 or -inf, added to the scores) says which
-        slots each step sees."""
+        slots each step sees. Returns the heads side by side [B, T, H D], before `o_proj` (the layer's)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = _linear(self.q_proj, x, fused).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = _linear(self.k_proj, x, fused).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        v = _linear(self.v_proj, x, fused).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         # Written into the ring in place: a shifted cache would copy the whole window twice a chunk (at 64 streams
         # ~0.5 GB per layer and chunk in float32). The keys' order does not matter to attention, only the mask.
@@ -359,19 +359,41 @@ class _Attention(_StreamingModule):
         scores = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=self.head_dim**-0.5)
         probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)  # [B H, T, slots]; scale 1/sqrt(D) as Mimi
         y = (probs @ v.flatten(0, 1)).view(b, -1, t, self.head_dim)  # [B, H, T, D]
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return y.transpose(1, 2).reshape(b, t, -1)
+
+
+def _linear(layer: nn.Linear, x: Tensor, fused: bool, act: nn.Module | None = None, scale: Tensor | None = None,
+            residual: Tensor | None = None) -> Tensor:
+    """`residual + scale * act(layer(x))` (each part optional). Fused (float32, exact GELU or no `act`): one Triton
+    product (`kernels.matmul_f32`, on the tensor cores as three TF32 products each) with the rest as its
+    epilogue; cuBLAS runs float32 GEMMs on the CUDA cores."""
+    if fused and x.dtype == torch.float32 and (act is None or _is_exact_gelu(act)):
+        from csmcli import kernels  # here, so CPU-only installs never need Triton
+
+        return kernels.matmul_f32(x, layer.weight, layer.bias, scale, residual, gelu=act is not None)
+    y = layer(x)
+    y = y if act is None else act(y)
+    y = y if scale is None else scale * y
+    return y if residual is None else residual + y
+
+
+def _is_exact_gelu(act: nn.Module) -> bool:
+    from transformers.activations import GELUActivation
+
+    return type(act) is GELUActivation and act.act is F.gelu  # "gelu": erf, not the tanh approximation
 
 
 class _LayerScale(nn.Module):
+    """`scale * x`, applied in `_linear`."""
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.scale * x
-
 
 class _MLP(nn.Module):
+    """`fc2(act(fc1(x)))`, applied in `_TransformerLayer.forward`."""
+
     def __init__(self, c: MimiConfig) -> None:
         super().__init__()
         from transformers.activations import ACT2FN  # Mimi's `hidden_act` names ("gelu" = exact erf GELU)
@@ -379,9 +401,6 @@ class _MLP(nn.Module):
         self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
         self.act = ACT2FN[c.hidden_act]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class _TransformerLayer(nn.Module):
@@ -394,9 +413,12 @@ class _TransformerLayer(nn.Module):
         self.mlp = _MLP(c)
         self.mlp_layer_scale = _LayerScale(c.hidden_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask, slots))
-        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor, fused: bool) -> Tensor:
+        heads = self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, fused)  # [B, T, H D]
+        x = _linear(self.self_attn.o_proj, heads, fused, scale=self.self_attn_layer_scale.scale, residual=x)
+        mlp = self.mlp
+        hidden = _linear(mlp.fc1, self.post_attention_layernorm(x), fused, act=mlp.act)  # [B, T, intermediate]
+        return _linear(mlp.fc2, hidden, fused, scale=self.mlp_layer_scale.scale, residual=x)
 
 
 def _rope_inv_freq(c: MimiConfig) -> Tensor:
@@ -417,13 +439,14 @@ class _Transformer(_StreamingModule):
     def init_state(self, batch_size: int) -> _PositionState:
         return _PositionState(torch.zeros((), dtype=torch.long, device=self.inv_freq.device))
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
-        """Pieces of at most RING_STEPS steps (each layer's key ring holds the window and one piece)."""
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:  # [B, T, C] -> [B, T, C]
+        """Pieces of at most RING_STEPS steps (each layer's key ring holds the window and one piece). `fused`: the
+        float32 products through `kernels.matmul_f32` (see `_linear`)."""
         dtype = self.layers[0].input_layernorm.weight.dtype
-        pieces = [self._piece(x[:, i : i + RING_STEPS].to(dtype)) for i in range(0, x.shape[1], RING_STEPS)]
+        pieces = [self._piece(x[:, i : i + RING_STEPS].to(dtype), fused) for i in range(0, x.shape[1], RING_STEPS)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
-    def _piece(self, x: Tensor) -> Tensor:  # [B, T <= RING_STEPS, C]
+    def _piece(self, x: Tensor, fused: bool) -> Tensor:  # [B, T <= RING_STEPS, C]
         t, dev, offset = x.shape[1], x.device, self.state.offset
         slots = self.layers[0].self_attn.slots
         pos = offset + torch.arange(t, device=dev)  # [T]
@@ -438,7 +461,7 @@ class _Transformer(_StreamingModule):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         ring = pos % slots  # [T]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, ring)
+            x = layer(x, cos, sin, mask, ring, fused)
         offset += t
         return x
 
@@ -505,8 +528,8 @@ class StreamingMimiDecoder(nn.Module):
         self.decoder = _SeanetDecoder(config)
         self.frame_size = math.prod(config.upsampling_ratios) * stride
         self.fused_kernels = False
-        """The SEANet's biases, residuals and ELUs through one Triton kernel per conv input (`_Activation`): CUDA
-        only (or Triton's interpreter); `engine.ChunkDecoder` turns it on."""
+        """Triton kernels for the transformer's float32 products (`_linear`) and the SEANet's biases, residuals and
+        ELUs (`_Activation`): CUDA only (or Triton's interpreter); `engine.ChunkDecoder` turns it on."""
         self._lay_out_conv_weights()
         self.register_load_state_dict_post_hook(StreamingMimiDecoder._lay_out_conv_weights)
 
@@ -583,7 +606,7 @@ class StreamingMimiDecoder(nn.Module):
         x = self.quantizer(codes)  # [B, hidden, n]
         if self.upsample is not None:
             x = self.upsample(x)  # [B, hidden, 2n]
-        x = self.decoder_transformer(x.transpose(1, 2)).float().transpose(1, 2)  # [B, hidden, 2n]
+        x = self.decoder_transformer(x.transpose(1, 2), self.fused_kernels).float().transpose(1, 2)  # [B, hidden, 2n]
         return self.decoder(x, self.fused_kernels)  # [B, 1, n * frame_size]
 
     forward = decode_chunk

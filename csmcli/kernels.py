@@ -1252,3 +1252,76 @@ def seanet_sum(x: Tensor, bias: Tensor | None = None, skip: Tensor | None = None
         LIBDEVICE=not INTERPRET, BLOCK=SEANET_SUM_BLOCK, num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _gelu(x, LIBDEVICE: tl.constexpr):
+    """torch's exact (erf) GELU in float32: x * 0.5 * (1 + erf(x / sqrt 2)), CUDA's own erff."""
+    if LIBDEVICE:
+        erf = libdevice.erf(x * 0.7071067811865476)
+    else:
+        erf = tl.erf(x * 0.7071067811865476)
+    return x * 0.5 * (1.0 + erf)
+
+
+@triton.jit
+def _matmul_f32_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N, K,
+                       HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+                       PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)  # [BLOCK_K, BLOCK_N]: the weight [N, K] read transposed
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if GELU:
+        acc = _gelu(acc, LIBDEVICE)
+    if HAS_SCALE:
+        acc = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :] * acc
+    out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        acc = tl.load(res_ptr + out_offs, mask=ok, other=0.0) + acc
+    tl.store(out_ptr + out_offs, acc, mask=ok)
+
+
+def matmul_f32_blocks(m: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of `matmul_f32`: 64 x 64 tiles while they give the GPU's SMs a few waves (a
+    64-stream chunk's 1024 rows by Mimi's 512 outputs: 128 tiles), then 128-row tiles."""
+    block_m = max(16, min(64, triton.next_power_of_2(m))) if m * n <= 2048 * 1024 else 128
+    return block_m, 64, 32
+
+
+def matmul_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
+               residual: Tensor | None = None, gelu: bool = False) -> Tensor:
+    """`residual + scale * gelu(x @ weight.T + bias)` (each part optional) of float32 `x [..., K]`, `weight [N, K]`: the
+    Mimi transformer's products, where cuBLAS's float32 GEMMs run on the CUDA cores (no TF32: torch's default).
+    Here the tensor cores compute each product as three TF32 products (Triton's `tf32x3`: the operands split into
+    high and low TF32 parts), as accurate as float32 to ~1e-6, and the bias, the GELU, the layer scale and the
+    residual add are the epilogue, rounded as torch rounds them."""
+    assert x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).contiguous()  # [M, K]
+    m, n = rows.shape[0], weight.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32, device=x.device)  # [M, N]
+    if residual is not None:
+        residual = residual.reshape(m, n).contiguous()
+    assert all(v is None or (v.shape == (n,) and v.is_contiguous()) for v in (bias, scale))
+    block_m, block_n, block_k = matmul_f32_blocks(m, n)
+    _matmul_f32_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        rows, weight, bias if bias is not None else out, scale if scale is not None else out,
+        residual if residual is not None else out, out, m, n, k,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, GELU=gelu,
+        PRECISION="ieee" if INTERPRET else "tf32x3", LIBDEVICE=not INTERPRET,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+    )
+    return out.view(*x.shape[:-1], n)

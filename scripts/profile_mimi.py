@@ -5,7 +5,7 @@ busiest host calls). `profile_mimi.py admission`: only the admission; `profile_m
 streams. What-ifs (not what csmcli runs): cuDNN autotuning, TF32 matmuls, a bf16 decoder transformer.
 `profile_mimi.py layouts`: the SEANet's convs channels-first against channels-last, the stride-8 transposed conv's
 two paths and the attention's two forms, layer by layer at 16-256 streams; `profile_mimi.py chunks`: a graphed
-chunk at 1-256 streams."""
+chunk at 1-256 streams; `profile_mimi.py matmuls`: the transformer's products by block size against cuBLAS."""
 
 import contextlib
 import functools
@@ -58,7 +58,8 @@ def parts(decoder, codes) -> None:
     latents = decoder.upsample(decoder.quantizer(codes)).transpose(1, 2)  # [B, 2n, hidden]
     steps = decoder.decoder_transformer(latents).float().transpose(1, 2)  # [B, hidden, 2n]
     timings = {"quantizer+upsample": lambda: decoder.upsample(decoder.quantizer(codes)),
-               "transformer": lambda: decoder.decoder_transformer(latents),
+               "transformer, cuBLAS": lambda: decoder.decoder_transformer(latents, False),
+               "transformer, fused": lambda: decoder.decoder_transformer(latents, True),
                "seanet, torch-op passes": lambda: decoder.decoder(steps, False),
                "seanet, fused passes": lambda: decoder.decoder(steps, True)}
     for name, fn in timings.items():
@@ -132,6 +133,53 @@ def graphed_chunks(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
             chunks.close()
             passes = "fused passes" if fused else "torch-op passes"
             print(f"mimi B={batch:3d} chunk={chunk} {passes:15s} graphed {ms:7.2f} ms/chunk", flush=True)
+
+
+def matmuls(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
+    """The Mimi transformer's products (rows = streams x 2 steps a frame) by `kernels.matmul_f32` (tf32x3) at a
+    few block sizes, against cuBLAS in float32 (as torch runs them) and in TF32 (the approximation not taken)."""
+    from csmcli import kernels
+
+    shapes = {"qkvo": (512, 512), "fc1": (2048, 512), "fc2": (512, 2048)}
+    chosen = kernels.matmul_f32_blocks
+    for batch in batches:
+        m = batch * 2 * chunk
+        for name, (n, k) in shapes.items():
+            x = torch.randn(m, k, device="cuda")
+            w = torch.randn(n, k, device="cuda") / k**0.5
+            want = x.double() @ w.double().T
+            results = [f"cuBLAS f32 {graphed_us(lambda x=x, w=w: x @ w.T):6.1f}"]
+            torch.backends.cuda.matmul.allow_tf32 = True
+            tf32 = graphed_us(lambda x=x, w=w: x @ w.T)
+            tf32_error = ((x @ w.T).double() - want).abs().max() / want.abs().max()
+            torch.backends.cuda.matmul.allow_tf32 = False
+            results.append(f"cuBLAS tf32 {tf32:6.1f} (err {tf32_error:.0e})")
+            for blocks in ((16, 64, 32), (32, 64, 32), (64, 64, 32), (64, 128, 32), (128, 64, 32), (128, 128, 32),
+                           (64, 64, 64)):
+                if blocks[0] > max(16, triton_next_pow2(m)):
+                    continue
+                kernels.matmul_f32_blocks = lambda m, n, b=blocks: b
+                us = graphed_us(lambda x=x, w=w: kernels.matmul_f32(x, w))
+                error = (kernels.matmul_f32(x, w).double() - want).abs().max() / want.abs().max()
+                mark = "*" if blocks == chosen(m, n) else ""
+                results.append(f"{blocks}{mark} {us:6.1f} (err {error:.0e})")
+            kernels.matmul_f32_blocks = chosen
+            print(f"matmul M={m:5d} {name}: " + ", ".join(results) + " us", flush=True)
+
+
+def graphed_us(fn, calls: int = 20) -> float:
+    """Microseconds a call inside a CUDA graph of `calls` calls (as the engine replays them: no host launch cost)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, 20) * 1000 / calls
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _catch(inputs: dict, module, args) -> None:
@@ -242,6 +290,9 @@ def main():
     if sys.argv[1:] == ["chunks"]:
         torch.backends.cudnn.allow_tf32 = True
         graphed_chunks()
+        return
+    if sys.argv[1:] == ["matmuls"]:
+        matmuls()
         return
     if sys.argv[1:] == ["layouts"]:
         torch.backends.cudnn.allow_tf32 = True

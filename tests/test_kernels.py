@@ -292,6 +292,32 @@ def test_seanet_sum_equals_the_torch_ops(bias, skip, skip_bias, elu, channels):
             torch.testing.assert_close(result, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "gelu", "scale+residual", "all"])
+@pytest.mark.parametrize(("m", "n", "k"), [(5, 48, 40), (70, 520, 96), (2100, 1000, 72)])
+def test_matmul_f32_equals_torch(epilogue, m, n, k):
+    """`kernels.matmul_f32` (the Mimi transformer's float32 products; on CUDA three TF32 products each) against
+    torch's float32 `residual + scale * gelu(x @ w.T + bias)`: sizes no multiple of the blocks, and both tile
+    sizes (`kernels.matmul_f32_blocks`). tf32x3 drops only the low parts' product: float32-level agreement, where
+    plain TF32 is off by ~1e-3 of the largest output."""
+    if DEVICE == "cpu" and m > 100:
+        pytest.skip("the interpreter's large tiles: slow; the CUDA run covers 128-row tiles")
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(m, k, generator=g).to(DEVICE)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE) if epilogue in ("bias", "all") else None
+    scale = torch.rand(n, generator=g).to(DEVICE) + 0.5 if epilogue in ("scale+residual", "all") else None
+    residual = torch.randn(m, n, generator=g).to(DEVICE) if epilogue in ("scale+residual", "all") else None
+    gelu = epilogue in ("gelu", "all")
+    want = x @ weight.T if bias is None else x @ weight.T + bias
+    want = F.gelu(want) if gelu else want
+    want = want if scale is None else scale * want
+    want = want if residual is None else residual + want
+    got = kernels.matmul_f32(x, weight, bias, scale, residual, gelu)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    error = ((got - want).abs().max() / want.abs().max()).item()
+    assert error < 2e-6, error
+
+
 @pytest.mark.parametrize("shape", [(64, 1024, 8192, False), (64, 2048, 2048, False), (64, 2048, 8192, False),
                                    (64, 2051, 1024, False)])
 def test_fp8_never_picks_cublas(shape, monkeypatch):
