@@ -364,13 +364,14 @@ class _Attention(_StreamingModule):
 
 def _linear(layer: nn.Linear, x: Tensor, fused: bool, act: nn.Module | None = None, scale: Tensor | None = None,
             residual: Tensor | None = None) -> Tensor:
-    """`residual + scale * act(layer(x))` (each part optional). Fused (float32, exact GELU or no `act`): one Triton
-    product (`kernels.matmul_f32`, on the tensor cores as three TF32 products each) with the rest as its
-    epilogue; cuBLAS runs float32 GEMMs on the CUDA cores."""
+    """`residual + scale * act(layer(x))` (each part optional). Fused (float32, exact GELU or no `act`, enough rows:
+    `kernels.MATMUL_F32_MIN_ROWS`): one Triton product (`kernels.matmul_f32`, on the tensor cores as three TF32
+    products each) with the rest as its epilogue; cuBLAS runs float32 GEMMs on the CUDA cores."""
     if fused and x.dtype == torch.float32 and (act is None or _is_exact_gelu(act)):
         from csmcli import kernels  # here, so CPU-only installs never need Triton
 
-        return kernels.matmul_f32(x, layer.weight, layer.bias, scale, residual, gelu=act is not None)
+        if x.numel() // x.shape[-1] >= kernels.MATMUL_F32_MIN_ROWS:
+            return kernels.matmul_f32(x, layer.weight, layer.bias, scale, residual, gelu=act is not None)
     y = layer(x)
     y = y if act is None else act(y)
     y = y if scale is None else scale * y

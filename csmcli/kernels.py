@@ -1294,11 +1294,19 @@ def _matmul_f32_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N
     tl.store(out_ptr + out_offs, acc, mask=ok)
 
 
+MATMUL_F32_MIN_ROWS = 512
+"""Rows from which `matmul_f32` beats cuBLAS's float32 GEMMs at Mimi's shapes on an H200 (twenty-seventh session,
+`profile_mimi.py matmuls`): at 1024 rows (64 streams' 8-frame chunk) a layer's six products take 137 instead of 193
+us, at 4096 374 instead of 583; at 256 rows its K = 2048 product (fc2) has too few tiles (55 against 22 us), at 16
+every product is slower. Callers send fewer rows to torch."""
+
+
 def matmul_f32_blocks(m: int, n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of `matmul_f32`: 64 x 64 tiles while they give the GPU's SMs a few waves (a
-    64-stream chunk's 1024 rows by Mimi's 512 outputs: 128 tiles), then 128-row tiles."""
-    block_m = max(16, min(64, triton.next_power_of_2(m))) if m * n <= 2048 * 1024 else 128
-    return block_m, 64, 32
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of `matmul_f32`: the fastest of seven sizes at Mimi's products (`profile_mimi.py
+    matmuls`); below 128 rows (tests) one tile's rows."""
+    if m < 128:
+        return max(16, min(64, triton.next_power_of_2(m))), 64, 32
+    return (128, 64, 32) if m > 2048 or n >= 2048 else (64, 64, 64)
 
 
 def matmul_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,

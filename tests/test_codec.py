@@ -156,6 +156,9 @@ def test_two_streams_keep_time_major_states_and_decode_the_same(tiny, path, kern
         if os.environ.get("TRITON_INTERPRET") != "1":  # conftest: without a GPU
             pytest.skip("CPU tensors need Triton's interpreter; test_codec_cuda runs the fused passes on the GPU")
         monkeypatch.setattr(codec.decoder, "fused_kernels", True)
+        from csmcli import kernels as kernels_module
+
+        monkeypatch.setattr(kernels_module, "MATMUL_F32_MIN_ROWS", 1)  # the transformer's few rows too
     codes = random_codes(model.config, 2, N_FRAMES, seed=4)  # [2, K, N]
     with torch.no_grad():
         reference = model.decode(codes).audio_values  # [2, 1, N * frame]

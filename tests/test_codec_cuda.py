@@ -49,10 +49,11 @@ def test_cuda_float32_chunks_equal_transformers(setup, path, fused, monkeypatch)
 
 
 @pytest.mark.parametrize("streams", [2, 64])
-def test_fused_seanet_passes_equal_the_torch_ops(setup, streams, monkeypatch):
-    """`kernels.seanet_sum` adds in torch's order with CUDA's expm1f, and the convs without their bias run the
-    same kernels: the audio is the same to the last bit or two (a lost bias or residual is >= 1e-2 of the peak).
-    64 streams take the stride-8 matmul."""
+def test_fused_kernels_equal_the_torch_ops(setup, streams, monkeypatch):
+    """`kernels.seanet_sum` adds in torch's order with CUDA's expm1f, the convs without their bias run the same
+    kernels, and `kernels.matmul_f32`'s tf32x3 products agree with float32 to ~1e-6: the audio agrees to float32
+    level (plain TF32 products: ~1e-3; a lost bias or residual: >= 1e-2 of the peak). 64 streams take the stride-8
+    matmul."""
     decoder, codes, _ = setup
     codes = codes[:, :, :16].repeat(streams // 2, 1, 1)  # [streams, 32, 16]
     pcm = {}
@@ -62,7 +63,7 @@ def test_fused_seanet_passes_equal_the_torch_ops(setup, streams, monkeypatch):
             pcm[fused] = decode_in_chunks(decoder, codes, 8)
     error = relative_error(pcm[True], pcm[False])
     print(f"{streams} streams: fused against torch ops, max difference {error:.1e} of peak")
-    assert error < 1e-6
+    assert error < 1e-5
 
 
 def test_chunk_decoder_turns_the_fused_passes_on(setup, monkeypatch):
