@@ -27,6 +27,9 @@ with the memory system idle. One-row kernels (an engine of one slot) let the nex
 what never changes (weight tiles, RoPE tables) before they wait; batched kernels let it launch only when their main
 loop is done (`use_pdl`).
 
+Two kernels serve the Mimi decode instead (`codec`): `seanet_sum`, a SEANet conv's bias with the resnet residual
+and the ELU in one pass, and `matmul_f32`, the transformer's float32 products on the tensor cores.
+
 Runs on CUDA; on the CPU only under `TRITON_INTERPRET=1` (the tests), where `tl.dot` takes float32 inputs.
 """
 
