@@ -367,7 +367,7 @@ def _linear(layer: nn.Linear, x: Tensor, fused: bool, act: nn.Module | None = No
     """`residual + scale * act(layer(x))` (each part optional). Fused (float32, exact GELU or no `act`, enough rows:
     `kernels.MATMUL_F32_MIN_ROWS`): one Triton product (`kernels.matmul_f32`, on the tensor cores as three TF32
     products each) with the rest as its epilogue; cuBLAS runs float32 GEMMs on the CUDA cores."""
-    if fused and x.dtype == torch.float32 and (act is None or _is_exact_gelu(act)):
+    if fused and x.dtype == torch.float32 and layer.weight.is_contiguous() and (act is None or _is_exact_gelu(act)):
         from csmcli import kernels  # here, so CPU-only installs never need Triton
 
         if x.numel() // x.shape[-1] >= kernels.MATMUL_F32_MIN_ROWS:
@@ -528,9 +528,6 @@ class StreamingMimiDecoder(nn.Module):
         self.decoder_transformer = _Transformer(config)
         self.decoder = _SeanetDecoder(config)
         self.frame_size = math.prod(config.upsampling_ratios) * stride
-        self.fused_kernels = False
-        """Triton kernels for the transformer's float32 products (`_linear`) and the SEANet's biases, residuals and
-        ELUs (`_Activation`): CUDA only (or Triton's interpreter); `engine.ChunkDecoder` turns it on."""
         self._lay_out_conv_weights()
         self.register_load_state_dict_post_hook(StreamingMimiDecoder._lay_out_conv_weights)
 
@@ -600,15 +597,18 @@ class StreamingMimiDecoder(nn.Module):
             t.zero_()
 
     @torch.no_grad()
-    def decode_chunk(self, codes: Tensor) -> Tensor:
-        """[B, K, n] int64 codes (K <= num_quantizers, each in [0, codebook_size)) -> [B, 1, n * frame_size]."""
+    def decode_chunk(self, codes: Tensor, fused: bool = False) -> Tensor:
+        """[B, K, n] int64 codes (K <= num_quantizers, each in [0, codebook_size)) -> [B, 1, n * frame_size].
+
+        `fused`: Triton kernels for the transformer's float32 products (`_linear`) and the SEANet's biases,
+        residuals and ELUs (`_Activation`): CUDA only (or Triton's interpreter); `engine.ChunkDecoder` decides."""
         if codes.shape[-1] == 0:
             return torch.zeros(codes.shape[0], self.config.audio_channels, 0, device=codes.device)
         x = self.quantizer(codes)  # [B, hidden, n]
         if self.upsample is not None:
             x = self.upsample(x)  # [B, hidden, 2n]
-        x = self.decoder_transformer(x.transpose(1, 2), self.fused_kernels).float().transpose(1, 2)  # [B, hidden, 2n]
-        return self.decoder(x, self.fused_kernels)  # [B, 1, n * frame_size]
+        x = self.decoder_transformer(x.transpose(1, 2), fused).float().transpose(1, 2)  # [B, hidden, 2n]
+        return self.decoder(x, fused)  # [B, 1, n * frame_size]
 
     forward = decode_chunk
 

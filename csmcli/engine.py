@@ -9,6 +9,7 @@ per chunk size.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -151,6 +152,15 @@ def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) ->
         return False
     heads = [model.cfg.backbone.head_dim, model.cfg.decoder.head_dim]
     return all(d >= 32 and d & (d - 1) == 0 for d in heads)
+
+
+def mimi_kernels_enabled(requested: bool, device: torch.device) -> bool:
+    """The Mimi decode's Triton kernels (`StreamingMimiDecoder.decode_chunk(fused=True)`) run when asked for, on CUDA
+    (Ampere or newer: tf32x3 products on the tensor cores) with Triton, not switched off by
+    CSMCLI_NO_FUSED_KERNELS=1. Callers ask when the engine's own kernels run (`Engine.fused_kernels`)."""
+    if not requested or device.type != "cuda" or os.environ.get(NO_FUSED_ENV) == "1":
+        return False
+    return has_triton() and compute_capability(device) >= (8, 0)
 
 
 def batch_buckets(max_batch: int, fused_kernels: bool) -> list[int]:
@@ -406,7 +416,8 @@ class ChunkDecoder:
     replays its own CUDA graph; another size (a short last chunk) is decoded as a run of graphed sizes.
 
     The decoder's streaming state stays allocated for this object's life (graphs hold its addresses), so the
-    decoder cannot be used for anything else meanwhile; `reset()` starts new utterances, `close()` frees it."""
+    decoder cannot be used for anything else meanwhile; `reset()` starts new utterances, `close()` frees it.
+    `fused_kernels`: the decode's Triton kernels where they can run (`mimi_kernels_enabled`)."""
 
     def __init__(self, decoder: StreamingMimiDecoder, batch: int = 1, codebooks: int = 32, cuda_graphs: bool = True,
                  fused_kernels: bool = True):
@@ -414,10 +425,8 @@ class ChunkDecoder:
         param = next(decoder.parameters())
         self.device = param.device
         self.cuda_graphs = graphs_enabled(cuda_graphs, self.device)
-        # The SEANet's bias / residual / ELU passes as one Triton kernel each (`codec._Activation`): any CUDA GPU
-        # with Triton, unless switched off as the frame step's kernels are.
-        decoder.fused_kernels = (fused_kernels and self.device.type == "cuda" and has_triton()
-                                 and os.environ.get(NO_FUSED_ENV) != "1")
+        self.fused_kernels = mimi_kernels_enabled(fused_kernels, self.device)
+        self._decode_chunk = functools.partial(decoder.decode_chunk, fused=self.fused_kernels)
         self._streaming = ExitStack()
         self._streaming.enter_context(decoder.streaming(batch))
         self._graphs: dict[tuple[int, ...], CapturedCall] = {}  # by codes shape
@@ -433,9 +442,9 @@ class ChunkDecoder:
                 codes = torch.zeros(self.batch, self.codebooks, n, dtype=torch.long, device=self.device)  # [B, K, n]
                 shape = tuple(codes.shape)
                 if self.cuda_graphs and shape not in self._graphs:
-                    self._graphs[shape] = CapturedCall(self.decoder.decode_chunk, codes, warmup=2, pool=self._pool)
+                    self._graphs[shape] = CapturedCall(self._decode_chunk, codes, warmup=2, pool=self._pool)
                 elif not self.cuda_graphs:
-                    self.decoder.decode_chunk(codes)
+                    self._decode_chunk(codes)
 
     def decode(self, codes: Tensor) -> Tensor:
         """codes `[B, K, n]` on the decoder's device -> pcm `[B, 1, n * 1920]` (valid until the next decode).
@@ -448,7 +457,7 @@ class ChunkDecoder:
         lead, n = tuple(codes.shape[:-1]), codes.shape[-1]
         sizes = sorted((shape[-1] for shape in self._graphs if shape[:-1] == lead), reverse=True)
         if not sizes or n == 0:
-            return self.decoder.decode_chunk(codes)
+            return self._decode_chunk(codes)
         pieces, start = [], 0
         while start < n:
             size = next(s for s in sizes if s <= n - start)
@@ -462,4 +471,3 @@ class ChunkDecoder:
     def close(self) -> None:
         self._streaming.close()
         self._graphs.clear()
-        self.decoder.fused_kernels = False

@@ -38,6 +38,7 @@ VARIANTS = {
         num_residual_layers=2, use_conv_shortcut=True, codebook_dim=32, vector_quantization_hidden_dimension=32,
         upsample_groups=16, num_key_value_heads=4,
     ),
+    "resnet2-identity": dict(num_residual_layers=2),  # one block's output (still a sum) is the next one's input
 }  # fmt: skip
 
 
@@ -71,8 +72,10 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def decode_in_chunks(decoder: StreamingMimiDecoder, codes: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([decoder.decode_chunk(codes[..., i : i + chunk]) for i in range(0, codes.shape[-1], chunk)], -1)
+def decode_in_chunks(decoder: StreamingMimiDecoder, codes: torch.Tensor, chunk: int, fused: bool = False
+                     ) -> torch.Tensor:
+    frames = codes.shape[-1]
+    return torch.cat([decoder.decode_chunk(codes[..., i : i + chunk], fused) for i in range(0, frames, chunk)], -1)
 
 
 
@@ -147,15 +150,15 @@ def test_stride8_layer_takes_the_matmul_from_64_rows_below_128_streams(tiny, str
 @pytest.mark.parametrize("path", ["matmul", "conv"])
 def test_two_streams_keep_time_major_states_and_decode_the_same(tiny, path, kernels, monkeypatch):
     """The SEANet's states are [B, C, T] stored as [B, T, C] (`codec._time_major`), and two different streams'
-    chunks, through either path of the stride-8 transposed conv, with the biases, residuals and ELUs as torch ops
-    or as `kernels.seanet_sum` (Triton's interpreter here), equal transformers' one-shot decode of both."""
+    chunks, through either path of the stride-8 transposed conv, as torch ops or through the fused kernels
+    (`kernels.seanet_sum`, `kernels.matmul_f32`; Triton's interpreter here), equal transformers' one-shot decode of
+    both."""
     force_stride8_path(monkeypatch, path)
     model, _, codec, _, _ = tiny
     if kernels == "fused":
         pytest.importorskip("triton")
         if os.environ.get("TRITON_INTERPRET") != "1":  # conftest: without a GPU
             pytest.skip("CPU tensors need Triton's interpreter; test_codec_cuda runs the fused passes on the GPU")
-        monkeypatch.setattr(codec.decoder, "fused_kernels", True)
         from csmcli import kernels as kernels_module
 
         monkeypatch.setattr(kernels_module, "MATMUL_F32_MIN_ROWS", 1)  # the transformer's few rows too
@@ -165,7 +168,7 @@ def test_two_streams_keep_time_major_states_and_decode_the_same(tiny, path, kern
     with codec.decoder.streaming(2):
         convs = [s for s in codec.decoder.state_tensors() if s.dim() == 3]  # [B, C, T] histories and tails
         assert convs and all(s.transpose(1, 2).is_contiguous() for s in convs)
-        close(decode_in_chunks(codec.decoder, codes, 3), reference)
+        close(decode_in_chunks(codec.decoder, codes, 3, fused=kernels == "fused"), reference)
 
 
 @pytest.mark.parametrize("path", ["matmul", "conv"])

@@ -364,6 +364,48 @@ def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(m
     assert not engine.fused_kernels_enabled(True, model("cuda"))
 
 
+def test_mimi_kernels_only_on_cuda_ampere_or_newer_with_triton_unless_switched_off(monkeypatch):
+    from csmcli import engine
+
+    def gpu(capability: tuple[int, int], triton: bool = True) -> None:
+        monkeypatch.setattr(engine, "compute_capability", lambda device: capability)
+        monkeypatch.setattr(engine, "has_triton", lambda: triton)
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(engine.NO_FUSED_ENV, raising=False)
+    gpu((8, 0))
+    assert engine.mimi_kernels_enabled(True, cuda)
+    assert not engine.mimi_kernels_enabled(False, cuda)
+    assert not engine.mimi_kernels_enabled(True, cpu)
+    monkeypatch.setenv(engine.NO_FUSED_ENV, "1")
+    assert not engine.mimi_kernels_enabled(True, cuda)
+    monkeypatch.delenv(engine.NO_FUSED_ENV)
+    gpu((7, 5))  # Turing: TF32 tensor cores start with Ampere
+    assert not engine.mimi_kernels_enabled(True, cuda)
+    gpu((9, 0), triton=False)
+    assert not engine.mimi_kernels_enabled(True, cuda)
+
+
+def test_chunk_decoder_on_the_cpu_decodes_with_the_torch_ops(monkeypatch):
+    from tiny import tiny_mimi_config
+
+    from csmcli import codec
+    from csmcli.engine import ChunkDecoder
+    from csmcli.pipeline import random_codec
+
+    seen = []
+    real = codec.StreamingMimiDecoder.decode_chunk
+    monkeypatch.setattr(codec.StreamingMimiDecoder, "decode_chunk",
+                        lambda self, codes, fused=False: seen.append(fused) or real(self, codes, fused))
+    chunks = ChunkDecoder(random_codec(torch.device("cpu"), tiny_mimi_config()).decoder, 1, 32, fused_kernels=True)
+    try:
+        assert chunks.fused_kernels is False
+        chunks.decode(torch.zeros(1, 32, 1, dtype=torch.long))
+    finally:
+        chunks.close()
+    assert seen == [False]
+
+
 def test_flash_attention_only_where_sdpa_has_its_kernel(monkeypatch):
     """Prompt rows from position 0 in bf16 / fp16 on an Ampere-or-newer GPU take SDPA's flash kernel; a T4 or V100
     (no flash kernel: pinning it would raise), float32, a one-row step, per-row positions or a head over 256 take the
