@@ -1246,7 +1246,7 @@ def seanet_sum(x: Tensor, bias: Tensor | None = None, skip: Tensor | None = None
     if out is None:
         out = x.new_empty(streams, steps, channels).transpose(1, 2)  # [B, C, T], time-major
     n = steps * channels
-    assert n < 2**31
+    assert n <= 2**31 - SEANET_SUM_BLOCK  # int32 offsets within a stream, the last block's too
     _seanet_sum_kernel[(triton.cdiv(n, SEANET_SUM_BLOCK), streams)](
         x, bias if bias is not None else x, skip if skip is not None else x,
         skip_bias if skip_bias is not None else x, out, n, channels, stream_stride(x),
@@ -1298,10 +1298,11 @@ def _matmul_f32_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N
 
 
 MATMUL_F32_MIN_ROWS = 512
-"""Rows from which `matmul_f32` beats cuBLAS's float32 GEMMs at Mimi's shapes on an H200 (twenty-seventh session,
-`profile_mimi.py matmuls`): at 1024 rows (64 streams' 8-frame chunk) a layer's six products take 137 instead of 193
-us, at 4096 374 instead of 583; at 256 rows its K = 2048 product (fc2) has too few tiles (55 against 22 us), at 16
-every product is slower. Callers send fewer rows to torch."""
+"""Rows from which `matmul_f32` runs a product instead of cuBLAS's float32 GEMM (callers send fewer rows to torch).
+At Mimi's shapes on an H200 (twenty-seventh session, `profile_mimi.py matmuls`, inside CUDA graphs): at 1024 rows
+(64 streams' 8-frame chunk) a layer's six products took 137 instead of 193 us, at 4096 374 instead of 583; at 256
+rows the K = 2048 product (fc2) lost at every block size (29 against 22 us at best), at 16 rows fc1 tied and the
+others lost. 512 itself was not measured: it lies between the 256 rows that lost and the 1024 that won."""
 
 
 def matmul_f32_blocks(m: int, n: int) -> tuple[int, int, int]:
@@ -1318,7 +1319,7 @@ def matmul_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Ten
     Mimi transformer's products, where cuBLAS's float32 GEMMs run on the CUDA cores (no TF32: torch's default).
     Here the tensor cores compute each product as three TF32 products (Triton's `tf32x3`: the operands split into
     high and low TF32 parts), as accurate as float32 to ~1e-6, and the bias, the GELU, the layer scale and the
-    residual add are the epilogue, rounded as torch rounds them."""
+    residual add are the epilogue, in float32 in torch's order (the compiler may fuse a multiply and an add)."""
     assert x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()  # [M, K]

@@ -32,20 +32,21 @@ def mimi(batch: int, chunk: int) -> None:
     codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
     tf32 = torch.backends.cuda.matmul
     for label, setup in (("as run", lambda: None),
-                         ("torch-op passes", lambda: None),  # the SEANet's bias/residual/ELU passes unfused
+                         ("torch ops", lambda: None),  # no Mimi kernels: cuBLAS products, unfused SEANet passes
                          ("cudnn.benchmark", lambda: setattr(torch.backends.cudnn, "benchmark", True)),
-                         ("tf32 matmuls", lambda: setattr(tf32, "allow_tf32", True)),  # as cuDNN's convs already run
+                         # TF32 for what cuBLAS still runs (attention; products of fewer than MATMUL_F32_MIN_ROWS)
+                         ("tf32 matmuls", lambda: setattr(tf32, "allow_tf32", True)),
                          ("bf16 transformer", lambda: (setattr(tf32, "allow_tf32", False),
                                                        codec.decoder.set_transformer_dtype(torch.bfloat16)))):
         setup()
-        chunks = ChunkDecoder(codec.decoder, batch, 32, fused_kernels=label != "torch-op passes")
+        chunks = ChunkDecoder(codec.decoder, batch, 32, fused_kernels=label != "torch ops")
         chunks.warmup([chunk])
         ms = timed(lambda c=chunks: c.decode(codes))
         print(f"mimi B={batch:3d} chunk={chunk} {label:17s} graphed {ms:7.2f} ms/chunk", flush=True)
-        if label in ("as run", "torch-op passes"):
+        if label in ("as run", "torch ops"):
             with torch.no_grad():
-                census(lambda: codec.decoder.decode_chunk(codes), f"mimi B={batch} chunk={chunk} {label} eager",
-                       top=20)
+                census(lambda c=chunks: codec.decoder.decode_chunk(codes, c.fused_kernels),
+                       f"mimi B={batch} chunk={chunk} {label} eager", top=20)
         if label == "as run":
             with torch.no_grad():
                 parts(codec.decoder, codes)
@@ -60,8 +61,8 @@ def parts(decoder, codes) -> None:
     timings = {"quantizer+upsample": lambda: decoder.upsample(decoder.quantizer(codes)),
                "transformer, cuBLAS": lambda: decoder.decoder_transformer(latents, False),
                "transformer, fused": lambda: decoder.decoder_transformer(latents, True),
-               "seanet, torch-op passes": lambda: decoder.decoder(steps, False),
-               "seanet, fused passes": lambda: decoder.decoder(steps, True)}
+               "seanet, torch ops": lambda: decoder.decoder(steps, False),
+               "seanet, fused": lambda: decoder.decoder(steps, True)}
     for name, fn in timings.items():
         print(f"  part {name:24s} eager {timed(fn):7.2f} ms", flush=True)
     # the stride-8 transposed conv as a matmul (codec.BY_STEPS_ROWS / BY_STEPS_STREAMS) against cuDNN
@@ -120,9 +121,9 @@ def layouts(batches=(16, 64, 128, 256), chunk: int = 8) -> None:
 
 
 def graphed_chunks(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
-    """A graphed chunk as the engine decodes it, at each number of streams, with the SEANet's bias / residual /
-    ELU passes fused (as run) and as torch ops. (In the twenty-sixth session this step ran the SEANet
-    channels-first, the layout before it, for comparison.)"""
+    """A graphed chunk as the engine decodes it, at each number of streams, with the Mimi kernels (as run: the
+    SEANet's passes fused, the transformer's wide products by `kernels.matmul_f32`) and with torch ops. (In the
+    twenty-sixth session this step ran the SEANet channels-first, the layout before it, for comparison.)"""
     decoder = random_codec(torch.device("cuda")).decoder
     for batch in batches:
         codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
@@ -131,8 +132,8 @@ def graphed_chunks(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
             chunks.warmup([chunk])
             ms = timed(functools.partial(chunks.decode, codes))
             chunks.close()
-            passes = "fused passes" if fused else "torch-op passes"
-            print(f"mimi B={batch:3d} chunk={chunk} {passes:15s} graphed {ms:7.2f} ms/chunk", flush=True)
+            how = "fused kernels" if fused else "torch ops"
+            print(f"mimi B={batch:3d} chunk={chunk} {how:13s} graphed {ms:7.2f} ms/chunk", flush=True)
 
 
 def matmuls(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
