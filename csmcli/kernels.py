@@ -1313,6 +1313,25 @@ def matmul_f32_blocks(m: int, n: int) -> tuple[int, int, int]:
     return (128, 64, 32) if m > 2048 or n >= 2048 else (64, 64, 64)
 
 
+MATMUL_F32_STAGES = 3
+
+
+def matmul_f32_stages(blocks: tuple[int, int, int], shared_memory: int) -> int:
+    """Pipeline stages of `matmul_f32`: 3 (as measured on an H200, 227 KB of shared memory a block) where the
+    operand tiles of 3 stages fit in the GPU's `shared_memory` with 16 KB to spare, else 2: 3 stages of 64x64x64
+    float32 tiles need 96 KB, and Ampere and Ada consumer / inference GPUs (sm86, sm89) offer a block 99 KB."""
+    block_m, block_n, block_k = blocks
+    tile_bytes = (block_m + block_n) * block_k * 4
+    return MATMUL_F32_STAGES if MATMUL_F32_STAGES * tile_bytes + 16 * 1024 <= shared_memory else 2
+
+
+@functools.cache
+def _shared_memory(device_index: int) -> int:
+    """Bytes of shared memory a block may opt in to (unknown: the 48 KB every GPU gives, so 2 stages)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+
+
 def matmul_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
                residual: Tensor | None = None, gelu: bool = False) -> Tensor:
     """`residual + scale * gelu(x @ weight.T + bias)` (each part optional) of float32 `x [..., K]`, `weight [N, K]`: the
@@ -1328,12 +1347,13 @@ def matmul_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Ten
     if residual is not None:
         residual = residual.reshape(m, n).contiguous()
     assert all(v is None or (v.shape == (n,) and v.is_contiguous()) for v in (bias, scale))
-    block_m, block_n, block_k = matmul_f32_blocks(m, n)
+    blocks = block_m, block_n, block_k = matmul_f32_blocks(m, n)
+    stages = MATMUL_F32_STAGES if INTERPRET else matmul_f32_stages(blocks, _shared_memory(x.device.index or 0))
     _matmul_f32_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         rows, weight, bias if bias is not None else out, scale if scale is not None else out,
         residual if residual is not None else out, out, m, n, k,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, GELU=gelu,
         PRECISION="ieee" if INTERPRET else "tf32x3", LIBDEVICE=not INTERPRET,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages,
     )
     return out.view(*x.shape[:-1], n)

@@ -318,6 +318,14 @@ def test_matmul_f32_equals_torch(epilogue, m, n, k):
     assert error < 2e-6, error
 
 
+def test_matmul_f32_keeps_three_stages_where_they_fit_in_shared_memory():
+    """H100 / H200 (227 KB a block) and A100 (163 KB): the measured 3 stages; sm86 / sm89 (99 KB): 2 stages for the
+    64x64x64 tiles (96 KB in 3), 3 for the 128x64x32 ones (72 KB)."""
+    for smem in (227 * 1024, 163 * 1024):
+        assert [kernels.matmul_f32_stages(b, smem) for b in ((64, 64, 64), (128, 64, 32), (16, 64, 32))] == [3, 3, 3]
+    assert [kernels.matmul_f32_stages(b, 99 * 1024) for b in ((64, 64, 64), (128, 64, 32), (16, 64, 32))] == [2, 3, 3]
+
+
 @pytest.mark.parametrize("shape", [(64, 1024, 8192, False), (64, 2048, 2048, False), (64, 2048, 8192, False),
                                    (64, 2051, 1024, False)])
 def test_fp8_never_picks_cublas(shape, monkeypatch):
