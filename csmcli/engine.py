@@ -144,10 +144,8 @@ def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) ->
     CSMCLI_NO_FUSED_KERNELS=1, and not with `compile`: torch.compile makes its own kernels from the torch ops, so
     compiling means the torch-ops path."""
     device = model.codebook0_head.weight.device
-    if not requested or compile or device.type != "cuda" or os.environ.get(NO_FUSED_ENV) == "1":
-        return False
-    if not has_triton() or compute_capability(device) < (8, 0):
-        return False  # no Triton, or a GPU before Ampere (bf16 tensor-core dots): torch ops
+    if compile or not mimi_kernels_enabled(requested, device):
+        return False  # also no Triton, or a GPU before Ampere (bf16 tensor-core dots): torch ops
     if model.fp8 and not triton_converts_fp8(device):
         return False
     heads = [model.cfg.backbone.head_dim, model.cfg.decoder.head_dim]
@@ -157,7 +155,8 @@ def fused_kernels_enabled(requested: bool, model: Csm, compile: bool = False) ->
 def mimi_kernels_enabled(requested: bool, device: torch.device) -> bool:
     """The Mimi decode's Triton kernels (`StreamingMimiDecoder.decode_chunk(fused=True)`) run when asked for, on CUDA
     (Ampere or newer: tf32x3 products on the tensor cores) with Triton, not switched off by
-    CSMCLI_NO_FUSED_KERNELS=1. Callers ask when the engine's own kernels run (`Engine.fused_kernels`)."""
+    CSMCLI_NO_FUSED_KERNELS=1. Callers ask when the engine's own kernels run (`Engine.fused_kernels`), whose rule
+    (`fused_kernels_enabled`) adds its own conditions to this one."""
     if not requested or device.type != "cuda" or os.environ.get(NO_FUSED_ENV) == "1":
         return False
     return has_triton() and compute_capability(device) >= (8, 0)

@@ -1116,6 +1116,15 @@ def _exp(x, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _expm1(x, LIBDEVICE: tl.constexpr):
+    """CUDA's own expm1f (torch's ELU); the interpreter's exp - 1 for arguments <= 0."""
+    if LIBDEVICE:
+        return libdevice.expm1(x)
+    else:
+        return tl.exp(tl.minimum(x, 0.0)) - 1.0  # clamped: numpy's exp warns of overflow
+
+
+@triton.jit
 def _gumbel_noise_kernel(seed_ptr, frame_ptr, tokens_ptr, temperature_ptr, out_ptr, C, V, stride_ob, stride_oc,
                          BLOCK_V: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
@@ -1217,11 +1226,8 @@ def _seanet_sum_kernel(x_ptr, bias_ptr, skip_ptr, skip_bias_ptr, out_ptr, n, C, 
         if HAS_SKIP_BIAS:
             skip = skip + tl.load(skip_bias_ptr + offs % C, mask=ok, other=0.0)
         y = skip + y
-    if ELU:  # torch's ELU (alpha 1): expm1 below zero, CUDA's own expm1f
-        if LIBDEVICE:
-            y = tl.where(y > 0, y, libdevice.expm1(y))
-        else:
-            y = tl.where(y > 0, y, tl.exp(tl.minimum(y, 0.0)) - 1.0)  # numpy's exp warns of overflow
+    if ELU:  # torch's ELU (alpha 1): expm1 below zero
+        y = tl.where(y > 0, y, _expm1(y, LIBDEVICE))
     tl.store(out_ptr + stream * stride_ob + offs, y, mask=ok)
 
 

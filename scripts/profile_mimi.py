@@ -16,6 +16,7 @@ from collections import deque
 
 import torch
 import torch.nn.functional as F
+import triton
 from profile_frame import census, timed  # scripts/ is on the path when a script runs
 
 from csmcli import codec as codec_module
@@ -157,7 +158,7 @@ def matmuls(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
             results.append(f"cuBLAS tf32 {tf32:6.1f} (err {tf32_error:.0e})")
             for blocks in ((16, 64, 32), (32, 64, 32), (64, 64, 32), (64, 128, 32), (128, 64, 32), (128, 128, 32),
                            (64, 64, 64)):
-                if blocks[0] > max(16, triton_next_pow2(m)):
+                if blocks[0] > max(16, triton.next_power_of_2(m)):
                     continue
                 kernels.matmul_f32_blocks = lambda m, n, b=blocks: b
                 us = graphed_us(lambda x=x, w=w: kernels.matmul_f32(x, w))
@@ -177,10 +178,6 @@ def graphed_us(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
     return timed(graph.replay, 20) * 1000 / calls
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def _catch(inputs: dict, module, args) -> None:
