@@ -340,6 +340,13 @@ class _Attention(_StreamingModule):
         """x [B, T, C] at ring slots `slots [T]`; `mask [T, slots]` (0 or -inf, added to the scores) says which
         slots each step sees. Returns the heads side by side [B, T, H D], before `o_proj` (the layer's)."""
         b, t, _ = x.shape
+        if fused and x.dtype == torch.float32 and self.n_heads == self.n_kv_heads and self.head_dim % 2 == 0:
+            from csmcli import kernels  # here, so CPU-only installs never need Triton
+
+            cache = self.state
+            return kernels.mimi_attention(_linear(self.q_proj, x, fused), _linear(self.k_proj, x, fused),
+                                          _linear(self.v_proj, x, fused), cos, sin, cache.k, cache.v, slots, mask,
+                                          self.head_dim**-0.5)
         q = _linear(self.q_proj, x, fused).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = _linear(self.k_proj, x, fused).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
         v = _linear(self.v_proj, x, fused).view(b, t, -1, self.head_dim).transpose(1, 2)

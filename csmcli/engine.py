@@ -93,10 +93,11 @@ def state_kept(tensors: list[Tensor]) -> Iterator[None]:
             t.copy_(s)
 
 
-PREFILL_BUCKETS = (*range(32, 513, 32), *range(640, 1025, 128))
-"""Prompt lengths with a captured prefill graph on CUDA; longer prompts run eagerly at their own length. Steps of
-32 rows (128 beyond 512) pad a prompt by at most 14%: padded rows cost as much as real ones, and a 200-row prompt
-padded to 256 spent a fifth of its prefill on padding. Each bucket costs a graph capture at start-up."""
+PREFILL_BUCKETS = (*range(16, 513, 16), *range(576, 1025, 64))
+"""Prompt lengths with a captured prefill graph on CUDA; longer prompts run eagerly at their own length. Padded rows
+cost as much as real ones: steps of 16 rows (64 beyond 512) pad a prompt of 224 rows or more by at most 7% (12%
+just past 512). Steps of 32 padded a 200-row prompt to 224 (12% of its prefill); each bucket costs a graph
+capture at start-up."""
 
 PREFILL_GROUP = 4
 """Prompts prefilled together on CUDA (engines of 4 slots or more; fewer slots: that many), but never more rows in

@@ -129,9 +129,9 @@ class FrameStepper:
         else:
             embeds = self.model.embed_rows(tokens, mask)
         embeds = embeds.to(self.dtype)
-        hidden = self.model.backbone(embeds, 0, self.caches.backbone, slots_and_last[0], self.fused)  # [G, L, dim]
-        last = slots_and_last[1][:, None, None].expand(-1, 1, hidden.shape[-1])  # [G, 1, dim]
-        return hidden.gather(1, last)[:, 0]  # [G, dim]
+        # Only the last prompt row's state is wanted: the last layer skips the other rows' attention and MLP.
+        return self.model.backbone(embeds, 0, self.caches.backbone, slots_and_last[0], self.fused,
+                                   last=slots_and_last[1])[:, 0]  # [G, dim]
 
     def state(self) -> list[Tensor]:
         """The per-slot tensors a step reads and advances (KV caches aside: a step writes only ahead of them)."""

@@ -806,6 +806,74 @@ def silu_mul(h: Tensor) -> Tensor:
 
 
 @triton.jit
+def _add_rms_norm_kernel(x_ptr, delta_ptr, weight_ptr, sum_ptr, out_ptr, D, eps, stride_x, stride_d,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < D
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_DELTA:  # torch's add: in float32, rounded to the activations' dtype
+        x = (x + tl.load(delta_ptr + row * stride_d + offs, mask=ok, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(sum_ptr + row * D + offs, x, mask=ok)
+        x = x.to(tl.float32)
+    if LIBDEVICE:  # CUDA's rsqrtf, as torch's norm kernel
+        rstd = libdevice.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    else:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    weight = tl.load(weight_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + offs, (weight * (x * rstd)).to(dtype), mask=ok)
+
+
+def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """`s = x + delta` (None: `s = x`) and `F.rms_norm(s, weight, eps)` for `x, delta [..., D]`, in one pass
+    instead of two kernels (a prefill's residual sums and norms): the sum exactly as torch rounds it, the norm in
+    float32 and rounded once as torch's, its sum of squares in another order (results at most an ulp apart).
+    Returns `(s, norm)`, contiguous (`s` is `x` itself when `delta` is None)."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)  # [R, D]
+    deltas = delta.reshape(-1, d) if delta is not None else rows
+    assert rows.stride(-1) == 1 and deltas.stride(-1) == 1 and deltas.shape == rows.shape and weight.shape == (d,)
+    total = torch.empty_like(rows) if delta is not None else rows  # [R, D]
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)  # [R, D]
+    _add_rms_norm_kernel[(rows.shape[0],)](rows, deltas, weight, total, out, d, eps, rows.stride(0), deltas.stride(0),
+                                           HAS_DELTA=delta is not None, BLOCK=_pow2(d), LIBDEVICE=not INTERPRET,
+                                           num_warps=4 if d <= 2048 else 8)
+    shape = (*x.shape[:-1], d)
+    return (total.view(shape) if delta is not None else x), out.view(shape)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, start, T, kv_heads, stride_kb, stride_kh,
+                     stride_kt, stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct,
+                     D: tl.constexpr, BLOCK_T: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = bh // kv_heads, bh % kv_heads
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, D)
+    ok = (t < T)[:, None]
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    cache = row * stride_cb + h.to(tl.int64) * stride_ch + (start + t[:, None]).to(tl.int64) * stride_ct + d[None, :]
+    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh + t[:, None] * stride_kt + d[None, :], mask=ok)
+    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh + t[:, None] * stride_vt + d[None, :], mask=ok)
+    tl.store(k_cache_ptr + cache, k, mask=ok)
+    tl.store(v_cache_ptr + cache, v, mask=ok)
+
+
+def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, start: int) -> None:
+    """`k_cache[rows, :, start:start + T] = k` and the same for v, `k, v [b, Hkv, T, D]` (any strides but the
+    last), caches `[B, Hkv, S, D]`: a prefill's cache write in one kernel instead of two of torch's generic
+    indexed writes."""
+    b, heads, t, d = k.shape
+    assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    assert k_cache.stride(-1) == 1 and rows.shape == (b,) and start + t <= k_cache.shape[2] and d == _pow2(d)
+    block_t = 32
+    _write_kv_kernel[(b * heads, triton.cdiv(t, block_t))](
+        k, v, k_cache, v_cache, rows, start, t, heads, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D=d, BLOCK_T=block_t, num_warps=4)
+
+
+@triton.jit
 def _cache_block(row, cur1, cur2, pos, s0, stride_cs, d, BLOCK_S: tl.constexpr, HALF: tl.constexpr):
     """Cached keys or values `[BLOCK_S, HALF]` (both halves) for positions s0..: earlier steps' from the cache, this
     step's (`cur1`, `cur2`, `[HALF]`) from registers, so no read waits for this kernel's own cache write."""
@@ -1363,3 +1431,93 @@ def matmul_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Ten
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages,
     )
     return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _mimi_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_ring_ptr, v_ring_ptr, ring_ptr, mask_ptr, out_ptr,
+                           T, heads, slots, scale, stride_qb, stride_qt, stride_kb, stride_kt, stride_vb, stride_vt,
+                           stride_rb, stride_rh, stride_ob, stride_ot,
+                           HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = (bh // heads).to(tl.int64), bh % heads
+    t = tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)  # a half head; BLOCK_D >= 16 for the dots (the tests' heads are smaller)
+    d_ok = d < HALF
+    t_ok = (t < T)[:, None] & d_ok[None, :]
+    col = h * 2 * HALF + d[None, :]  # this head's first half in a [.., H D] row
+    table = t[:, None] * 2 * HALF + d[None, :]
+    cos1 = tl.load(cos_ptr + table, mask=t_ok, other=0.0)
+    cos2 = tl.load(cos_ptr + table + HALF, mask=t_ok, other=0.0)
+    sin1 = tl.load(sin_ptr + table, mask=t_ok, other=0.0)
+    sin2 = tl.load(sin_ptr + table + HALF, mask=t_ok, other=0.0)
+    # RoPE as `codec._rotate` rounds it: x * cos, then cat(-x2, x1) * sin, then their sum
+    q = q_ptr + b * stride_qb + t[:, None] * stride_qt + col
+    q1, q2 = tl.load(q, mask=t_ok, other=0.0), tl.load(q + HALF, mask=t_ok, other=0.0)
+    q1, q2 = q1 * cos1 + -q2 * sin1, q2 * cos2 + q1 * sin2
+    k = k_ptr + b * stride_kb + t[:, None] * stride_kt + col
+    k1, k2 = tl.load(k, mask=t_ok, other=0.0), tl.load(k + HALF, mask=t_ok, other=0.0)
+    k1, k2 = k1 * cos1 + -k2 * sin1, k2 * cos2 + k1 * sin2
+    # this piece's keys and values into their ring slots, then attention over the whole ring
+    ring = tl.load(ring_ptr + t, mask=t < T, other=0)
+    at = b * stride_rb + h * stride_rh + ring[:, None] * 2 * HALF + d[None, :]
+    tl.store(k_ring_ptr + at, k1, mask=t_ok)
+    tl.store(k_ring_ptr + at + HALF, k2, mask=t_ok)
+    v = v_ptr + b * stride_vb + t[:, None] * stride_vt + col
+    tl.store(v_ring_ptr + at, tl.load(v, mask=t_ok, other=0.0), mask=t_ok)
+    tl.store(v_ring_ptr + at + HALF, tl.load(v + HALF, mask=t_ok, other=0.0), mask=t_ok)
+    tl.debug_barrier()  # the block's writes above are visible to all its threads below
+    top = tl.full([BLOCK_T], -1.0e30, tl.float32)  # finite: a block of masked slots gives exp(-inf) = 0, not NaN
+    total = tl.zeros([BLOCK_T], tl.float32)
+    acc1 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    acc2 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    base = b * stride_rb + h * stride_rh
+    for s0 in range(0, slots, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < slots
+        keys = base + s[None, :] * 2 * HALF + d[:, None]  # [BLOCK_D, BLOCK_S]: the keys transposed
+        key_ok = d_ok[:, None] & s_ok[None, :]
+        dots = tl.dot(q1, tl.load(k_ring_ptr + keys, mask=key_ok, other=0.0), input_precision=PRECISION)
+        dots = tl.dot(q2, tl.load(k_ring_ptr + keys + HALF, mask=key_ok, other=0.0), dots, input_precision=PRECISION)
+        row_ok = (t < T)[:, None]
+        seen = tl.load(mask_ptr + t[:, None] * slots + s[None, :], mask=row_ok & s_ok[None, :], other=float("-inf"))
+        scores = tl.where(row_ok, scale * dots + seen, 0.0)  # [BLOCK_T, BLOCK_S]; padded rows stay finite
+        new_top = tl.maximum(top, tl.max(scores, axis=1))
+        probs = tl.exp(scores - new_top[:, None])
+        shrink = tl.exp(top - new_top)
+        total = total * shrink + tl.sum(probs, axis=1)
+        values = base + s[:, None] * 2 * HALF + d[None, :]  # [BLOCK_S, BLOCK_D]
+        value_ok = s_ok[:, None] & d_ok[None, :]
+        acc1 = tl.dot(probs, tl.load(v_ring_ptr + values, mask=value_ok, other=0.0), acc1 * shrink[:, None],
+                      input_precision=PRECISION)
+        acc2 = tl.dot(probs, tl.load(v_ring_ptr + values + HALF, mask=value_ok, other=0.0), acc2 * shrink[:, None],
+                      input_precision=PRECISION)
+        top = new_top
+    out = out_ptr + b * stride_ob + t[:, None] * stride_ot + col
+    tl.store(out, acc1 / total[:, None], mask=t_ok)
+    tl.store(out + HALF, acc2 / total[:, None], mask=t_ok)
+
+
+def mimi_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_ring: Tensor, v_ring: Tensor,
+                   ring: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """The Mimi transformer's attention for a piece of `T` steps in one kernel: q, k, v `[B, T, H D]` (the
+    projections, float32, rows of any stride), RoPE by `cos, sin [T, D]` on q and k as `codec._rotate` rounds it,
+    k and v written into ring slots `ring [T]` of `k_ring, v_ring [B, H, slots, D]`, then softmax(scale q k^T +
+    mask) v over the whole ring (`mask [T, slots]`: 0 or -inf). The products run as three TF32 products each
+    (`tf32x3`, as `matmul_f32`) and the softmax online over blocks of slots: float32-level (~1e-6) against
+    `codec._Attention`'s torch ops, whose ~15 kernels a layer (RoPE's, the ring writes, two batched float32 GEMMs
+    on the CUDA cores, the softmax, a transposing copy) this replaces. Returns `[B, T, H D]`."""
+    b, t, width = q.shape
+    heads, slots, d = k_ring.shape[1], k_ring.shape[2], k_ring.shape[3]
+    assert width == heads * d and k.shape == v.shape == q.shape and v_ring.shape == k_ring.shape
+    assert all(x.dtype == torch.float32 and x.stride(-1) == 1 for x in (q, k, v, cos, sin, k_ring, v_ring, mask))
+    assert k_ring.is_contiguous() and v_ring.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+    assert cos.shape == sin.shape == (t, d) and mask.shape == (t, slots) and mask.is_contiguous() and d % 2 == 0
+    out = torch.empty(b, t, width, dtype=torch.float32, device=q.device)  # [B, T, H D]
+    _mimi_attention_kernel[(b * heads,)](
+        q, k, v, cos, sin, k_ring, v_ring, ring, mask, out, t, heads, slots, scale, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_ring.stride(0), k_ring.stride(1), out.stride(0),
+        out.stride(1), HALF=d // 2, BLOCK_D=max(16, triton.next_power_of_2(d // 2)),
+        BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_S=64, PRECISION="ieee" if INTERPRET else "tf32x3",
+        num_warps=4, enable_fp_fusion=False)  # RoPE rounds as torch
+    return out

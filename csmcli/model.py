@@ -91,6 +91,18 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def add_norm(x: Tensor, delta: Tensor | None, norm: RMSNorm, fused: bool = False) -> tuple[Tensor, Tensor]:
+    """`x + delta` (None: x) and its RMS norm. `fused`: one pass through `kernels.add_rms_norm` (CUDA, Triton)
+    instead of two: the same sum; the norm as `F.rms_norm` computes it, up to float32 summation order (at most one
+    ulp of the activations' dtype apart)."""
+    if fused:
+        from csmcli import kernels
+
+        return kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
+    x = x if delta is None else x + delta
+    return x, norm(x)
+
+
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
@@ -175,10 +187,15 @@ class KVCache:
         view.k, view.v = self.k[:n], self.v[:n]
         return view
 
-    def write(self, rows: Tensor | None, start: int, k: Tensor, v: Tensor) -> None:
-        """Write k/v `[b, Hkv, T, D]` at positions `start..+T` of cache rows `rows [b]` (None: all rows)."""
+    def write(self, rows: Tensor | None, start: int, k: Tensor, v: Tensor, fused: bool = False) -> None:
+        """Write k/v `[b, Hkv, T, D]` at positions `start..+T` of cache rows `rows [b]` (None: all rows). `fused`:
+        rows' writes in one kernel (`kernels.write_kv`)."""
         end = start + k.shape[2]
-        if rows is None:
+        if fused and rows is not None:
+            from csmcli import kernels
+
+            kernels.write_kv(k, v, self.k, self.v, rows, start)
+        elif rows is None:
             self.k[:, :, start:end] = k
             self.v[:, :, start:end] = v
         else:
@@ -251,7 +268,9 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
-                rows: Tensor | None, cache: KVCache, fused: bool = False):
+                rows: Tensor | None, cache: KVCache, fused: bool = False, last: Tensor | None = None) -> Tensor:
+        """`last [b]`: every row's keys and values go into the cache, but only row `last[i]` of each `x[i]` is
+        wanted, `[b, 1, dim]` (the last layer of a prefill)."""
         b, t, _ = x.shape
         h, hkv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(b, t, h + 2 * hkv, self.head_dim)
@@ -265,11 +284,18 @@ class Attention(nn.Module):
         q, k = qk.split([h, hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, H or Hkv, T, D]
         if flash_prompt(q, input_pos):
-            cache.write(rows, 0, k, v)  # a prompt from position 0 attends to its own keys only: no read back
-            out = causal_prompt_attention(q, k, v)  # [b, H, T, D]
+            cache.write(rows, 0, k, v, fused)  # a prompt from position 0 attends to its own keys only: no read back
+            if last is None:
+                out = causal_prompt_attention(q, k, v)  # [b, H, T, D]
+                return self.wo(out.transpose(1, 2).reshape(b, t, h * self.head_dim))
         else:
             k, v = cache.update(rows, input_pos, k, v)  # [b, Hkv, S, D]
-            out = grouped_attention(q, k, v, blocked)
+        if last is not None:
+            q = q.gather(2, last[:, None, None, None].expand(-1, h, 1, self.head_dim))  # [b, H, 1, D]
+            position = input_pos + last if isinstance(input_pos, int) else input_pos.gather(1, last[:, None])[:, 0]
+            blocked = (torch.arange(k.shape[2], device=x.device) > position[:, None])[:, None, None, None]
+            t = 1  # blocked: [b, 1, 1, 1, S]
+        out = grouped_attention(q, k, v, blocked)  # [b, H, t, D]
         return self.wo(out.transpose(1, 2).reshape(b, t, h * self.head_dim))
 
 
@@ -318,10 +344,18 @@ class Block(nn.Module):
             self.w13_folded = kernels.fold_norm(f.w13.weight, self.ffn_norm.weight)
             self._folded_from = key
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, blocked: Tensor | None, input_pos: Tensor | int,
-                rows: Tensor | None, cache: KVCache, fused: bool = False):
-        x = x + self.attention(self.attention_norm(x), cos, sin, blocked, input_pos, rows, cache, fused)
-        return x + self.feed_forward(self.ffn_norm(x), fused)
+    def forward(self, x: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor, blocked: Tensor | None,
+                input_pos: Tensor | int, rows: Tensor | None, cache: KVCache, fused: bool = False,
+                last: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The layer on `x + delta` (`delta`: the layer before's output, not yet added; None: nothing). Returns
+        the new residual stream and this layer's output, not yet added, so each sum travels with the norm after
+        it (`add_norm`). `last`: only those rows are wanted (`Attention.forward`), both come back `[b, 1, dim]`."""
+        x, normed = add_norm(x, delta, self.attention_norm, fused)
+        out = self.attention(normed, cos, sin, blocked, input_pos, rows, cache, fused, last)
+        if last is not None:
+            x = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))  # [b, 1, dim]
+        x, normed = add_norm(x, out, self.ffn_norm, fused)
+        return x, self.feed_forward(normed, fused)
 
     def qkv_weight(self, batch: int) -> Tensor:
         """The QKV weight `step` reads in an engine of `batch` slots: the folded copy where taken and used
@@ -411,9 +445,12 @@ class Transformer(nn.Module):
         return [KVCache(batch, c.n_kv_heads, c.max_seq_len, c.head_dim, dtype, device) for _ in self.layers]
 
     def forward(self, x: Tensor, input_pos: Tensor | int, caches: list[KVCache], rows: Tensor | None = None,
-                fused: bool = False) -> Tensor:
+                fused: bool = False, last: Tensor | None = None) -> Tensor:
         """x `[b, T, dim]` at positions `input_pos [b, T]`, into rows `rows [b]` of `caches` (None: all rows, b == B).
-        `fused`: RoPE and silu * up through csmcli.kernels (CUDA, Triton), bit for bit the torch ops.
+        `fused`: RoPE and silu * up through csmcli.kernels (CUDA, Triton), bit for bit the torch ops, and each
+        residual sum with the norm after it in one pass (`add_norm`). `last [b]`: only row `last[i]` of each
+        `x[i]` is wanted (a prefill wants its last prompt row): every layer writes all rows' keys and values, but
+        the last layer's attention, MLP and the final norm run for those rows only; returns `[b, 1, dim]`.
 
         An int `input_pos` means every row is at positions input_pos..input_pos+T-1 (a prompt prefill, the depth
         decoder): the cache is written and read through slices up to the last position only, the causal mask is a
@@ -431,9 +468,11 @@ class Transformer(nn.Module):
             sin = self.rope_sin[input_pos][:, :, None].to(x.dtype)
             positions = torch.arange(self.cfg.max_seq_len, device=x.device)
             blocked = (positions > input_pos[..., None])[:, None, None]  # [b, 1, 1, T, S]: causal over the cache
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, blocked, input_pos, rows, cache, fused)
-        return self.norm(x)
+        delta = None
+        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
+            x, delta = layer(x, delta, cos, sin, blocked, input_pos, rows, cache, fused,
+                             last if i == len(self.layers) - 1 else None)
+        return add_norm(x, delta, self.norm, fused)[1]
 
     def step(self, x: Tensor, position: Tensor | int, caches: list[KVCache], batch: int | None = None,
              l2_hint: bool = False) -> tuple[Tensor, Tensor | None]:

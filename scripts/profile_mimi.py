@@ -281,9 +281,30 @@ def admission(batch: int, rows: int = 200) -> None:
         print(f"  host {e.self_cpu_time_total / 1000:7.2f} ms {e.count:5d}x  {e.key[:90]}")
 
 
+def bucket_warmups(model) -> None:
+    """A 1-slot engine's warm-up (what `say` waits for before its first request) with the prefill length buckets
+    as they are and with the 32-row steps of the twenty-seventh session: each bucket is a graph capture."""
+    from csmcli import engine as engine_module
+
+    buckets = engine_module.PREFILL_BUCKETS
+    Engine(model, max_batch=1).warmup()  # kernels compiled and loaded once, before the timings
+    for name, table in (("as they are", buckets), ("32-row steps", (*range(32, 513, 32), *range(640, 1025, 128)))):
+        engine_module.PREFILL_BUCKETS = table
+        engine = Engine(model, max_batch=1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.warmup()
+        torch.cuda.synchronize()
+        print(f"1-slot engine warm-up, {len(table)} prefill buckets ({name}): {time.perf_counter() - start:.2f} s",
+              flush=True)
+        engine.close()
+    engine_module.PREFILL_BUCKETS = buckets
+
+
 def main():
     if sys.argv[1:] == ["admission"]:
         admission(64)
+        bucket_warmups(random_model(CSM_1B, "cuda", torch.bfloat16))
         return
     if sys.argv[1:] == ["chunks"]:
         torch.backends.cudnn.allow_tf32 = True

@@ -83,8 +83,9 @@ def test_prefill_padded_to_a_length_bucket_changes_nothing(ck):
 
 def test_prompts_prefilled_in_groups_make_what_they_make_alone(ck):
     """CUDA prefills prompts of one length bucket in fixed-size groups (a short group filled up with copies of its
-    last entry). Here on the CPU with groups of 3: 5 requests of mixed lengths through 4 slots (two buckets, a
-    short group, a later join) make exactly the codes each makes alone in a group of copies of itself."""
+    last entry). Here on the CPU with groups of 3: 5 requests of mixed lengths through 4 slots (a full group, a
+    short one in another bucket, a later join in a third) make exactly the codes each makes alone in a group of
+    copies of itself."""
     params = [SamplingParams(0.9, 20, seed=i) for i in range(5)]
     texts = [*TEXTS, " ".join(["A much longer prompt, for the second length bucket."] * 2)]
     requests = [Request(build_prompt(ck.tokenizer, [], i % 2, t, None), p, 6)
@@ -97,7 +98,7 @@ def test_prompts_prefilled_in_groups_make_what_they_make_alone(ck):
 
     from csmcli.engine import prefill_length
 
-    assert [prefill_length(r.prompt.rows, 2048) for r in requests] == [32, 32, 32, 32, 96]
+    assert [prefill_length(r.prompt.rows, 2048) for r in requests] == [16, 32, 16, 16, 96]
     assert grouped_engine().group_size(64) == 3 and grouped_engine().group_size(512) == 2  # <= 1024 rows a pass
     got = {r.id: [] for r in requests}
     for request, chunk in grouped_engine().generate(requests, first_chunk_frames=2, chunk_frames=3):
@@ -276,8 +277,8 @@ def test_two_engines_share_a_model_without_sharing_state(ck):
 def test_prefill_length_buckets():
     from csmcli.engine import prefill_length
 
-    assert prefill_length(200, 2048) == 224 and prefill_length(64, 2048) == 64 and prefill_length(65, 2048) == 96
-    assert prefill_length(513, 2048) == 640 and prefill_length(1024, 2048) == 1024
+    assert prefill_length(200, 2048) == 208 and prefill_length(64, 2048) == 64 and prefill_length(65, 2048) == 80
+    assert prefill_length(513, 2048) == 576 and prefill_length(1024, 2048) == 1024 and prefill_length(1, 2048) == 16
     assert prefill_length(1025, 2048) is None  # beyond the largest graph: no padding, eager at its own length
     assert prefill_length(100, 100) is None  # a bucket may not exceed the cache
 

@@ -181,7 +181,7 @@ def test_fp8_model_follows_the_bf16_model(model, fp8_model):
     assert min(similarity) > 0.95, similarity  # 0.970 and 0.972 on an H100 (2026-11-24)
 
 
-@pytest.mark.parametrize("rows", [40, 150, 400, 700])  # length buckets 64, 160 (groups of 4), 416 (2), 768 (1)
+@pytest.mark.parametrize("rows", [40, 150, 400, 700])  # length buckets 48, 160 (groups of 4), 400 (2), 704 (1)
 def test_a_prompt_prefills_the_same_in_any_group_and_position(model, rows):
     """Prompts of one length bucket are prefilled together (`PREFILL_GROUP`, at most 1024 rows a pass), a short
     group filled up with copies of its last entry. A prompt's slot state and cache rows come out the same (exact)

@@ -253,6 +253,74 @@ def test_silu_mul_kernel_equals_torch(dtype):
                                                  else tolerance(dtype)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("delta", [True, False])
+def test_add_rms_norm_kernel_equals_torch(dtype, delta):
+    """`kernels.add_rms_norm` (a prefill's residual sum and the norm after it, `fused`) against `x + delta` and
+    `F.rms_norm`: the sum bit for bit, the norm within one ulp of the activations' dtype (its float32 sum of
+    squares runs in another order), on rows of a width no power of two."""
+    g = torch.Generator().manual_seed(9)
+    x, change = ((3 * torch.randn(2, 7, 1000, generator=g)).to(DEVICE, dtype) for _ in range(2))  # [b, T, D]
+    weight = (1 + 0.3 * torch.randn(1000, generator=g)).to(DEVICE, dtype)
+    want_sum = x + change if delta else x
+    want = F.rms_norm(want_sum, (1000,), weight, 1e-5)
+    got_sum, got = kernels.add_rms_norm(x, change if delta else None, weight, 1e-5)
+    assert got.shape == got_sum.shape == x.shape and got.is_contiguous()
+    if DEVICE == "cuda" or dtype == torch.float32:
+        assert torch.equal(got_sum, want_sum)
+    else:  # the interpreter's bf16 conversions are its own
+        torch.testing.assert_close(got_sum, want_sum, **tolerance(dtype))
+    ulp = torch.finfo(dtype).eps * want.float().abs().clamp(min=torch.finfo(dtype).tiny)
+    off = (got.float() - want.float()).abs()
+    if DEVICE == "cuda":
+        assert (off <= 2 * ulp).all() and (off == 0).float().mean() > 0.95, (off / ulp).max()
+    else:
+        torch.testing.assert_close(got, want, **(dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32
+                                                 else tolerance(dtype)))
+
+
+def test_write_kv_kernel_equals_indexed_writes():
+    """`kernels.write_kv` (a prefill's cache write, `fused`) against torch's indexed writes: k and v as the model
+    passes them (strided views of a QKV output), into cache rows in any order, one of them twice with the same
+    values (a prefill group filled up with copies), from a start position, more steps than a program's block."""
+    g = torch.Generator().manual_seed(10)
+    b, heads, kv, t, d = 4, 6, 2, 37, 32
+    qkv = torch.randn(b, t, heads + 2 * kv, d, generator=g).to(DEVICE)
+    k, v = (qkv[:, :, i : i + kv].transpose(1, 2) for i in (heads, heads + kv))  # [b, Hkv, T, D], strided
+    rows = torch.tensor([3, 0, 5, 5], device=DEVICE)
+    k[3], v[3] = k[2], v[2]  # the copy: same slot, same values
+    want_k, want_v = (torch.randn(7, kv, 50, d, generator=g).to(DEVICE) for _ in range(2))  # [B, Hkv, S, D]
+    got_k, got_v = want_k.clone(), want_v.clone()
+    want_k[rows, :, 5 : 5 + t], want_v[rows, :, 5 : 5 + t] = k, v
+    kernels.write_kv(k, v, got_k, got_v, rows, 5)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("positions", ["a prompt from 0", "per row"])
+def test_prefill_of_the_last_rows_only_equals_the_full_prefill(fused, positions):
+    """`Transformer.forward(..., last=)` (a prefill that wants only each prompt's last row) writes the same keys and
+    values as the full pass and returns the full pass's rows `last`: the last layer's attention over a mask instead
+    of the causal triangle (or flash), its MLP on fewer rows."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # bf16: the flash path on CUDA
+    t = small_transformer(dtype, max_seq_len=80, seed=4)
+    b, length = 3, 23
+    x = torch.randn(b, length, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    rows = torch.tensor([2, 0, 4], device=DEVICE)
+    last = torch.tensor([22, 0, 9], device=DEVICE)  # the end, the first row, one in between
+    input_pos = 0 if positions == "a prompt from 0" else torch.arange(length, device=DEVICE).expand(b, length)
+    with torch.no_grad():
+        full_caches, last_caches = t.new_caches(5, dtype, DEVICE), t.new_caches(5, dtype, DEVICE)
+        full = t(x, input_pos, full_caches, rows, fused=fused)  # [b, T, dim]
+        got = t(x, input_pos, last_caches, rows, fused=fused, last=last)  # [b, 1, dim]
+    assert got.shape == (b, 1, 64)
+    want = full[torch.arange(b), last][:, None]
+    torch.testing.assert_close(got, want, **(tolerance(dtype) if dtype == torch.float32 else
+                                             dict(rtol=2e-2, atol=2e-2)))
+    for f, c in zip(full_caches, last_caches, strict=True):
+        assert torch.equal(f.k, c.k) and torch.equal(f.v, c.v)
+
+
 def time_major(streams: int, channels: int, steps: int, g: torch.Generator) -> torch.Tensor:
     return torch.randn(streams, steps, channels, generator=g).to(DEVICE).transpose(1, 2)  # [B, C, T] as [B, T, C]
 
@@ -324,6 +392,39 @@ def test_matmul_f32_keeps_three_stages_where_they_fit_in_shared_memory():
     for smem in (227 * 1024, 163 * 1024):
         assert [kernels.matmul_f32_stages(b, smem) for b in ((64, 64, 64), (128, 64, 32), (16, 64, 32))] == [3, 3, 3]
     assert [kernels.matmul_f32_stages(b, 99 * 1024) for b in ((64, 64, 64), (128, 64, 32), (16, 64, 32))] == [2, 3, 3]
+
+
+@pytest.mark.parametrize("head_dim", [8, 64])  # the tests' Mimi, the real one
+def test_mimi_attention_kernel_equals_the_torch_attention(head_dim):
+    """`kernels.mimi_attention` (the Mimi transformer's attention, `fused`) against `codec._Attention`'s torch ops,
+    in a two-layer streaming transformer fed pieces of 5, 16, 3, 32 and 20 steps: a window shorter than the stream,
+    so the key ring wraps and the mask hides old slots. Layer 0's key and value rings come out bit for bit (RoPE
+    rounds as torch), the outputs at float32 level (online softmax, TF32x3 products on a GPU)."""
+    import copy
+
+    from transformers import MimiConfig
+
+    from csmcli import codec
+
+    config = MimiConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        head_dim=head_dim, intermediate_size=64, sliding_window=10)
+    torch.manual_seed(11)
+    transformers = [codec._Transformer(config).to(DEVICE)]
+    transformers.append(copy.deepcopy(transformers[0]))
+    for t in transformers:
+        for m in t.modules():
+            if isinstance(m, codec._StreamingModule):
+                m._state = m.init_state(3)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for steps in (5, 16, 3, 32, 20):
+            x = torch.randn(3, steps, 32, generator=g).to(DEVICE)  # [B, T, C]
+            want, got = transformers[0](x), transformers[1](x, fused=True)
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+            rings = [t.layers[0].self_attn.state for t in transformers]
+            assert torch.equal(rings[1].k, rings[0].k) and torch.equal(rings[1].v, rings[0].v)
+            later = [t.layers[1].self_attn.state for t in transformers]
+            torch.testing.assert_close(later[1].k, later[0].k, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("shape", [(64, 1024, 8192, False), (64, 2048, 2048, False), (64, 2048, 8192, False),
