@@ -47,15 +47,20 @@ def test_cuda_float32_chunks_equal_transformers(setup, path, fused, monkeypatch)
             assert relative_error(decode_in_chunks(decoder, codes, chunk, fused), reference) < 1e-4
 
 
+@pytest.mark.parametrize("attention", ["kernel", "torch ops"])
 @pytest.mark.parametrize("streams", [2, 64])
-def test_fused_kernels_equal_the_torch_ops(setup, streams):
+def test_fused_kernels_equal_the_torch_ops(setup, streams, attention, monkeypatch):
     """`kernels.seanet_sum` adds in torch's order with CUDA's expm1f and the convs without their bias run the same
-    kernels: with 2 streams (32 rows: the transformer's products stay on cuBLAS) the audio is the same to the
-    bit. With 64 (1024 rows) `kernels.matmul_f32`'s tf32x3 products agree with float32 to ~1e-6: the audio to
-    float32 level (plain TF32 products: ~1e-3; a lost bias or residual: >= 1e-2 of the peak); 64 streams also
-    take the stride-8 matmul."""
-    from csmcli import kernels
+    kernels: with 2 streams (32 rows: the transformer's products stay on cuBLAS) and the attention as torch ops the
+    audio is the same to the bit. `kernels.mimi_attention` (online softmax, tf32x3 products) and, with 64 streams
+    (1024 rows), `kernels.matmul_f32`'s tf32x3 products agree with float32 to ~1e-6: the audio to float32 level
+    (plain TF32 products: ~1e-3; a lost bias or residual: >= 1e-2 of the peak); 64 streams also take the stride-8
+    matmul."""
+    from csmcli import codec, kernels
 
+    if attention == "torch ops":
+        forward = codec._Attention.forward
+        monkeypatch.setattr(codec._Attention, "forward", lambda self, *args: forward(self, *args[:-1], False))
     decoder, codes, _ = setup
     codes = codes[:, :, :16].repeat(streams // 2, 1, 1)  # [streams, 32, 16]
     pcm = {}
@@ -63,11 +68,11 @@ def test_fused_kernels_equal_the_torch_ops(setup, streams):
         with decoder.streaming(streams):
             pcm[fused] = decode_in_chunks(decoder, codes, 8, fused)
     error = relative_error(pcm[True], pcm[False])
-    print(f"{streams} streams: fused against torch ops, max difference {error:.1e} of peak")
-    if streams * 16 < kernels.MATMUL_F32_MIN_ROWS:
+    print(f"{streams} streams, attention as {attention}: fused against torch ops, max difference {error:.1e} of peak")
+    if streams * 16 < kernels.MATMUL_F32_MIN_ROWS and attention == "torch ops":
         assert error == 0
     else:
-        assert error < 1e-5
+        assert 0 < error < 1e-5
 
 
 def test_chunk_decoder_runs_the_fused_kernels_when_asked(setup, monkeypatch):
@@ -79,7 +84,7 @@ def test_chunk_decoder_runs_the_fused_kernels_when_asked(setup, monkeypatch):
     decoder, codes, _ = setup
     monkeypatch.setattr(kernels, "MATMUL_F32_MIN_ROWS", 1)  # 2 streams' rows through matmul_f32 too
     calls = []
-    for name in ("seanet_sum", "matmul_f32"):
+    for name in ("seanet_sum", "matmul_f32", "mimi_attention"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     for requested in (True, False):
@@ -91,7 +96,8 @@ def test_chunk_decoder_runs_the_fused_kernels_when_asked(setup, monkeypatch):
             chunks.decode(codes[..., :2])
         finally:
             chunks.close()
-        assert ({"seanet_sum", "matmul_f32"} <= set(calls)) is requested and (not calls) is (not requested)
+        assert ({"seanet_sum", "matmul_f32", "mimi_attention"} <= set(calls)) is requested
+        assert (not calls) is (not requested)
 
 
 @pytest.mark.parametrize("fused", [False, True])

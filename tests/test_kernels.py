@@ -315,8 +315,10 @@ def test_prefill_of_the_last_rows_only_equals_the_full_prefill(fused, positions)
         got = t(x, input_pos, last_caches, rows, fused=fused, last=last)  # [b, 1, dim]
     assert got.shape == (b, 1, 64)
     want = full[torch.arange(b), last][:, None]
-    torch.testing.assert_close(got, want, **(tolerance(dtype) if dtype == torch.float32 else
-                                             dict(rtol=2e-2, atol=2e-2)))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, **tolerance(dtype))
+    else:  # flash against the written-out attention, each rounding to bf16 in its own order (~0.3% apart)
+        assert ((got - want).float().norm() / want.float().norm()).item() < 1e-2
     for f, c in zip(full_caches, last_caches, strict=True):
         assert torch.equal(f.k, c.k) and torch.equal(f.v, c.v)
 
