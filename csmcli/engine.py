@@ -94,10 +94,22 @@ def state_kept(tensors: list[Tensor]) -> Iterator[None]:
 
 
 PREFILL_BUCKETS = (*range(16, 513, 16), *range(576, 1025, 64))
-"""Prompt lengths with a captured prefill graph on CUDA; longer prompts run eagerly at their own length. Padded rows
-cost as much as real ones: steps of 16 rows (64 beyond 512) pad a prompt of 224 rows or more by at most 7% (12%
-just past 512). Steps of 32 padded a 200-row prompt to 224 (12% of its prefill); each bucket costs a graph
-capture at start-up."""
+"""Prompt lengths with a captured prefill graph on CUDA in engines of `PREFILL_GROUP` slots or more (`prefill_buckets`);
+longer prompts run eagerly at their own length. Padded rows cost as much as real ones: steps of 16 rows (64 beyond
+512) pad a prompt of 224 rows or more by at most 7% (12% just past 512). 32-row steps padded 64 prompts of 200 rows
+to 224 (twenty-eighth session: with the 208-row bucket their prefill graphs took 3.23 instead of 3.60 ms a group
+of four, with the prefill's other changes)."""
+
+PREFILL_BUCKETS_FEW_SLOTS = (*range(32, 513, 32), *range(640, 1025, 128))
+"""The buckets of smaller engines (`say`, `stream`: one slot): each bucket is a graph captured at start-up, and a
+1-slot engine warmed up in 1.75 s with these 20 against 2.16 s with the 40 above (H200), while padding a lone
+200-row prompt to 224 instead of 208 rows costs it ~0.2 ms."""
+
+
+def prefill_buckets(max_batch: int) -> tuple[int, ...]:
+    """The prompt length buckets of an engine of `max_batch` slots."""
+    return PREFILL_BUCKETS if max_batch >= PREFILL_GROUP else PREFILL_BUCKETS_FEW_SLOTS
+
 
 PREFILL_GROUP = 4
 """Prompts prefilled together on CUDA (engines of 4 slots or more; fewer slots: that many), but never more rows in
@@ -107,10 +119,10 @@ against 2.1 ms each alone. A bucket's group is always the same size, a short one
 entry, so a prompt's rounding is the same whoever it is admitted with (a lone prompt pays for the copies)."""
 
 
-def prefill_length(rows: int, max_seq_len: int) -> int | None:
-    """The padded length a `rows`-row prompt is prefilled at on CUDA: the smallest bucket that holds it (None:
-    none does, no padding)."""
-    return next((n for n in PREFILL_BUCKETS if rows <= n <= max_seq_len), None)
+def prefill_length(rows: int, max_seq_len: int, buckets: tuple[int, ...]) -> int | None:
+    """The padded length a `rows`-row prompt is prefilled at on CUDA: the smallest of `buckets` that holds it
+    (None: none does, no padding)."""
+    return next((n for n in buckets if rows <= n <= max_seq_len), None)
 
 
 def next_chunk_frames(previous: int | None, first: int, chunk: int) -> int:
@@ -201,6 +213,7 @@ class Engine:
         # On CUDA prompts are padded to a length bucket and prefilled in fixed-size groups (graphable shapes).
         self.pad_prompts = self.device.type == "cuda"
         self.prefill_group = min(PREFILL_GROUP, max_batch) if self.pad_prompts else 1  # at most; see group_size
+        self.prefill_buckets = prefill_buckets(max_batch)
         self._warm = False
         self._admission_warm = False
         self.slots: list[_Active | None] = [None] * max_batch
@@ -255,7 +268,7 @@ class Engine:
     def _capture_prefills(self) -> None:
         pool = torch.cuda.graph_pool_handle()  # one pool: a prefill's output is copied out before the next runs
         columns = self.stepper.model.cfg.num_codebooks + 1
-        for length in PREFILL_BUCKETS:
+        for length in self.prefill_buckets:
             if length <= self.stepper.max_seq_len:
                 group = self.group_size(length)
                 tokens = torch.zeros(group, length, columns, dtype=torch.long, device=self.device)  # [G, L, 33]
@@ -271,7 +284,7 @@ class Engine:
         put back; its cache rows are rewritten by the prompt that takes the slot."""
         columns = self.stepper.model.cfg.num_codebooks + 1
         prompt = Prompt(torch.zeros(1, columns, dtype=torch.long), torch.zeros(1, columns, dtype=torch.bool))
-        length = prefill_length(prompt.rows, self.stepper.max_seq_len)
+        length = prefill_length(prompt.rows, self.stepper.max_seq_len, self.prefill_buckets)
         stepper = self.stepper
         with state_kept([*stepper.state(), stepper.temperature, stepper.topk, stepper.seed]):
             stepper.prefill_group([(0, prompt, SamplingParams())] * self.group_size(length), length,
@@ -282,7 +295,7 @@ class Engine:
         """How many prompts padded to `length` rows are prefilled in one pass (None: unpadded, one at a time)."""
         if length is None:
             return 1
-        return max(1, min(self.prefill_group, PREFILL_BUCKETS[-1] // length))
+        return max(1, min(self.prefill_group, self.prefill_buckets[-1] // length))
 
     def check(self, request: Request) -> None:
         """Raise ValueError for a request whose frames would not all fit in the cache after its prompt (past the
@@ -305,7 +318,8 @@ class Engine:
             self.check(request)
         taken = [(slot, waiting.popleft()) for slot in free[: len(waiting)]]
         for slot, request in taken:
-            length = prefill_length(request.prompt.rows, self.stepper.max_seq_len) if self.pad_prompts else None
+            length = (prefill_length(request.prompt.rows, self.stepper.max_seq_len, self.prefill_buckets)
+                      if self.pad_prompts else None)
             by_length.setdefault(length, []).append((slot, request))
         admitted: list[Request] = []
         try:

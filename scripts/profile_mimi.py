@@ -251,7 +251,7 @@ def admission(batch: int, rows: int = 200) -> None:
     for _ in range(3):
         wall = admit_all()
         print(f"admit {batch} prompts of {rows} rows: {wall:.1f} ms wall ({wall / batch:.2f} per prompt)", flush=True)
-    length = prefill_length(rows, engine.stepper.max_seq_len)
+    length = prefill_length(rows, engine.stepper.max_seq_len, engine.prefill_buckets)
     graph, size = engine._prefill_graphs[length], engine.group_size(length)
     gpu = timed(lambda: graph.graph.replay())
     groups = -(-batch // size)
@@ -282,15 +282,15 @@ def admission(batch: int, rows: int = 200) -> None:
 
 
 def bucket_warmups(model) -> None:
-    """A 1-slot engine's warm-up (what `say` waits for before its first request) with the prefill length buckets
-    as they are and with the 32-row steps of the twenty-seventh session: each bucket is a graph capture."""
+    """A 1-slot engine's warm-up (what `say` waits for before its first request) with its prefill length buckets
+    and with those of larger engines: each bucket is a graph capture."""
     from csmcli import engine as engine_module
 
-    buckets = engine_module.PREFILL_BUCKETS
     Engine(model, max_batch=1).warmup()  # kernels compiled and loaded once, before the timings
-    for name, table in (("as they are", buckets), ("32-row steps", (*range(32, 513, 32), *range(640, 1025, 128)))):
-        engine_module.PREFILL_BUCKETS = table
+    for name in ("PREFILL_BUCKETS_FEW_SLOTS", "PREFILL_BUCKETS"):
+        table = getattr(engine_module, name)
         engine = Engine(model, max_batch=1)
+        engine.prefill_buckets = table
         torch.cuda.synchronize()
         start = time.perf_counter()
         engine.warmup()
@@ -298,7 +298,6 @@ def bucket_warmups(model) -> None:
         print(f"1-slot engine warm-up, {len(table)} prefill buckets ({name}): {time.perf_counter() - start:.2f} s",
               flush=True)
         engine.close()
-    engine_module.PREFILL_BUCKETS = buckets
 
 
 def main():

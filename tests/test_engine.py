@@ -96,9 +96,9 @@ def test_prompts_prefilled_in_groups_make_what_they_make_alone(ck):
         engine.pad_prompts, engine.prefill_group = True, 3
         return engine
 
-    from csmcli.engine import prefill_length
+    from csmcli.engine import PREFILL_BUCKETS, prefill_length
 
-    assert [prefill_length(r.prompt.rows, 2048) for r in requests] == [16, 32, 16, 16, 96]
+    assert [prefill_length(r.prompt.rows, 2048, PREFILL_BUCKETS) for r in requests] == [16, 32, 16, 16, 96]
     assert grouped_engine().group_size(64) == 3 and grouped_engine().group_size(512) == 2  # <= 1024 rows a pass
     got = {r.id: [] for r in requests}
     for request, chunk in grouped_engine().generate(requests, first_chunk_frames=2, chunk_frames=3):
@@ -275,12 +275,19 @@ def test_two_engines_share_a_model_without_sharing_state(ck):
 
 
 def test_prefill_length_buckets():
-    from csmcli.engine import prefill_length
+    """Engines of 4 slots or more (which prefill prompts in groups) pad to every 16 rows, smaller ones (one prompt
+    at a time, and each bucket a graph captured at start-up) to every 32."""
+    from csmcli.engine import PREFILL_BUCKETS, PREFILL_BUCKETS_FEW_SLOTS, prefill_buckets, prefill_length
 
-    assert prefill_length(200, 2048) == 208 and prefill_length(64, 2048) == 64 and prefill_length(65, 2048) == 80
-    assert prefill_length(513, 2048) == 576 and prefill_length(1024, 2048) == 1024 and prefill_length(1, 2048) == 16
-    assert prefill_length(1025, 2048) is None  # beyond the largest graph: no padding, eager at its own length
-    assert prefill_length(100, 100) is None  # a bucket may not exceed the cache
+    assert prefill_buckets(4) == prefill_buckets(64) == PREFILL_BUCKETS
+    assert prefill_buckets(1) == prefill_buckets(3) == PREFILL_BUCKETS_FEW_SLOTS
+    fine, coarse = PREFILL_BUCKETS, PREFILL_BUCKETS_FEW_SLOTS
+    assert [prefill_length(n, 2048, fine) for n in (1, 64, 65, 200, 513, 1024)] == [16, 64, 80, 208, 576, 1024]
+    assert [prefill_length(n, 2048, coarse) for n in (1, 64, 65, 200, 513, 1024)] == [32, 64, 96, 224, 640, 1024]
+    for buckets in (fine, coarse):
+        assert prefill_length(1025, 2048, buckets) is None  # beyond the largest graph: eager at its own length
+        assert prefill_length(100, 100, buckets) is None  # a bucket may not exceed the cache
+    assert len(fine) == 40 and len(coarse) == 20
 
 
 def test_pipeline_speaks_twice_and_close_frees_the_codec(hf_checkpoint):
