@@ -45,8 +45,6 @@ BY_STEPS_STREAMS = 128
 """Streams from which it runs through cuDNN again, whatever the steps: cuDNN's speed depends on the streams (its
 algorithm choice), the matmul's on the rows. 8-frame chunks on an H200 (twenty-sixth session, docs/BENCHMARKS.md):
 matmul / cuDNN 0.20 / 0.27 ms at 16 streams, 0.45 / 0.99 at 64, 0.89 / 0.34 at 128, 1.76 / 0.61 at 256."""
-BY_STEPS_STREAMS_FUSED = BY_STEPS_STREAMS
-"""The same bound where the matmul runs through `kernels.matmul_f32` (the fused kernels, float32, enough rows)."""
 RING_STEPS = 32
 """Transformer steps (two per frame) decoded together at most: longer chunks go through the transformer in pieces.
 Each layer's key ring holds the window and one piece; 16 frames covers every preset's chunk."""
@@ -218,16 +216,12 @@ class _CausalConvTranspose1d(_StreamingModule):
         tail = _time_major(self.conv.weight, batch_size, self.conv.out_channels, self.overlap).zero_()
         return _ConvTransposeState(tail)
 
-    def forward(self, x: Tensor, add_bias: bool = True, fused: bool = False) -> Tensor:
-        """[B, C_in, T] -> [B, C_out, T * stride]. `add_bias=False`: the caller adds the bias (`_Activation`).
-        `fused`: the stride-8 layer's matmul through `kernels.matmul_f32` (enough rows; up to
-        `BY_STEPS_STREAMS_FUSED` streams)."""
+    def forward(self, x: Tensor, add_bias: bool = True) -> Tensor:  # [B, C_in, T] -> [B, C_out, T * stride]
+        """`add_bias=False`: the caller adds the bias (`_Activation`)."""
         conv, tail = self.conv, self.state.tail
         streams, steps = x.shape[0], x.shape[-1]
-        fused = fused and x.dtype == torch.float32 and streams * steps >= _matmul_f32_min_rows()
-        if self.by_steps and streams * steps >= BY_STEPS_ROWS and streams < (BY_STEPS_STREAMS_FUSED if fused
-                                                                              else BY_STEPS_STREAMS):
-            y = self._overlap_add(self._steps(x, fused))
+        if self.by_steps and streams * steps >= BY_STEPS_ROWS and streams < BY_STEPS_STREAMS:
+            y = self._overlap_add(self._steps(x))
         elif conv.groups == 1:  # [B, C_out, T*s + overlap], time-major
             w = _nhwc_weight(conv.weight)  # [C_in, C_out, 1, 2s]
             y = F.conv_transpose2d(x.unsqueeze(2), w, None, (1, conv.stride[0])).squeeze(2)
@@ -239,19 +233,11 @@ class _CausalConvTranspose1d(_StreamingModule):
         y = y[..., :n]
         return y if conv.bias is None or not add_bias else y + conv.bias[:, None]
 
-    def _steps(self, x: Tensor, fused: bool = False) -> Tensor:  # [B, C_in, T] -> [B, T, 2s, C_out]
-        """Each input step's outputs. `fused`: by `kernels.matmul_f32` (tf32x3) instead of cuBLAS's float32 GEMM
-        on the CUDA cores."""
+    def _steps(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, T, 2s, C_out]: each input step's outputs
         w = self.conv.weight.transpose(1, 2)  # [C_in, 2s, C_out]: contiguous as `_lay_out_conv_weights` stores it
         b, c_in, t = x.shape
         w_steps = w.reshape(c_in, -1)  # [C_in, 2s C_out], a view
-        rows = x.transpose(1, 2).reshape(b * t, c_in)  # [B T, C_in]
-        if fused:
-            from csmcli import kernels  # here, so CPU-only installs never need Triton
-
-            steps = kernels.matmul_f32(rows, w_steps.T)  # [B T, 2s C_out]
-        else:
-            steps = rows @ w_steps  # [B T, 2s C_out]: one GEMM, not B small ones
+        steps = x.transpose(1, 2).reshape(b * t, c_in) @ w_steps  # [B T, 2s C_out]: one GEMM, not B small ones
         return steps.view(b, t, w.shape[1], -1)
 
     def _overlap_add(self, steps: Tensor) -> Tensor:  # [B, T, 2s, C] -> [B, C, (T + 1) s], time-major
@@ -318,7 +304,7 @@ class _SeanetDecoder(nn.Module):
             if isinstance(layer, nn.ELU):  # applied by the next conv as it reads its input
                 elu = True
             elif isinstance(layer, _CausalConvTranspose1d):
-                y = layer(h.write(elu, fused), add_bias=not fused, fused=fused)
+                y = layer(h.write(elu, fused), add_bias=not fused)
                 h, elu = _Activation(y, layer.conv.bias if fused else None), False
             elif not isinstance(layer, nn.Identity):
                 h, elu = layer(h, elu, fused), False
@@ -381,12 +367,6 @@ class _Attention(_StreamingModule):
         probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)  # [B H, T, slots]; scale 1/sqrt(D) as Mimi
         y = (probs @ v.flatten(0, 1)).view(b, -1, t, self.head_dim)  # [B, H, T, D]
         return y.transpose(1, 2).reshape(b, t, -1)
-
-
-def _matmul_f32_min_rows() -> int:
-    from csmcli import kernels  # here, so CPU-only installs never need Triton (only called when fused)
-
-    return kernels.MATMUL_F32_MIN_ROWS
 
 
 def _linear(layer: nn.Linear, x: Tensor, fused: bool, act: nn.Module | None = None, scale: Tensor | None = None,

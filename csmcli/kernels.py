@@ -1342,7 +1342,7 @@ def _gelu(x, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _matmul_f32_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N, K, stride_wn, stride_wk,
+def _matmul_f32_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N, K,
                        HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                        PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -1355,8 +1355,8 @@ def _matmul_f32_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N
         k_ok = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0)  # [BLOCK_M, BLOCK_K]
-        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]: the weight [N, K] transposed
+        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)  # [BLOCK_K, BLOCK_N]: the weight [N, K] read transposed
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -1412,9 +1412,8 @@ def matmul_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Ten
     Mimi transformer's products, where cuBLAS's float32 GEMMs run on the CUDA cores (no TF32: torch's default).
     Here the tensor cores compute each product as three TF32 products (Triton's `tf32x3`: the operands split into
     high and low TF32 parts), as accurate as float32 to ~1e-6, and the bias, the GELU, the layer scale and the
-    residual add are the epilogue, in float32 in torch's order (the compiler may fuse a multiply and an add).
-    `weight` may be a transposed view (`[K, N]` stored, as the SEANet's stride-8 layer keeps it)."""
-    assert x.dtype == weight.dtype == torch.float32 and 1 in weight.stride()
+    residual add are the epilogue, in float32 in torch's order (the compiler may fuse a multiply and an add)."""
+    assert x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()  # [M, K]
     m, n = rows.shape[0], weight.shape[0]
@@ -1426,7 +1425,7 @@ def matmul_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Ten
     stages = MATMUL_F32_STAGES if INTERPRET else matmul_f32_stages(blocks, _shared_memory(x.device.index or 0))
     _matmul_f32_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         rows, weight, bias if bias is not None else out, scale if scale is not None else out,
-        residual if residual is not None else out, out, m, n, k, weight.stride(0), weight.stride(1),
+        residual if residual is not None else out, out, m, n, k,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, GELU=gelu,
         PRECISION="ieee" if INTERPRET else "tf32x3", LIBDEVICE=not INTERPRET,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages,

@@ -67,7 +67,6 @@ for step in "$@"; do
     layouts) python3 scripts/profile_mimi.py layouts 2>&1 | grep -v Warn | tee "$out/layouts.txt" ;;
     chunks) python3 scripts/profile_mimi.py chunks 2>&1 | grep -v Warn | tee "$out/chunks.txt" ;;
     matmuls) python3 scripts/profile_mimi.py matmuls 2>&1 | grep -v Warn | tee "$out/matmuls.txt" ;;
-    stride8) python3 scripts/profile_mimi.py stride8 2>&1 | grep -v Warn | tee "$out/stride8.txt" ;;
     enginetests) python3 -m pytest -q -o addopts=-ra tests/test_engine_cuda.py 2>&1 | tee "$out/enginetests.txt" || true ;;
     kerneltests) python3 -m pytest -q -o addopts=-ra tests/test_kernels.py 2>&1 | tee "$out/kerneltests.txt" || true ;;
     codectests) python3 -m pytest -q -o addopts=-ra tests/test_codec_cuda.py tests/test_codec.py 2>&1 | tee "$out/codectests.txt" || true ;;

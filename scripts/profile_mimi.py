@@ -5,8 +5,7 @@ busiest host calls). `profile_mimi.py admission`: only the admission; `profile_m
 streams. What-ifs (not what csmcli runs): cuDNN autotuning, TF32 matmuls, a bf16 decoder transformer.
 `profile_mimi.py layouts`: the SEANet's convs channels-first against channels-last, the stride-8 transposed conv's
 two paths and the attention's two forms, layer by layer at 16-256 streams; `profile_mimi.py chunks`: a graphed
-chunk at 1-256 streams; `profile_mimi.py matmuls`: the transformer's products by block size against cuBLAS;
-`profile_mimi.py stride8`: the stride-8 layer by `kernels.matmul_f32` against cuDNN in a graphed chunk."""
+chunk at 1-256 streams; `profile_mimi.py matmuls`: the transformer's products by block size against cuBLAS."""
 
 import contextlib
 import functools
@@ -136,24 +135,6 @@ def graphed_chunks(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
             chunks.close()
             how = "fused kernels" if fused else "torch ops"
             print(f"mimi B={batch:3d} chunk={chunk} {how:13s} graphed {ms:7.2f} ms/chunk", flush=True)
-
-
-def stride8(batches=(16, 64, 128, 256), chunk: int = 8) -> None:
-    """A graphed chunk with the fused kernels, the SEANet's stride-8 layer as `kernels.matmul_f32` (tf32x3) plus
-    the overlap-add against cuDNN's transposed conv, at each number of streams: where `BY_STEPS_STREAMS_FUSED`
-    should lie."""
-    decoder = random_codec(torch.device("cuda")).decoder
-    bound = codec_module.BY_STEPS_STREAMS_FUSED
-    for batch in batches:
-        codes = torch.randint(0, 2048, (batch, 32, chunk), device="cuda")  # [B, 32, n]
-        for name, streams in (("matmul_f32", 10**9), ("cuDNN", 0)):
-            codec_module.BY_STEPS_STREAMS_FUSED = streams
-            chunks = ChunkDecoder(decoder, batch, 32, fused_kernels=True)
-            chunks.warmup([chunk])
-            ms = timed(functools.partial(chunks.decode, codes))
-            chunks.close()
-            print(f"mimi B={batch:3d} chunk={chunk} stride-8 layer by {name:10s} graphed {ms:7.2f} ms", flush=True)
-    codec_module.BY_STEPS_STREAMS_FUSED = bound
 
 
 def matmuls(batches=(1, 16, 64, 128, 256), chunk: int = 8) -> None:
@@ -327,10 +308,6 @@ def main():
     if sys.argv[1:] == ["chunks"]:
         torch.backends.cudnn.allow_tf32 = True
         graphed_chunks()
-        return
-    if sys.argv[1:] == ["stride8"]:
-        torch.backends.cudnn.allow_tf32 = True
-        stride8()
         return
     if sys.argv[1:] == ["matmuls"]:
         matmuls()

@@ -121,10 +121,9 @@ def test_chunks_longer_than_the_key_ring_go_through_in_pieces(tiny):
 
 def force_stride8_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     """The SEANet's stride-8 transposed conv as a matmul (`path` "matmul") or through the conv ("conv"), whatever
-    the streams and steps (`codec.BY_STEPS_ROWS`, `codec.BY_STEPS_STREAMS`, `codec.BY_STEPS_STREAMS_FUSED`)."""
+    the streams and steps (`codec.BY_STEPS_ROWS`, `codec.BY_STEPS_STREAMS`)."""
     monkeypatch.setattr(codec_module, "BY_STEPS_ROWS", 0 if path == "matmul" else 10**9)
     monkeypatch.setattr(codec_module, "BY_STEPS_STREAMS", 10**9)
-    monkeypatch.setattr(codec_module, "BY_STEPS_STREAMS_FUSED", 10**9)
 
 
 @pytest.mark.parametrize("path", ["matmul", "conv"])
@@ -141,7 +140,7 @@ def test_stride8_layer_takes_the_matmul_from_64_rows_below_128_streams(tiny, str
     on an H200."""
     calls, layer = [], codec_module._CausalConvTranspose1d
     steps = layer._steps
-    monkeypatch.setattr(layer, "_steps", lambda self, x, fused=False: calls.append(x.shape) or steps(self, x, fused))
+    monkeypatch.setattr(layer, "_steps", lambda self, x: calls.append(x.shape) or steps(self, x))
     model, _, codec, _, _ = tiny
     codec.decode(random_codes(model.config, streams, frames))
     assert bool(calls) == matmul
