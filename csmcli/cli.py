@@ -167,7 +167,8 @@ FusedKernelsOpt = Annotated[
     bool | None,
     typer.Option(
         "--fused-kernels/--no-fused-kernels",
-        help="Triton kernels for the one-token decode steps and the Mimi decode (CUDA); off: plain torch ops.",
+        help="Triton kernels for the one-token decode steps, the prompt prefill and the Mimi decode (CUDA); off: "
+        "plain torch ops.",
     ),
 ]
 Fp8Opt = Annotated[
