@@ -338,35 +338,45 @@ class _Attention(_StreamingModule):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor, fused: bool) -> Tensor:
         """x [B, T, C] at ring slots `slots [T]`; `mask [T, slots]` (0 or -inf, added to the scores) says which
-        slots each step sees. Returns the heads side by side [B, T, H D], before `o_proj` (the layer's)."""
-        b, t, _ = x.shape
-        if fused and x.dtype == torch.float32 and self.n_heads == self.n_kv_heads and self.head_dim % 2 == 0:
+        slots each step sees. Returns the heads side by side [B, T, H D], before `o_proj` (the layer's). `fused`
+        (float32, as many key/value heads as heads): `kernels.mimi_attention`, one kernel, instead of `_attention`."""
+        q, k, v = (_linear(p, x, fused) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H D] each
+        attend = _attention
+        if fused and x.dtype == torch.float32 and self.n_heads == self.n_kv_heads:
             from csmcli import kernels  # here, so CPU-only installs never need Triton
 
-            cache = self.state
-            return kernels.mimi_attention(_linear(self.q_proj, x, fused), _linear(self.k_proj, x, fused),
-                                          _linear(self.v_proj, x, fused), cos, sin, cache.k, cache.v, slots, mask,
-                                          self.head_dim**-0.5)
-        q = _linear(self.q_proj, x, fused).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = _linear(self.k_proj, x, fused).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
-        v = _linear(self.v_proj, x, fused).view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        # Written into the ring in place: a shifted cache would copy the whole window twice a chunk (at 64 streams
-        # ~0.5 GB per layer and chunk in float32). The keys' order does not matter to attention, only the mask.
+            attend = kernels.mimi_attention
         cache = self.state
-        cache.k.index_copy_(2, slots, k)
-        cache.v.index_copy_(2, slots, v)
-        k, v = cache.k, cache.v  # [B, H_kv, slots, D]
-        if self.n_heads != self.n_kv_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        # Two batched matmuls and a softmax, not SDPA: for a chunk's few steps over the window, PyTorch's only
-        # float32 SDPA kernel (memory-efficient, 64-query tiles) took 0.40 ms a layer at 256 streams on an H200,
-        # these 0.27 (0.135 -> 0.088 at 64 streams), equal to ~1e-6.
-        scores = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=self.head_dim**-0.5)
-        probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)  # [B H, T, slots]; scale 1/sqrt(D) as Mimi
-        y = (probs @ v.flatten(0, 1)).view(b, -1, t, self.head_dim)  # [B, H, T, D]
-        return y.transpose(1, 2).reshape(b, t, -1)
+        return attend(q, k, v, cos, sin, cache.k, cache.v, slots, mask, self.head_dim**-0.5)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_ring: Tensor, v_ring: Tensor,
+               ring: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Mimi's attention for a piece of T steps as torch ops: projections q `[B, T, H D]`, k, v `[B, T, H_kv D]`,
+    rotated by `cos, sin [T, D]`, k and v written into slots `ring [T]` of the key / value rings
+    `[B, H_kv, slots, D]`, then softmax(scale q k^T + mask) v over the ring (`mask [T, slots]`). Returns
+    `[B, T, H D]`. (`kernels.mimi_attention` is the same in one kernel.)"""
+    b, t, _ = q.shape
+    n_kv_heads, head_dim = k_ring.shape[1], k_ring.shape[3]
+    q = q.view(b, t, -1, head_dim).transpose(1, 2)  # [B, H, T, D]
+    k = k.view(b, t, -1, head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+    v = v.view(b, t, -1, head_dim).transpose(1, 2)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    # Written into the ring in place: a shifted cache would copy the whole window twice a chunk (at 64 streams
+    # ~0.5 GB per layer and chunk in float32). The keys' order does not matter to attention, only the mask.
+    k_ring.index_copy_(2, ring, k)
+    v_ring.index_copy_(2, ring, v)
+    k, v = k_ring, v_ring  # [B, H_kv, slots, D]
+    if q.shape[1] != n_kv_heads:
+        k = k.repeat_interleave(q.shape[1] // n_kv_heads, dim=1)
+        v = v.repeat_interleave(q.shape[1] // n_kv_heads, dim=1)
+    # Two batched matmuls and a softmax, not SDPA: for a chunk's few steps over the window, PyTorch's only
+    # float32 SDPA kernel (memory-efficient, 64-query tiles) took 0.40 ms a layer at 256 streams on an H200,
+    # these 0.27 (0.135 -> 0.088 at 64 streams), equal to ~1e-6.
+    scores = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=scale)
+    probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)  # [B H, T, slots]; scale 1/sqrt(D) as Mimi
+    y = (probs @ v.flatten(0, 1)).view(b, -1, t, head_dim)  # [B, H, T, D]
+    return y.transpose(1, 2).reshape(b, t, -1)
 
 
 def _linear(layer: nn.Linear, x: Tensor, fused: bool, act: nn.Module | None = None, scale: Tensor | None = None,
@@ -449,7 +459,8 @@ class _Transformer(_StreamingModule):
 
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:  # [B, T, C] -> [B, T, C]
         """Pieces of at most RING_STEPS steps (each layer's key ring holds the window and one piece). `fused`: the
-        float32 products through `kernels.matmul_f32` (see `_linear`)."""
+        float32 products through `kernels.matmul_f32` (see `_linear`) and the attention through
+        `kernels.mimi_attention` (see `_Attention`)."""
         dtype = self.layers[0].input_layernorm.weight.dtype
         pieces = [self._piece(x[:, i : i + RING_STEPS].to(dtype), fused) for i in range(0, x.shape[1], RING_STEPS)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
@@ -607,8 +618,9 @@ class StreamingMimiDecoder(nn.Module):
     def decode_chunk(self, codes: Tensor, fused: bool = False) -> Tensor:
         """[B, K, n] int64 codes (K <= num_quantizers, each in [0, codebook_size)) -> [B, 1, n * frame_size].
 
-        `fused`: Triton kernels for the transformer's float32 products (`_linear`) and the SEANet's biases,
-        residuals and ELUs (`_Activation`): CUDA only (or Triton's interpreter); `engine.ChunkDecoder` decides."""
+        `fused`: Triton kernels for the transformer's float32 products (`_linear`) and attention (`_Attention`),
+        and the SEANet's biases, residuals and ELUs (`_Activation`): CUDA only (or Triton's interpreter);
+        `engine.ChunkDecoder` decides."""
         if codes.shape[-1] == 0:
             return torch.zeros(codes.shape[0], self.config.audio_channels, 0, device=codes.device)
         x = self.quantizer(codes)  # [B, hidden, n]

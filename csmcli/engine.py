@@ -93,6 +93,14 @@ def state_kept(tensors: list[Tensor]) -> Iterator[None]:
             t.copy_(s)
 
 
+PREFILL_GROUP = 4
+"""Prompts prefilled together on CUDA (engines of 4 slots or more; fewer slots: that many), but never more rows in
+one pass than the largest bucket (512-row prompts two at a time, 1024-row ones alone), so the prefill graphs need no
+more memory than one 1024-row prompt. Four 256-row prompts: 4.9 ms through the backbone in one pass on an H100,
+against 2.1 ms each alone. A bucket's group is always the same size, a short one filled up with copies of its last
+entry, so a prompt's rounding is the same whoever it is admitted with (a lone prompt pays for the copies)."""
+
+
 PREFILL_BUCKETS = (*range(16, 513, 16), *range(576, 1025, 64))
 """Prompt lengths with a captured prefill graph on CUDA in engines of `PREFILL_GROUP` slots or more (`prefill_buckets`);
 longer prompts run eagerly at their own length. Padded rows cost as much as real ones: steps of 16 rows (64 beyond
@@ -109,14 +117,6 @@ PREFILL_BUCKETS_FEW_SLOTS = (*range(32, 513, 32), *range(640, 1025, 128))
 def prefill_buckets(max_batch: int) -> tuple[int, ...]:
     """The prompt length buckets of an engine of `max_batch` slots."""
     return PREFILL_BUCKETS if max_batch >= PREFILL_GROUP else PREFILL_BUCKETS_FEW_SLOTS
-
-
-PREFILL_GROUP = 4
-"""Prompts prefilled together on CUDA (engines of 4 slots or more; fewer slots: that many), but never more rows in
-one pass than the largest bucket (512-row prompts two at a time, 1024-row ones alone), so the prefill graphs need no
-more memory than one 1024-row prompt. Four 256-row prompts: 4.9 ms through the backbone in one pass on an H100,
-against 2.1 ms each alone. A bucket's group is always the same size, a short one filled up with copies of its last
-entry, so a prompt's rounding is the same whoever it is admitted with (a lone prompt pays for the copies)."""
 
 
 def prefill_length(rows: int, max_seq_len: int, buckets: tuple[int, ...]) -> int | None:

@@ -828,7 +828,8 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, weight_ptr, sum_ptr, out_ptr, D, eps,
 def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """`s = x + delta` (None: `s = x`) and `F.rms_norm(s, weight, eps)` for `x, delta [..., D]`, in one pass
     instead of two kernels (a prefill's residual sums and norms): the sum exactly as torch rounds it, the norm in
-    float32 and rounded once as torch's, its sum of squares in another order (results at most an ulp apart).
+    float32 and rounded once as torch's, its sum of squares in another order (on an H200: at most an ulp apart in
+    bf16 / fp16, a few ulps in float32).
     Returns `(s, norm)`, contiguous (`s` is `x` itself when `delta` is None)."""
     d = x.shape[-1]
     rows = x.reshape(-1, d)  # [R, D]
@@ -866,7 +867,9 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tenso
     indexed writes."""
     b, heads, t, d = k.shape
     assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
-    assert k_cache.stride(-1) == 1 and rows.shape == (b,) and start + t <= k_cache.shape[2] and d == _pow2(d)
+    assert k_cache.stride(-1) == 1 and start + t <= k_cache.shape[2] and d == _pow2(d)
+    assert k_cache.shape == v_cache.shape and k_cache.shape[1] == heads and k_cache.shape[3] == d
+    assert rows.shape == (b,) and rows.is_contiguous()  # the kernel reads rows[i] at rows_ptr + i
     block_t = 32
     _write_kv_kernel[(b * heads, triton.cdiv(t, block_t))](
         k, v, k_cache, v_cache, rows, start, t, heads, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
@@ -1510,6 +1513,8 @@ def mimi_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_
     b, t, width = q.shape
     heads, slots, d = k_ring.shape[1], k_ring.shape[2], k_ring.shape[3]
     assert width == heads * d and k.shape == v.shape == q.shape and v_ring.shape == k_ring.shape
+    assert k_ring.shape[0] == b and t <= slots  # one program per stream and head; distinct slots for the steps
+    assert ring.shape == (t,) and ring.is_contiguous()
     assert all(x.dtype == torch.float32 and x.stride(-1) == 1 for x in (q, k, v, cos, sin, k_ring, v_ring, mask))
     assert k_ring.is_contiguous() and v_ring.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
     assert cos.shape == sin.shape == (t, d) and mask.shape == (t, slots) and mask.is_contiguous() and d % 2 == 0

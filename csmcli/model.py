@@ -93,8 +93,8 @@ class RMSNorm(nn.Module):
 
 def add_norm(x: Tensor, delta: Tensor | None, norm: RMSNorm, fused: bool = False) -> tuple[Tensor, Tensor]:
     """`x + delta` (None: x) and its RMS norm. `fused`: one pass through `kernels.add_rms_norm` (CUDA, Triton)
-    instead of two: the same sum; the norm as `F.rms_norm` computes it, up to float32 summation order (at most one
-    ulp of the activations' dtype apart)."""
+    instead of two: the same sum; the norm as `F.rms_norm` computes it, up to float32 summation order (at most an
+    ulp apart in bf16 / fp16, a few in float32)."""
     if fused:
         from csmcli import kernels
 
@@ -242,7 +242,8 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None) -
 def flash_prompt(q: Tensor, input_pos: Tensor | int) -> bool:
     """Whether rows `q [b, H, T, D]` at `input_pos` take `causal_prompt_attention`: several rows from position 0
     (a prompt's prefill; with torch ops also the depth decoder's 2-row first step), in bf16 / fp16 on a GPU that
-    SDPA's flash kernel runs on (Ampere or newer, head size up to 256), and not under torch.compile."""
+    SDPA's flash kernel runs on (Ampere or newer, head size up to 256), and not under torch.compile. (A prefill's
+    last layer, which wants one row per prompt, attends for that row written out in float32: `Attention.forward`.)"""
     t, d = q.shape[-2:]
     return (isinstance(input_pos, int) and input_pos == 0 and t > 1 and q.is_cuda and q.dtype != torch.float32
             and d % 8 == 0 and d <= 256 and not torch.compiler.is_compiling()
@@ -290,12 +291,14 @@ class Attention(nn.Module):
                 return self.wo(out.transpose(1, 2).reshape(b, t, h * self.head_dim))
         else:
             k, v = cache.update(rows, input_pos, k, v)  # [b, Hkv, S, D]
-        if last is not None:
+        if last is not None:  # one query row per prompt, over a mask; in float32, as cheap as that is at one row
             q = q.gather(2, last[:, None, None, None].expand(-1, h, 1, self.head_dim))  # [b, H, 1, D]
             position = input_pos + last if isinstance(input_pos, int) else input_pos.gather(1, last[:, None])[:, 0]
-            blocked = (torch.arange(k.shape[2], device=x.device) > position[:, None])[:, None, None, None]
-            t = 1  # blocked: [b, 1, 1, 1, S]
-        out = grouped_attention(q, k, v, blocked)  # [b, H, t, D]
+            keys = torch.arange(k.shape[2], device=x.device)  # [S]
+            blocked = (keys > position[:, None])[:, None, None, None]  # [b, 1, 1, 1, S]
+            out = grouped_attention(q.float(), k.float(), v.float(), blocked).to(q.dtype)  # [b, H, 1, D]
+            return self.wo(out.transpose(1, 2).reshape(b, 1, h * self.head_dim))
+        out = grouped_attention(q, k, v, blocked)  # [b, H, T, D]
         return self.wo(out.transpose(1, 2).reshape(b, t, h * self.head_dim))
 
 
@@ -447,8 +450,9 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor, input_pos: Tensor | int, caches: list[KVCache], rows: Tensor | None = None,
                 fused: bool = False, last: Tensor | None = None) -> Tensor:
         """x `[b, T, dim]` at positions `input_pos [b, T]`, into rows `rows [b]` of `caches` (None: all rows, b == B).
-        `fused`: RoPE and silu * up through csmcli.kernels (CUDA, Triton), bit for bit the torch ops, and each
-        residual sum with the norm after it in one pass (`add_norm`). `last [b]`: only row `last[i]` of each
+        `fused`: RoPE and silu * up through csmcli.kernels (CUDA, Triton), bit for bit the torch ops, each residual
+        sum with the norm after it in one pass (`add_norm`: the norm within an ulp of torch's in bf16), and a flash
+        prefill's cache write in one kernel (`KVCache.write`). `last [b]`: only row `last[i]` of each
         `x[i]` is wanted (a prefill wants its last prompt row): every layer writes all rows' keys and values, but
         the last layer's attention, MLP and the final norm run for those rows only; returns `[b, 1, dim]`.
 

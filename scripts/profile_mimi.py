@@ -1,7 +1,8 @@
 """Where a 64-stream rep's time outside the frame steps goes (CUDA): the Mimi decode of a chunk (graphed, as the
 bench runs it; its eager kernel census; the what-ifs below), and the
 admission of 64 prompts (wall time against the prefill graphs' own GPU time: the host's share; its GPU gaps and
-busiest host calls). `profile_mimi.py admission`: only the admission; `profile_mimi.py wide`: both at 256
+busiest host calls). `profile_mimi.py admission`: only the admission, then a 1-slot engine's warm-up with either
+table of prefill length buckets; `profile_mimi.py wide`: both at 256
 streams. What-ifs (not what csmcli runs): cuDNN autotuning, TF32 matmuls, a bf16 decoder transformer.
 `profile_mimi.py layouts`: the SEANet's convs channels-first against channels-last, the stride-8 transposed conv's
 two paths and the attention's two forms, layer by layer at 16-256 streams; `profile_mimi.py chunks`: a graphed
@@ -21,8 +22,8 @@ from profile_frame import census, timed  # scripts/ is on the path when a script
 
 from csmcli import codec as codec_module
 from csmcli.checkpoint import random_model
-from csmcli.engine import ChunkDecoder, Engine, Request, prefill_length
-from csmcli.model import CSM_1B
+from csmcli.engine import PREFILL_BUCKETS, PREFILL_BUCKETS_FEW_SLOTS, ChunkDecoder, Engine, Request, prefill_length
+from csmcli.model import CSM_1B, Csm
 from csmcli.pipeline import random_codec
 from csmcli.prompt import synthetic_prompt
 from csmcli.sampling import SamplingParams
@@ -281,14 +282,16 @@ def admission(batch: int, rows: int = 200) -> None:
         print(f"  host {e.self_cpu_time_total / 1000:7.2f} ms {e.count:5d}x  {e.key[:90]}")
 
 
-def bucket_warmups(model) -> None:
+def bucket_warmups(model: Csm) -> None:
     """A 1-slot engine's warm-up (what `say` waits for before its first request) with its prefill length buckets
-    and with those of larger engines: each bucket is a graph capture."""
-    from csmcli import engine as engine_module
-
-    Engine(model, max_batch=1).warmup()  # kernels compiled and loaded once, before the timings
-    for name in ("PREFILL_BUCKETS_FEW_SLOTS", "PREFILL_BUCKETS"):
-        table = getattr(engine_module, name)
+    and with those of larger engines (each bucket is a graph capture), each timed twice in alternating order."""
+    first = Engine(model, max_batch=1)
+    first.warmup()  # kernels compiled and loaded once, before the timings
+    first.prefill_buckets = PREFILL_BUCKETS
+    first._capture_prefills()  # every fine bucket's shapes too (the coarse ones are among them)
+    first.close()
+    tables = [("PREFILL_BUCKETS_FEW_SLOTS", PREFILL_BUCKETS_FEW_SLOTS), ("PREFILL_BUCKETS", PREFILL_BUCKETS)]
+    for name, table in tables * 2:
         engine = Engine(model, max_batch=1)
         engine.prefill_buckets = table
         torch.cuda.synchronize()

@@ -96,9 +96,10 @@ def test_prompts_prefilled_in_groups_make_what_they_make_alone(ck):
         engine.pad_prompts, engine.prefill_group = True, 3
         return engine
 
-    from csmcli.engine import PREFILL_BUCKETS, prefill_length
+    from csmcli.engine import prefill_length
 
-    assert [prefill_length(r.prompt.rows, 2048, PREFILL_BUCKETS) for r in requests] == [16, 32, 16, 16, 96]
+    buckets = grouped_engine().prefill_buckets  # an engine of 4 slots: every 16 rows
+    assert [prefill_length(r.prompt.rows, 2048, buckets) for r in requests] == [16, 32, 16, 16, 96]
     assert grouped_engine().group_size(64) == 3 and grouped_engine().group_size(512) == 2  # <= 1024 rows a pass
     got = {r.id: [] for r in requests}
     for request, chunk in grouped_engine().generate(requests, first_chunk_frames=2, chunk_frames=3):

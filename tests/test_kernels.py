@@ -253,12 +253,12 @@ def test_silu_mul_kernel_equals_torch(dtype):
                                                  else tolerance(dtype)))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32] if DEVICE == "cuda" else DTYPES)
 @pytest.mark.parametrize("delta", [True, False])
 def test_add_rms_norm_kernel_equals_torch(dtype, delta):
     """`kernels.add_rms_norm` (a prefill's residual sum and the norm after it, `fused`) against `x + delta` and
-    `F.rms_norm`: the sum bit for bit, the norm within one ulp of the activations' dtype (its float32 sum of
-    squares runs in another order), on rows of a width no power of two."""
+    `F.rms_norm`: the sum bit for bit, the norm (its float32 sum of squares in another order) on the GPU within one
+    ulp in bf16 / fp16, almost always equal, and a few ulps in float32; rows of a width no power of two."""
     g = torch.Generator().manual_seed(9)
     x, change = ((3 * torch.randn(2, 7, 1000, generator=g)).to(DEVICE, dtype) for _ in range(2))  # [b, T, D]
     weight = (1 + 0.3 * torch.randn(1000, generator=g)).to(DEVICE, dtype)
@@ -270,10 +270,14 @@ def test_add_rms_norm_kernel_equals_torch(dtype, delta):
         assert torch.equal(got_sum, want_sum)
     else:  # the interpreter's bf16 conversions are its own
         torch.testing.assert_close(got_sum, want_sum, **tolerance(dtype))
-    ulp = torch.finfo(dtype).eps * want.float().abs().clamp(min=torch.finfo(dtype).tiny)
-    off = (got.float() - want.float()).abs()
     if DEVICE == "cuda":
-        assert (off <= 2 * ulp).all() and (off == 0).float().mean() > 0.95, (off / ulp).max()
+        magnitude = want.float().abs().clamp(min=torch.finfo(dtype).tiny)
+        ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(magnitude)))  # the spacing at each value
+        ulps = (got.float() - want.float()).abs() / ulp
+        if dtype == torch.float32:
+            assert ulps.max() <= 4, ulps.max()
+        else:
+            assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99, (ulps.max(), (ulps == 0).float().mean())
     else:
         torch.testing.assert_close(got, want, **(dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32
                                                  else tolerance(dtype)))
@@ -397,11 +401,12 @@ def test_matmul_f32_keeps_three_stages_where_they_fit_in_shared_memory():
 
 
 @pytest.mark.parametrize("head_dim", [8, 64])  # the tests' Mimi, the real one
-def test_mimi_attention_kernel_equals_the_torch_attention(head_dim):
-    """`kernels.mimi_attention` (the Mimi transformer's attention, `fused`) against `codec._Attention`'s torch ops,
-    in a two-layer streaming transformer fed pieces of 5, 16, 3, 32 and 20 steps: a window shorter than the stream,
-    so the key ring wraps and the mask hides old slots. Layer 0's key and value rings come out bit for bit (RoPE
-    rounds as torch), the outputs at float32 level (online softmax, TF32x3 products on a GPU)."""
+def test_mimi_attention_kernel_equals_the_torch_attention(head_dim, monkeypatch):
+    """`kernels.mimi_attention` (the Mimi transformer's attention, `fused`) against `codec._attention`'s torch ops,
+    in a two-layer streaming transformer fed pieces of 3 to 32 steps, 202 in all: a window shorter than the stream,
+    so the key ring (131 slots, three of the kernel's blocks) wraps and the mask hides old slots. Layer 0's key and
+    value rings come out bit for bit (RoPE rounds as torch), the outputs at float32 level (online softmax, TF32x3
+    products on a GPU)."""
     import copy
 
     from transformers import MimiConfig
@@ -409,7 +414,7 @@ def test_mimi_attention_kernel_equals_the_torch_attention(head_dim):
     from csmcli import codec
 
     config = MimiConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                        head_dim=head_dim, intermediate_size=64, sliding_window=10)
+                        head_dim=head_dim, intermediate_size=64, sliding_window=100)  # 131 slots: 3 blocks of 64
     torch.manual_seed(11)
     transformers = [codec._Transformer(config).to(DEVICE)]
     transformers.append(copy.deepcopy(transformers[0]))
@@ -418,8 +423,11 @@ def test_mimi_attention_kernel_equals_the_torch_attention(head_dim):
             if isinstance(m, codec._StreamingModule):
                 m._state = m.init_state(3)
     g = torch.Generator().manual_seed(12)
+    calls = []
+    attention = kernels.mimi_attention
+    monkeypatch.setattr(kernels, "mimi_attention", lambda *a: calls.append(a[0].shape) or attention(*a))
     with torch.no_grad():
-        for steps in (5, 16, 3, 32, 20):
+        for steps in (5, 16, 3, 32, 20, 32, 32, 32, 30):  # 202 steps: the ring of 131 slots wraps
             x = torch.randn(3, steps, 32, generator=g).to(DEVICE)  # [B, T, C]
             want, got = transformers[0](x), transformers[1](x, fused=True)
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
@@ -427,6 +435,7 @@ def test_mimi_attention_kernel_equals_the_torch_attention(head_dim):
             assert torch.equal(rings[1].k, rings[0].k) and torch.equal(rings[1].v, rings[0].v)
             later = [t.layers[1].self_attn.state for t in transformers]
             torch.testing.assert_close(later[1].k, later[0].k, rtol=2e-5, atol=2e-5)
+    assert len(calls) == 9 * 2  # every piece, both layers: the kernel did run
 
 
 @pytest.mark.parametrize("shape", [(64, 1024, 8192, False), (64, 2048, 2048, False), (64, 2048, 8192, False),
