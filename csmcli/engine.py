@@ -110,8 +110,8 @@ of four, with the prefill's other changes)."""
 
 PREFILL_BUCKETS_FEW_SLOTS = (*range(32, 513, 32), *range(640, 1025, 128))
 """The buckets of smaller engines (`say`, `stream`: one slot): each bucket is a graph captured at start-up, and a
-1-slot engine warmed up in 1.75 s with these 20 against 2.16 s with the 40 above (H200), while padding a lone
-200-row prompt to 224 instead of 208 rows costs it ~0.2 ms."""
+1-slot engine warmed up in 1.1-1.3 s with these 20 against 1.9-2.1 s with the 40 above (H200, twenty-eighth
+session), while padding a lone 200-row prompt to 224 instead of 208 rows costs it ~0.2 ms."""
 
 
 def prefill_buckets(max_batch: int) -> tuple[int, ...]:
