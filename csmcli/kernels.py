@@ -27,8 +27,9 @@ with the memory system idle. One-row kernels (an engine of one slot) let the nex
 what never changes (weight tiles, RoPE tables) before they wait; batched kernels let it launch only when their main
 loop is done (`use_pdl`).
 
-Two kernels serve the Mimi decode instead (`codec`): `seanet_sum`, a SEANet conv's bias with the resnet residual
-and the ELU in one pass, and `matmul_f32`, the transformer's float32 products on the tensor cores.
+A few serve a prompt's prefill (`model`: `embed_sum`, `rope`, `silu_mul`, `add_rms_norm`, `write_kv`), and three the
+Mimi decode (`codec`): `seanet_sum`, a SEANet conv's bias with the resnet residual and the ELU in one pass,
+`matmul_f32`, the transformer's float32 products on the tensor cores, and `mimi_attention`, its attention.
 
 Runs on CUDA; on the CPU only under `TRITON_INTERPRET=1` (the tests), where `tl.dot` takes float32 inputs.
 """
@@ -1454,13 +1455,13 @@ def _mimi_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_ring_ptr, v_
     cos2 = tl.load(cos_ptr + table + HALF, mask=t_ok, other=0.0)
     sin1 = tl.load(sin_ptr + table, mask=t_ok, other=0.0)
     sin2 = tl.load(sin_ptr + table + HALF, mask=t_ok, other=0.0)
-    # RoPE as `codec._rotate` rounds it: x * cos, then cat(-x2, x1) * sin, then their sum
+    # RoPE as `codec._rotate` rounds it (float32: x * cos, then cat(-x2, x1) * sin, then their sum)
     q = q_ptr + b * stride_qb + t[:, None] * stride_qt + col
-    q1, q2 = tl.load(q, mask=t_ok, other=0.0), tl.load(q + HALF, mask=t_ok, other=0.0)
-    q1, q2 = q1 * cos1 + -q2 * sin1, q2 * cos2 + q1 * sin2
+    q1, q2 = _rope(tl.load(q, mask=t_ok, other=0.0), tl.load(q + HALF, mask=t_ok, other=0.0), cos1, cos2, sin1, sin2,
+                   tl.float32)
     k = k_ptr + b * stride_kb + t[:, None] * stride_kt + col
-    k1, k2 = tl.load(k, mask=t_ok, other=0.0), tl.load(k + HALF, mask=t_ok, other=0.0)
-    k1, k2 = k1 * cos1 + -k2 * sin1, k2 * cos2 + k1 * sin2
+    k1, k2 = _rope(tl.load(k, mask=t_ok, other=0.0), tl.load(k + HALF, mask=t_ok, other=0.0), cos1, cos2, sin1, sin2,
+                   tl.float32)
     # this piece's keys and values into their ring slots, then attention over the whole ring
     ring = tl.load(ring_ptr + t, mask=t < T, other=0)
     at = b * stride_rb + h * stride_rh + ring[:, None] * 2 * HALF + d[None, :]
