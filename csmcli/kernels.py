@@ -1387,7 +1387,7 @@ def matmul_f32_blocks(m: int, n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) of `matmul_f32`: the fastest of seven sizes at Mimi's products (`profile_mimi.py
     matmuls`); below 128 rows (tests) one tile's rows."""
     if m < 128:
-        return max(16, min(64, triton.next_power_of_2(m))), 64, 32
+        return max(16, min(64, _pow2(m))), 64, 32
     return (128, 64, 32) if m > 2048 or n >= 2048 else (64, 64, 64)
 
 
@@ -1523,7 +1523,7 @@ def mimi_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_
     _mimi_attention_kernel[(b * heads,)](
         q, k, v, cos, sin, k_ring, v_ring, ring, mask, out, t, heads, slots, scale, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_ring.stride(0), k_ring.stride(1), out.stride(0),
-        out.stride(1), HALF=d // 2, BLOCK_D=max(16, triton.next_power_of_2(d // 2)),
-        BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_S=64, PRECISION="ieee" if INTERPRET else "tf32x3",
+        out.stride(1), HALF=d // 2, BLOCK_D=max(16, _pow2(d // 2)),
+        BLOCK_T=max(16, _pow2(t)), BLOCK_S=64, PRECISION="ieee" if INTERPRET else "tf32x3",
         num_warps=4, enable_fp_fusion=False)  # RoPE rounds as torch
     return out
