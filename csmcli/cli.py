@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -330,7 +331,8 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
     if random_weights:
         ui.warn("random weights: the audio is noise; use them for speed, not sound")
     spinner = ui.console.status("loading model", spinner="dots") if not ui.is_quiet() else contextlib.nullcontext()
-    with spinner, ui.library_warnings_hidden():
+    with spinner as status, ui.library_warnings_hidden():
+        start = time.perf_counter()
         pipeline = Pipeline.load(
             model,
             preset,
@@ -344,7 +346,12 @@ def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name
             raise CsmError("this checkpoint has no Mimi codec: pass --codec DIR (an HF-format Mimi checkpoint)")
         if pipeline.model.fp8 and not pipeline.engine.fused_kernels:  # before a --compile warm-up's minutes
             ui.warn(FP8_ON_TORCH_OPS)
+        loaded = time.perf_counter()
+        ui.debug(f"loaded {pipeline.checkpoint.source} on {pipeline.device} in {loaded - start:.1f} s")
+        if status is not None:
+            status.update("warming up")
         pipeline.warmup()
+        ui.debug(f"warmed up (kernels, CUDA graphs, Mimi) in {time.perf_counter() - loaded:.1f} s")
     return pipeline
 
 

@@ -96,8 +96,8 @@ def choose_preset(preset_name: str | None, torch_device: str | None, overrides: 
     return resolve_preset(preset_name, gpus[index] if index < len(gpus) else None, presets=presets, **overrides)
 
 
-def random_codec(device: torch.device, config=None) -> MimiCodec:
-    """Mimi with random weights (default config unless given): lets random-weight runs make real-size audio."""
+def random_mimi(config=None):
+    """transformers' `MimiModel` with seeded random weights (default config unless given)."""
     from transformers import MimiConfig, MimiModel
 
     torch.manual_seed(0)
@@ -106,6 +106,12 @@ def random_codec(device: torch.device, config=None) -> MimiCodec:
         for name, t in mimi.named_buffers():
             if name.endswith("embed_sum"):
                 t.normal_()
+    return mimi
+
+
+def random_codec(device: torch.device, config=None) -> MimiCodec:
+    """Mimi with random weights: lets random-weight runs make real-size audio."""
+    mimi = random_mimi(config)
     return MimiCodec(mimi.config, mimi.state_dict(), "random weights").to(device)
 
 

@@ -88,6 +88,7 @@ def runs(hf_checkpoint, tmp_path_factory):
     runs.start("greedy", "say", TEXT, *SHORT, "-t", "0", *TO_FILES, *model)
     runs.start("fp8", "say", TEXT, *SHORT, "-t", "0", "--fp8", *TO_FILES, *model)
     runs.start("greedy-quiet", "--quiet", "say", TEXT, *SHORT, "-t", "0", *TO_FILES, *model)
+    runs.start("greedy-verbose", "--verbose", "say", TEXT, *SHORT, "-t", "0", *TO_FILES, *model)
     runs.start("seeded-stdout", "say", TEXT, *SHORT, "--seed", "5", "-o", "-", "--save-codes", "codes.npy", *model)
     runs.start("seeded-raw", "say", TEXT, *SHORT, "--seed", "5", "-o", "-", "--raw", *model)
     runs.start("three", "say", THREE_SENTENCES, "--max-seconds", "0.4", *TO_FILES, *model)
@@ -141,6 +142,15 @@ def test_quiet_silences_stderr(runs):
     assert_ok(result)
     assert result.stderr == ""  # transformers' config warnings included
     assert len(result.wav()) == FRAMES * FRAME
+
+
+def test_verbose_times_loading_and_warm_up_and_speaks_the_same(runs, hf_checkpoint):
+    result, plain = runs("greedy-verbose"), runs("greedy")
+    assert_ok(result)
+    assert re.search(rf"^loaded {re.escape(str(hf_checkpoint))} on cpu in \d+\.\d s$", result.stderr, re.M), \
+        result.stderr
+    assert re.search(r"^warmed up \(kernels, CUDA graphs, Mimi\) in \d+\.\d s$", result.stderr, re.M), result.stderr
+    np.testing.assert_array_equal(result.codes(), plain.codes())
 
 
 def test_audio_equals_transformers_decode_of_the_codes(runs, hf_model):
