@@ -6,7 +6,9 @@ codec weights. Errors a user can fix (missing file, wrong key, gated repo) becom
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -141,15 +143,19 @@ ORIGINAL_LAYER = {
 
 
 class _Source:
-    """A state dict with the file it came from, so a missing key names both."""
+    """A state dict with the file it came from, so a missing key names both. Each tensor is moved to `device` and
+    then cast to `dtype` as it is taken: with a lazy `tensors` (`SafetensorsFiles`) a float32 checkpoint is read one
+    tensor at a time and cast where it will run, instead of whole into host memory and cast by the CPU."""
 
-    def __init__(self, tensors: dict[str, Tensor], origin: str):
-        self.tensors, self.origin = tensors, origin
+    def __init__(self, tensors: Mapping[str, Tensor], origin: str, device=None, dtype: torch.dtype | None = None,
+                 prefix: str = ""):
+        self.tensors, self.origin, self.device, self.dtype, self.prefix = tensors, origin, device, dtype, prefix
 
     def get(self, *keys: str) -> Tensor:
         for key in keys:
-            if key in self.tensors:
-                return self.tensors[key]
+            if self.prefix + key in self.tensors:
+                tensor = self.tensors[self.prefix + key]
+                return tensor if self.device is None else tensor.to(self.device).to(self.dtype)
         raise CsmError(f"{self.origin}: missing tensor {keys[0]!r}")
 
 
@@ -248,20 +254,61 @@ def safetensors_files(path: Path) -> list[Path]:
     return [path / "model.safetensors"]
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Every tensor of `safetensors_files(path)`; a missing or unreadable file is a CsmError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class SafetensorsFiles(Mapping[str, Tensor]):
+    """The tensors of `safetensors_files(path)` by name, each read from its (memory-mapped) file when looked up;
+    use as a context manager, which closes the files. A missing or unreadable file is a CsmError naming it."""
 
-    tensors: dict[str, Tensor] = {}
-    for f in safetensors_files(path):
-        if not f.exists():
-            raise CsmError(f"{f}: file not found")
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._files = contextlib.ExitStack()
+        self._where: dict[str, tuple[Any, Path]] = {}  # name -> (open file, its path)
         try:
-            tensors |= load_file(str(f))
+            for f in safetensors_files(path):
+                if not f.exists():
+                    raise CsmError(f"{f}: file not found")
+                with self._readable(f):
+                    handle = self._files.enter_context(safe_open(str(f), framework="pt"))
+                    self._where |= dict.fromkeys(handle.keys(), (handle, f))
+        except BaseException:
+            self._files.close()
+            raise
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _readable(f: Path) -> Iterator[None]:
+        from safetensors import SafetensorError
+
+        try:
+            yield
         except (SafetensorError, OSError, ValueError) as e:
             raise CsmError(f"{f}: not a readable safetensors file ({e})") from None
-    return tensors
+
+    def __getitem__(self, name: str) -> Tensor:
+        handle, f = self._where[name]
+        with self._readable(f):
+            return handle.get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __enter__(self) -> SafetensorsFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._files.close()
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of `safetensors_files(path)`, read now; a missing or unreadable file is a CsmError naming it."""
+    with SafetensorsFiles(path) as files:
+        return dict(files)
 
 
 def read_json(path: Path) -> dict:
@@ -286,19 +333,20 @@ def load_tokenizer(path: Path) -> Any:
         raise CsmError(f"{path}: no usable tokenizer ({e}); pass --tokenizer DIR with tokenizer.json") from None
 
 
-def _split_codec(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def _split_codec(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     prefix = "codec_model."
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: tensors[k] for k in tensors if k.startswith(prefix)}  # reads only the codec's
 
 
 def load_hf_dir(directory: Path, device, dtype, tokenizer_path: Path | None = None) -> Checkpoint:
     cfg_json = read_json(directory / "config.json")
     cfg = config_from_hf(cfg_json)
-    tensors = read_safetensors(directory)
     index = directory / "model.safetensors.index.json"
     origin = str(index if index.exists() else directory / "model.safetensors")  # errors name the file
-    model = build_model(cfg, state_dict_from_hf(_Source(tensors, origin), cfg), origin, device, dtype)
-    codec_weights = _split_codec(tensors) or None
+    with SafetensorsFiles(directory) as tensors:
+        model = build_model(cfg, state_dict_from_hf(_Source(tensors, origin, device, dtype), cfg), origin, device,
+                            dtype)
+        codec_weights = _split_codec(tensors) or None
     return Checkpoint(
         model=model,
         tokenizer=load_tokenizer(tokenizer_path or directory),
@@ -308,28 +356,33 @@ def load_hf_dir(directory: Path, device, dtype, tokenizer_path: Path | None = No
     )
 
 
-def _read_original_weights(directory: Path) -> tuple[dict[str, Tensor], str]:
+@contextlib.contextmanager
+def _original_weights(directory: Path, device, dtype) -> Iterator[_Source]:
     st, pt = directory / "model.safetensors", directory / "ckpt.pt"
     if st.exists():
-        tensors, origin = read_safetensors(directory), str(st)
-    elif pt.exists():
-        try:
-            tensors, origin = torch.load(pt, map_location="cpu", weights_only=True), str(pt)
-        except Exception as e:  # torch raises several unrelated types for a corrupt pickle
-            raise CsmError(f"{pt}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-        tensors = tensors.get("model", tensors)
-    else:
+        with SafetensorsFiles(directory) as tensors:
+            yield _Source(tensors, str(st), device, dtype, _model_prefix(tensors))
+        return
+    if not pt.exists():
         raise CsmError(f"{directory}: neither model.safetensors nor ckpt.pt found")
-    # Some exports prefix every key with `model.`; the original key names start below it.
-    if tensors and all(k.startswith("model.") for k in tensors):
-        tensors = {k[len("model."):]: v for k, v in tensors.items()}
-    return tensors, origin
+    try:
+        tensors = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a corrupt pickle
+        raise CsmError(f"{pt}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    tensors = tensors.get("model", tensors)
+    yield _Source(tensors, str(pt), device, dtype, _model_prefix(tensors))
+
+
+def _model_prefix(tensors: Mapping[str, Tensor]) -> str:
+    """Some exports prefix every key with `model.`; the original key names start below it."""
+    return "model." if tensors and all(k.startswith("model.") for k in tensors) else ""
 
 
 def load_original_dir(directory: Path, device, dtype, tokenizer_path: Path | None = None) -> Checkpoint:
     cfg = config_from_original(read_json(directory / "config.json"))
-    tensors, origin = _read_original_weights(directory)
-    model = build_model(cfg, state_dict_from_original(_Source(tensors, origin), cfg), origin, device, dtype)
+    with _original_weights(directory, device, dtype) as src:
+        origin = src.origin
+        model = build_model(cfg, state_dict_from_original(src, cfg), origin, device, dtype)
     tok_dir = tokenizer_path or directory
     tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").exists() or tokenizer_path else None
     return Checkpoint(model=model, tokenizer=tokenizer, codec_config=None, codec_weights=None, source=origin)

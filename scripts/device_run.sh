@@ -82,20 +82,24 @@ for step in "$@"; do
       python3 scripts/check_audio_length.py "$out/$step.wav" "$out/$step.npy" "$out/${step}_stream.raw" \
         "$out/${step}_stream.npy" | tee "$out/${step}_check.txt" ;;
     startup)  # `say` from process start to exit, from a full-size random checkpoint in the HF layout: cold (an empty
-      # Triton cache, the page cache dropped where allowed) and warm (the same command again)
-      python3 scripts/save_random_checkpoint.py /tmp/csm-full 2>&1 | grep -v Warn | tee "$out/startup.txt"
-      rm -rf /tmp/triton-startup
-      for run in cold warm; do
-        { sync && echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null && echo "$run: page cache dropped" | tee -a "$out/startup.txt"
+      # Triton cache, the page cache dropped where allowed), Triton's cache warm but the page cache dropped, and
+      # both warm; then scripts/startup_probe.py's phases with Triton's cache warm, and with an empty one
+      [ -f /tmp/csm-full/model.safetensors ] || python3 scripts/save_random_checkpoint.py /tmp/csm-full 2>&1 \
+        | grep -v Warn | tee "$out/startup.txt"
+      rm -rf /tmp/triton-startup /tmp/triton-probe
+      for run in cold disk-cold warm; do
+        if [ "$run" != warm ]; then
+          { sync && echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null && echo "$run: page cache dropped" | tee -a "$out/startup.txt"
+        fi
         t0=$(date +%s.%N)
         TRITON_CACHE_DIR=/tmp/triton-startup csm -v say --model /tmp/csm-full --seed 7 --max-seconds 2 \
           -o "$out/startup_$run.wav" "Hello there from a $run start." 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt"
         echo "$run: $(awk "BEGIN {printf \"%.1f\", $(date +%s.%N) - $t0}") s from process start to exit" | tee -a "$out/startup.txt"
       done
-      t0=$(date +%s.%N)
-      python3 -c "import csmcli.cli, torch, transformers" && \
-        echo "imports (python, torch, transformers, csmcli): $(awk "BEGIN {printf \"%.1f\", $(date +%s.%N) - $t0}") s" \
-        | tee -a "$out/startup.txt" ;;
+      echo "--- phases, Triton cache warm" | tee -a "$out/startup.txt"
+      TRITON_CACHE_DIR=/tmp/triton-startup python3 scripts/startup_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt"
+      echo "--- phases, Triton cache empty" | tee -a "$out/startup.txt"
+      TRITON_CACHE_DIR=/tmp/triton-probe python3 scripts/startup_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt" ;;
     ingraph) python3 scripts/tune_in_graph.py 1 2>&1 | tee "$out/ingraph.txt" ;;
     ingraphfp8) python3 scripts/tune_in_graph.py 1 fp8 2>&1 | tee "$out/ingraphfp8.txt" ;;
     ingraphdec) python3 scripts/tune_in_graph.py 1 dec 2>&1 | tee "$out/ingraphdec.txt" ;;

@@ -96,3 +96,36 @@ def test_a_directory_without_tokenizer_json_is_named_as_such(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(CsmError, match=r"no tokenizer.json there; pass --tokenizer DIR with a Llama-3 tokenizer.json"):
         checkpoint.load_tokenizer(tmp_path)
+
+
+def test_weights_are_read_once_each_and_cast_as_loading_whole_then_casting(hf_checkpoint, monkeypatch):
+    """The loader reads tensor by tensor (never the whole file into memory at once) and casts each where it goes;
+    the result must be what reading everything in float32 and casting the model afterwards gives."""
+    reads: list[str] = []
+    get = checkpoint.SafetensorsFiles.__getitem__
+    monkeypatch.setattr(checkpoint.SafetensorsFiles, "__getitem__", lambda self, k: reads.append(k) or get(self, k))
+    lazy = checkpoint.load(str(hf_checkpoint), dtype=torch.bfloat16)
+    assert len(reads) == len(set(reads))  # none read twice
+    stored = load_file(str(hf_checkpoint / "model.safetensors"))
+    # every stored tensor is read, but of the tied audio embeddings' two names only one (save_pretrained may keep one)
+    assert set(reads) <= set(stored)
+    assert set(stored) - set(reads) <= {"depth_decoder.model.embed_tokens.weight"}
+    monkeypatch.undo()
+    whole = checkpoint.load(str(hf_checkpoint))  # float32, as stored
+    for key, value in whole.model.state_dict().items():
+        assert lazy.model.state_dict()[key].dtype == (torch.bfloat16 if value.is_floating_point() else value.dtype)
+        assert torch.equal(lazy.model.state_dict()[key], value.to(lazy.model.state_dict()[key].dtype)), key
+    for key, value in lazy.codec_weights.items():  # the codec stays float32
+        assert torch.equal(value, stored[f"codec_model.{key}"]), key
+
+
+def test_safetensors_files_are_closed_after_loading(hf_checkpoint, monkeypatch):
+    opened: list[checkpoint.SafetensorsFiles] = []
+    init = checkpoint.SafetensorsFiles.__init__
+    monkeypatch.setattr(checkpoint.SafetensorsFiles, "__init__",
+                        lambda self, path: opened.append(self) or init(self, path))
+    checkpoint.load(str(hf_checkpoint))
+    assert opened
+    for files in opened:
+        with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type for a closed file
+            files[next(iter(files))]

@@ -1,0 +1,65 @@
+"""Where `say`'s start-up goes, phase by phase, as `Pipeline.load` + `Pipeline.warmup` run it (scripts/device_run.sh
+step `startup`, after the cold and warm `say` runs; run it with an empty TRITON_CACHE_DIR to see compile times).
+
+Usage: python3 scripts/startup_probe.py CHECKPOINT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+T0 = time.perf_counter()
+
+
+def main() -> None:
+    last = T0
+
+    def mark(what: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        print(f"{now - last:7.2f} s  {what}", flush=True)
+        last = now
+
+    import torch
+
+    mark("import torch")
+    import transformers  # noqa: F401
+
+    from csmcli.engine import chunk_sizes
+    from csmcli.pipeline import Pipeline, choose_preset, load_codec, pick_device
+
+    mark("import transformers, csmcli")
+    preset, _ = choose_preset(None, None, {})
+    device = pick_device(None, preset)
+    torch.zeros(1, device=device)
+    mark(f"CUDA context, preset {preset.name}")
+    from csmcli.checkpoint import load
+
+    ck = load(sys.argv[1], device=device, dtype=getattr(torch, preset.dtype))
+    torch.cuda.synchronize()
+    mark("checkpoint: weights to the GPU, tokenizer")
+    codec = load_codec(ck, None, device)
+    mark("Mimi codec")
+    pipeline = Pipeline(ck, codec, preset, device)
+    torch.cuda.synchronize()
+    mark("Engine and ChunkDecoder built (weights prepared, caches allocated)")
+    engine = pipeline.engine
+    engine._capture_prefills()
+    torch.cuda.synchronize()
+    mark(f"{len(engine._prefill_graphs)} prefill graphs captured")
+    engine._warm_admission()
+    torch.cuda.synchronize()
+    mark("one admission")
+    engine.warmup()
+    torch.cuda.synchronize()
+    mark(f"frame graphs for buckets {engine.buckets}")
+    sizes = chunk_sizes(preset.first_chunk_frames, preset.chunk_frames)
+    pipeline.decoder.warmup(sizes)
+    torch.cuda.synchronize()
+    mark(f"Mimi graphs for chunk sizes {sorted(set(sizes) | {1})}")
+    print(f"{time.perf_counter() - T0:7.2f} s  in all (after the interpreter's start)")
+
+
+if __name__ == "__main__":
+    main()
