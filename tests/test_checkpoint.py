@@ -129,3 +129,12 @@ def test_safetensors_files_are_closed_after_loading(hf_checkpoint, monkeypatch):
     for files in opened:
         with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type for a closed file
             files[next(iter(files))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loading_onto_the_gpu_casts_as_the_cpu_does(hf_checkpoint, dtype):
+    on_gpu = checkpoint.load(str(hf_checkpoint), device="cuda", dtype=dtype).model.state_dict()
+    on_cpu = checkpoint.load(str(hf_checkpoint), dtype=dtype).model.state_dict()
+    for key, value in on_cpu.items():
+        assert on_gpu[key].is_cuda and torch.equal(on_gpu[key].cpu(), value), key
