@@ -440,8 +440,10 @@ class _TransformerLayer(nn.Module):
 
 
 def _rope_inv_freq(c: MimiConfig) -> Tensor:
-    # computed on the CPU in float32 like transformers does, then only moved: keeps cos/sin bit-identical
-    return 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim))
+    # computed on the CPU in float32 like transformers does, then only moved: keeps cos/sin bit-identical. On the CPU
+    # also when built on `meta`: arithmetic on meta tensors imports torch._dynamo (~1.3 s of a start-up).
+    steps = torch.arange(0, c.head_dim, 2, dtype=torch.float, device="cpu")
+    return 1.0 / (c.rope_parameters["rope_theta"] ** (steps / c.head_dim))
 
 
 class _Transformer(_StreamingModule):
@@ -563,8 +565,7 @@ class StreamingMimiDecoder(nn.Module):
             if not key.startswith("quantizer.")
         }
         weights.update(_dequantizer_weights(config, state_dict, source))
-        decoder.load_state_dict(weights, assign=True)
-        decoder.decoder_transformer.inv_freq = _rope_inv_freq(config)  # non-persistent, still on meta
+        decoder.load_state_dict(weights, assign=True)  # inv_freq (non-persistent) was made on the CPU
         return decoder.requires_grad_(False).eval()
 
     def _lay_out_conv_weights(self, *_: Any) -> None:

@@ -423,7 +423,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)  # [D / 2]
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [max_seq_len, D], see set_rope
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.set_rope(self.inv_freq.device, torch.float32)
@@ -431,8 +431,16 @@ class Transformer(nn.Module):
     def set_rope(self, device, dtype: torch.dtype) -> None:
         """Tabulate cos / sin for every position once: a step then gathers rows instead of recomputing them.
         Float32 angles, as transformers computes them, stored rounded to the activations' `dtype` (where
-        transformers rounds them too), so a step needs no cast."""
-        self.inv_freq = rope_inverse_frequencies(self.cfg).to(device)
+        transformers rounds them too), so a step needs no cast. On `meta` (a model before its weights) the tables'
+        shapes only: arithmetic on meta tensors runs torch's Python references, whose first use imports
+        torch._dynamo (~1.3 s of every start-up)."""
+        c = self.cfg
+        if torch.device(device).type == "meta":
+            self.inv_freq = torch.empty(c.head_dim // 2, device=device)
+            self.rope_cos = torch.empty(c.max_seq_len, c.head_dim, dtype=dtype, device=device)
+            self.rope_sin = torch.empty(c.max_seq_len, c.head_dim, dtype=dtype, device=device)
+            return
+        self.inv_freq = rope_inverse_frequencies(c).to(device)
         freqs = torch.arange(self.cfg.max_seq_len, device=device).float()[:, None] * self.inv_freq  # [S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
@@ -523,9 +531,13 @@ class Csm(nn.Module):
         super().__init__()
         self.cfg = cfg
         bb, dd = cfg.backbone, cfg.decoder
-        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, bb.dim)
+        # Uninitialised (`_weight`) like every other weight here: loaders fill them. Embedding's own normal_ init on
+        # `meta`, where models are built, imports torch._dynamo (~1.3 s of every start-up).
+        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, bb.dim,
+                                            _weight=torch.empty(cfg.text_vocab_size, bb.dim))
         # Codebook k token t is row t + k * audio_vocab_size; the depth decoder reads the same table.
-        self.audio_embeddings = nn.Embedding(cfg.num_codebooks * cfg.audio_vocab_size, bb.dim)
+        rows = cfg.num_codebooks * cfg.audio_vocab_size
+        self.audio_embeddings = nn.Embedding(rows, bb.dim, _weight=torch.empty(rows, bb.dim))
         self.backbone = Transformer(bb)
         self.decoder = Transformer(dd)
         self.projection = nn.Linear(bb.dim, dd.dim, bias=False)

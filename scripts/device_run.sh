@@ -100,6 +100,9 @@ for step in "$@"; do
       TRITON_CACHE_DIR=/tmp/triton-startup python3 scripts/startup_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt"
       echo "--- phases, Triton cache empty" | tee -a "$out/startup.txt"
       TRITON_CACHE_DIR=/tmp/triton-probe python3 scripts/startup_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt" ;;
+    loadprobe)  # where loading a full-size float32 checkpoint onto the GPU goes (scripts/load_probe.py)
+      [ -f /tmp/csm-full/model.safetensors ] || python3 scripts/save_random_checkpoint.py /tmp/csm-full 2>&1 | grep -v Warn
+      python3 scripts/load_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee "$out/loadprobe.txt" ;;
     ingraph) python3 scripts/tune_in_graph.py 1 2>&1 | tee "$out/ingraph.txt" ;;
     ingraphfp8) python3 scripts/tune_in_graph.py 1 fp8 2>&1 | tee "$out/ingraphfp8.txt" ;;
     ingraphdec) python3 scripts/tune_in_graph.py 1 dec 2>&1 | tee "$out/ingraphdec.txt" ;;

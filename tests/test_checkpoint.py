@@ -138,3 +138,21 @@ def test_loading_onto_the_gpu_casts_as_the_cpu_does(hf_checkpoint, dtype):
     on_cpu = checkpoint.load(str(hf_checkpoint), dtype=dtype).model.state_dict()
     for key, value in on_cpu.items():
         assert on_gpu[key].is_cuda and torch.equal(on_gpu[key].cpu(), value), key
+
+
+def test_loading_does_not_import_torch_dynamo(hf_checkpoint):
+    """Arithmetic on `meta` tensors (where models are built before their weights) runs torch's Python references,
+    whose first use imports torch._dynamo: ~1.3 s of every `say`'s start-up. Nothing in loading may do that."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from csmcli.pipeline import Pipeline, choose_preset\n"
+        "preset, _ = choose_preset(None, 'cpu', {})\n"
+        f"Pipeline.load({str(hf_checkpoint)!r}, preset, device='cpu').warmup()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
