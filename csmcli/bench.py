@@ -481,6 +481,7 @@ def _measure_batch(model: Csm, decoder, settings: BenchSettings, batch: int, cud
     chunks = None
     try:
         engine.warmup()
+        engine.prepare([settings.prompt_rows])  # its prefill graph: even with --warmup 0 no timed rep captures it
         chunks = None if decoder is None else ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs,
                                                            fused_kernels)
         if chunks is not None:

@@ -209,7 +209,9 @@ class Engine:
         self.compiled = compile
         self.buckets = batch_buckets(max_batch, self.fused_kernels)
         self._graphs: dict[int, CapturedCall] = {}  # frame step by bucket
-        self._prefill_graphs: dict[int, CapturedCall] = {}  # by prompt length bucket
+        self._prefill_graphs: dict[int, CapturedCall] = {}  # by prompt length bucket, captured on first use
+        # one pool: a prefill's output is copied out before the next runs
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         # On CUDA prompts are padded to a length bucket and prefilled in fixed-size groups (graphable shapes).
         self.pad_prompts = self.device.type == "cuda"
         self.prefill_group = min(PREFILL_GROUP, max_batch) if self.pad_prompts else 1  # at most; see group_size
@@ -244,13 +246,11 @@ class Engine:
         return self._graphs[n]()
 
     def warmup(self) -> None:
-        """Compile / capture now, so no request's latency includes it. The warm-up runs real steps, so the slots'
-        state is saved and restored around it: warming up never changes what any request makes. Prefill graphs
-        are captured, and one admission made, before any request is admitted (their warm-up writes the first slots'
-        cache rows)."""
+        """Compile / capture the frame step now, so no request's latency includes it. The warm-up runs real steps,
+        so the slots' state is saved and restored around it: warming up never changes what any request makes. One
+        admission is made before any request is admitted (it writes slot 0's cache rows). Prefill graphs are
+        captured when their length is first used (`prefill_graph`, ~0.1 s each), or ahead by `prepare`."""
         if self.pad_prompts and not self._admission_warm and all(a is None for a in self.slots):
-            if self.cuda_graphs:
-                self._capture_prefills()
             self._warm_admission()
         if self._warm:
             return
@@ -264,18 +264,39 @@ class Engine:
                     self._eager_step(n)
         self._warm = True
 
-    @torch.no_grad()
+    def prepare(self, prompt_rows: Iterable[int]) -> None:
+        """Capture now the prefill graphs that prompts of these many rows will use, so that their first admission
+        includes no capture (a caller that knows its first prompt keeps it out of the first audio). The captures
+        write the cache rows of free slots; with none free, nothing is done (admission captures as it goes)."""
+        free = [slot for slot, active in enumerate(self.slots) if active is None]
+        if not (self.pad_prompts and free):
+            return
+        for rows in prompt_rows:
+            self.prefill_graph(prefill_length(rows, self.stepper.max_seq_len, self.prefill_buckets), free)
+
     def _capture_prefills(self) -> None:
-        pool = torch.cuda.graph_pool_handle()  # one pool: a prefill's output is copied out before the next runs
-        columns = self.stepper.model.cfg.num_codebooks + 1
-        for length in self.prefill_buckets:
-            if length <= self.stepper.max_seq_len:
-                group = self.group_size(length)
-                tokens = torch.zeros(group, length, columns, dtype=torch.long, device=self.device)  # [G, L, 33]
-                mask = torch.ones(group, length, columns, dtype=torch.bool, device=self.device)
-                slots_and_last = torch.stack([torch.arange(group), torch.full((group,), length - 1)]).to(self.device)
-                self._prefill_graphs[length] = CapturedCall(self.stepper.prefill_rows, tokens, mask, slots_and_last,
-                                                            pool=pool)
+        """Every length bucket's prefill graph, with no request admitted (the start-up of earlier versions)."""
+        assert all(active is None for active in self.slots)
+        self.prepare(n for n in self.prefill_buckets if n <= self.stepper.max_seq_len)
+
+    @torch.no_grad()
+    def prefill_graph(self, length: int | None, slots: list[int]) -> CapturedCall | None:
+        """The captured prefill of `length`-row groups (None: eager — no graphs, or no bucket holds the prompt),
+        captured now if it is the length's first use. The capture runs the prefill on dummy prompts into the cache
+        rows of `slots` (repeated to fill the group): pass the slots of the group about to be prefilled, or free
+        ones, whose rows are rewritten by the prompts that take them, and no other slot's rows are touched."""
+        if not self.cuda_graphs or length is None:
+            return None
+        graph = self._prefill_graphs.get(length)
+        if graph is None:
+            group, columns = self.group_size(length), self.stepper.model.cfg.num_codebooks + 1
+            tokens = torch.zeros(group, length, columns, dtype=torch.long, device=self.device)  # [G, L, 33]
+            mask = torch.ones(group, length, columns, dtype=torch.bool, device=self.device)
+            rows = (slots * group)[:group]
+            slots_and_last = torch.tensor([rows, [length - 1] * group], device=self.device)  # [2, G]
+            graph = CapturedCall(self.stepper.prefill_rows, tokens, mask, slots_and_last, pool=self._prefill_pool)
+            self._prefill_graphs[length] = graph
+        return graph
 
     @torch.no_grad()
     def _warm_admission(self) -> None:
@@ -288,7 +309,7 @@ class Engine:
         stepper = self.stepper
         with state_kept([*stepper.state(), stepper.temperature, stepper.topk, stepper.seed]):
             stepper.prefill_group([(0, prompt, SamplingParams())] * self.group_size(length), length,
-                                  self._prefill_graphs.get(length))
+                                  self.prefill_graph(length, [0]))
         self._admission_warm = True
 
     def group_size(self, length: int | None) -> int:
@@ -328,8 +349,8 @@ class Engine:
                 for start in range(0, len(entries), size):
                     group = entries[start : start + size]
                     padded = group + [group[-1]] * (size - len(group))  # a fixed group size: copies of the last
-                    self.stepper.prefill_group([(slot, r.prompt, r.params) for slot, r in padded], length,
-                                               self._prefill_graphs.get(length))
+                    graph = self.prefill_graph(length, [slot for slot, _ in group])
+                    self.stepper.prefill_group([(slot, r.prompt, r.params) for slot, r in padded], length, graph)
                     for slot, request in group:
                         self.slots[slot] = _Active(request)
                         admitted.append(request)

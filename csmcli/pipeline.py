@@ -209,12 +209,16 @@ class Pipeline:
         return [Segment(s.speaker, s.text, codes=self.encode(s.audio)) if s.codes is None and s.audio is not None
                 else s for s in context]
 
-    def check_prompt(self, context: list[Segment], speaker: int, text: str) -> None:
-        """Raise now what any sentence's prompt would raise later (no tokenizer, codec or room for even one frame
-        after the given context), before the first sentence is written."""
+    def prepare(self, context: list[Segment], speaker: int, text: str) -> None:
+        """Before the first sentence is written: raise now what any sentence's prompt would raise later (no
+        tokenizer, codec or room for even one frame after the given context), and capture the first sentence's
+        prefill graph (`Engine.prepare`), so that its first audio waits for no capture."""
+        rows = []
         for sentence in split_sentences(text):
             prompt = self.prompt(context, speaker, sentence)
             frame_budget(prompt.rows, 1, self.model.cfg.backbone.max_seq_len)
+            rows.append(prompt.rows)
+        self.engine.prepare(rows[:1])  # later sentences carry earlier ones as context: their lengths are not known
 
     def close(self) -> None:
         """Free the Mimi decoder's streaming state (and its graphs): the codec can then be used on its own again."""
@@ -223,8 +227,8 @@ class Pipeline:
             self.decoder = None
 
     def warmup(self) -> None:
-        """Capture / compile now (frame step, prefill lengths, Mimi decode of every ramp chunk size), so the first
-        request's latency includes none of it."""
+        """Capture / compile now (frame step, one admission, Mimi decode of every ramp chunk size), so the first
+        request's latency includes none of it (`prepare` adds the first prompt's prefill graph)."""
         self.engine.warmup()
         if self.decoder is not None:
             self.decoder.warmup(chunk_sizes(self.preset.first_chunk_frames, self.preset.chunk_frames))

@@ -214,10 +214,11 @@ def run(pipeline: Pipeline, job: SpeakJob) -> Totals:
     if job.seed is None and job.temperature > 0:
         ui.info(f"seed {seed} (pass --seed {seed} to repeat)")
     params = SamplingParams(job.temperature, job.topk, seed)
-    # Encode context audio once and build the first prompt now: a missing tokenizer or codec, or a prompt that
-    # cannot fit, is refused before any output file is created or an existing one truncated.
+    # Encode context audio once and build the prompts now: a missing tokenizer or codec, or a prompt that cannot
+    # fit, is refused before any output file is created or an existing one truncated (and the first prompt's
+    # prefill graph is captured before the clock for first audio starts).
     context = pipeline.encode_context(job.context)
-    pipeline.check_prompt(context, job.speaker, job.text)
+    pipeline.prepare(context, job.speaker, job.text)
     totals, rows, codes = Totals(), [], []
     start = time.perf_counter()
     try:

@@ -283,8 +283,9 @@ def admission(batch: int, rows: int = 200) -> None:
 
 
 def bucket_warmups(model: Csm) -> None:
-    """A 1-slot engine's warm-up (what `say` waits for before its first request) with its prefill length buckets
-    and with those of larger engines (each bucket is a graph capture), each timed twice in alternating order."""
+    """A 1-slot engine's warm-up with every prefill length bucket captured (what `say` waited for before its first
+    request until prefill graphs were captured on first use), with its buckets and with those of larger engines
+    (each bucket is a graph capture), each timed twice in alternating order."""
     first = Engine(model, max_batch=1)
     first.warmup()  # kernels compiled and loaded once, before the timings
     first.prefill_buckets = PREFILL_BUCKETS
@@ -297,6 +298,7 @@ def bucket_warmups(model: Csm) -> None:
         torch.cuda.synchronize()
         start = time.perf_counter()
         engine.warmup()
+        engine._capture_prefills()
         torch.cuda.synchronize()
         print(f"1-slot engine warm-up, {len(table)} prefill buckets ({name}): {time.perf_counter() - start:.2f} s",
               flush=True)

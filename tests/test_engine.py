@@ -329,9 +329,9 @@ def test_every_sentence_is_checked_to_fit_before_any_is_spoken(hf_checkpoint):
     rows = {s: pipeline.prompt(context(10), 0, s).rows for s in (short, long)}
     assert rows[long] > rows[short]
     full = context(10 + max_seq - 1 - rows[short])  # the short sentence leaves room for exactly one frame
-    pipeline.check_prompt(full, 0, short)
+    pipeline.prepare(full, 0, short)
     with pytest.raises(CsmError, match=r"prompt is \d+ rows but the model holds"):
-        pipeline.check_prompt(full, 0, f"{short} {long}")
+        pipeline.prepare(full, 0, f"{short} {long}")
 
 
 def test_fused_kernels_only_on_cuda_with_triton_without_compile_or_the_env_var(monkeypatch):

@@ -69,6 +69,31 @@ def test_slot_joining_mid_run_leaves_others_unchanged(model):
     assert mixed[joiner.id].shape == (10, 32)
 
 
+def test_a_prefill_graph_captured_mid_run_changes_no_code(model):
+    """Prefill graphs are captured on their length's first use: a joiner of a new length has its graph captured
+    mid-run, into its own slot's cache rows only. Every request's codes equal those of an engine that captured all
+    the graphs ahead (`prepare`), before any request."""
+    reqs = requests(4, frames=30)
+    short = Request(synthetic_prompt(40, seed=99), SamplingParams(0.0), 6)
+    joiner = Request(synthetic_prompt(300, seed=98), SamplingParams(0.9, 50, seed=4), 10)  # bucket 304: new
+    by_engine = []
+    for ahead in (True, False):
+        engine = Engine(model, max_batch=5)  # 5 busy (4 + short): the joiner waits for `short`'s slot
+        engine.warmup()
+        if ahead:
+            engine.prepare(r.prompt.rows for r in [*reqs, short, joiner])
+        assert (304 in engine._prefill_graphs) == ahead
+        captured = len(engine._prefill_graphs)
+        out = {r.id: [] for r in [*reqs, short, joiner]}
+        for request, chunk in engine.generate([*reqs, short, joiner], first_chunk_frames=2, chunk_frames=4):
+            out[request.id].append(chunk.codes)
+        assert 304 in engine._prefill_graphs and (len(engine._prefill_graphs) == captured) == ahead
+        engine.close()
+        by_engine.append({k: torch.cat(v) for k, v in out.items()})
+    for r in [*reqs, short, joiner]:
+        assert torch.equal(by_engine[0][r.id], by_engine[1][r.id]), r.id
+
+
 @pytest.mark.parametrize("max_batch", [8, 64, 128, 256])
 def test_a_request_alone_and_in_a_full_batch_makes_the_same_codes(model, max_batch):
     """With one busy slot the engine replays its 1-row frame graph, with all slots busy its full one: block sizes

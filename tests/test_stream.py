@@ -106,7 +106,7 @@ class _Pipeline:
     def encode_context(self, context):
         return []
 
-    def check_prompt(self, context, speaker, text):
+    def prepare(self, context, speaker, text):
         pass
 
     def speak(self, text, speaker, params, *, context, max_seconds, warn):
