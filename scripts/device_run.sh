@@ -83,7 +83,7 @@ for step in "$@"; do
         "$out/${step}_stream.npy" | tee "$out/${step}_check.txt" ;;
     startup)  # `say` from process start to exit, from a full-size random checkpoint in the HF layout: cold (an empty
       # Triton cache, the page cache dropped where allowed), Triton's cache warm but the page cache dropped, and
-      # both warm; then scripts/startup_probe.py's phases with Triton's cache warm, and with an empty one
+      # both warm; then scripts/startup_probe.py's phases with Triton's cache warm (STARTUP_COLD_PROBE=1: and empty)
       [ -f /tmp/csm-full/model.safetensors ] || python3 scripts/save_random_checkpoint.py /tmp/csm-full 2>&1 \
         | grep -v Warn | tee "$out/startup.txt"
       rm -rf /tmp/triton-startup /tmp/triton-probe
@@ -98,8 +98,10 @@ for step in "$@"; do
       done
       echo "--- phases, Triton cache warm" | tee -a "$out/startup.txt"
       TRITON_CACHE_DIR=/tmp/triton-startup python3 scripts/startup_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt"
-      echo "--- phases, Triton cache empty" | tee -a "$out/startup.txt"
-      TRITON_CACHE_DIR=/tmp/triton-probe python3 scripts/startup_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt" ;;
+      if [ -n "${STARTUP_COLD_PROBE:-}" ]; then  # the phases again with an empty Triton cache: compile times
+        echo "--- phases, Triton cache empty" | tee -a "$out/startup.txt"
+        TRITON_CACHE_DIR=/tmp/triton-probe python3 scripts/startup_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt"
+      fi ;;
     loadprobe)  # where loading a full-size float32 checkpoint onto the GPU goes (scripts/load_probe.py)
       [ -f /tmp/csm-full/model.safetensors ] || python3 scripts/save_random_checkpoint.py /tmp/csm-full 2>&1 | grep -v Warn
       python3 scripts/load_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee "$out/loadprobe.txt" ;;
