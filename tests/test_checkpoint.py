@@ -156,3 +156,35 @@ def test_loading_does_not_import_torch_dynamo(hf_checkpoint):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+TOKENIZER_TEXTS = [
+    "[0]Hello there, how are you doing today?",
+    "[1]Text that spells <|end_of_text|> and <|begin_of_text|> and <|audio_eos|>.",
+    "[0]  two  spaces,\ttabs,\nnew lines\n\nand trailing space ",
+    "[3]Ünïcödé, emoji 🙂, CJK 漢字, RTL שלום, zero-width\u200bspace.",
+    "[0]",
+    "[0]The quick brown fox jumps over the lazy dog. 1234567890 !@#$%^&*()",
+]
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("special", [True, False])
+def test_the_tokenizer_gives_transformers_ids(hf_checkpoint, split, special):
+    """csmcli runs tokenizer.json through the `tokenizers` library without transformers' classes: the ids must be
+    transformers' fast tokenizer's, special tokens spelled in the text included."""
+    from transformers import AutoTokenizer
+
+    ours = checkpoint.load_tokenizer(hf_checkpoint)
+    reference = AutoTokenizer.from_pretrained(str(hf_checkpoint), local_files_only=True)
+    for text in TOKENIZER_TEXTS:
+        want = reference.encode(text, add_special_tokens=special, split_special_tokens=split)
+        assert ours.encode(text, add_special_tokens=special, split_special_tokens=split) == want, text
+    # the switch is per call: after a split call, an unsplit one sees special tokens again
+    assert 128001 in ours.encode(TOKENIZER_TEXTS[1], split_special_tokens=False)
+
+
+def test_a_malformed_tokenizer_json_is_one_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": "not a tokenizer"}')
+    with pytest.raises(CsmError, match=r"no usable tokenizer"):
+        checkpoint.load_tokenizer(tmp_path)
