@@ -348,3 +348,19 @@ def test_the_test_checkpoint_and_random_codecs_tell_codes_apart(hf_checkpoint):
     for codec in (load_codec(ck, None, cpu), random_codec(cpu, tiny_mimi_config())):
         with torch.inference_mode():
             assert not torch.equal(codec.decode(a), codec.decode(b))
+
+
+@pytest.mark.parametrize("name", sorted(codec_module.ACTIVATIONS))
+def test_activations_compute_what_transformers_names_them(name):
+    """csmcli maps Mimi's `hidden_act` to torch modules without importing transformers.activations (seconds of
+    start-up): each must compute transformers' ACT2FN of the same name bit for bit."""
+    from transformers.activations import ACT2FN
+
+    x = torch.randn(4096) * 4
+    assert torch.equal(codec_module.ACTIVATIONS[name]()(x), ACT2FN[name](x))
+
+
+def test_an_activation_csmcli_does_not_run_is_one_error():
+    config = MimiConfig(**TINY, hidden_act="quick_gelu")
+    with pytest.raises(CsmError, match="hidden_act 'quick_gelu' is not one csmcli runs"):
+        StreamingMimiDecoder(config)
