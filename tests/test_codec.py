@@ -358,6 +358,8 @@ def test_activations_compute_what_transformers_names_them(name):
 
     x = torch.randn(4096) * 4
     assert torch.equal(codec_module.ACTIVATIONS[name]()(x), ACT2FN[name](x))
+    # the fused products take exact GELU into their epilogue, and nothing else
+    assert codec_module._is_exact_gelu(codec_module.ACTIVATIONS[name]()) == (name == "gelu")
 
 
 def test_an_activation_csmcli_does_not_run_is_one_error():
