@@ -147,15 +147,13 @@ class _Source:
     then cast to `dtype` as it is taken: with a lazy `tensors` (`SafetensorsFiles`) a float32 checkpoint is read one
     tensor at a time and cast where it will run, instead of whole into host memory and cast by the CPU."""
 
-    def __init__(self, tensors: Mapping[str, Tensor], origin: str, device=None, dtype: torch.dtype | None = None,
-                 prefix: str = ""):
+    def __init__(self, tensors: Mapping[str, Tensor], origin: str, device, dtype: torch.dtype, prefix: str = ""):
         self.tensors, self.origin, self.device, self.dtype, self.prefix = tensors, origin, device, dtype, prefix
 
     def get(self, *keys: str) -> Tensor:
         for key in keys:
             if self.prefix + key in self.tensors:
-                tensor = self.tensors[self.prefix + key]
-                return tensor if self.device is None else tensor.to(self.device).to(self.dtype)
+                return self.tensors[self.prefix + key].to(self.device).to(self.dtype)
         raise CsmError(f"{self.origin}: missing tensor {keys[0]!r}")
 
 
@@ -207,8 +205,9 @@ def state_dict_from_original(src: _Source, cfg: CsmConfig) -> dict[str, Tensor]:
     return out
 
 
-def build_model(cfg: CsmConfig, state_dict: dict[str, Tensor], origin: str, device, dtype) -> Csm:
-    """Build on `meta` (no init cost), then take the tensors as they are (assign=True), checking every shape."""
+def build_model(cfg: CsmConfig, state_dict: dict[str, Tensor], origin: str) -> Csm:
+    """Build on `meta` (no init cost), then take the tensors as they are (assign=True: on their device, in their
+    dtype, as `_Source` gave them), checking every shape."""
     with torch.device("meta"):
         model = Csm(cfg)
     expected = model.state_dict()
@@ -220,7 +219,6 @@ def build_model(cfg: CsmConfig, state_dict: dict[str, Tensor], origin: str, devi
     missing = sorted(set(expected) - set(state_dict))
     if missing:
         raise CsmError(f"{origin}: missing tensor for {missing[0]!r}")
-    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, assign=True, strict=True)
     model.reset_buffers()
     return model.eval().requires_grad_(False)
@@ -322,8 +320,9 @@ def read_json(path: Path) -> dict:
 
 class TextTokenizer:
     """A checkpoint's `tokenizer.json` (Llama-3's byte-level BPE) run by the `tokenizers` library itself, which is
-    what transformers' fast tokenizers wrap: the same ids, without importing transformers' tokenizer classes (with
-    the CSM processor they pull in, that took 11 s of a `say` start-up on a GPU box, against 0.4 s for the file)."""
+    what transformers' fast tokenizers wrap: the same ids, without importing transformers' tokenizer classes
+    (`AutoTokenizer` on a CSM checkpoint took 11 s the first time on the GPU image's transformers 5.17, its import
+    chain reaching transformers' generation code; 1.3 s with 5.24 on the 2-core CI machine)."""
 
     def __init__(self, tokenizer: Any):
         self._tokenizer = tokenizer
@@ -359,8 +358,7 @@ def load_hf_dir(directory: Path, device, dtype, tokenizer_path: Path | None = No
     index = directory / "model.safetensors.index.json"
     origin = str(index if index.exists() else directory / "model.safetensors")  # errors name the file
     with SafetensorsFiles(directory) as tensors:
-        model = build_model(cfg, state_dict_from_hf(_Source(tensors, origin, device, dtype), cfg), origin, device,
-                            dtype)
+        model = build_model(cfg, state_dict_from_hf(_Source(tensors, origin, device, dtype), cfg), origin)
         codec_weights = _split_codec(tensors) or None
     return Checkpoint(
         model=model,
@@ -397,7 +395,7 @@ def load_original_dir(directory: Path, device, dtype, tokenizer_path: Path | Non
     cfg = config_from_original(read_json(directory / "config.json"))
     with _original_weights(directory, device, dtype) as src:
         origin = src.origin
-        model = build_model(cfg, state_dict_from_original(src, cfg), origin, device, dtype)
+        model = build_model(cfg, state_dict_from_original(src, cfg), origin)
     tok_dir = tokenizer_path or directory
     tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").exists() or tokenizer_path else None
     return Checkpoint(model=model, tokenizer=tokenizer, codec_config=None, codec_weights=None, source=origin)

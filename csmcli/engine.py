@@ -109,9 +109,10 @@ to 224 (twenty-eighth session: with the 208-row bucket their prefill graphs took
 of four, with the prefill's other changes)."""
 
 PREFILL_BUCKETS_FEW_SLOTS = (*range(32, 513, 32), *range(640, 1025, 128))
-"""The buckets of smaller engines (`say`, `stream`: one slot): each bucket is a graph captured at start-up, and a
-1-slot engine warmed up in 1.1-1.3 s with these 20 against 1.9-2.1 s with the 40 above (H200, twenty-eighth
-session), while padding a lone 200-row prompt to 224 instead of 208 rows costs it ~0.2 ms."""
+"""The buckets of smaller engines (`say`, `stream`: one slot). Each bucket's graph is captured on its first use
+(~0.05-0.1 s, twenty-ninth session; a 1-slot engine capturing all of them took 1.1-1.3 s with these 20 against
+1.9-2.1 s with the 40 above, twenty-eighth session): `say -f` with sentences of many lengths meets fewer new buckets,
+while padding a lone 200-row prompt to 224 instead of 208 rows costs it ~0.2 ms."""
 
 
 def prefill_buckets(max_batch: int) -> tuple[int, ...]:
@@ -266,8 +267,9 @@ class Engine:
 
     def prepare(self, prompt_rows: Iterable[int]) -> None:
         """Capture now the prefill graphs that prompts of these many rows will use, so that their first admission
-        includes no capture (a caller that knows its first prompt keeps it out of the first audio). The captures
-        write the cache rows of free slots; with none free, nothing is done (admission captures as it goes)."""
+        includes no capture (a caller that knows its first prompt keeps it out of the first audio; one that serves
+        many streams keeps it from stalling the busy ones). The captures write the cache rows of free slots; with
+        none free, nothing is done (admission captures as it goes)."""
         free = [slot for slot, active in enumerate(self.slots) if active is None]
         if not (self.pad_prompts and free):
             return
@@ -284,9 +286,12 @@ class Engine:
         """The captured prefill of `length`-row groups (None: eager — no graphs, or no bucket holds the prompt),
         captured now if it is the length's first use. The capture runs the prefill on dummy prompts into the cache
         rows of `slots` (repeated to fill the group): pass the slots of the group about to be prefilled, or free
-        ones, whose rows are rewritten by the prompts that take them, and no other slot's rows are touched."""
+        ones, whose rows are rewritten by the prompts that take them, and no other slot's rows are touched. A capture
+        synchronises the GPU and runs the prefill three times first: ~0.05-0.1 s during which busy slots make no
+        frames (`prepare` captures ahead)."""
         if not self.cuda_graphs or length is None:
             return None
+        assert slots, "a capture needs slots whose cache rows it may write"
         graph = self._prefill_graphs.get(length)
         if graph is None:
             group, columns = self.group_size(length), self.stepper.model.cfg.num_codebooks + 1

@@ -83,7 +83,7 @@ def print_json(obj: Any) -> None:
 @contextlib.contextmanager
 def library_warnings_hidden() -> Iterator[None]:
     """transformers logs its checks of a checkpoint's config.json as warnings ("pad_token_id must be ... within
-    the vocabulary", from AutoTokenizer reading the model's config, or from building a model for --compare):
+    the vocabulary", from a model's config read for the codec, or from building a model for --compare):
     noise around our own messages that --quiet did not silence. Shown with --verbose; restored afterwards."""
     if _verbose:
         yield

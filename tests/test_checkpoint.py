@@ -127,7 +127,7 @@ def test_safetensors_files_are_closed_after_loading(hf_checkpoint, monkeypatch):
     checkpoint.load(str(hf_checkpoint))
     assert opened
     for files in opened:
-        with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type for a closed file
+        with pytest.raises(CsmError, match="closed"):
             files[next(iter(files))]
 
 
@@ -163,23 +163,48 @@ def test_loading_imports_no_heavy_module_it_does_not_need(hf_checkpoint):
 
 TOKENIZER_TEXTS = [
     "[0]Hello there, how are you doing today?",
-    "[1]Text that spells <|end_of_text|> and <|begin_of_text|> and <|audio_eos|>.",
+    "[1]Text that spells <|end_of_text|> and <|begin_of_text|> and x<|audio_eos|>y.",
     "[0]  two  spaces,\ttabs,\nnew lines\n\nand trailing space ",
-    "[3]Ünïcödé, emoji 🙂, CJK 漢字, RTL שלום, zero-width\u200bspace.",
+    "[3]Ünïcödé, emoji 🙂, CJK 漢字, RTL שלום, zero-width\u200bspace, a\u00a0b\u3000c.",
     "[0]",
-    "[0]The quick brown fox jumps over the lazy dog. 1234567890 !@#$%^&*()",
+    "[0]I'm, you're, they'LL 12345678 <|reserved_special_token_5|> <|end_of_text",
+    "\r\n\r\nx",
 ]
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(params=["tiny", "llama3 pipeline"])
+def tokenizer_variant(request, hf_checkpoint, tmp_path):
+    """The tests' tokenizer, and the same vocabulary behind Llama-3's own pre-tokenizer (its regex split, then bytes)
+    and post-processor (<|begin_of_text|> first), as Llama-3's tokenizer.json has them."""
+    if request.param == "tiny":
+        return hf_checkpoint
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_checkpoint / name, tmp_path / name)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    bos = {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos,
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000],
+                                                                       "tokens": ["<|begin_of_text|>"]}}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    return tmp_path
 
 
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("special", [True, False])
-def test_the_tokenizer_gives_transformers_ids(hf_checkpoint, split, special):
+def test_the_tokenizer_gives_transformers_ids(tokenizer_variant, split, special):
     """csmcli runs tokenizer.json through the `tokenizers` library without transformers' classes: the ids must be
     transformers' fast tokenizer's, special tokens spelled in the text included."""
     from transformers import AutoTokenizer
 
-    ours = checkpoint.load_tokenizer(hf_checkpoint)
-    reference = AutoTokenizer.from_pretrained(str(hf_checkpoint), local_files_only=True)
+    ours = checkpoint.load_tokenizer(tokenizer_variant)
+    reference = AutoTokenizer.from_pretrained(str(tokenizer_variant), local_files_only=True)
     for text in TOKENIZER_TEXTS:
         want = reference.encode(text, add_special_tokens=special, split_special_tokens=split)
         assert ours.encode(text, add_special_tokens=special, split_special_tokens=split) == want, text

@@ -364,5 +364,5 @@ def test_activations_compute_what_transformers_names_them(name):
 
 def test_an_activation_csmcli_does_not_run_is_one_error():
     config = MimiConfig(**TINY, hidden_act="quick_gelu")
-    with pytest.raises(CsmError, match="hidden_act 'quick_gelu' is not one csmcli runs"):
+    with pytest.raises(CsmError, match="unsupported Mimi config for streaming decode: hidden_act='quick_gelu'"):
         StreamingMimiDecoder(config)
