@@ -20,22 +20,19 @@ checkpoint). transformers 5.23's in-memory `MimiModel` nests the halves (`decode
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csmcli.errors import CsmError
-
-if TYPE_CHECKING:
-    from transformers import MimiConfig
 
 CSM_NUM_CODEBOOKS = 32
 BY_STEPS_ROWS = 64
@@ -66,6 +63,120 @@ _WEIGHT_NORM = (
     (".weight_g", ".weight_v"),
     (".parametrizations.weight.original0", ".parametrizations.weight.original1"),
 )
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """The Mimi settings csmcli reads, with transformers' `MimiConfig` defaults and derived values (tests hold the
+    two equal, from every kind of config.json). Read without transformers: importing its config classes pulled in
+    its generation code and torch._dynamo with transformers 5.17 (~3 s on 2 CPU cores, 6-8 s of a start-up on the
+    GPU image), and a decode needs none of it."""
+
+    sampling_rate: int = 24_000
+    audio_channels: int = 1
+    hidden_size: int = 512
+    num_filters: int = 64
+    num_residual_layers: int = 1
+    upsampling_ratios: tuple[int, ...] = (8, 6, 5, 4)
+    kernel_size: int = 7
+    last_kernel_size: int = 3
+    residual_kernel_size: int = 3
+    dilation_growth_rate: int = 2
+    use_causal_conv: bool = True
+    pad_mode: str = "constant"
+    compress: int = 2
+    trim_right_ratio: float = 1.0
+    codebook_size: int = 2048
+    codebook_dim: int = 256
+    num_quantizers: int = 32
+    use_conv_shortcut: bool = False
+    vector_quantization_hidden_dimension: int = 256
+    num_semantic_quantizers: int = 1
+    upsample_groups: int = 512
+    num_hidden_layers: int = 8
+    intermediate_size: int = 2048
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    hidden_act: str = "gelu"
+    norm_eps: float = 1e-5
+    sliding_window: int = 250
+    attention_bias: bool = False
+    rope_type: str = "default"
+    rope_theta: float = 10_000.0
+    partial_rotary_factor: float = 1.0
+    frame_rate: float = 12.5
+    """Codes a second: a config's own `frame_rate` if it has one (older transformers saved it), else derived."""
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The dict it was read from: transformers' `MimiModel` is built from it to encode context audio."""
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "Mimi config") -> CodecConfig:
+        """config.json's dict (or a `codec_config`) -> settings, as transformers' `MimiConfig.from_dict` reads it;
+        keys csmcli does not use are ignored, a value of the wrong type is a `CsmError`."""
+        if hasattr(raw, "to_dict"):  # transformers' MimiConfig itself (tests, random weights)
+            raw = raw.to_dict()
+        if raw.get("model_type", "mimi") != "mimi":
+            raise CsmError(f"{where}: model_type is {raw.get('model_type')!r}, expected a Mimi codec ('mimi')")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = raw.get(f.name)
+            if f.name in ("source", "frame_rate", "rope_type", "rope_theta", "partial_rotary_factor") or value is None:
+                continue  # derived below, or transformers' default (None stands for it too)
+            values[f.name] = _checked(value, f.default, f"{where}: {f.name}")
+        hidden, heads = values.get("hidden_size", cls.hidden_size), values.get("num_attention_heads", 8)
+        if heads < 1:
+            raise CsmError(f"{where}: num_attention_heads is {heads}, expected at least 1")
+        values["head_dim"] = values.get("head_dim") or hidden // heads  # 0 too, as transformers does
+        if not values.get("upsampling_ratios", True):
+            del values["upsampling_ratios"]  # empty, as None: transformers' default
+        # RoPE as transformers standardises it: `rope_scaling` (older files) over `rope_parameters`, with a
+        # top-level `rope_theta` and the type "default" filling in what neither says
+        rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+        rope.setdefault("rope_theta", raw.get("rope_theta", cls.rope_theta))
+        rope.setdefault("rope_type", rope.get("type", "default"))
+        rope.setdefault("partial_rotary_factor", raw.get("partial_rotary_factor", cls.partial_rotary_factor))
+        for name, like in (("rope_type", ""), ("rope_theta", 0.0), ("partial_rotary_factor", 0.0)):
+            values[name] = _checked(rope[name], like, f"{where}: rope {name}")
+        config = cls(**values, source=dict(raw))
+        frame_rate = raw.get("frame_rate", raw.get("_frame_rate"))
+        frame_rate = config.sampling_rate / config.frame_size if frame_rate is None else frame_rate
+        config = dataclasses.replace(config, frame_rate=_checked(frame_rate, 0.0, f"{where}: frame_rate"))
+        if config.num_semantic_quantizers >= config.num_quantizers:
+            raise CsmError(f"{where}: num_semantic_quantizers ({config.num_semantic_quantizers}) must be below "
+                           f"num_quantizers ({config.num_quantizers})")
+        if config.codebook_size < 1 or config.codebook_size & (config.codebook_size - 1):
+            raise CsmError(f"{where}: codebook_size must be a power of 2, not {config.codebook_size}")
+        return config
+
+    @property
+    def frame_size(self) -> int:
+        """Samples a frame of codes: the SEANet's strides and the 2x downsampling (transformers' `frame_size`)."""
+        return math.prod(self.upsampling_ratios) * 2
+
+    @property
+    def encodec_frame_rate(self) -> int:
+        """The transformer's steps a second."""
+        return math.ceil(self.sampling_rate / math.prod(self.upsampling_ratios))
+
+
+def _checked(value: Any, like: Any, what: str) -> Any:
+    """`value` if it has the type of the default `like` (an int may stand for a float; a tuple is a list of ints)."""
+    if isinstance(like, tuple):
+        ok = isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    elif isinstance(like, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif isinstance(like, int) and not isinstance(like, bool):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(like))
+    if not ok:
+        raise CsmError(f"{what} is {value!r}, expected {type(like).__name__}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -277,7 +388,7 @@ class _ResnetBlock(nn.Module):
 class _SeanetDecoder(nn.Module):
     """Latents at 25 Hz -> waveform: conv, then per ratio ELU + transposed conv + resnet blocks, then ELU + conv."""
 
-    def __init__(self, c: MimiConfig) -> None:
+    def __init__(self, c: CodecConfig) -> None:
         super().__init__()
         channels = 2 ** len(c.upsampling_ratios) * c.num_filters
         layers: list[nn.Module] = [_CausalConv1d(c.hidden_size, channels, c.kernel_size)]
@@ -321,7 +432,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class _Attention(_StreamingModule):
-    def __init__(self, c: MimiConfig) -> None:
+    def __init__(self, c: CodecConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         bias = c.attention_bias
@@ -423,7 +534,7 @@ class _LayerScale(nn.Module):
 class _MLP(nn.Module):
     """`fc2(act(fc1(x)))`, applied in `_TransformerLayer.forward`."""
 
-    def __init__(self, c: MimiConfig) -> None:
+    def __init__(self, c: CodecConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
@@ -431,7 +542,7 @@ class _MLP(nn.Module):
 
 
 class _TransformerLayer(nn.Module):
-    def __init__(self, c: MimiConfig) -> None:
+    def __init__(self, c: CodecConfig) -> None:
         super().__init__()
         self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
         self.self_attn = _Attention(c)
@@ -448,17 +559,17 @@ class _TransformerLayer(nn.Module):
         return _linear(mlp.fc2, hidden, fused, scale=self.mlp_layer_scale.scale, residual=x)
 
 
-def _rope_inv_freq(c: MimiConfig) -> Tensor:
+def _rope_inv_freq(c: CodecConfig) -> Tensor:
     # computed on the CPU in float32 like transformers does, then only moved: keeps cos/sin bit-identical. On the CPU
     # also when built on `meta`: arithmetic on meta tensors imports torch._dynamo (~1.3 s of a start-up).
     steps = torch.arange(0, c.head_dim, 2, dtype=torch.float, device="cpu")
-    return 1.0 / (c.rope_parameters["rope_theta"] ** (steps / c.head_dim))
+    return 1.0 / (c.rope_theta ** (steps / c.head_dim))
 
 
 class _Transformer(_StreamingModule):
     """Causal sliding-window transformer, no final norm. Its dtype is that of its layers (see module docstring)."""
 
-    def __init__(self, c: MimiConfig) -> None:
+    def __init__(self, c: CodecConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(_TransformerLayer(c) for _ in range(c.num_hidden_layers))
         self.window = c.sliding_window
@@ -502,7 +613,7 @@ class _Transformer(_StreamingModule):
 class _Dequantizer(nn.Module):
     """Split RVQ decode: sum of codebook vectors, semantic and acoustic groups each through their own projection."""
 
-    def __init__(self, c: MimiConfig) -> None:
+    def __init__(self, c: CodecConfig) -> None:
         super().__init__()
         self.n_semantic, self.codebook_size = c.num_semantic_quantizers, c.codebook_size
         # embed_sum / cluster_usage, folded at load time
@@ -543,13 +654,14 @@ class StreamingMimiDecoder(nn.Module):
     quantizer, whose codebooks are folded at load time).
     """
 
-    def __init__(self, config: MimiConfig) -> None:
+    def __init__(self, config: CodecConfig | Mapping[str, Any]) -> None:
         super().__init__()
+        config = _codec_config(config, "Mimi config")
         _check_supported(config)
         self.config = config
         self.quantizer = _Dequantizer(config)
         self.upsample = None
-        stride = int(config.encodec_frame_rate / config.frame_rate)  # `latent_stride`, absent before 5.2x
+        stride = int(config.encodec_frame_rate / config.frame_rate)  # transformers' `latent_stride`
         if stride != 1:  # 12.5 Hz codes -> 25 Hz transformer steps
             self.upsample = _CausalConvTranspose1d(
                 config.hidden_size, config.hidden_size, 2 * stride, stride, groups=config.upsample_groups, bias=False
@@ -562,7 +674,7 @@ class StreamingMimiDecoder(nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, config: MimiConfig, state_dict: Mapping[str, Tensor], source: str = "state dict"
+        cls, config: CodecConfig | Mapping[str, Any], state_dict: Mapping[str, Tensor], source: str = "state dict"
     ) -> StreamingMimiDecoder:
         """Build from Mimi weights in the flat or the nested layout; `source` names them in errors."""
         state_dict = flatten_mimi_state_dict(state_dict)
@@ -573,7 +685,7 @@ class StreamingMimiDecoder(nn.Module):
             for key, ref in decoder.state_dict().items()
             if not key.startswith("quantizer.")
         }
-        weights.update(_dequantizer_weights(config, state_dict, source))
+        weights.update(_dequantizer_weights(decoder.config, state_dict, source))
         decoder.load_state_dict(weights, assign=True)  # inv_freq (non-persistent) was made on the CPU
         return decoder.requires_grad_(False).eval()
 
@@ -647,16 +759,16 @@ class StreamingMimiDecoder(nn.Module):
             return self.decode_chunk(codes)
 
 
-def _check_supported(c: MimiConfig) -> None:
+def _check_supported(c: CodecConfig) -> None:
     """Settings the streaming decoder is exact for; kyutai/mimi and CSM use all of them."""
-    rope_type = (c.rope_parameters or {}).get("rope_type", "default")
     problems = [
         f"{name}={value!r}"
         for name, value, ok in (
             ("use_causal_conv", c.use_causal_conv, c.use_causal_conv),
             ("trim_right_ratio", c.trim_right_ratio, c.trim_right_ratio == 1.0),
             ("pad_mode", c.pad_mode, c.pad_mode == "constant"),
-            ("rope_type", rope_type, rope_type == "default"),
+            ("rope_type", c.rope_type, c.rope_type == "default"),
+            ("partial_rotary_factor", c.partial_rotary_factor, c.partial_rotary_factor == 1.0),
             ("sliding_window", c.sliding_window, isinstance(c.sliding_window, int) and c.sliding_window >= 1),
             ("hidden_act", c.hidden_act, c.hidden_act in ACTIVATIONS),
         )
@@ -711,7 +823,7 @@ def _take(state_dict: Mapping[str, Tensor], key: str, shape: tuple[int, ...], so
     return tensor.to(torch.float32)
 
 
-def _dequantizer_weights(c: MimiConfig, state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+def _dequantizer_weights(c: CodecConfig, state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
     """Checkpoint quantizer keys -> `_Dequantizer` buffers: codebooks folded, 1x1 output convs as linears."""
     out: dict[str, Tensor] = {}
     codebooks = []
@@ -730,20 +842,11 @@ def _dequantizer_weights(c: MimiConfig, state_dict: Mapping[str, Tensor], source
     return out
 
 
-def _mimi_config(raw: Mapping[str, Any] | MimiConfig, source: str) -> MimiConfig:
-    from transformers import MimiConfig
-
-    if isinstance(raw, MimiConfig):
-        return raw
-    if raw.get("model_type", "mimi") != "mimi":
-        raise CsmError(f"{source}: model_type is {raw.get('model_type')!r}, expected a Mimi codec ('mimi')")
-    try:
-        return MimiConfig.from_dict(dict(raw))
-    except (TypeError, ValueError) as e:
-        raise CsmError(f"{source}: invalid Mimi config: {e}") from e
+def _codec_config(raw: Mapping[str, Any] | CodecConfig, where: str) -> CodecConfig:
+    return raw if isinstance(raw, CodecConfig) else CodecConfig.from_dict(raw, where)
 
 
-def load_mimi_state_dict(path: str | Path) -> tuple[MimiConfig, dict[str, Tensor]]:
+def load_mimi_state_dict(path: str | Path) -> tuple[CodecConfig, dict[str, Tensor]]:
     """HF-format Mimi checkpoint (a dir, or its .safetensors file, with config.json beside it) -> config, flat dict."""
     from csmcli.checkpoint import read_json, read_safetensors
 
@@ -754,19 +857,19 @@ def load_mimi_state_dict(path: str | Path) -> tuple[MimiConfig, dict[str, Tensor
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CsmError(f"{folder}: no config.json, not an HF-format Mimi checkpoint")
-    config = _mimi_config(read_json(config_file), str(config_file))
+    config = CodecConfig.from_dict(read_json(config_file), str(config_file))
     return config, flatten_mimi_state_dict(read_safetensors(path))
 
 
 def extract_codec_state_dict(
-    state_dict: Mapping[str, Tensor], codec_config: Mapping[str, Any] | MimiConfig, source: str = "CSM checkpoint"
-) -> tuple[MimiConfig, dict[str, Tensor]]:
+    state_dict: Mapping[str, Tensor], codec_config: Mapping[str, Any] | CodecConfig, source: str = "CSM checkpoint"
+) -> tuple[CodecConfig, dict[str, Tensor]]:
     """CSM HF-format state dict + its `codec_config` -> the Mimi config and its flat state dict."""
     prefix = "codec_model."
     codec = {key[len(prefix) :]: t for key, t in state_dict.items() if key.startswith(prefix)}
     if not codec:
         raise CsmError(f"{source}: no {prefix}* weights (the Mimi codec of the HF format)")
-    return _mimi_config(codec_config, f"{source} codec_config"), flatten_mimi_state_dict(codec)
+    return _codec_config(codec_config, f"{source} codec_config"), flatten_mimi_state_dict(codec)
 
 
 # ---------------------------------------------------------------------------------------------------- codec
@@ -777,12 +880,12 @@ class MimiCodec:
 
     def __init__(
         self,
-        config: MimiConfig | Mapping[str, Any],
+        config: CodecConfig | Mapping[str, Any],
         state_dict: Mapping[str, Tensor],
         source: str = "state dict",
         num_codebooks: int = CSM_NUM_CODEBOOKS,
     ) -> None:
-        config = _mimi_config(config, f"{source} config")
+        config = _codec_config(config, f"{source} config")
         if not config.num_semantic_quantizers < num_codebooks <= config.num_quantizers:
             raise CsmError(f"{source}: Mimi has {config.num_quantizers} quantizers, CSM needs {num_codebooks}")
         self.config, self.num_codebooks, self.source = config, num_codebooks, source
@@ -804,7 +907,7 @@ class MimiCodec:
     def from_csm_state_dict(
         cls,
         state_dict: Mapping[str, Tensor],
-        codec_config: Mapping[str, Any] | MimiConfig,
+        codec_config: Mapping[str, Any] | CodecConfig,
         source: str = "CSM checkpoint",
         num_codebooks: int = CSM_NUM_CODEBOOKS,
     ) -> MimiCodec:
@@ -844,9 +947,12 @@ class MimiCodec:
         return out.audio_codes
 
     def _build_encoder(self) -> nn.Module:
-        from transformers import MimiModel
+        from transformers import MimiConfig, MimiModel
 
-        config = copy.deepcopy(self.config)
+        try:  # what csmcli reads was checked; transformers checks the rest (types it is stricter about)
+            config = MimiConfig.from_dict(dict(self.config.source))
+        except (TypeError, ValueError) as e:
+            raise CsmError(f"{self.source}: transformers' MimiConfig refuses this config for the encoder: {e}") from e
         with contextlib.suppress(AttributeError, ValueError):
             config.decoder_config = None  # recent transformers can drop the decoder half, which we do not need
         model = MimiModel(config)

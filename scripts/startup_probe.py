@@ -42,12 +42,10 @@ def main() -> None:
     import torch
 
     mark("import torch")
-    import transformers  # noqa: F401
-
     from csmcli.engine import chunk_sizes
     from csmcli.pipeline import Pipeline, choose_preset, load_codec, pick_device
 
-    mark("import transformers, csmcli")
+    mark("import csmcli (triton)")
     preset, _ = choose_preset(None, None, {})
     device = pick_device(None, preset)
     torch.zeros(1, device=device)
@@ -58,6 +56,7 @@ def main() -> None:
     torch.cuda.synchronize()
     mark("checkpoint: weights to the GPU, tokenizer")
     codec = load_codec(ck, None, device)
+    print("transformers imported:", "transformers" in sys.modules, flush=True)
     mark("Mimi codec")
     pipeline = Pipeline(ck, codec, preset, device)
     torch.cuda.synchronize()

@@ -366,3 +366,68 @@ def test_an_activation_csmcli_does_not_run_is_one_error():
     config = MimiConfig(**TINY, hidden_act="quick_gelu")
     with pytest.raises(CsmError, match="unsupported Mimi config for streaming decode: hidden_act='quick_gelu'"):
         StreamingMimiDecoder(config)
+
+
+CONFIG_DICTS = {
+    "defaults": {},
+    "tiny": TINY,
+    **{name: {**TINY, **variant} for name, variant in VARIANTS.items()},
+    "saved by transformers": MimiConfig(**TINY).to_dict(),
+    # as transformers 4.x saved it (CSM's codec_config): top-level RoPE theta, rope_scaling, frame_rate, Nones
+    "transformers 4": dict(rope_theta=5000.0, rope_scaling=None, frame_rate=12.5, head_dim=None,
+                           upsampling_ratios=None, model_type="mimi", transformers_version="4.52.0"),
+    "rope_parameters without a type": dict(rope_parameters={"rope_theta": 7000.0}),
+    "rope_scaling over rope_parameters": dict(rope_scaling={"type": "linear", "factor": 2.0},
+                                              rope_parameters={"rope_type": "default", "rope_theta": 1.0}),
+    "partial rotary": dict(partial_rotary_factor=0.5),
+    "derived sizes": dict(hidden_size=96, num_attention_heads=3, head_dim=0, upsampling_ratios=[],
+                          sampling_rate=16000, frame_rate=None),
+    "other ratios": dict(upsampling_ratios=[4, 5, 6], sampling_rate=32000, codebook_dim=128),
+    "ints for floats": dict(norm_eps=1e-6, trim_right_ratio=0.5, frame_rate=25),
+}
+
+
+@pytest.mark.parametrize("raw", list(CONFIG_DICTS.values()), ids=list(CONFIG_DICTS))
+def test_codec_config_reads_what_transformers_mimi_config_reads(raw):
+    """csmcli reads Mimi's config.json without transformers (its config classes cost seconds of a start-up): every
+    setting, default and derived value must be what `MimiConfig.from_dict` makes of the same dict."""
+    ours = codec_module.CodecConfig.from_dict(copy.deepcopy(raw))
+    ref = MimiConfig.from_dict(copy.deepcopy(raw))
+    rope = {"partial_rotary_factor": 1.0, **ref.rope_parameters}
+    for f in codec_module.dataclasses.fields(ours):
+        if f.name == "source":
+            continue
+        expected = rope[f.name] if f.name in rope else getattr(ref, f.name)
+        assert getattr(ours, f.name) == (tuple(expected) if f.name == "upsampling_ratios" else expected), f.name
+    assert (ours.frame_size, ours.encodec_frame_rate) == (ref.frame_size, ref.encodec_frame_rate)
+    assert ours.source == raw
+    # and a transformers MimiConfig given as it is reads the same
+    assert codec_module.CodecConfig.from_dict(ref) == ours
+
+
+@pytest.mark.parametrize("raw", [
+    {"hidden_size": "512"}, {"hidden_size": 1.5}, {"hidden_size": True}, {"upsampling_ratios": "8654"},
+    {"upsampling_ratios": [8, 6.0]}, {"use_causal_conv": 1}, {"hidden_act": 3}, {"sliding_window": 2.5},
+    {"num_semantic_quantizers": 32}, {"codebook_size": 1000},
+])  # fmt: skip
+def test_codec_config_refuses_what_transformers_refuses_in_one_line(raw):
+    with pytest.raises(Exception):  # noqa: B017 - the reference: transformers refuses each
+        MimiConfig.from_dict(copy.deepcopy(raw))
+    _refused_in_one_line(raw)
+
+
+@pytest.mark.parametrize("raw", [{"rope_parameters": {"rope_theta": "big"}}, {"model_type": "encodec"},
+                                 {"num_attention_heads": 0}])
+def test_codec_config_refuses_what_would_fail_later_in_one_line(raw):
+    _refused_in_one_line(raw)
+
+
+def _refused_in_one_line(raw):
+    with pytest.raises(CsmError) as error:
+        codec_module.CodecConfig.from_dict(raw, "x/config.json")
+    assert str(error.value).startswith("x/config.json: ") and "\n" not in str(error.value)
+
+
+def test_partial_rotary_is_refused_for_streaming_decode():
+    with pytest.raises(CsmError, match=r"unsupported Mimi config for streaming decode: partial_rotary_factor=0\.5"):
+        StreamingMimiDecoder({**TINY, "partial_rotary_factor": 0.5})
