@@ -18,8 +18,8 @@ from torch import Tensor
 
 from csmcli.errors import CsmError
 from csmcli.model import CSM_1B, Csm, CsmConfig, Linear, RopeScaling, TransformerConfig
-from csmcli.readahead import locate
 
+DEFAULT_MODEL = "sesame/csm-1b"
 LICENSE_HINT = (
     "accept the license at https://huggingface.co/{repo} and log in with `hf auth login` (or set HF_TOKEN)"
 )
@@ -495,8 +495,17 @@ def load(
     if random_weights:
         tokenizer = load_tokenizer(tok) if tok else None
         return Checkpoint(random_model(config, device, dtype), tokenizer, None, None, "random weights", True)
-    where = locate(source)
-    return load_directory(where if isinstance(where, Path) else resolve_hub(where), device, dtype, tok)
+    source = source or DEFAULT_MODEL
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return load_directory(path, device, dtype, tok)
+    if path.exists():  # a file of the checkpoint (model.safetensors): its directory
+        if not (path.parent / "config.json").exists():
+            raise CsmError(f"{source}: a file, not a checkpoint directory ({path.parent} holds no config.json)")
+        return load_directory(path.parent, device, dtype, tok)
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise CsmError(f"{source}: no such directory, and not a hub id of the form owner/name")
+    return load_directory(resolve_hub(source), device, dtype, tok)
 
 
 # ---------------------------------------------------------------- back to transformers (for --compare)

@@ -320,10 +320,6 @@ SaveCodesOpt = Annotated[
 
 
 def _pipeline(model, random_weights, codec, tokenizer, torch_device, preset_name, overrides):
-    from csmcli import readahead
-
-    if not random_weights:  # first: the disk reads the weights while torch is imported (`readahead`)
-        readahead.read_ahead(readahead.local_checkpoint(model), codec and readahead.local_checkpoint(codec))
     from csmcli.engine import FP8_ON_TORCH_OPS
     from csmcli.pipeline import Pipeline, check_weights_choice, choose_preset
 

@@ -18,8 +18,8 @@ from rich.text import Text
 from csmcli import __version__, ui
 from csmcli.gpu import probe_gpus, torch_versions
 from csmcli.presets import get_preset, presets_for, resolve_preset
-from csmcli.readahead import DEFAULT_MODEL
 
+DEFAULT_REPO = "sesame/csm-1b"
 _LIBRARIES = ("transformers", "huggingface-hub", "safetensors", "typer", "numpy")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -63,7 +63,7 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def checkpoint_cache_status(repo_id: str = DEFAULT_MODEL, cache_dir: str | None = None) -> dict[str, Any]:
+def checkpoint_cache_status(repo_id: str = DEFAULT_REPO, cache_dir: str | None = None) -> dict[str, Any]:
     """Whether `repo_id` is in the local Hugging Face cache (default: HF_HUB_CACHE). Reads only; never downloads."""
     try:
         from huggingface_hub import constants, try_to_load_from_cache

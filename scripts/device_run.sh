@@ -102,21 +102,6 @@ for step in "$@"; do
         echo "--- phases, Triton cache empty" | tee -a "$out/startup.txt"
         TRITON_CACHE_DIR=/tmp/triton-probe python3 scripts/startup_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt"
       fi ;;
-    readahead)  # `say` from process start with the page cache dropped, with and without csmcli.readahead, in turns
-      [ -f /tmp/csm-full/model.safetensors ] || python3 scripts/save_random_checkpoint.py /tmp/csm-full 2>&1 | grep -v Warn
-      TRITON_CACHE_DIR=/tmp/triton-startup csm say --model /tmp/csm-full --seed 7 --max-seconds 2 -o /tmp/ra.wav "Warm." >/dev/null 2>&1
-      off="import sys, csmcli.readahead as r; r.read_ahead = lambda *a: None; sys.argv[0] = 'csmcli'; from csmcli.cli import main; main()"
-      for _ in 1 2 3; do
-        for mode in without with; do
-          { sync && echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null || echo "page cache NOT dropped"
-          t0=$(date +%s.%N)
-          if [ $mode = with ]; then run=(python3 -m csmcli); else run=(python3 -c "$off"); fi
-          TRITON_CACHE_DIR=/tmp/triton-startup "${run[@]}" -v say --model /tmp/csm-full --seed 7 --max-seconds 2 \
-            -o /tmp/ra.wav "Hello there." 2>&1 | grep -E "loaded|warmed" | tr '\n' ' ' | tee -a "$out/readahead.txt"
-          echo "$mode read-ahead: $(awk "BEGIN {printf \"%.1f\", $(date +%s.%N) - $t0}") s from process start" \
-            | tee -a "$out/readahead.txt"
-        done
-      done ;;
     loadprobe)  # where loading a full-size float32 checkpoint onto the GPU goes (scripts/load_probe.py)
       [ -f /tmp/csm-full/model.safetensors ] || python3 scripts/save_random_checkpoint.py /tmp/csm-full 2>&1 | grep -v Warn
       python3 scripts/load_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee "$out/loadprobe.txt" ;;
