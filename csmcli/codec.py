@@ -20,7 +20,6 @@ checkpoint). transformers 5.23's in-memory `MimiModel` nests the halves (`decode
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -71,9 +70,9 @@ _WEIGHT_NORM = (
 @dataclass(frozen=True)
 class CodecConfig:
     """The Mimi settings csmcli reads, with transformers' `MimiConfig` defaults and derived values (tests hold the
-    two equal, from every kind of config.json). Read without transformers: importing its config classes pulled in
-    its generation code and torch._dynamo with transformers 5.17 (~3 s on 2 CPU cores, 6-8 s of a start-up on the
-    GPU image), and a decode needs none of it."""
+    two equal over configs as transformers 4.x and 5.x save them, and variants). Read without transformers:
+    importing its config classes pulled in its generation code and torch._dynamo with transformers 5.17 (~3 s on
+    2 CPU cores, 6-8 s of a start-up on the GPU image), and a decode needs none of it."""
 
     sampling_rate: int = 24_000
     audio_channels: int = 1
@@ -109,73 +108,111 @@ class CodecConfig:
     rope_theta: float = 10_000.0
     partial_rotary_factor: float = 1.0
     frame_rate: float = 12.5
-    """Codes a second: a config's own `frame_rate` if it has one (older transformers saved it), else derived."""
-    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    """The dict it was read from: transformers' `MimiModel` is built from it to encode context audio."""
+    """Codes a second: a config's own (transformers saves `_frame_rate`, older ones `frame_rate`), else derived."""
+    source: Mapping[str, Any] = field(kw_only=True, compare=False, repr=False)
+    """The dict it was read from: transformers' `MimiModel` is built from it to encode context audio. Required, so
+    that every config comes through `from_dict` (keywords alone would skip its derived values and checks)."""
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = "Mimi config") -> CodecConfig:
-        """config.json's dict (or a `codec_config`) -> settings, as transformers' `MimiConfig.from_dict` reads it;
-        keys csmcli does not use are ignored, a value of the wrong type is a `CsmError`."""
+        """config.json's dict (or a `codec_config`, or transformers' `MimiConfig`) -> settings, as transformers'
+        `MimiConfig.from_dict` reads them; keys csmcli does not use are ignored. A value of the wrong type, or one
+        the decoder cannot be built with (a size below 1, ...), is one `CsmError` line."""
         if hasattr(raw, "to_dict"):  # transformers' MimiConfig itself (tests, random weights)
             raw = raw.to_dict()
+        if not isinstance(raw, Mapping):
+            raise CsmError(f"{where}: {raw!r} is not a mapping of Mimi's settings")
         if raw.get("model_type", "mimi") != "mimi":
             raise CsmError(f"{where}: model_type is {raw.get('model_type')!r}, expected a Mimi codec ('mimi')")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            value = raw.get(f.name)
-            if f.name in ("source", "frame_rate", "rope_type", "rope_theta", "partial_rotary_factor") or value is None:
-                continue  # derived below, or transformers' default (None stands for it too)
-            values[f.name] = _checked(value, f.default, f"{where}: {f.name}")
-        hidden, heads = values.get("hidden_size", cls.hidden_size), values.get("num_attention_heads", 8)
+        plain = [f for f in fields(cls) if f.name not in _DERIVED]
+        values = {f.name: _checked(raw[f.name], f.default, f"{where}: {f.name}") for f in plain if f.name in raw}
+        # None stands for "derive it" where transformers lets it (4.x saved such Nones)
+        values["upsampling_ratios"] = _checked(raw.get("upsampling_ratios") or cls.upsampling_ratios, (),
+                                               f"{where}: upsampling_ratios")
+        hidden = values.get("hidden_size", cls.hidden_size)
+        heads = values.get("num_attention_heads", cls.num_attention_heads)
         if heads < 1:
             raise CsmError(f"{where}: num_attention_heads is {heads}, expected at least 1")
-        values["head_dim"] = values.get("head_dim") or hidden // heads  # 0 too, as transformers does
-        if not values.get("upsampling_ratios", True):
-            del values["upsampling_ratios"]  # empty, as None: transformers' default
-        # RoPE as transformers standardises it: `rope_scaling` (older files) over `rope_parameters`, with a
-        # top-level `rope_theta` and the type "default" filling in what neither says
-        rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
-        rope.setdefault("rope_theta", raw.get("rope_theta", cls.rope_theta))
-        rope.setdefault("rope_type", rope.get("type", "default"))
-        rope.setdefault("partial_rotary_factor", raw.get("partial_rotary_factor", cls.partial_rotary_factor))
-        for name, like in (("rope_type", ""), ("rope_theta", 0.0), ("partial_rotary_factor", 0.0)):
-            values[name] = _checked(rope[name], like, f"{where}: rope {name}")
+        values["head_dim"] = _checked(raw.get("head_dim") or hidden // heads, 0, f"{where}: head_dim")
+        codebook_dim = raw.get("codebook_dim", cls.codebook_dim)
+        values["codebook_dim"] = _checked(hidden if codebook_dim is None else codebook_dim, 0, f"{where}: codebook_dim")
+        # RoPE as transformers standardises it: `rope_scaling` (older files) over `rope_parameters`, a top-level
+        # `rope_theta` and the type "default" filling in what neither says
+        rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+        if not isinstance(rope, Mapping):
+            raise CsmError(f"{where}: rope_parameters is {rope!r}, expected a mapping")
+        values["rope_theta"] = _checked(rope.get("rope_theta", raw.get("rope_theta", cls.rope_theta)), 0.0,
+                                        f"{where}: rope_theta")
+        values["rope_type"] = _checked(rope.get("rope_type", rope.get("type", "default")), "", f"{where}: rope_type")
+        partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+        values["partial_rotary_factor"] = _checked(1.0 if partial is None else partial, 0.0,
+                                                   f"{where}: partial_rotary_factor")
+        if any(ratio < 1 for ratio in values["upsampling_ratios"]):
+            raise CsmError(f"{where}: upsampling_ratios is {list(values['upsampling_ratios'])}, expected sizes of 1 "
+                           "or more")
+        for name in _POSITIVE:
+            if values.get(name, 1) < 1:
+                raise CsmError(f"{where}: {name} is {values[name]}, expected at least 1")
+        frame_rate = raw["_frame_rate"] if "_frame_rate" in raw else raw.get("frame_rate")
+        sampling_rate = values.get("sampling_rate", cls.sampling_rate)
+        frame_rate = sampling_rate / _frame_size(values["upsampling_ratios"]) if frame_rate is None else frame_rate
+        values["frame_rate"] = _checked(frame_rate, 0.0, f"{where}: frame_rate")
         config = cls(**values, source=dict(raw))
-        frame_rate = raw.get("frame_rate", raw.get("_frame_rate"))
-        frame_rate = config.sampling_rate / config.frame_size if frame_rate is None else frame_rate
-        config = dataclasses.replace(config, frame_rate=_checked(frame_rate, 0.0, f"{where}: frame_rate"))
+        if not config.frame_rate > 0 or config.latent_stride < 1:
+            raise CsmError(f"{where}: frame_rate {config.frame_rate} does not fit its transformer's steps "
+                           f"({config.encodec_frame_rate} a second)")
+        if config.latent_stride > 1 and config.hidden_size % config.upsample_groups:
+            raise CsmError(f"{where}: upsample_groups ({config.upsample_groups}) must divide hidden_size "
+                           f"({config.hidden_size})")
         if config.num_semantic_quantizers >= config.num_quantizers:
             raise CsmError(f"{where}: num_semantic_quantizers ({config.num_semantic_quantizers}) must be below "
                            f"num_quantizers ({config.num_quantizers})")
-        if config.codebook_size < 1 or config.codebook_size & (config.codebook_size - 1):
+        if config.codebook_size & (config.codebook_size - 1):
             raise CsmError(f"{where}: codebook_size must be a power of 2, not {config.codebook_size}")
         return config
 
     @property
     def frame_size(self) -> int:
-        """Samples a frame of codes: the SEANet's strides and the 2x downsampling (transformers' `frame_size`)."""
-        return math.prod(self.upsampling_ratios) * 2
+        return _frame_size(self.upsampling_ratios)
 
     @property
     def encodec_frame_rate(self) -> int:
         """The transformer's steps a second."""
         return math.ceil(self.sampling_rate / math.prod(self.upsampling_ratios))
 
+    @property
+    def latent_stride(self) -> int:
+        """The transformer's steps a frame of codes (2: codes at 12.5 Hz are upsampled to 25 Hz)."""
+        return int(self.encodec_frame_rate / self.frame_rate)
+
+
+_DERIVED = ("upsampling_ratios", "head_dim", "codebook_dim", "rope_type", "rope_theta", "partial_rotary_factor",
+            "frame_rate", "source")  # where transformers derives a value or lets None stand for one
+_POSITIVE = ("sampling_rate", "audio_channels", "hidden_size", "num_filters", "kernel_size", "last_kernel_size",
+             "residual_kernel_size", "dilation_growth_rate", "compress", "codebook_size", "codebook_dim",
+             "num_quantizers", "vector_quantization_hidden_dimension", "upsample_groups", "intermediate_size",
+             "num_key_value_heads", "head_dim")
+
+
+def _frame_size(upsampling_ratios: tuple[int, ...]) -> int:
+    """Samples a frame of codes: the SEANet's strides and the 2x downsampling (transformers' `frame_size`)."""
+    return math.prod(upsampling_ratios) * 2
+
 
 def _checked(value: Any, like: Any, what: str) -> Any:
-    """`value` if it has the type of the default `like` (an int may stand for a float; a tuple is a list of ints)."""
+    """`value` if it has the type of the default `like` (an int may stand for a float; a list of ints for a
+    tuple)."""
     if isinstance(like, tuple):
         ok = isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
+        value, expected = (tuple(value) if ok else value), "a list of integers"
     elif isinstance(like, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok, expected = isinstance(value, int | float) and not isinstance(value, bool), "a number"
     elif isinstance(like, int) and not isinstance(like, bool):
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
     else:
-        ok = isinstance(value, type(like))
+        ok, expected = isinstance(value, type(like)), type(like).__name__
     if not ok:
-        raise CsmError(f"{what} is {value!r}, expected {type(like).__name__}")
+        raise CsmError(f"{what} is {value!r}, expected {expected}")
     return value
 
 
@@ -661,7 +698,7 @@ class StreamingMimiDecoder(nn.Module):
         self.config = config
         self.quantizer = _Dequantizer(config)
         self.upsample = None
-        stride = int(config.encodec_frame_rate / config.frame_rate)  # transformers' `latent_stride`
+        stride = config.latent_stride
         if stride != 1:  # 12.5 Hz codes -> 25 Hz transformer steps
             self.upsample = _CausalConvTranspose1d(
                 config.hidden_size, config.hidden_size, 2 * stride, stride, groups=config.upsample_groups, bias=False
@@ -769,7 +806,7 @@ def _check_supported(c: CodecConfig) -> None:
             ("pad_mode", c.pad_mode, c.pad_mode == "constant"),
             ("rope_type", c.rope_type, c.rope_type == "default"),
             ("partial_rotary_factor", c.partial_rotary_factor, c.partial_rotary_factor == 1.0),
-            ("sliding_window", c.sliding_window, isinstance(c.sliding_window, int) and c.sliding_window >= 1),
+            ("sliding_window", c.sliding_window, c.sliding_window >= 1),
             ("hidden_act", c.hidden_act, c.hidden_act in ACTIVATIONS),
         )
         if not ok
@@ -951,8 +988,10 @@ class MimiCodec:
 
         try:  # what csmcli reads was checked; transformers checks the rest (types it is stricter about)
             config = MimiConfig.from_dict(dict(self.config.source))
-        except (TypeError, ValueError) as e:
-            raise CsmError(f"{self.source}: transformers' MimiConfig refuses this config for the encoder: {e}") from e
+        except Exception as e:  # huggingface_hub's strict-dataclass errors are neither TypeError nor ValueError
+            reason = " ".join(str(e).split())
+            raise CsmError(f"{self.source}: transformers' MimiConfig refuses this config for the encoder: {reason}") \
+                from e
         with contextlib.suppress(AttributeError, ValueError):
             config.decoder_config = None  # recent transformers can drop the decoder half, which we do not need
         model = MimiModel(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -381,9 +382,12 @@ CONFIG_DICTS = {
                                               rope_parameters={"rope_type": "default", "rope_theta": 1.0}),
     "partial rotary": dict(partial_rotary_factor=0.5),
     "derived sizes": dict(hidden_size=96, num_attention_heads=3, head_dim=0, upsampling_ratios=[],
-                          sampling_rate=16000, frame_rate=None),
+                          sampling_rate=16000, frame_rate=None, upsample_groups=32),
     "other ratios": dict(upsampling_ratios=[4, 5, 6], sampling_rate=32000, codebook_dim=128),
     "ints for floats": dict(norm_eps=1e-6, trim_right_ratio=0.5, frame_rate=25),
+    "_frame_rate over frame_rate": dict(frame_rate=25.0, _frame_rate=None),
+    "_frame_rate over frame_rate, given": dict(frame_rate=12.5, _frame_rate=25.0),
+    "partial rotary None": dict(partial_rotary_factor=None),
 }
 
 
@@ -394,12 +398,13 @@ def test_codec_config_reads_what_transformers_mimi_config_reads(raw):
     ours = codec_module.CodecConfig.from_dict(copy.deepcopy(raw))
     ref = MimiConfig.from_dict(copy.deepcopy(raw))
     rope = {"partial_rotary_factor": 1.0, **ref.rope_parameters}
-    for f in codec_module.dataclasses.fields(ours):
+    for f in dataclasses.fields(ours):
         if f.name == "source":
             continue
         expected = rope[f.name] if f.name in rope else getattr(ref, f.name)
         assert getattr(ours, f.name) == (tuple(expected) if f.name == "upsampling_ratios" else expected), f.name
-    assert (ours.frame_size, ours.encodec_frame_rate) == (ref.frame_size, ref.encodec_frame_rate)
+    assert (ours.frame_size, ours.encodec_frame_rate, ours.latent_stride) == (
+        ref.frame_size, ref.encodec_frame_rate, int(ref.encodec_frame_rate / ref.frame_rate))
     assert ours.source == raw
     # and a transformers MimiConfig given as it is reads the same
     assert codec_module.CodecConfig.from_dict(ref) == ours
@@ -416,8 +421,13 @@ def test_codec_config_refuses_what_transformers_refuses_in_one_line(raw):
     _refused_in_one_line(raw)
 
 
-@pytest.mark.parametrize("raw", [{"rope_parameters": {"rope_theta": "big"}}, {"model_type": "encodec"},
-                                 {"num_attention_heads": 0}, {"codebook_size": 1000}])
+@pytest.mark.parametrize("raw", [
+    {"rope_parameters": {"rope_theta": "big"}}, {"model_type": "encodec"}, {"num_attention_heads": 0},
+    {"codebook_size": 1000}, "kyutai/mimi", ["not", "a", "mapping"], {"rope_scaling": "default"},
+    {"rope_parameters": [1, 2]}, {"upsampling_ratios": [8, 0]}, {"sampling_rate": 0}, {"frame_rate": 0},
+    {"frame_rate": -12.5}, {"upsample_groups": 7}, {"sliding_window": None}, {"hidden_act": None},
+    {"num_key_value_heads": 0}, {"codebook_dim": 0}, {"frame_rate": 50.0},
+])  # fmt: skip
 def test_codec_config_refuses_what_would_fail_later_in_one_line(raw):
     """Values that would fail later (in torch, or in transformers' encoder), and a codebook size not a power of 2,
     which transformers refuses only in later 5.x releases (5.24 does, the GPU image's 5.17 does not)."""
@@ -433,3 +443,20 @@ def _refused_in_one_line(raw):
 def test_partial_rotary_is_refused_for_streaming_decode():
     with pytest.raises(CsmError, match=r"unsupported Mimi config for streaming decode: partial_rotary_factor=0\.5"):
         StreamingMimiDecoder({**TINY, "partial_rotary_factor": 0.5})
+
+
+def test_codec_config_none_codebook_dim_is_the_hidden_size():
+    """transformers 4.x's rule (5.x refuses None there): such a file still loads."""
+    config = {"hidden_size": 64, "upsample_groups": 64, "codebook_dim": None}
+    assert codec_module.CodecConfig.from_dict(config).codebook_dim == 64
+
+
+def test_encoding_with_a_config_only_transformers_refuses_is_one_line(tiny):
+    """csmcli reads `trim_right_ratio: 1` (an integer for a float) and decodes with it; transformers' strict
+    `MimiConfig`, which builds the encoder for context audio, refuses it: that is one `CsmError` line too."""
+    model, _, _, _, _ = tiny
+    codec = MimiCodec({**model.config.to_dict(), "trim_right_ratio": 1}, model.state_dict(), "x/model.safetensors")
+    with pytest.raises(CsmError) as error:
+        codec.encode(torch.zeros(1, 1, 1920))
+    message = str(error.value)
+    assert message.startswith("x/model.safetensors: transformers' MimiConfig refuses") and "\n" not in message

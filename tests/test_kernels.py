@@ -411,8 +411,9 @@ def test_mimi_attention_kernel_equals_the_torch_attention(head_dim, monkeypatch)
 
     from csmcli import codec
 
-    config = codec.CodecConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                        head_dim=head_dim, intermediate_size=64, sliding_window=100)  # 131 slots: 3 blocks of 64
+    config = codec.CodecConfig.from_dict(dict(  # 131 slots: 3 blocks of 64
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=head_dim,
+        intermediate_size=64, sliding_window=100, upsample_groups=32))
     torch.manual_seed(11)
     transformers = [codec._Transformer(config).to(DEVICE)]
     transformers.append(copy.deepcopy(transformers[0]))
