@@ -14,7 +14,7 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -79,6 +79,29 @@ class CapturedCall:
             captured.copy_(given)
         self.graph.replay()
         return self.output
+
+
+def compile_ahead(calls: list[Callable[[], object]], threads: int | None = None) -> bool:
+    """Compile every Triton kernel that `calls` launch, all at once on `threads` threads (default: the CPUs, at
+    most 32), before a warm-up launches them one at a time: with an empty Triton cache (a machine's first run)
+    that is most of a warm-up (`kernels.compiling_only`). Nothing runs on the GPU: the calls are traced into a
+    CUDA graph that is thrown away, so no torch op sees the outputs the skipped kernels never wrote, and no state
+    moves. With a warm cache the compiles are cache reads. False: nothing was done (no calls, or a Triton
+    without the means)."""
+    if not calls:
+        return False
+    from csmcli import kernels
+
+    threads = threads or min(32, os.cpu_count() or 1)
+    with kernels.compiling_only(threads) as compiling:
+        if compiling:
+            graph = torch.cuda.CUDAGraph()
+            # "relaxed": a library's first use (cuBLAS, cuDNN handles) may allocate during the trace
+            with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="relaxed"):
+                for call in calls:
+                    call()
+            del graph
+    return compiling
 
 
 @contextmanager
@@ -294,14 +317,30 @@ class Engine:
         assert slots, "a capture needs slots whose cache rows it may write"
         graph = self._prefill_graphs.get(length)
         if graph is None:
-            group, columns = self.group_size(length), self.stepper.model.cfg.num_codebooks + 1
-            tokens = torch.zeros(group, length, columns, dtype=torch.long, device=self.device)  # [G, L, 33]
-            mask = torch.ones(group, length, columns, dtype=torch.bool, device=self.device)
-            rows = (slots * group)[:group]
-            slots_and_last = torch.tensor([rows, [length - 1] * group], device=self.device)  # [2, G]
-            graph = CapturedCall(self.stepper.prefill_rows, tokens, mask, slots_and_last, pool=self._prefill_pool)
+            inputs = self._dummy_prefill(length, slots)
+            graph = CapturedCall(self.stepper.prefill_rows, *inputs, pool=self._prefill_pool)
             self._prefill_graphs[length] = graph
         return graph
+
+    def _dummy_prefill(self, length: int, slots: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """`prefill_rows`' inputs for a group of empty `length`-row prompts into `slots` (repeated to fill it)."""
+        group, columns = self.group_size(length), self.stepper.model.cfg.num_codebooks + 1
+        tokens = torch.zeros(group, length, columns, dtype=torch.long, device=self.device)  # [G, L, 33]
+        mask = torch.ones(group, length, columns, dtype=torch.bool, device=self.device)
+        rows = (slots * group)[:group]
+        slots_and_last = torch.tensor([rows, [length - 1] * group], device=self.device)  # [2, G]
+        return tokens, mask, slots_and_last
+
+    def warmup_calls(self) -> list[Callable[[], object]]:
+        """What `warmup` launches (each bucket's frame step, the first admission's prefill), as calls for
+        `compile_ahead`; none where Triton compiles nothing (torch ops, torch.compile, the CPU)."""
+        if not self.fused_kernels or self.compiled or self.device.type != "cuda":
+            return []
+        calls = [functools.partial(self._eager_step, n) for n in self.buckets]
+        if self.pad_prompts:
+            length = prefill_length(1, self.stepper.max_seq_len, self.prefill_buckets)
+            calls.append(functools.partial(self.stepper.prefill_rows, *self._dummy_prefill(length, [0])))
+        return calls
 
     @torch.no_grad()
     def _warm_admission(self) -> None:
@@ -485,6 +524,14 @@ class ChunkDecoder:
                     self._graphs[shape] = CapturedCall(self._decode_chunk, codes, warmup=2, pool=self._pool)
                 elif not self.cuda_graphs:
                     self._decode_chunk(codes)
+
+    def warmup_calls(self, sizes: Iterable[int]) -> list[Callable[[], object]]:
+        """What `warmup` launches, as calls for `compile_ahead`; none where Triton compiles nothing."""
+        if self.device.type != "cuda" or not self.fused_kernels:
+            return []
+        shapes = [(self.batch, self.codebooks, n) for n in sorted(set(sizes) | {1})]
+        return [functools.partial(self._decode_chunk, torch.zeros(shape, dtype=torch.long, device=self.device))
+                for shape in shapes]
 
     def decode(self, codes: Tensor) -> Tensor:
         """codes `[B, K, n]` on the decoder's device -> pcm `[B, 1, n * 1920]` (valid until the next decode).

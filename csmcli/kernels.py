@@ -53,6 +53,39 @@ NO_PDL_ENV = "CSMCLI_NO_PDL"
 pdl_allowed = os.environ.get(NO_PDL_ENV) != "1"  # tests switch it to compare both launch modes
 
 
+@contextmanager
+def compiling_only(threads: int) -> Iterator[bool]:
+    """Inside, a Triton launch compiles its kernel on a pool of `threads` threads and runs nothing, so a pass
+    through code that launches many kernels compiles them all at once instead of one at a time as each is first
+    launched (an empty Triton cache: a `say` warm-up's kernels in 6.3 s on 16 threads against 17.0 s,
+    docs/BENCHMARKS.md). Leaving waits for every compile and leaves the kernels in Triton's in-memory cache,
+    where the real launches find them; a compile error is raised there, as the launch would have raised it.
+    Nothing written by a kernel exists inside: run only code that reads none of it on the host or in torch ops
+    that could fail on it (`engine.compile_ahead` traces into a graph it never replays). Every Triton launch in
+    the process is affected meanwhile. Yields False, and does nothing, with a Triton that lacks the means (its
+    `AsyncCompileMode` is not public API)."""
+    try:
+        from triton.runtime import _async_compile
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        yield False
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        return run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool, \
+            _async_compile.AsyncCompileMode(pool):
+        JITFunction.run = compile_only
+        try:
+            yield True
+        finally:
+            JITFunction.run = run
+
+
 def use_pdl(t: Tensor, one_row: bool) -> int:
     """Programmatic dependent launch for a kernel on `t`'s device: Hopper or newer (`griddepcontrol`), Triton with
     `gdc_wait`, not the interpreter, not switched off (`CSMCLI_NO_PDL=1`). 0: off. 1, one-row work (the GEMV path,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from csmcli.checkpoint import Checkpoint, load
 from csmcli.codec import MimiCodec
-from csmcli.engine import ChunkDecoder, Engine, chunk_sizes
+from csmcli.engine import ChunkDecoder, Engine, chunk_sizes, compile_ahead
 from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS, SAMPLE_RATE
 from csmcli.presets import CPU_PRESET, Preset
@@ -229,9 +229,11 @@ class Pipeline:
     def warmup(self) -> None:
         """Capture / compile now (frame step, one admission, Mimi decode of every ramp chunk size), so the first
         request's latency includes none of it (`prepare` adds the first prompt's prefill graph)."""
+        sizes = chunk_sizes(self.preset.first_chunk_frames, self.preset.chunk_frames)
+        compile_ahead([*self.engine.warmup_calls(), *(self.decoder.warmup_calls(sizes) if self.decoder else [])])
         self.engine.warmup()
         if self.decoder is not None:
-            self.decoder.warmup(chunk_sizes(self.preset.first_chunk_frames, self.preset.chunk_frames))
+            self.decoder.warmup(sizes)
 
     def speak(
         self, text: str, speaker: int, params: SamplingParams, *, context: list[Segment] | None = None,

@@ -388,3 +388,59 @@ def test_a_runtime_that_refuses_the_l2_hints_changes_no_code(model, monkeypatch)
     assert not kernels._l2_ratio  # the refused stream attribute stopped the hints
     for r in reqs:
         assert torch.equal(torch.cat(got[r.id]), want[r.id]), r.id
+
+
+COMPILE_CHILD = r"""
+import json, os, sys, tempfile
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-empty-")  # a machine's first run
+from pathlib import Path
+import torch, triton
+sys.path.insert(0, "tests")
+import tiny
+from csmcli import pipeline
+from csmcli.sampling import SamplingParams
+
+compiled = []
+triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(k.get("repr", "?"))
+ahead = []
+real = pipeline.compile_ahead
+if sys.argv[1] == "ahead":
+    def recorded(calls):
+        assert real(calls)
+        ahead.extend(compiled)
+        compiled.clear()
+    pipeline.compile_ahead = recorded
+else:
+    pipeline.compile_ahead = lambda calls: False
+tokenizer = Path(tempfile.mkdtemp())
+tiny.save_tokenizer(tokenizer)
+preset, _ = pipeline.choose_preset(None, None, {})
+p = pipeline.Pipeline.load(None, preset, random_weights=True, tokenizer_path=str(tokenizer))
+p.warmup()
+in_warmup = list(compiled)
+chunks = list(p.speak("Hello there.", 0, SamplingParams(seed=7), max_seconds=1.0))
+print(json.dumps({"ahead": len(ahead), "in_warmup": in_warmup,
+                  "codes": torch.cat([c.codes for c in chunks]).tolist(),
+                  "pcm": [float(c.pcm.double().sum()) for c in chunks]}))
+"""
+
+
+def test_compiling_ahead_leaves_the_warm_up_nothing_to_compile_and_changes_no_sample():
+    """A machine's first run: `Pipeline.warmup` compiles every Triton kernel its warm-up launches at once on threads
+    (`engine.compile_ahead`), so the warm-up itself compiles none, and the kernels are the ones a plain warm-up
+    compiles one by one: the same codes and audio. Each run in a child with an empty Triton cache."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def child(mode):
+        out = subprocess.run([sys.executable, "-c", COMPILE_CHILD, mode], capture_output=True, text=True,
+                             timeout=600, cwd=Path(__file__).parent.parent)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.splitlines()[-1])
+
+    ahead, plain = child("ahead"), child("plain")
+    assert plain["in_warmup"] and ahead["ahead"] >= len(plain["in_warmup"]) / 2  # the counting sees compiles
+    assert ahead["in_warmup"] == []
+    assert ahead["codes"] == plain["codes"] and ahead["pcm"] == plain["pcm"]
