@@ -421,7 +421,7 @@ in_warmup = list(compiled)
 chunks = list(p.speak("Hello there.", 0, SamplingParams(seed=7), max_seconds=1.0))
 print(json.dumps({"ahead": len(ahead), "in_warmup": in_warmup,
                   "codes": torch.cat([c.codes for c in chunks]).tolist(),
-                  "pcm": [float(c.pcm.double().sum()) for c in chunks]}))
+                  "pcm": [float(c.pcm.astype("float64").sum()) for c in chunks]}))
 """
 
 
