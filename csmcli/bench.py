@@ -34,10 +34,10 @@ from csmcli.engine import (
     Engine,
     Request,
     chunk_sizes,
-    compile_ahead,
     fused_kernels_enabled,
     graphs_enabled,
     next_chunk_frames,
+    warm_up,
 )
 from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS
@@ -483,12 +483,8 @@ def _measure_batch(model: Csm, decoder, settings: BenchSettings, batch: int, cud
     try:
         chunks = None if decoder is None else ChunkDecoder(decoder, batch, model.cfg.num_codebooks, cuda_graphs,
                                                            fused_kernels)
-        sizes = [n for c in settings.chunk_frames for n in chunk_sizes(settings.first_chunk_frames, c)]
-        compile_ahead([*engine.warmup_calls(), *(chunks.warmup_calls(sizes) if chunks is not None else [])])
-        engine.warmup()
+        warm_up(engine, chunks, [n for c in settings.chunk_frames for n in chunk_sizes(settings.first_chunk_frames, c)])
         engine.prepare([settings.prompt_rows])  # its prefill graph: even with --warmup 0 no timed rep captures it
-        if chunks is not None:
-            chunks.warmup(sizes)
         for chunk in settings.chunk_frames:
             row = measure(engine, chunks, settings, batch, chunk, report.header.get("gpu"), bytes_per_frame)
             if hf_ms is not None:

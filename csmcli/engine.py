@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 import time
 from collections import deque
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 NO_GRAPHS_ENV = "CSMCLI_NO_CUDA_GRAPHS"
 NO_FUSED_ENV = "CSMCLI_NO_FUSED_KERNELS"
 _ids = itertools.count()
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -81,27 +83,55 @@ class CapturedCall:
         return self.output
 
 
-def compile_ahead(calls: list[Callable[[], object]], threads: int | None = None) -> bool:
-    """Compile every Triton kernel that `calls` launch, all at once on `threads` threads (default: the CPUs, at
-    most 32), before a warm-up launches them one at a time: with an empty Triton cache (a machine's first run)
-    that is most of a warm-up (`kernels.compiling_only`). Nothing runs on the GPU: the calls are traced into a
-    CUDA graph that is thrown away, so no torch op sees the outputs the skipped kernels never wrote, and no state
-    moves. With a warm cache the compiles are cache reads. False: nothing was done (no calls, or a Triton
-    without the means)."""
+def _interpreting() -> bool:
+    """Triton's interpreter (the CPU tests): its kernels run as Python, and cannot be made compile-only."""
+    from csmcli import kernels
+
+    return kernels.INTERPRET
+
+
+def _with_one(sizes: Iterable[int]) -> list[int]:
+    """Chunk sizes with 1 added: with a graph for 1, any size splits into graphed sizes."""
+    return sorted(set(sizes) | {1})
+
+
+def compile_ahead(device: torch.device, calls: list[Callable[[], object]]) -> bool:
+    """Compile every Triton kernel that `calls` launch, all at once on a thread per CPU (at most 32), before a
+    warm-up launches them one at a time: with an empty Triton cache (a machine's first run) that is most of a
+    warm-up (`kernels.compiling_only`; H200, 16 threads: a cold `say` 41-43 -> 25 s, docs/BENCHMARKS.md). Nothing
+    runs on the GPU: the calls are traced into a CUDA graph on `device` that is thrown away, so no torch op sees
+    the outputs the skipped kernels never wrote and no tensor changes (what libraries set up on first use, and
+    Triton's caches, are kept, as meant). The calls must keep no host-side state of their own. With a warm cache
+    the compiles are cache reads. Best effort: False where nothing was done (no calls, a Triton without the
+    means), or where the trace failed — the warm-up then compiles as it launches, as before."""
     if not calls:
         return False
     from csmcli import kernels
 
-    threads = threads or min(32, os.cpu_count() or 1)
-    with kernels.compiling_only(threads) as compiling:
-        if compiling:
-            graph = torch.cuda.CUDAGraph()
-            # "relaxed": a library's first use (cuBLAS, cuDNN handles) may allocate during the trace
-            with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="relaxed"):
-                for call in calls:
-                    call()
-            del graph
+    threads = min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        with torch.cuda.device(device), kernels.compiling_only(threads) as compiling:
+            if compiling:
+                graph = torch.cuda.CUDAGraph()
+                # "relaxed": a library's first use (cuBLAS, cuDNN handles) may allocate during the trace
+                with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="relaxed"):
+                    for call in calls:
+                        call()
+                del graph
+    except Exception as e:  # an optimisation only: the warm-up compiles what is missing, and raises what fails
+        log.debug("compiling ahead failed (%s: %s); the warm-up compiles as it launches", type(e).__name__, e)
+        return False
     return compiling
+
+
+def warm_up(engine: Engine, chunks: ChunkDecoder | None, sizes: Iterable[int]) -> None:
+    """An engine's frame steps and first admission, and Mimi's chunk `sizes`, compiled (all at once:
+    `compile_ahead`) and captured, so that no request's latency includes either."""
+    sizes = list(sizes)
+    compile_ahead(engine.device, [*engine.warmup_calls(), *(chunks.warmup_calls(sizes) if chunks is not None else [])])
+    engine.warmup()
+    if chunks is not None:
+        chunks.warmup(sizes)
 
 
 @contextmanager
@@ -296,6 +326,9 @@ class Engine:
         free = [slot for slot, active in enumerate(self.slots) if active is None]
         if not (self.pad_prompts and free):
             return
+        prompt_rows = list(prompt_rows)
+        if self.cuda_graphs and self.fused_kernels and not _interpreting():  # a longer prompt's kernels: ahead
+            compile_ahead(self.device, self._prefill_calls(prompt_rows))
         for rows in prompt_rows:
             self.prefill_graph(prefill_length(rows, self.stepper.max_seq_len, self.prefill_buckets), free)
 
@@ -333,14 +366,19 @@ class Engine:
 
     def warmup_calls(self) -> list[Callable[[], object]]:
         """What `warmup` launches (each bucket's frame step, the first admission's prefill), as calls for
-        `compile_ahead`; none where Triton compiles nothing (torch ops, torch.compile, the CPU)."""
-        if not self.fused_kernels or self.compiled or self.device.type != "cuda":
+        `compile_ahead`; none where Triton compiles nothing (torch ops, torch.compile, the CPU) or where nothing is
+        captured (`--no-cuda-graphs`: the way out of capture trouble stays free of it)."""
+        if not (self.fused_kernels and self.cuda_graphs) or self.compiled or _interpreting():
             return []
         calls = [functools.partial(self._eager_step, n) for n in self.buckets]
-        if self.pad_prompts:
-            length = prefill_length(1, self.stepper.max_seq_len, self.prefill_buckets)
-            calls.append(functools.partial(self.stepper.prefill_rows, *self._dummy_prefill(length, [0])))
+        calls += self._prefill_calls([1])  # `_warm_admission`'s one-row prompt
         return calls
+
+    def _prefill_calls(self, prompt_rows: Iterable[int]) -> list[Callable[[], object]]:
+        """The prefills of these many rows (those not captured yet) as calls for `compile_ahead`."""
+        lengths = {prefill_length(rows, self.stepper.max_seq_len, self.prefill_buckets) for rows in prompt_rows}
+        return [functools.partial(self.stepper.prefill_rows, *self._dummy_prefill(length, [0]))
+                for length in sorted(lengths - {None}) if length not in self._prefill_graphs]
 
     @torch.no_grad()
     def _warm_admission(self) -> None:
@@ -517,8 +555,8 @@ class ChunkDecoder:
         if self.device.type != "cuda":
             return
         with state_kept(self.decoder.state_tensors()):
-            for n in sorted(set(sizes) | {1}):  # with 1, any size splits into graphed sizes
-                codes = torch.zeros(self.batch, self.codebooks, n, dtype=torch.long, device=self.device)  # [B, K, n]
+            for n in _with_one(sizes):
+                codes = self._dummy_codes(n)
                 shape = tuple(codes.shape)
                 if self.cuda_graphs and shape not in self._graphs:
                     self._graphs[shape] = CapturedCall(self._decode_chunk, codes, warmup=2, pool=self._pool)
@@ -527,11 +565,12 @@ class ChunkDecoder:
 
     def warmup_calls(self, sizes: Iterable[int]) -> list[Callable[[], object]]:
         """What `warmup` launches, as calls for `compile_ahead`; none where Triton compiles nothing."""
-        if self.device.type != "cuda" or not self.fused_kernels:
+        if not (self.cuda_graphs and self.fused_kernels) or _interpreting():
             return []
-        shapes = [(self.batch, self.codebooks, n) for n in sorted(set(sizes) | {1})]
-        return [functools.partial(self._decode_chunk, torch.zeros(shape, dtype=torch.long, device=self.device))
-                for shape in shapes]
+        return [functools.partial(self._decode_chunk, self._dummy_codes(n)) for n in _with_one(sizes)]
+
+    def _dummy_codes(self, n: int) -> Tensor:
+        return torch.zeros(self.batch, self.codebooks, n, dtype=torch.long, device=self.device)  # [B, K, n]
 
     def decode(self, codes: Tensor) -> Tensor:
         """codes `[B, K, n]` on the decoder's device -> pcm `[B, 1, n * 1920]` (valid until the next decode).

@@ -61,9 +61,11 @@ def compiling_only(threads: int) -> Iterator[bool]:
     docs/BENCHMARKS.md). Leaving waits for every compile and leaves the kernels in Triton's in-memory cache,
     where the real launches find them; a compile error is raised there, as the launch would have raised it.
     Nothing written by a kernel exists inside: run only code that reads none of it on the host or in torch ops
-    that could fail on it (`engine.compile_ahead` traces into a graph it never replays). Every Triton launch in
-    the process is affected meanwhile. Yields False, and does nothing, with a Triton that lacks the means (its
-    `AsyncCompileMode` is not public API)."""
+    that could fail on it (`engine.compile_ahead` traces into a graph it never replays). Meanwhile every Triton
+    launch in the process runs nothing, from any thread (another thread's compiles in the foreground): csmcli
+    launches from one thread. No autotuned kernel may be launched inside (it would time launches that do
+    nothing). Yields False, and does nothing, with a Triton that lacks the means (its `AsyncCompileMode` is not
+    public API)."""
     try:
         from triton.runtime import _async_compile
         from triton.runtime.jit import JITFunction

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from csmcli.checkpoint import Checkpoint, load
 from csmcli.codec import MimiCodec
-from csmcli.engine import ChunkDecoder, Engine, chunk_sizes, compile_ahead
+from csmcli.engine import ChunkDecoder, Engine, chunk_sizes, warm_up
 from csmcli.errors import CsmError
 from csmcli.generate import FRAME_SECONDS, SAMPLE_RATE
 from csmcli.presets import CPU_PRESET, Preset
@@ -133,6 +133,8 @@ def load_model_and_codec(source: str | None, preset: Preset, *, device: str | No
     """Checkpoint and codec on the device the preset (or `--torch-device`) selects, in the preset's dtype (the
     transformer layers' weights in fp8 with the preset's `fp8`); off CUDA always float32, with a warning."""
     dev = pick_device(device, preset)
+    if dev.type == "cuda":  # Triton launches on the current GPU, and graph capture records its stream only
+        torch.cuda.set_device(dev)
     dtype = DTYPES[preset.dtype] if dev.type == "cuda" else torch.float32
     if dtype != DTYPES[preset.dtype] and warn is not None:
         warn(f"dtype {preset.dtype} runs as float32 on the {dev.type}")
@@ -229,11 +231,7 @@ class Pipeline:
     def warmup(self) -> None:
         """Capture / compile now (frame step, one admission, Mimi decode of every ramp chunk size), so the first
         request's latency includes none of it (`prepare` adds the first prompt's prefill graph)."""
-        sizes = chunk_sizes(self.preset.first_chunk_frames, self.preset.chunk_frames)
-        compile_ahead([*self.engine.warmup_calls(), *(self.decoder.warmup_calls(sizes) if self.decoder else [])])
-        self.engine.warmup()
-        if self.decoder is not None:
-            self.decoder.warmup(sizes)
+        warm_up(self.engine, self.decoder, chunk_sizes(self.preset.first_chunk_frames, self.preset.chunk_frames))
 
     def speak(
         self, text: str, speaker: int, params: SamplingParams, *, context: list[Segment] | None = None,

@@ -1,8 +1,8 @@
-"""How long a `say` warm-up takes with an empty Triton cache: as csmcli runs it (each kernel compiled at its first
-launch, one after another), and after a dry warm-up in which every Triton launch only compiles, on a pool of
-threads (Triton's `AsyncCompileMode`). A probe for the next session's decision; csmcli does not do this.
+"""How long a `say` warm-up takes with an empty Triton cache: with its kernels compiled ahead on threads, as
+`Pipeline.warmup` does (`engine.compile_ahead`), or one at a time as each is first launched (`plain`).
 
-Usage: python3 scripts/compile_probe.py serial|parallel   (random weights, the tests' tokenizer; an empty cache)
+Usage: python3 scripts/compile_probe.py ahead|plain   (random weights, the tests' tokenizer, an empty cache)
+(The thirtieth session's call c ran this probe's first version, d64854c: a dry run of the whole warm-up.)
 """
 
 from __future__ import annotations
@@ -18,61 +18,29 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-probe-")
 
 def main() -> None:
     import torch
-    from triton.runtime.jit import JITFunction
 
     sys.path.insert(0, "tests")
     import tiny
 
-    from csmcli.pipeline import Pipeline, choose_preset
+    from csmcli import engine, pipeline
+    from csmcli.sampling import SamplingParams
 
+    if sys.argv[1] == "plain":
+        engine.compile_ahead = lambda device, calls: False
     tokenizer = Path(tempfile.mkdtemp())
     tiny.save_tokenizer(tokenizer)
-    preset, _ = choose_preset(None, None, {})
-
-    def load() -> Pipeline:
-        start = time.perf_counter()
-        pipeline = Pipeline.load(None, preset, random_weights=True, tokenizer_path=str(tokenizer))
-        torch.cuda.synchronize()
-        print(f"{time.perf_counter() - start:7.2f} s  load (random weights)", flush=True)
-        return pipeline
-
-    if sys.argv[1] == "parallel":
-        from concurrent.futures import ThreadPoolExecutor
-
-        from triton.runtime import _async_compile
-
-        dry = load()
-        real_run = JITFunction.run
-
-        def compile_only(self, *args, grid, warmup, **kwargs):
-            return real_run(self, *args, grid=grid, warmup=True, **kwargs)
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(os.cpu_count()) as pool, _async_compile.AsyncCompileMode(pool):
-            JITFunction.run = compile_only
-            try:
-                dry.warmup()
-            finally:
-                JITFunction.run = real_run
-        torch.cuda.synchronize()
-        print(f"{time.perf_counter() - start:7.2f} s  dry warm-up, Triton compiling on {os.cpu_count()} threads",
-              flush=True)
-        del dry
-    pipeline = load()
+    preset, _ = pipeline.choose_preset(None, None, {})
     start = time.perf_counter()
-    pipeline.warmup()
+    p = pipeline.Pipeline.load(None, preset, random_weights=True, tokenizer_path=str(tokenizer))
+    torch.cuda.synchronize()
+    print(f"{time.perf_counter() - start:7.2f} s  load (random weights)", flush=True)
+    start = time.perf_counter()
+    p.warmup()
     torch.cuda.synchronize()
     print(f"{time.perf_counter() - start:7.2f} s  warm-up ({sys.argv[1]})", flush=True)
     start = time.perf_counter()
-    audio = list(pipeline.speak("Hello there.", 0, pipeline_params(), max_seconds=1.0))
-    torch.cuda.synchronize()
-    print(f"{time.perf_counter() - start:7.2f} s  speak: {len(audio)} chunks", flush=True)
-
-
-def pipeline_params():
-    from csmcli.sampling import SamplingParams
-
-    return SamplingParams(seed=7)
+    chunks = list(p.speak("Hello there.", 0, SamplingParams(seed=7), max_seconds=1.0))
+    print(f"{time.perf_counter() - start:7.2f} s  speak: {len(chunks)} chunks", flush=True)
 
 
 if __name__ == "__main__":

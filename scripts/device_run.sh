@@ -102,8 +102,8 @@ for step in "$@"; do
         echo "--- phases, Triton cache empty" | tee -a "$out/startup.txt"
         TRITON_CACHE_DIR=/tmp/triton-probe python3 scripts/startup_probe.py /tmp/csm-full 2>&1 | grep -v "^\[transformers\]" | tee -a "$out/startup.txt"
       fi ;;
-    compileprobe)  # a say warm-up with an empty Triton cache: compiled launch by launch, or ahead on threads
-      for mode in serial parallel; do python3 scripts/compile_probe.py $mode 2>&1 | grep -v "^\[transformers\]" \
+    compileprobe)  # a say warm-up with an empty Triton cache: kernels compiled one by one, or ahead on threads
+      for mode in plain ahead; do python3 scripts/compile_probe.py $mode 2>&1 | grep -v "^\[transformers\]" \
         | tee -a "$out/compileprobe.txt"; done ;;
     loadprobe)  # where loading a full-size float32 checkpoint onto the GPU goes (scripts/load_probe.py)
       [ -f /tmp/csm-full/model.safetensors ] || python3 scripts/save_random_checkpoint.py /tmp/csm-full 2>&1 | grep -v Warn

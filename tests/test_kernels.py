@@ -773,3 +773,26 @@ def test_fewer_rows_compute_exactly_what_the_full_batch_computes():
     assert torch.equal(got[0], want[0])
     assert torch.equal(fewer.hidden[0], full.hidden[0]) and fewer.positions[0] == full.positions[0]
     assert (fewer.positions[1:] == 0).all()  # rows from n on: untouched
+
+
+def test_compiling_only_puts_triton_back_after_an_error():
+    """`kernels.compiling_only` patches Triton's launch for the whole process: an error inside must not leave every
+    later launch compile-only, nor Triton's async mode on; `engine.compile_ahead` turns a failed trace into
+    "nothing done" (the warm-up then compiles as it launches)."""
+    from triton.runtime import _async_compile
+    from triton.runtime.jit import JITFunction
+
+    from csmcli.engine import compile_ahead
+
+    run = JITFunction.run
+    with pytest.raises(RuntimeError, match="inside"), kernels.compiling_only(2) as compiling:
+        assert compiling and JITFunction.run is not run and _async_compile.active_mode.get() is not None
+        raise RuntimeError("inside")
+    assert JITFunction.run is run and _async_compile.active_mode.get() is None
+
+    def fails():
+        raise RuntimeError("a trace that fails")
+
+    device = torch.device("cuda", 0)
+    assert compile_ahead(device, [fails]) is False and JITFunction.run is run
+    assert compile_ahead(device, []) is False
