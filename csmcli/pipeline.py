@@ -133,8 +133,8 @@ def load_model_and_codec(source: str | None, preset: Preset, *, device: str | No
     """Checkpoint and codec on the device the preset (or `--torch-device`) selects, in the preset's dtype (the
     transformer layers' weights in fp8 with the preset's `fp8`); off CUDA always float32, with a warning."""
     dev = pick_device(device, preset)
-    if dev.type == "cuda":  # Triton launches on the current GPU, and graph capture records its stream only
-        torch.cuda.set_device(dev)
+    if dev.type == "cuda" and dev.index is not None:  # Triton launches on the current GPU, and graph capture
+        torch.cuda.set_device(dev)  # records the current GPU's stream only: --torch-device cuda:N makes N current
     dtype = DTYPES[preset.dtype] if dev.type == "cuda" else torch.float32
     if dtype != DTYPES[preset.dtype] and warn is not None:
         warn(f"dtype {preset.dtype} runs as float32 on the {dev.type}")
