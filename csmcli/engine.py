@@ -327,8 +327,7 @@ class Engine:
         if not (self.pad_prompts and free):
             return
         prompt_rows = list(prompt_rows)
-        if self.cuda_graphs and self.fused_kernels and not _interpreting():  # a longer prompt's kernels: ahead
-            compile_ahead(self.device, self._prefill_calls(prompt_rows))
+        compile_ahead(self.device, self._prefill_calls(prompt_rows))  # a longer prompt's kernels, all at once
         for rows in prompt_rows:
             self.prefill_graph(prefill_length(rows, self.stepper.max_seq_len, self.prefill_buckets), free)
 
@@ -368,14 +367,18 @@ class Engine:
         """What `warmup` launches (each bucket's frame step, the first admission's prefill), as calls for
         `compile_ahead`; none where Triton compiles nothing (torch ops, torch.compile, the CPU) or where nothing is
         captured (`--no-cuda-graphs`: the way out of capture trouble stays free of it)."""
-        if not (self.fused_kernels and self.cuda_graphs) or self.compiled or _interpreting():
+        if not self._compiles_ahead():
             return []
-        calls = [functools.partial(self._eager_step, n) for n in self.buckets]
-        calls += self._prefill_calls([1])  # `_warm_admission`'s one-row prompt
-        return calls
+        return [*(functools.partial(self._eager_step, n) for n in self.buckets),
+                *self._prefill_calls([1])]  # `_warm_admission`'s one-row prompt
+
+    def _compiles_ahead(self) -> bool:
+        return self.fused_kernels and self.cuda_graphs and not self.compiled and not _interpreting()
 
     def _prefill_calls(self, prompt_rows: Iterable[int]) -> list[Callable[[], object]]:
         """The prefills of these many rows (those not captured yet) as calls for `compile_ahead`."""
+        if not self._compiles_ahead():
+            return []
         lengths = {prefill_length(rows, self.stepper.max_seq_len, self.prefill_buckets) for rows in prompt_rows}
         return [functools.partial(self.stepper.prefill_rows, *self._dummy_prefill(length, [0]))
                 for length in sorted(lengths - {None}) if length not in self._prefill_graphs]
