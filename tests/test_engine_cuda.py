@@ -449,3 +449,31 @@ def test_compiling_ahead_leaves_the_warm_up_nothing_to_compile_and_changes_no_sa
     assert set(plain["in_warmup"]) | set(plain["in_speak"]) <= set(ahead["ahead"])
     assert ahead["in_warmup"] == [] and ahead["in_speak"] == []
     assert ahead["codes"] == plain["codes"] and ahead["pcm"] == plain["pcm"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_say_on_a_second_gpu_makes_what_the_first_makes(tmp_path):
+    """`--torch-device cuda:1`: Triton launches on the current GPU and graph capture records the current GPU's
+    stream, so csmcli makes the chosen GPU current; its codes must be the first GPU's (the same seeded random
+    weights, built on each)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny
+
+    tiny.save_tokenizer(tmp_path / "tok")
+    codes = []
+    for device in ("cuda:0", "cuda:1"):
+        out = tmp_path / f"{device[-1]}.npy"
+        result = subprocess.run(
+            [sys.executable, "-m", "csmcli", "say", "Hello from a GPU.", "--random-weights", "--tokenizer",
+             str(tmp_path / "tok"), "--torch-device", device, "--seed", "7", "--max-seconds", "1", "-o",
+             str(tmp_path / f"{device[-1]}.wav"), "--save-codes", str(out)],
+            capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+        assert result.returncode == 0, result.stderr[-3000:]
+        codes.append(np.load(out))
+    assert codes[0].shape[0] > 0 and np.array_equal(codes[0], codes[1])
